@@ -1,0 +1,141 @@
+"""The stream bus: typed messages over Redis streams and consumer groups.
+
+Delivery is at-least-once: an entry stays pending in its group until acknowledged, and entries
+left pending by a consumer that died are taken over with XAUTOCLAIM once idle long enough.
+Entries that do not decode are moved to the dead-letter stream (original fields plus the reason)
+and acknowledged, so one bad message never blocks a stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import redis
+
+from schemas import Message, SchemaError
+
+M = TypeVar("M", bound=Message)
+
+DEAD_LETTER_STREAM = "deadletter"
+DEFAULT_MAXLEN = 100_000
+# Dead-letter bookkeeping fields; the underscore prefix keeps them apart from message fields.
+DL_REASON, DL_STREAM, DL_GROUP, DL_ENTRY = b"_dl_reason", b"_dl_stream", b"_dl_group", b"_dl_entry"
+
+
+@dataclass(frozen=True)
+class Delivery(Generic[M]):
+    stream: str
+    group: str
+    entry_id: str
+    message: M
+
+
+class StreamBus:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        maxlen: int = DEFAULT_MAXLEN,
+        dead_letter_stream: str = DEAD_LETTER_STREAM,
+    ):
+        if maxlen <= 0:
+            raise ValueError(f"maxlen must be positive, got {maxlen}")
+        self.client = client
+        self.maxlen = maxlen
+        self.dead_letter_stream = dead_letter_stream
+
+    def publish(self, stream: str, message: Message) -> str:
+        """Append ``message``; the stream is trimmed to about ``maxlen`` entries."""
+        entry_id = self.client.xadd(
+            stream, message.to_entry(), maxlen=self.maxlen, approximate=True
+        )
+        return entry_id.decode()
+
+    def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
+        """Create the consumer group (and the stream) unless it exists."""
+        try:
+            self.client.xgroup_create(stream, group, id=start_id, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def consume(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        message_type: type[M],
+        *,
+        count: int = 16,
+        block_ms: int | None = 1000,
+    ) -> list[Delivery[M]]:
+        """Read up to ``count`` new entries for ``consumer``; waits ``block_ms`` when none."""
+        reply = self.client.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+        entries = reply[0][1] if reply else []
+        return self._decode(stream, group, message_type, entries)
+
+    def reclaim(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        message_type: type[M],
+        *,
+        min_idle_ms: int,
+        count: int = 16,
+    ) -> list[Delivery[M]]:
+        """Take over entries pending at other consumers for at least ``min_idle_ms``."""
+        claimed: list = []
+        cursor = "0-0"
+        while len(claimed) < count:
+            reply = self.client.xautoclaim(
+                stream,
+                group,
+                consumer,
+                min_idle_time=min_idle_ms,
+                start_id=cursor,
+                count=count - len(claimed),
+            )
+            cursor, entries = reply[0], reply[1]
+            # Entries trimmed away while pending come back as None: nothing left to process.
+            claimed.extend(e for e in entries if e is not None and e[1] is not None)
+            if cursor in (b"0-0", "0-0"):
+                break
+        return self._decode(stream, group, message_type, claimed)
+
+    def ack(self, *deliveries: Delivery) -> None:
+        for d in deliveries:
+            self.client.xack(d.stream, d.group, d.entry_id)
+
+    def dead_letter(
+        self, stream: str, group: str, entry_id: str, fields: dict[bytes, bytes], reason: str
+    ) -> None:
+        """Move an entry that cannot be processed to the dead-letter stream and acknowledge it."""
+        record = dict(fields)
+        record.update(
+            {
+                DL_REASON: reason.encode(),
+                DL_STREAM: stream.encode(),
+                DL_GROUP: group.encode(),
+                DL_ENTRY: entry_id.encode(),
+            }
+        )
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.dead_letter_stream, record, maxlen=self.maxlen, approximate=True)
+        pipe.xack(stream, group, entry_id)
+        pipe.execute()
+
+    def _decode(
+        self, stream: str, group: str, message_type: type[M], entries: list
+    ) -> list[Delivery[M]]:
+        out: list[Delivery[M]] = []
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            try:
+                message = message_type.from_entry(fields)
+            except SchemaError as exc:
+                self.dead_letter(stream, group, entry_id, fields, f"{message_type.kind}: {exc}")
+                continue
+            out.append(Delivery(stream, group, entry_id, message))
+        return out

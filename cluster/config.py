@@ -1,0 +1,122 @@
+"""Configuration: a YAML file describing the lines, overridable by ``DEFECTFLOW_*`` variables.
+
+Precedence, highest first: environment (``DEFECTFLOW_REDIS_URL``, ``DEFECTFLOW_RAY_ADDRESS``, ...;
+nested fields with ``__``), then the YAML file, then the defaults below. Ops can thus point a
+checked-in line file at another Redis without editing it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CameraConfig(_Strict):
+    id: Name
+    source: str = Field(
+        min_length=1,
+        description="video file, rtsp:// URL, folder of frames, or 'sim' for the line simulator",
+    )
+    fps: float | None = Field(default=None, gt=0, le=1000)
+
+
+class ReplicaConfig(_Strict):
+    detect: int = Field(default=1, ge=1, le=256)
+    score: int = Field(default=1, ge=1, le=256)
+
+
+class LineConfig(_Strict):
+    id: Name
+    cameras: list[CameraConfig] = Field(min_length=1)
+    replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    model_dir: Path | None = Field(default=None, description="defaults to <model_dir>/<line id>")
+    target_tpr: float = Field(default=0.85, gt=0.0, le=1.0)
+    threshold: float | None = Field(default=None, description="overrides the model's threshold")
+    view_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _unique_cameras(self):
+        ids = [c.id for c in self.cameras]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"camera ids must be unique, got {ids}")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DEFECTFLOW_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    redis_url: str | None = Field(
+        default=None, description="redis://, rediss:// or unix:// URL; none starts an embedded one"
+    )
+    redis_password: SecretStr | None = None
+    ray_address: str | None = Field(default=None, description="none starts a local Ray")
+    data_dir: Path = Path(".defectflow")
+    model_dir: Path = Path(".defectflow/models")
+    stream_maxlen: int = Field(default=100_000, ge=100)
+    lines: list[LineConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_lines(self):
+        ids = [line.id for line in self.lines]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"line ids must be unique, got {ids}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment must win over it.
+        return env_settings, init_settings, file_secret_settings
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Settings from ``path`` (YAML) and the environment, or a :class:`ConfigError`."""
+    source = str(path) if path else "environment"
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in err['loc']) or '<top>'}': {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None

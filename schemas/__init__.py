@@ -1,0 +1,31 @@
+"""Contracts between the stages: pydantic messages and their Redis stream-entry encoding."""
+
+from .base import Message, Part, SchemaError
+from .messages import (
+    STREAM_MESSAGES,
+    BBox,
+    CameraFrame,
+    Label,
+    ModelVersion,
+    ProductView,
+    Verdict,
+    ViewResult,
+    ViewScore,
+    make_product_id,
+)
+
+__all__ = [
+    "STREAM_MESSAGES",
+    "BBox",
+    "CameraFrame",
+    "Label",
+    "Message",
+    "ModelVersion",
+    "Part",
+    "ProductView",
+    "SchemaError",
+    "Verdict",
+    "ViewResult",
+    "ViewScore",
+    "make_product_id",
+]

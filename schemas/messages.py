@@ -1,0 +1,169 @@
+"""The messages that cross the streams of an inspection line (see DESIGN in the README).
+
+Timestamps are seconds since the Unix epoch (float, UTC). A product is identified by its line and
+the product sequence number every camera counts as products cross its centre:
+``make_product_id(line, product_seq)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from .base import Message, Part
+
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+]
+Timestamp = Annotated[float, Field(ge=0.0)]
+Milliseconds = dict[Name, Annotated[float, Field(ge=0.0)]]
+Codec = Literal["jpeg", "png", "raw"]
+
+
+def make_product_id(line: str, product_seq: int) -> str:
+    return f"{line}:{product_seq}"
+
+
+class BBox(Part):
+    """Axis-aligned box in frame pixels."""
+
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    w: int = Field(gt=0)
+    h: int = Field(gt=0)
+
+
+class _ImageMessage(Message):
+    """A message carrying one encoded image (``image`` travels raw, outside the JSON)."""
+
+    binary_fields: ClassVar[tuple[str, ...]] = ("image",)
+    codec: Codec
+    shape: tuple[int, int, int] = Field(description="height, width, channels of the decoded image")
+    image: bytes = Field(min_length=1)
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        h, w, c = shape
+        if h <= 0 or w <= 0 or c not in (1, 3, 4):
+            raise ValueError("must be (height > 0, width > 0, channels in 1, 3, 4)")
+        return shape
+
+    @model_validator(mode="after")
+    def _raw_size_matches(self):
+        if self.codec == "raw" and len(self.image) != math.prod(self.shape):
+            raise ValueError(
+                f"raw image has {len(self.image)} bytes, shape needs {math.prod(self.shape)}"
+            )
+        return self
+
+
+class CameraFrame(_ImageMessage):
+    """A frame a camera ingest pushed because a product crossed the centre of the view."""
+
+    kind: ClassVar[str] = "frame"
+    line: Name
+    camera: Name
+    sequence: int = Field(ge=0, description="frame number within the camera's stream")
+    product_seq: int = Field(ge=0, description="products this camera has seen cross its centre")
+    timestamp: Timestamp
+
+
+class ProductView(_ImageMessage):
+    """One camera's matted crop of one product."""
+
+    kind: ClassVar[str] = "view"
+    product_id: str = Field(min_length=1)
+    line: Name
+    camera: Name
+    product_seq: int = Field(ge=0)
+    captured_at: Timestamp
+    bbox: BBox
+    mask_coverage: float = Field(
+        ge=0.0, le=1.0, description="fraction of the crop kept by the mask"
+    )
+    mask_shrink: float = Field(ge=0.0, lt=0.5, description="fraction shrunk off each side")
+    stage_ms: Milliseconds = Field(default_factory=dict)
+
+
+class ViewScore(Message):
+    """A scorer's result for one view."""
+
+    kind: ClassVar[str] = "score"
+    product_id: str = Field(min_length=1)
+    line: Name
+    camera: Name
+    product_seq: int = Field(ge=0)
+    captured_at: Timestamp
+    score: float
+    threshold: float
+    is_defect: bool
+    model_version: str = Field(min_length=1)
+    defect_map_ref: str | None = None
+    stage_ms: Milliseconds = Field(default_factory=dict)
+
+
+class ViewResult(Part):
+    """One view's part in a verdict."""
+
+    camera: Name
+    score: float
+    threshold: float
+    is_defect: bool
+    model_version: str = Field(min_length=1)
+
+
+class Verdict(Message):
+    """The product-level decision QA consumes: defective if any view is."""
+
+    kind: ClassVar[str] = "verdict"
+    product_id: str = Field(min_length=1)
+    line: Name
+    product_seq: int = Field(ge=0)
+    decision: Literal["good", "defect", "unknown"]
+    status: Literal["complete", "incomplete", "error"]
+    views: list[ViewResult]
+    missing_cameras: list[Name] = Field(default_factory=list)
+    reason: str | None = None
+    captured_at: Timestamp
+    decided_at: Timestamp
+    latency_ms: Milliseconds = Field(default_factory=dict)
+
+
+class Label(Message):
+    """QA's judgement of a product (or of one of its views)."""
+
+    kind: ClassVar[str] = "label"
+    line: Name
+    product_id: str = Field(min_length=1)
+    camera: Name | None = Field(default=None, description="None labels every view of the product")
+    label: Literal["good", "defect"]
+    by: str = Field(min_length=1)
+    at: Timestamp
+    note: str | None = None
+
+
+class ModelVersion(Message):
+    """A registered model: weights file named by content hash, metadata, lifecycle status."""
+
+    kind: ClassVar[str] = "model_version"
+    id: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    threshold: float
+    created: Timestamp
+    status: Literal["candidate", "active", "retired"]
+    parent: str | None = None
+
+
+STREAM_MESSAGES: tuple[type[Message], ...] = (
+    CameraFrame,
+    ProductView,
+    ViewScore,
+    Verdict,
+    Label,
+    ModelVersion,
+)

@@ -1,0 +1,146 @@
+"""Hypothesis strategies and small factories for the stream messages."""
+
+from __future__ import annotations
+
+import time
+
+from hypothesis import strategies as st
+
+from schemas import (
+    BBox,
+    CameraFrame,
+    Label,
+    ModelVersion,
+    ProductView,
+    Verdict,
+    ViewResult,
+    ViewScore,
+)
+
+names = st.from_regex(r"[A-Za-z0-9_.\-]{1,20}", fullmatch=True)
+texts = st.text(min_size=1, max_size=40)
+stamps = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+millis = st.dictionaries(names, st.floats(min_value=0, max_value=1e6), max_size=4)
+
+
+@st.composite
+def raw_images(draw):
+    h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    c = draw(st.sampled_from([1, 3, 4]))
+    return {
+        "codec": "raw",
+        "shape": (h, w, c),
+        "image": draw(st.binary(min_size=h * w * c, max_size=h * w * c)),
+    }
+
+
+encoded_images = st.fixed_dictionaries(
+    {
+        "codec": st.sampled_from(["jpeg", "png"]),
+        "shape": st.tuples(st.integers(1, 4000), st.integers(1, 4000), st.sampled_from([1, 3])),
+        "image": st.binary(min_size=1, max_size=64),
+    }
+)
+images = st.one_of(raw_images(), encoded_images)
+bboxes = st.builds(
+    BBox,
+    x=st.integers(0, 5000),
+    y=st.integers(0, 5000),
+    w=st.integers(1, 5000),
+    h=st.integers(1, 5000),
+)
+view_results = st.builds(
+    ViewResult,
+    camera=names,
+    score=finite,
+    threshold=finite,
+    is_defect=st.booleans(),
+    model_version=texts,
+)
+
+frames = st.builds(
+    lambda img, **kw: CameraFrame(**img, **kw),
+    images,
+    line=names,
+    camera=names,
+    sequence=st.integers(0, 2**53),
+    product_seq=st.integers(0, 2**53),
+    timestamp=stamps,
+)
+views = st.builds(
+    lambda img, **kw: ProductView(**img, **kw),
+    images,
+    product_id=texts,
+    line=names,
+    camera=names,
+    product_seq=st.integers(0, 2**40),
+    captured_at=stamps,
+    bbox=bboxes,
+    mask_coverage=st.floats(0, 1),
+    mask_shrink=st.floats(0, 0.49),
+    stage_ms=millis,
+)
+scores = st.builds(
+    ViewScore,
+    product_id=texts,
+    line=names,
+    camera=names,
+    product_seq=st.integers(0, 2**40),
+    captured_at=stamps,
+    score=finite,
+    threshold=finite,
+    is_defect=st.booleans(),
+    model_version=texts,
+    defect_map_ref=st.none() | texts,
+    stage_ms=millis,
+)
+verdicts = st.builds(
+    Verdict,
+    product_id=texts,
+    line=names,
+    product_seq=st.integers(0, 2**40),
+    decision=st.sampled_from(["good", "defect", "unknown"]),
+    status=st.sampled_from(["complete", "incomplete", "error"]),
+    views=st.lists(view_results, max_size=4),
+    missing_cameras=st.lists(names, max_size=4),
+    reason=st.none() | texts,
+    captured_at=stamps,
+    decided_at=stamps,
+    latency_ms=millis,
+)
+labels = st.builds(
+    Label,
+    line=names,
+    product_id=texts,
+    camera=st.none() | names,
+    label=st.sampled_from(["good", "defect"]),
+    by=texts,
+    at=stamps,
+    note=st.none() | st.text(max_size=100),
+)
+model_versions = st.builds(
+    ModelVersion,
+    id=texts,
+    path=texts,
+    sha256=st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
+    metrics=st.dictionaries(texts, finite, max_size=4),
+    threshold=finite,
+    created=stamps,
+    status=st.sampled_from(["candidate", "active", "retired"]),
+    parent=st.none() | texts,
+)
+any_message = st.one_of(frames, views, scores, verdicts, labels, model_versions)
+
+
+def frame(sequence: int = 0, line: str = "line1", camera: str = "cam0") -> CameraFrame:
+    return CameraFrame(
+        line=line,
+        camera=camera,
+        sequence=sequence,
+        product_seq=sequence,
+        timestamp=time.time(),
+        codec="raw",
+        shape=(2, 2, 1),
+        image=bytes([sequence % 256] * 4),
+    )

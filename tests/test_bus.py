@@ -1,0 +1,123 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import redis
+
+from cluster.bus import DL_ENTRY, DL_REASON, DL_STREAM, StreamBus
+from cluster.redis_conn import EmbeddedRedis
+from schemas import CameraFrame
+from tests.messages import frame
+
+
+def test_a_consumer_group_delivers_each_entry_to_exactly_one_consumer(bus):
+    bus.ensure_group("frames", "detect")
+    bus.ensure_group("frames", "detect")  # idempotent
+    for i in range(50):
+        bus.publish("frames", frame(i))
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    while True:
+        got = 0
+        for consumer in ("a", "b"):
+            batch = bus.consume("frames", "detect", consumer, CameraFrame, count=7, block_ms=None)
+            seen[consumer] += [d.message.sequence for d in batch]
+            bus.ack(*batch)
+            got += len(batch)
+        if not got:
+            break
+    assert seen["a"] and seen["b"]
+    assert sorted(seen["a"] + seen["b"]) == list(range(50))
+    assert bus.client.xpending("frames", "detect")["pending"] == 0
+
+
+def test_an_entry_left_pending_by_a_killed_consumer_is_reclaimed(bus, embedded_redis):
+    bus.ensure_group("frames", "detect")
+    for i in range(3):
+        bus.publish("frames", frame(i))
+    # A real consumer process reads two entries, then dies before acknowledging them.
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time, redis
+        from cluster.bus import StreamBus
+        from schemas import CameraFrame
+        bus = StreamBus(redis.Redis.from_url({embedded_redis.url!r}))
+        got = bus.consume("frames", "detect", "doomed", CameraFrame, count=2, block_ms=None)
+        print(len(got), flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "2"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    assert bus.client.xpending("frames", "detect")["pending"] == 2
+    assert bus.reclaim("frames", "detect", "rescuer", CameraFrame, min_idle_ms=60_000) == []
+    time.sleep(0.2)
+    rescued = bus.reclaim("frames", "detect", "rescuer", CameraFrame, min_idle_ms=100)
+    assert [d.message.sequence for d in rescued] == [0, 1]
+    bus.ack(*rescued)
+    rest = bus.consume("frames", "detect", "rescuer", CameraFrame, block_ms=None)
+    assert [d.message.sequence for d in rest] == [2]
+    bus.ack(*rest)
+    assert bus.client.xpending("frames", "detect")["pending"] == 0
+
+
+def test_malformed_entries_go_to_the_dead_letter_stream_and_the_rest_is_processed(bus):
+    bus.ensure_group("frames", "detect")
+    bus.publish("frames", frame(0))
+    bus.client.xadd("frames", {b"kind": b"frame", b"v": b"1", b"meta": b"{broken"})
+    bus.client.xadd("frames", {b"garbage": b"\xff\xfe"})
+    bus.publish("frames", frame(1))
+
+    got = bus.consume("frames", "detect", "c", CameraFrame, count=10, block_ms=None)
+    assert [d.message.sequence for d in got] == [0, 1]
+    dead = bus.client.xrange("deadletter")
+    assert len(dead) == 2
+    first, second = dead[0][1], dead[1][1]
+    assert first[b"meta"] == b"{broken" and b"meta" in first[DL_REASON]
+    assert second[b"garbage"] == b"\xff\xfe" and b"kind" in second[DL_REASON]
+    assert first[DL_STREAM] == b"frames" and first[DL_ENTRY]
+    # The bad entries are acknowledged: only the good ones still wait for their ack.
+    assert bus.client.xpending("frames", "detect")["pending"] == 2
+
+
+def test_publish_bounds_the_stream(redis_client):
+    small = StreamBus(redis_client, maxlen=100)
+    for i in range(1000):
+        small.publish("bounded", frame(i))
+    assert redis_client.xlen("bounded") < 300  # approximate trimming keeps it near maxlen
+
+
+def test_acknowledged_and_pending_entries_survive_a_restart_of_the_embedded_redis(tmp_path):
+    with EmbeddedRedis(tmp_path) as server:
+        bus = StreamBus(redis.Redis.from_url(server.url))
+        bus.ensure_group("frames", "detect")
+        for i in range(4):
+            bus.publish("frames", frame(i))
+        first = bus.consume("frames", "detect", "c", CameraFrame, count=2, block_ms=None)
+        bus.ack(*first)
+        bus.consume("frames", "detect", "c", CameraFrame, count=1, block_ms=None)  # left pending
+    assert (tmp_path / "appendonly.aof").exists()
+
+    with EmbeddedRedis(tmp_path) as server:
+        bus = StreamBus(redis.Redis.from_url(server.url))
+        assert bus.client.xlen("frames") == 4
+        pending = bus.client.xpending_range("frames", "detect", "-", "+", 10)
+        assert len(pending) == 1 and pending[0]["consumer"] == b"c"
+        reclaimed = bus.reclaim("frames", "detect", "c2", CameraFrame, min_idle_ms=0)
+        assert [d.message.sequence for d in reclaimed] == [2]
+        fresh = bus.consume("frames", "detect", "c2", CameraFrame, block_ms=None)
+        assert [d.message.sequence for d in fresh] == [3]
+
+
+def test_a_second_process_attaches_to_the_running_embedded_redis(tmp_path):
+    with EmbeddedRedis(tmp_path) as owner:
+        other = EmbeddedRedis(tmp_path).start()
+        assert owner.owned and not other.owned
+        redis.Redis.from_url(other.url).set("k", "v")
+        other.stop()  # not the owner: leaves the server running
+        assert redis.Redis.from_url(owner.url).get("k") == b"v"

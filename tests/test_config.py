@@ -1,0 +1,84 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from cluster.config import ConfigError, load_settings
+
+LINE_YAML = """
+redis_url: redis://localhost:6379/0
+model_dir: /models
+lines:
+  - id: line1
+    cameras:
+      - {id: cam0, source: sim}
+      - {id: cam1, source: /videos/cam1.mp4, fps: 15}
+    replicas: {detect: 2, score: 3}
+    target_tpr: 0.9
+"""
+
+
+def test_a_line_file_loads(tmp_path):
+    path = tmp_path / "line.yaml"
+    path.write_text(LINE_YAML)
+    settings = load_settings(path)
+    line = settings.lines[0]
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert [c.id for c in line.cameras] == ["cam0", "cam1"]
+    assert line.replicas.score == 3 and line.target_tpr == 0.9
+
+
+def test_the_environment_overrides_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "line.yaml"
+    path.write_text(LINE_YAML)
+    monkeypatch.setenv("DEFECTFLOW_REDIS_URL", "rediss://redis.factory:6380/1")
+    monkeypatch.setenv("DEFECTFLOW_REDIS_PASSWORD", "s3cret")
+    settings = load_settings(path)
+    assert settings.redis_url == "rediss://redis.factory:6380/1"
+    assert settings.redis_password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        (LINE_YAML.replace("score: 3", "score: 0"), "lines.0.replicas.score"),
+        (LINE_YAML.replace("target_tpr: 0.9", "target_tpr: 1.5"), "lines.0.target_tpr"),
+        (LINE_YAML.replace("fps: 15", "fps: fast"), "lines.0.cameras.1.fps"),
+        (LINE_YAML.replace("id: cam1", "id: cam0"), "lines.0"),
+        (LINE_YAML.replace("model_dir", "modle_dir"), "modle_dir"),
+        (LINE_YAML.replace("id: line1", "id: 'line 1'"), "lines.0.id"),
+    ],
+)
+def test_an_invalid_value_names_the_field_and_the_file(tmp_path, text, field):
+    path = tmp_path / "line.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(path) in str(info.value)
+    assert f"'{field}" in str(info.value)
+
+
+def test_missing_and_broken_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_settings(tmp_path / "absent.yaml")
+    (tmp_path / "bad.yaml").write_text("lines: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(tmp_path / "bad.yaml")
+
+
+def test_an_invalid_environment_value_names_the_variable_field(monkeypatch):
+    monkeypatch.setenv("DEFECTFLOW_STREAM_MAXLEN", "ten")
+    with pytest.raises(ConfigError, match="environment: field 'stream_maxlen'"):
+        load_settings()
+
+
+def test_schemas_command_writes_one_schema_per_message(tmp_path):
+    result = CliRunner().invoke(app, ["schemas", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert "verdict.v1.schema.json" in written and len(written) == 6
+    verdict = json.loads((tmp_path / "verdict.v1.schema.json").read_text())
+    assert verdict["x-stream-entry"]["kind"] == "verdict"
+    assert "decision" in verdict["properties"]
