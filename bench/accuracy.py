@@ -1,0 +1,108 @@
+"""Accuracy benchmark of the DifferNet scorer on a folder in MVTec AD layout (prints JSON).
+
+The test set is split in two halves per category: one validates (epoch choice, threshold),
+the other measures. Nothing chosen is chosen on the measured half.
+
+    python -m bench.accuracy --data ../shared/data/mtd --json bench-out/accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from workers.datasets import split_stratified, test_samples
+from workers.differnet.model import DifferNetConfig
+from workers.differnet.recipes import evaluate_folder, train_from_folder
+from workers.differnet.store import load_model
+from workers.differnet.training import TrainingOptions
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
+    p.add_argument("--head", choices=["differnet", "local"], default="differnet")
+    p.add_argument("--shots", type=int, default=None)
+    p.add_argument("--tta", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--image-size", type=int, default=320)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(torch.get_num_threads())
+    val, measured = split_stratified(test_samples(args.data), 0.5, args.seed)
+    config = DifferNetConfig(head=args.head, image_size=args.image_size, tta=max(args.tta))
+    model_dir = args.out / f"model-{args.head}-{args.shots or 'all'}"
+
+    def log(task, done, total):
+        if done == total or done % 200 == 0:
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {task} {done}/{total}", file=sys.stderr, flush=True
+            )
+
+    t0 = time.perf_counter()
+    meta = train_from_folder(
+        args.data,
+        model_dir,
+        config,
+        TrainingOptions(epochs=args.epochs, seed=args.seed),
+        shots=args.shots,
+        validation=val,
+        progress=log,
+    )
+    train_seconds = time.perf_counter() - t0
+
+    bundle = load_model(model_dir)
+    curve = []
+    for t in sorted(args.tta):
+        bundle.model.config = config.model_copy(update={"tta": t})
+        r = evaluate_folder(bundle, args.data, samples=measured, out_dir=None)
+        curve.append(
+            {
+                "tta": t,
+                "image_auroc": r["image_auroc"],
+                "score_ms_per_image": r["score_ms_per_image"],
+            }
+        )
+        print(f"tta {t}: {curve[-1]}", file=sys.stderr, flush=True)
+    best_t = max(args.tta)
+    bundle.model.config = config.model_copy(update={"tta": best_t})
+    full = evaluate_folder(
+        bundle, args.data, samples=measured, out_dir=args.out / f"eval-{args.head}"
+    )
+    result = {
+        "data": str(args.data),
+        "head": args.head,
+        "shots": args.shots,
+        "n_train": meta["training"]["n_images"],
+        "n_val": len(val),
+        "n_measured": len(measured),
+        "epochs": args.epochs,
+        "best_epoch": meta["training"]["best_epoch"],
+        "image_size": args.image_size,
+        "tta": best_t,
+        "image_auroc": full["image_auroc"],
+        "per_defect_auroc": full["per_defect_auroc"],
+        "pixel_auroc": full.get("pixel_auroc"),
+        "accuracy_at_model_threshold": full["model_threshold_accuracy"],
+        "train_seconds": round(train_seconds, 1),
+        "embed_seconds": meta["training"]["embed_seconds"],
+        "score_ms_per_image": full["score_ms_per_image"],
+        "auroc_vs_tta": curve,
+        "torch_threads": torch.get_num_threads(),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The DifferNet scorer end to end through the CLI, on small synthetic data made here."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.synthetic import make_dataset
+from workers.differnet.store import ModelError, load_model
+from workers.images import ImageError, decode_image, load_image
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app_(), [str(a) for a in args])
+
+
+def app_():
+    from cluster.cli import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("tiles"))
+
+
+@pytest.fixture(scope="module", params=["differnet", "local"])
+def trained(request, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"model-{request.param}")
+    result = invoke(
+        "train", data, "--out", out, "--head", request.param, "--image-size", 96,
+        "--epochs", 12, "--tta", 2,
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_training_separates_good_from_defective_tiles(trained, data, tmp_path):
+    report_path = tmp_path / "eval.json"
+    result = invoke("eval", trained, data, "--json", report_path, "--worst", 2)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["image_auroc"] == 1.0
+    assert set(report["per_defect_auroc"]) == {"scratch", "spot"}
+    assert report["n_good"] == 6 and report["n_defect"] == 6
+    assert report["pixel_auroc"] > 0.7
+    assert report["tpr"] >= 0.85
+    assert report["score_ms_per_image"] > 0
+    plots = tmp_path / "eval-plots"
+    assert (plots / "roc.png").exists()
+    assert len(list(plots.glob("worst*.png"))) == 2
+
+
+def test_model_folder_holds_weights_metadata_and_roc(trained):
+    meta = json.loads((trained / "model.json").read_text())
+    assert (trained / meta["weights_file"]).exists()
+    assert (trained / "roc.png").exists()
+    for key in ("config", "sha256", "threshold", "training", "metrics", "feature_dim"):
+        assert key in meta
+    assert meta["training"]["n_images"] == 24 and len(meta["training"]["fingerprint"]) == 64
+
+
+def test_save_and_load_give_identical_scores(trained, data):
+    images = [load_image(p) for p in sorted((data / "test" / "spot").glob("*.png"))]
+    first, second = load_model(trained), load_model(trained)
+    a = [r.score for r in first.model.score_batch([first.model.prepare(i) for i in images])]
+    b = [r.score for r in second.model.score_batch([second.model.prepare(i) for i in images])]
+    assert a == b
+
+
+def test_score_prints_one_json_line_per_image_and_skips_corrupt_ones(trained, data, tmp_path):
+    good = sorted((data / "test" / "good").glob("*.png"))[0]
+    spot = sorted((data / "test" / "spot").glob("*.png"))[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:200])
+    result = invoke("score", trained, good, broken, spot, "--maps", tmp_path / "maps")
+    assert result.exit_code == 2
+    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert [line["path"] for line in lines] == [str(good), str(spot)]
+    assert lines[1]["is_defect"] and lines[1]["score"] > lines[0]["score"]
+    assert "broken.png" in result.stderr and "Traceback" not in result.output
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 2
+
+
+def test_a_tampered_weights_file_is_refused(trained, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(trained, copy)
+    weights = next(copy.glob("weights-*.pt"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ModelError, match="sha256"):
+        load_model(copy)
+    result = invoke("score", copy, "whatever.png")
+    assert result.exit_code == 1 and "sha256" in result.output and "Traceback" not in result.output
+
+
+def test_another_format_version_and_missing_files_are_refused(trained, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(trained, copy)
+    meta = json.loads((copy / "model.json").read_text())
+    (copy / "model.json").write_text(json.dumps(meta | {"format_version": 99}))
+    with pytest.raises(ModelError, match="format version 99"):
+        load_model(copy)
+    (copy / "model.json").write_text(json.dumps(meta))
+    next(copy.glob("weights-*.pt")).unlink()
+    with pytest.raises(ModelError, match="missing"):
+        load_model(copy)
+    with pytest.raises(ModelError, match="not a model folder"):
+        load_model(tmp_path)
+
+
+def test_a_data_dir_without_train_good_is_a_clear_error(tmp_path):
+    result = invoke("train", tmp_path, "--out", tmp_path / "m")
+    assert result.exit_code == 1
+    assert "train/good" in result.output and "Traceback" not in result.output
+
+
+def test_a_bad_option_value_is_a_clear_error(data, tmp_path):
+    result = invoke("train", data, "--out", tmp_path / "m", "--image-size", 100)
+    assert result.exit_code == 1 and "--image-size" in result.output and "32" in result.output
+
+
+def test_grey_rgba_and_16_bit_images_load_as_rgb(tmp_path):
+    grey = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 128)]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray((grey.astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+    for name in ("grey.png", "rgba.png", "deep.png"):
+        rgb = load_image(tmp_path / name)
+        assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
+        assert np.array_equal(rgb[:, :, 0], grey), name
+
+
+def test_unreadable_images_raise_image_error(tmp_path):
+    with pytest.raises(ImageError, match="empty"):
+        decode_image(b"")
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "absent.jpg")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 90).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    with pytest.raises(ImageError, match="truncated|not a readable"):
+        decode_image(data[: len(data) // 2], "t.jpg")
+    with pytest.raises(ImageError, match="not a readable"):
+        decode_image(b"definitely not an image")

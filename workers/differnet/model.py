@@ -1,0 +1,259 @@
+"""DifferNet (Rudolph, Wandt, Rosenhahn, WACV 2021) and its per-position sibling.
+
+Two heads share the backbone and the flow:
+
+* ``differnet``: the paper's. Features of the image at 3 scales, pooled over the product (mean,
+  optionally also max) and concatenated; one flow models the vector. Score = mean NLL over the
+  test-time transforms; defect map = gradient of that score with respect to the pixels.
+* ``local``: a flow over per-position feature vectors (the CFlow-AD / FastFlow / CS-Flow family).
+  The NLL map, averaged over transforms and smoothed, is the defect map; its maximum the score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from .backbone import DEFAULT_TAPS, Backbone, BackboneName, build_backbone
+from .flow import build_flow, negative_log_likelihood
+from .views import D4, Letterbox, apply_d4, crop_to_source, letterbox, undo_d4
+
+
+class DifferNetConfig(BaseModel):
+    """Everything needed to rebuild the network (stored in the model's metadata)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: BackboneName = "efficientnet-lite0"
+    taps: tuple[int, ...] = DEFAULT_TAPS["efficientnet-lite0"]
+    head: Literal["differnet", "local"] = "differnet"
+    image_size: int = Field(default=320, ge=64, le=1024)
+    scales: tuple[float, ...] = (1.0, 0.5, 0.25)
+    pooling: Literal["mean", "mean+max"] = "mean+max"
+    flow_blocks: int = Field(default=8, ge=1, le=32)
+    subnet_width: int = Field(default=256, ge=16, le=4096)
+    clamp: float = Field(default=3.0, gt=0)
+    train_transforms: int = Field(default=8, ge=1, le=len(D4))
+    jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
+    tta: int = Field(default=4, ge=1, le=len(D4))
+    map_sigma: float = Field(default=3.0, ge=0.0, description="Gaussian sigma, input pixels")
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32, got {v}")
+        return v
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 < s <= 1 for s in v):
+            raise ValueError("scales must be in (0, 1]")
+        return v
+
+
+@dataclass
+class PreparedImage:
+    """An image letterboxed to the input square, with its validity mask and placement."""
+
+    pixels: torch.Tensor  # (3, S, S) in [0, 1]
+    mask: torch.Tensor  # (1, S, S)
+    box: Letterbox
+
+
+@dataclass
+class ScoredImage:
+    score: float
+    defect_map: np.ndarray | None = None  # (H, W) over the source image, larger = more anomalous
+
+
+class Embedder(nn.Module):
+    """Backbone features in the form each head models."""
+
+    def __init__(self, backbone: Backbone, config: DifferNetConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        n_pool = 2 if config.pooling == "mean+max" else 1
+        self.pooled_dim = len(config.scales) * n_pool * sum(backbone.channels)
+        self.dense_dim = sum(backbone.channels)
+
+    def pooled(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` in [0, 1] -> ``(B, pooled_dim)``, pooled over the product only."""
+        parts = []
+        size = x.shape[-1]
+        for scale in self.config.scales:
+            s = max(32, round(size * scale))
+            xs = x if s == size else F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
+            ms = mask if s == size else F.interpolate(mask, size=(s, s), mode="area")
+            for fmap in self._features(xs):
+                w = F.interpolate(ms, size=fmap.shape[-2:], mode="area")
+                keep = (w >= 0.5).float()
+                # A sliver of an image may cover no whole cell: fall back to any coverage.
+                keep = torch.where(
+                    keep.flatten(1).sum(1)[:, None, None, None] > 0, keep, (w > 0).float()
+                )
+                parts.append((fmap * keep).sum((2, 3)) / keep.sum((2, 3)).clamp_min(1.0))
+                if self.config.pooling == "mean+max":
+                    parts.append(fmap.masked_fill(keep == 0, float("-inf")).amax((2, 3)))
+        return torch.cat(parts, dim=1)
+
+    def dense(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position features at the finest tap: ``(B, C, h, w)`` and a ``(B, 1, h, w)`` mask."""
+        fmaps = self._features(x)
+        hw = fmaps[0].shape[-2:]
+        feats = torch.cat(
+            [
+                f if f.shape[-2:] == hw else F.interpolate(f, size=hw, mode="bilinear")
+                for f in fmaps
+            ],
+            dim=1,
+        )
+        return feats, (F.interpolate(mask, size=hw, mode="area") >= 0.5).float()
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.backbone.normalize(x).contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+
+class DifferNet(nn.Module):
+    """Backbone + feature standardisation + flow. Only the flow (and the statistics) are saved."""
+
+    def __init__(self, config: DifferNetConfig, backbone_weights: Path | None = None):
+        super().__init__()
+        self.config = config
+        backbone = build_backbone(config.backbone, backbone_weights, config.taps)
+        self.embedder = Embedder(backbone.to(memory_format=torch.channels_last), config)
+        dim = self.feature_dim
+        self.flow = build_flow(dim, config.flow_blocks, config.subnet_width, config.clamp)
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_std", torch.ones(dim))
+
+    @property
+    def feature_dim(self) -> int:
+        local = self.config.head == "local"
+        return self.embedder.dense_dim if local else self.embedder.pooled_dim
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights worth saving: flow and feature statistics, not the frozen backbone."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("embedder.")}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.trainable_state()) - set(state)
+        unexpected = set(state) - set(self.trainable_state())
+        if missing or unexpected:
+            raise ValueError(
+                f"weights do not fit: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}"
+            )
+        self.load_state_dict(state, strict=False)
+
+    # -- features ---------------------------------------------------------------------------
+
+    def prepare(self, rgb: np.ndarray) -> PreparedImage:
+        pixels, mask, box = letterbox(rgb, self.config.image_size)
+        return PreparedImage(pixels, mask, box)
+
+    def embed(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Raw (unstandardised) features of a batch: ``(B, D)`` or ``(B, D, h, w)``."""
+        if self.config.head == "local":
+            feats, _ = self.embedder.dense(pixels, mask)
+            return feats
+        return self.embedder.pooled(pixels, mask)
+
+    def standardize(self, feats: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (feats.dim() - 2)
+        return (feats - self.feature_mean.view(shape)) / self.feature_std.view(shape)
+
+    def nll(self, feats: torch.Tensor) -> torch.Tensor:
+        """NLL of raw features: ``(B,)`` for pooled, ``(B, h, w)`` for dense feature maps."""
+        z = self.standardize(feats)
+        if z.dim() == 2:
+            return negative_log_likelihood(self.flow, z)
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        return negative_log_likelihood(self.flow, flat).view(b, h, w)
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def transformed(
+        self, images: list[PreparedImage], transforms: range
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch of every image under every transform, image-major: ``(N*T, 3, S, S)``."""
+        pix = torch.stack([apply_d4(im.pixels, t) for im in images for t in transforms])
+        mask = torch.stack([apply_d4(im.mask, t) for im in images for t in transforms])
+        return pix, mask
+
+    @torch.no_grad()
+    def score_batch(self, images: list[PreparedImage]) -> list[ScoredImage]:
+        """Scores (and, for the local head, defect maps) without gradients: the streaming path."""
+        self.eval()
+        tta = range(self.config.tta)
+        pix, mask = self.transformed(images, tta)
+        nll = self.nll(self.embed(pix, mask))
+        if self.config.head == "differnet":
+            per_image = nll.view(len(images), len(tta)).mean(1)
+            return [ScoredImage(float(s)) for s in per_image]
+        return self._local_results(images, nll, mask)
+
+    def _local_results(self, images, nll: torch.Tensor, mask: torch.Tensor) -> list[ScoredImage]:
+        t_count = self.config.tta
+        valid = F.interpolate(mask, size=nll.shape[-2:], mode="area") >= 0.5
+        out = []
+        for i, im in enumerate(images):
+            maps = []
+            for j in range(t_count):
+                k = i * t_count + j
+                m = nll[k].masked_fill(~valid[k, 0], float("nan"))
+                maps.append(undo_d4(m, j))
+            mean_map = torch.stack(maps).mean(0)
+            score_map = _smooth_cells(mean_map.numpy(), sigma=1.0)
+            out.append(ScoredImage(float(np.nanmax(score_map)), self._to_source(mean_map, im.box)))
+        return out
+
+    def _to_source(self, cell_map: torch.Tensor, box: Letterbox) -> np.ndarray:
+        size = self.config.image_size
+        filled = torch.nan_to_num(cell_map, nan=float(np.nanmin(cell_map.numpy())))
+        up = F.interpolate(filled[None, None], size=(size, size), mode="bilinear")[0, 0]
+        return crop_to_source(up, box)
+
+    def defect_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
+        """Scores with defect maps over each source image."""
+        if self.config.head == "local":
+            return self.score_batch(images)
+        self.eval()
+        results = []
+        tta = range(self.config.tta)
+        for im in images:
+            pix, mask = self.transformed([im], tta)
+            pix = pix.clone().requires_grad_(True)
+            nll = self.nll(self.embed(pix, mask))
+            nll.mean().backward()
+            # Undo each transform on its gradient, then average |grad| over transforms and colour.
+            grads = torch.stack([undo_d4(pix.grad[j], j) for j in tta]).abs().mean((0, 1))
+            grad = grads.numpy()
+            if self.config.map_sigma > 0:
+                grad = gaussian_filter(grad, sigma=self.config.map_sigma)
+            square = torch.from_numpy(grad**2)
+            results.append(ScoredImage(float(nll.detach().mean()), crop_to_source(square, im.box)))
+        return results
+
+
+def _smooth_cells(cell_map: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing that ignores NaN (padding) cells."""
+    valid = ~np.isnan(cell_map)
+    filled = np.where(valid, cell_map, 0.0)
+    num = gaussian_filter(filled, sigma)
+    den = gaussian_filter(valid.astype(np.float64), sigma)
+    out = num / np.maximum(den, 1e-8)
+    out[~valid] = np.nan
+    return out

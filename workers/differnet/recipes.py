@@ -1,0 +1,202 @@
+"""Train, evaluate and score from folders: what the CLI and the benchmarks call."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..datasets import Sample, fingerprint, test_samples, train_samples
+from ..images import ImageError, load_image
+from ..threshold import auroc, target_tpr_threshold
+from .model import DifferNet, DifferNetConfig, PreparedImage, ScoredImage
+from .store import ModelBundle, save_model
+from .training import Progress, TrainingOptions, _no_progress, fit
+
+# on_skip(path, reason): one unreadable file is reported and skipped, never fatal.
+OnSkip = Callable[[Path, str], None]
+
+
+def _ignore(path: Path, reason: str) -> None:
+    pass
+
+
+@dataclass
+class Loaded:
+    samples: list[Sample]
+    rgb: list[np.ndarray]
+
+
+def load_samples(samples: list[Sample], on_skip: OnSkip = _ignore) -> Loaded:
+    kept, images = [], []
+    for s in samples:
+        try:
+            images.append(load_image(s.path))
+            kept.append(s)
+        except ImageError as exc:
+            on_skip(s.path, str(exc))
+    return Loaded(kept, images)
+
+
+def train_from_folder(
+    data_dir: Path,
+    out: Path,
+    config: DifferNetConfig,
+    options: TrainingOptions,
+    *,
+    backbone_weights: Path | None = None,
+    shots: int | None = None,
+    validation: list[Sample] | None = None,
+    target_tpr: float = 0.85,
+    progress: Progress = _no_progress,
+    on_skip: OnSkip = _ignore,
+) -> dict:
+    """Train on DATA_DIR/train/good; validate (epoch choice, threshold) on ``validation``.
+
+    ``validation`` defaults to DATA_DIR/test when it exists. Returns the saved metadata.
+    """
+    torch.manual_seed(options.seed)
+    model = DifferNet(config, backbone_weights)
+    train = load_samples(train_samples(data_dir, shots, options.seed), on_skip)
+    if not train.rgb:
+        raise ValueError(f"{data_dir}: no readable training image")
+    if validation is None:
+        validation = test_samples(data_dir)
+    val = load_samples(validation, on_skip)
+    val_images = [model.prepare(rgb) for rgb in val.rgb]
+    val_labels = [int(s.is_defect) for s in val.samples]
+    report = fit(
+        model,
+        [model.prepare(rgb) for rgb in train.rgb],
+        options,
+        (val_images, val_labels) if val_images else None,
+        progress,
+    )
+
+    metrics: dict = {}
+    if val_images:
+        scores = [r.score for r in score_images(model, val_images)]
+        chosen = target_tpr_threshold(scores, val_labels, target_tpr)
+        metrics = {"val_auroc": auroc(scores, val_labels), "n_val": len(scores)}
+    else:
+        # No validation data: bound false alarms by the training goods (optimistic, says so).
+        scores = [r.score for r in score_images(model, [model.prepare(rgb) for rgb in train.rgb])]
+        chosen = target_tpr_threshold(scores, [0] * len(scores), target_tpr)
+    metadata = save_model(
+        model,
+        out,
+        threshold=chosen.value,
+        backbone_weights=backbone_weights,
+        extra={
+            "threshold_rule": chosen.to_dict()
+            | {"source": "validation" if val_images else "training goods"},
+            "metrics": metrics,
+            "training": {
+                "data_dir": str(data_dir),
+                "fingerprint": fingerprint(train.samples),
+                "n_images": len(train.samples),
+                "shots": shots,
+                "epochs": options.epochs,
+                "best_epoch": report.best_epoch,
+                "batch_size": options.batch_size,
+                "lr": options.lr,
+                "seed": options.seed,
+                "embed_seconds": round(report.embed_seconds, 2),
+                "train_seconds": round(report.train_seconds, 2),
+                "history": report.history,
+            },
+        },
+    )
+    if val_images:
+        from .reports import roc_plot
+
+        roc_plot(scores, val_labels, Path(out) / "roc.png", chosen.value, "validation")
+    return metadata
+
+
+def score_images(
+    model: DifferNet, images: list[PreparedImage], batch: int = 8
+) -> list[ScoredImage]:
+    out: list[ScoredImage] = []
+    for i in range(0, len(images), batch):
+        out += model.score_batch(images[i : i + batch])
+    return out
+
+
+def evaluate_folder(
+    bundle: ModelBundle,
+    data_dir: Path,
+    *,
+    target_tpr: float = 0.85,
+    out_dir: Path | None = None,
+    worst: int = 8,
+    samples: list[Sample] | None = None,
+    progress: Progress = _no_progress,
+    on_skip: OnSkip = _ignore,
+) -> dict:
+    """Image (and pixel, with masks) metrics on DATA_DIR/test, or on ``samples`` when given."""
+    from .reports import overlay_png, pixel_auroc, roc_plot
+
+    samples = test_samples(data_dir) if samples is None else samples
+    if not samples:
+        raise ValueError(f"{data_dir}: no test images (expected DATA_DIR/test/<category>/*)")
+    loaded = load_samples(samples, on_skip)
+    model = bundle.model
+    prepared = [model.prepare(rgb) for rgb in loaded.rgb]
+    labels = np.array([int(s.is_defect) for s in loaded.samples])
+    t0 = time.perf_counter()
+    results: list[ScoredImage] = []
+    for i in range(0, len(prepared), 8):
+        results += model.score_batch(prepared[i : i + 8])
+        progress("score", len(results), len(prepared))
+    ms = (time.perf_counter() - t0) * 1000 / max(1, len(prepared))
+    scores = np.array([r.score for r in results])
+
+    per_defect = {}
+    good = labels == 0
+    for category in sorted({s.category for s in loaded.samples} - {"good"}):
+        sel = good | np.array([s.category == category for s in loaded.samples])
+        per_defect[category] = auroc(scores[sel], labels[sel])
+    chosen = target_tpr_threshold(scores, labels, target_tpr)
+    report = {
+        "image_auroc": auroc(scores, labels),
+        "per_defect_auroc": per_defect,
+        "n_good": int(good.sum()),
+        "n_defect": int((~good).sum()),
+        "n_skipped": len(samples) - len(loaded.samples),
+        "threshold": chosen.value,
+        "threshold_rule": chosen.rule,
+        "tpr": chosen.tpr,
+        "fpr": chosen.fpr,
+        "accuracy": chosen.accuracy,
+        "model_threshold": bundle.threshold,
+        "model_threshold_accuracy": float(np.mean((scores >= bundle.threshold) == (labels == 1))),
+        "score_ms_per_image": round(ms, 2),
+        "tta": model.config.tta,
+        "head": model.config.head,
+        "model_version": bundle.version,
+    }
+    masked = [i for i, s in enumerate(loaded.samples) if s.mask_path or not s.is_defect]
+    if out_dir is not None or any(loaded.samples[i].mask_path for i in masked):
+        order = np.argsort(-scores)
+        need_maps = set(order[:worst].tolist())
+        if any(loaded.samples[i].mask_path for i in masked):
+            need_maps |= set(masked)
+        maps = {i: model.defect_maps([prepared[i]])[0].defect_map for i in sorted(need_maps)}
+        if any(loaded.samples[i].mask_path for i in masked):
+            report["pixel_auroc"] = pixel_auroc(
+                [maps[i] for i in masked], [loaded.samples[i].mask_path for i in masked]
+            )
+        if out_dir is not None:
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            roc_plot(scores, labels, out_dir / "roc.png", chosen.value, "test")
+            for rank, i in enumerate(order[:worst]):
+                s = loaded.samples[i]
+                name = f"worst{rank + 1:02d}_{s.category}_{s.path.stem}.png"
+                (out_dir / name).write_bytes(overlay_png(loaded.rgb[i], maps[i]))
+    return report

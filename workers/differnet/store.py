@@ -1,0 +1,115 @@
+"""A trained model on disk: weights (tensors only) named by content hash, and metadata JSON.
+
+    MODEL_DIR/model.json                  format version, config, threshold, metrics, provenance
+    MODEL_DIR/weights-<sha256[:16]>.pt    flow + feature statistics; torch.load(weights_only=True)
+
+The frozen backbone is not copied: the metadata names it, and its weights come from their package
+(or from the file given at training time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from .model import DifferNet, DifferNetConfig
+
+FORMAT_VERSION = 1
+METADATA_FILE = "model.json"
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be used; the message says why."""
+
+
+@dataclass
+class ModelBundle:
+    model: DifferNet
+    threshold: float
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.metadata["sha256"][:16]
+
+
+def save_model(
+    model: DifferNet,
+    model_dir: Path,
+    *,
+    threshold: float,
+    backbone_weights: Path | None = None,
+    extra: dict | None = None,
+) -> dict:
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(model.trainable_state(), buf)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    weights_file = f"weights-{sha[:16]}.pt"
+    (model_dir / weights_file).write_bytes(data)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "config": model.config.model_dump(mode="json"),
+        "backbone_weights": str(backbone_weights) if backbone_weights else None,
+        "feature_dim": model.feature_dim,
+        "weights_file": weights_file,
+        "sha256": sha,
+        "threshold": float(threshold),
+        "created": time.time(),
+        **(extra or {}),
+    }
+    tmp = model_dir / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+    tmp.replace(model_dir / METADATA_FILE)  # Readers never see half a metadata file.
+    return metadata
+
+
+def load_model(model_dir: Path) -> ModelBundle:
+    model_dir = Path(model_dir)
+    meta_path = model_dir / METADATA_FILE
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{model_dir}: not a model folder (no {METADATA_FILE})") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{meta_path}: not JSON ({exc.msg})") from None
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelError(
+            f"{model_dir}: model format version {version!r}, this defectflow reads {FORMAT_VERSION}"
+        )
+    try:
+        config = DifferNetConfig.model_validate(metadata["config"])
+        weights_path = model_dir / metadata["weights_file"]
+        expected = metadata["sha256"]
+        threshold = float(metadata["threshold"])
+    except (KeyError, TypeError, ValueError, ValidationError) as exc:
+        raise ModelError(f"{meta_path}: malformed metadata ({exc})") from None
+    try:
+        data = weights_path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{weights_path}: weights file missing") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ModelError(
+            f"{weights_path}: sha256 {actual[:16]}... does not match the metadata's "
+            f"{expected[:16]}...; the file was changed or damaged"
+        )
+    backbone_weights = metadata.get("backbone_weights")
+    model = DifferNet(config, Path(backbone_weights) if backbone_weights else None)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        model.load_trainable_state(state)
+    except Exception as exc:  # unpickling and shape errors come in many types
+        raise ModelError(f"{weights_path}: weights do not load ({exc})") from None
+    model.eval()
+    return ModelBundle(model, threshold, metadata)

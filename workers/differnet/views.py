@@ -1,0 +1,81 @@
+"""Turning images into the backbone's input: letterbox, exact D4 transforms, colour jitter.
+
+Images keep their aspect ratio: each is resized so its longer side fits the square input and the
+rest is padded, and a validity mask travels with it so that padding never counts as product.
+Transforms are the 8 exact symmetries of the square (4 rotations by 90 degrees, each optionally
+mirrored): no interpolation, no invented corners, and each is undone exactly on defect maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# (quarter turns, mirrored). The first 4 are the rotations, the default test-time set.
+D4: tuple[tuple[int, bool], ...] = tuple((k, False) for k in range(4)) + tuple(
+    (k, True) for k in range(4)
+)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where the image sits inside the square input."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    source_shape: tuple[int, int]
+
+
+def letterbox(rgb: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor, Letterbox]:
+    """``(H, W, 3)`` uint8 -> ``(3, S, S)`` float in [0, 1], ``(1, S, S)`` mask, placement."""
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = torch.tensor(rgb).permute(2, 0, 1).float().div_(255.0)
+    x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    # Pad with mid-grey: after normalisation that is close to zero input.
+    canvas = torch.full((3, size, size), 0.5)
+    canvas[:, top : top + nh, left : left + nw] = x[0].clamp_(0.0, 1.0)
+    mask = torch.zeros(1, size, size)
+    mask[:, top : top + nh, left : left + nw] = 1.0
+    return canvas, mask, Letterbox(top, left, nh, nw, (h, w))
+
+
+def apply_d4(x: torch.Tensor, t: int) -> torch.Tensor:
+    """Apply transform ``t`` of :data:`D4` to the last two (square) dimensions."""
+    turns, mirrored = D4[t]
+    if mirrored:
+        x = x.flip(-1)
+    return torch.rot90(x, turns, dims=(-2, -1))
+
+
+def undo_d4(x: torch.Tensor, t: int) -> torch.Tensor:
+    turns, mirrored = D4[t]
+    x = torch.rot90(x, -turns, dims=(-2, -1))
+    return x.flip(-1) if mirrored else x
+
+
+def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation factors drawn from [1 - s, 1 + s] (ZeroBox: s = 0.5)."""
+    if strength <= 0:
+        return x
+    b, c, s = (1.0 + strength * (2 * torch.rand(3, generator=generator) - 1)).tolist()
+    x = x * b
+    grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    x = grey.mean() + (x - grey.mean()) * c
+    grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    x = grey + (x - grey) * s
+    return x.clamp_(0.0, 1.0)
+
+
+def crop_to_source(square_map: torch.Tensor, box: Letterbox) -> np.ndarray:
+    """A ``(S, S)`` map in letterbox space -> ``(H, W)`` map over the source image."""
+    inner = square_map[box.top : box.top + box.height, box.left : box.left + box.width]
+    out = F.interpolate(inner[None, None], size=box.source_shape, mode="bilinear")
+    return out[0, 0].numpy()

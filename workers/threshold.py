@@ -1,0 +1,60 @@
+"""Choosing the decision threshold on validation scores (score >= threshold means defect)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    rule: str
+    tpr: float | None
+    fpr: float
+    accuracy: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def target_tpr_threshold(scores, labels, target_tpr: float = 0.85) -> Threshold:
+    """The ZeroBox rule: the smallest-FPR threshold whose TPR reaches ``target_tpr``.
+
+    With no defect among the labels no TPR can be measured; instead of collapsing to the lowest
+    score (and flooding the line with alarms), the threshold is then the ``target_tpr`` quantile
+    of the good scores, i.e. a false-alarm rate of ``1 - target_tpr`` at most.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if scores.size == 0:
+        raise ValueError("no validation scores to choose a threshold from")
+    if not 0 < target_tpr <= 1:
+        raise ValueError(f"target_tpr must be in (0, 1], got {target_tpr}")
+    if labels.min() == labels.max():
+        if labels[0] == 1:
+            raise ValueError("validation has only defects: cannot bound false alarms")
+        value = float(np.quantile(scores, target_tpr, method="higher"))
+        fpr = float(np.mean(scores >= value))
+        return Threshold(value, f"good-quantile {target_tpr:g}", None, fpr, float(1 - fpr))
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    ok = np.flatnonzero(tpr >= target_tpr)
+    best = ok[np.argmin(fpr[ok])]  # roc_curve is sorted by fpr: the first that reaches the target
+    value = float(min(thresholds[best], scores.max()))  # sklearn's first threshold is +inf
+    predicted = scores >= value
+    return Threshold(
+        value,
+        f"target-tpr {target_tpr:g}",
+        float(tpr[best]),
+        float(fpr[best]),
+        float(np.mean(predicted == labels.astype(bool))),
+    )
+
+
+def auroc(scores, labels) -> float | None:
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() == labels.max():
+        return None
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
