@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -214,3 +215,92 @@ def score(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def demo(
+    data: Path = typer.Option(Path("../shared/data/mtd"), help="data in MVTec AD layout"),
+    products: int = typer.Option(64, min=1, help="test images streamed as products"),
+    out: Path = typer.Option(Path("demo-out"), help="model, verdicts.jsonl and summary go here"),
+    epochs: int = typer.Option(20, min=1),
+    retrain: bool = typer.Option(False, help="train again even if OUT/model exists"),
+    seed: int = typer.Option(0),
+):
+    """Train (or reuse) a model, stream test images through Redis, show verdicts live."""
+    import redis
+    from rich.live import Live
+    from rich.table import Table
+
+    from workers.datasets import DatasetError
+    from workers.differnet.model import DifferNetConfig
+    from workers.differnet.recipes import train_from_folder
+    from workers.differnet.store import ModelError, load_model
+    from workers.differnet.training import TrainingOptions
+
+    from .bus import StreamBus
+    from .demo import pick_products, stream_products
+    from .redis_conn import EmbeddedRedis
+
+    if not (data / "train" / "good").is_dir():
+        raise fail(f"{data}: no data in MVTec AD layout (train/good); pass --data DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "model"
+    bundle = None
+    if not retrain:
+        try:
+            bundle = load_model(model_dir)
+            console.print(
+                f"reusing model {bundle.version} from {model_dir} (--retrain to train again)"
+            )
+        except ModelError:
+            bundle = None
+    if bundle is None:
+        console.print(f"[bold]1/2 training[/] DifferNet on {data}/train/good ({epochs} epochs)")
+        # Four training transforms instead of eight: the demo trains in a few minutes.
+        config = DifferNetConfig(train_transforms=4, tta=4)
+        try:
+            with progress_bars() as progress:
+                train_from_folder(
+                    data,
+                    model_dir,
+                    config,
+                    TrainingOptions(epochs=epochs, seed=seed),
+                    progress=progress,
+                    on_skip=warn_skip,
+                )
+        except (DatasetError, ValueError) as exc:
+            raise fail(str(exc)) from None
+        bundle = load_model(model_dir)
+    console.print(
+        f"[bold]2/2 streaming[/] {products} products through Redis "
+        f"(frames -> scorer -> scores + verdicts), model {bundle.version}"
+    )
+    recent: deque[tuple[str, ...]] = deque(maxlen=20)  # the live view shows the latest rows
+
+    def render() -> Table:
+        table = Table("product", "truth", "score", "verdict", "ms", title="verdicts:demo")
+        for row in recent:
+            table.add_row(*row)
+        return table
+
+    with EmbeddedRedis(out / "redis") as server, Live(render(), console=console) as live:
+        bus = StreamBus(redis.Redis.from_url(server.url))
+
+        def show(verdict, sample) -> None:
+            ok = (verdict.decision == "defect") == sample.is_defect
+            colour = "red" if verdict.decision == "defect" else "green"
+            recent.append(
+                (
+                    verdict.product_id,
+                    sample.category,
+                    f"{verdict.views[0].score:.3f}",
+                    f"[{colour}]{verdict.decision}[/]" + ("" if ok else " [yellow](wrong)[/]"),
+                    f"{verdict.latency_ms['frame_to_verdict']:.0f}",
+                )
+            )
+            live.update(render())
+
+        summary = stream_products(bus, bundle, pick_products(data, products, seed), out, show)
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    console.print(f"verdicts in {out / 'verdicts.jsonl'}, summary in {out / 'summary.json'}")
+    typer.echo(json.dumps(summary.to_dict()))
