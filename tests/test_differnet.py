@@ -129,7 +129,7 @@ def test_grey_rgba_and_16_bit_images_load_as_rgb(tmp_path):
     grey = np.arange(48, dtype=np.uint8).reshape(6, 8)
     Image.fromarray(grey).save(tmp_path / "grey.png")
     Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 128)]), "RGBA").save(tmp_path / "rgba.png")
-    Image.fromarray((grey.astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")
     for name in ("grey.png", "rgba.png", "deep.png"):
         rgb = load_image(tmp_path / name)
         assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8

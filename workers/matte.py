@@ -1,0 +1,71 @@
+"""Taking the conveyor away: a re-centred crop, and the composite mask shrunk and applied.
+
+As in the ZeroBox system, the composite mask is shrunk by a fraction per side (resized to
+``1 - 2 * fraction`` of its size and padded back, centred) before it multiplies the crop, so that
+no rim of belt survives at the product's edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Matted:
+    crop: np.ndarray  # (h, w, 3) BGR, belt set to zero
+    mask: np.ndarray  # (h, w) uint8, 255 = kept
+    box: tuple[int, int, int, int]  # the crop's place in the frame: x, y, w, h
+    coverage: float  # fraction of the crop kept
+
+
+def recentred_box(
+    bbox: tuple[int, int, int, int], frame_shape: tuple[int, int], margin: float = 0.05
+) -> tuple[int, int, int, int]:
+    """The box grown by ``margin`` per side around its centre, kept inside the frame."""
+    x, y, w, h = bbox
+    cx, cy = x + w / 2, y + h / 2
+    w2, h2 = w * (1 + 2 * margin), h * (1 + 2 * margin)
+    fh, fw = frame_shape
+    x0, y0 = int(max(0, round(cx - w2 / 2))), int(max(0, round(cy - h2 / 2)))
+    x1, y1 = int(min(fw, round(cx + w2 / 2))), int(min(fh, round(cy + h2 / 2)))
+    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+
+def shrink_mask(mask: np.ndarray, fraction: float) -> np.ndarray:
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"shrink fraction must be in [0, 0.5), got {fraction}")
+    if fraction == 0:
+        return mask.copy()
+    h, w = mask.shape
+    sh, sw = max(1, round(h * (1 - 2 * fraction))), max(1, round(w * (1 - 2 * fraction)))
+    small = cv2.resize(mask, (sw, sh), interpolation=cv2.INTER_NEAREST)
+    out = np.zeros_like(mask)
+    top, left = (h - sh) // 2, (w - sw) // 2
+    out[top : top + sh, left : left + sw] = small
+    return out
+
+
+def matte(
+    frame: np.ndarray,
+    bbox: tuple[int, int, int, int],
+    composite_mask: np.ndarray | None,
+    *,
+    shrink: float = 0.1,
+    margin: float = 0.05,
+) -> Matted:
+    """Crop the product re-centred on ``bbox`` and keep only its (shrunk) composite mask."""
+    x, y, w, h = recentred_box(bbox, frame.shape[:2], margin)
+    crop = frame[y : y + h, x : x + w]
+    if composite_mask is None:
+        mask = np.full((h, w), 255, np.uint8)
+    else:
+        mask = (composite_mask[y : y + h, x : x + w] > 0).astype(np.uint8) * 255
+        # Holes inside the silhouette are product too: fill every enclosed region.
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(mask, contours, -1, 255, thickness=cv2.FILLED)
+    mask = shrink_mask(mask, shrink)
+    matted = crop * (mask[:, :, None] > 0)
+    return Matted(matted.astype(np.uint8), mask, (x, y, w, h), float((mask > 0).mean()))

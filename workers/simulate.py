@@ -1,0 +1,221 @@
+"""A multi-camera conveyor built from real product images (MVTec AD layout).
+
+Each product has one view per camera; a defective product shows a defect image in one or two
+views and good images elsewhere. Views are pasted at varying scale onto a textured conveyor that
+moves with them, under per-camera lighting, noise, slight blur and position jitter. Products
+enter on the left, cross the centre and leave on the right, one at a time, with empty belt
+between them. The conveyor's texture runs along the direction of travel, so a moving belt looks
+still to a background model, as a real belt does to a camera fixed above it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .datasets import Sample, test_samples, train_samples
+from .images import load_image
+
+
+@dataclass(frozen=True)
+class LineSpec:
+    products: int
+    cameras: int = 4
+    defect_rate: float = 0.2
+    fps: float = 15.0
+    width: int = 480
+    height: int = 270
+    seed: int = 0
+    crossing_frames: int = 20  # frames from entering to having left the view
+    gap_frames: int = 6  # empty belt between two products
+    lead_frames: int = 30  # empty belt before the first product: background models settle
+
+    def __post_init__(self):
+        if self.products < 1 or self.cameras < 1:
+            raise ValueError("products and cameras must be at least 1")
+        if not 0 <= self.defect_rate <= 1:
+            raise ValueError(f"defect_rate must be in [0, 1], got {self.defect_rate}")
+        if self.width < 64 or self.height < 64:
+            raise ValueError(
+                f"frame size must be at least 64 x 64, got {self.width} x {self.height}"
+            )
+
+
+@dataclass
+class ViewPlan:
+    camera: str
+    source: str
+    category: str
+    scale: float  # product height / frame height
+    dy: int  # vertical offset from the belt centre, pixels
+    gain: float
+    offset: float
+    frames: tuple[int, int] = (0, 0)  # first and last frame in which the product is visible
+    bboxes: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+
+
+@dataclass
+class ProductPlan:
+    seq: int
+    defective: bool
+    start: int  # frame at which the product's leading edge enters
+    views: list[ViewPlan]
+
+
+def camera_names(n: int) -> list[str]:
+    return [f"cam{i}" for i in range(n)]
+
+
+def plan_line(good: list[Sample], defects: list[Sample], spec: LineSpec) -> list[ProductPlan]:
+    if not good:
+        raise ValueError("the simulator needs good images")
+    if spec.defect_rate > 0 and not defects:
+        raise ValueError("defect_rate > 0 needs defect images (DATA_DIR/test/<defect>/)")
+    rng = random.Random(spec.seed)
+    cams = camera_names(spec.cameras)
+    plans = []
+    for seq in range(spec.products):
+        defective = rng.random() < spec.defect_rate
+        bad_cams = (
+            set(rng.sample(cams, min(len(cams), rng.choice([1, 1, 2])))) if defective else set()
+        )
+        views = []
+        for cam in cams:
+            sample = rng.choice(defects) if cam in bad_cams else rng.choice(good)
+            views.append(
+                ViewPlan(
+                    camera=cam,
+                    source=str(sample.path),
+                    category=sample.category,
+                    scale=rng.uniform(0.45, 0.6),
+                    dy=rng.randint(-spec.height // 20, spec.height // 20),
+                    gain=rng.uniform(0.85, 1.15),
+                    offset=rng.uniform(-10, 10),
+                )
+            )
+        start = spec.lead_frames + seq * (spec.crossing_frames + spec.gap_frames)
+        plans.append(ProductPlan(seq, defective, start, views))
+    return plans
+
+
+def total_frames(spec: LineSpec) -> int:
+    return (
+        spec.lead_frames
+        + spec.products * (spec.crossing_frames + spec.gap_frames)
+        + spec.gap_frames
+    )
+
+
+def belt_texture(spec: LineSpec, camera_index: int) -> np.ndarray:
+    """Dark blue-grey belt with streaks along the direction of travel."""
+    rng = np.random.default_rng(spec.seed * 100 + camera_index)
+    rows = rng.normal(0, 6, spec.height).cumsum() * 0.15 + rng.normal(0, 4, spec.height)
+    base = np.array([88.0, 52.0, 30.0])  # BGR: a dark blue belt, unlike the grey products
+    belt = base[None, None, :] + rows[:, None, None]
+    return np.repeat(belt, spec.width, axis=1).clip(0, 255)
+
+
+def render_camera(
+    spec: LineSpec, plans: list[ProductPlan], camera_index: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Frames (BGR uint8) of one camera; fills each view's ``frames`` and ``bboxes``."""
+    rng = np.random.default_rng(spec.seed * 1000 + camera_index)
+    belt = belt_texture(spec, camera_index)
+    light = rng.uniform(0.9, 1.1)
+    sprites: dict[int, np.ndarray] = {}
+    for f in range(total_frames(spec)):
+        frame = belt * light
+        for plan in plans:
+            t = f - plan.start
+            if not 0 <= t < spec.crossing_frames:
+                continue
+            view = plan.views[camera_index]
+            sprite = sprites.get(plan.seq)
+            if sprite is None:
+                sprite = _sprite(view, spec)
+                sprites[plan.seq] = sprite
+            h, w = sprite.shape[:2]
+            # The product's centre travels from fully left of the view to fully right of it.
+            cx = -w / 2 + (spec.width + w) * (t + 0.5) / spec.crossing_frames
+            x0 = int(round(cx - w / 2))
+            y0 = (spec.height - h) // 2 + view.dy
+            box = _paste(frame, sprite, x0, y0)
+            if box is not None:
+                view.bboxes[f] = box
+            if t == spec.crossing_frames - 1:
+                del sprites[plan.seq]  # the product has left: free its image
+        frame = frame + rng.normal(0, 2.5, frame.shape)
+        frame = cv2.GaussianBlur(frame.clip(0, 255).astype(np.uint8), (3, 3), 0.6)
+        yield f, frame
+    for plan in plans:
+        view = plan.views[camera_index]
+        view.frames = (min(view.bboxes), max(view.bboxes)) if view.bboxes else (0, -1)
+
+
+def _sprite(view: ViewPlan, spec: LineSpec) -> np.ndarray:
+    rgb = load_image(view.source)
+    h = max(8, int(spec.height * view.scale))
+    w = max(8, int(round(rgb.shape[1] * h / rgb.shape[0])))
+    w = min(w, int(spec.width * 0.6))  # very wide tiles keep to a crossing-sized footprint
+    bgr = cv2.resize(rgb[:, :, ::-1], (w, h), interpolation=cv2.INTER_AREA).astype(np.float64)
+    return (bgr * view.gain + view.offset).clip(0, 255)
+
+
+def _paste(frame: np.ndarray, sprite: np.ndarray, x0: int, y0: int):
+    h, w = sprite.shape[:2]
+    fx0, fy0 = max(0, x0), max(0, y0)
+    fx1, fy1 = min(frame.shape[1], x0 + w), min(frame.shape[0], y0 + h)
+    if fx1 <= fx0 or fy1 <= fy0:
+        return None
+    frame[fy0:fy1, fx0:fx1] = sprite[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
+    return (fx0, fy0, fx1 - fx0, fy1 - fy0)
+
+
+def simulate_line(data_dir: Path, out: Path, spec: LineSpec) -> dict:
+    """Write one MP4 per camera and ``manifest.json`` under ``out``; return the manifest."""
+    good = train_samples(data_dir) + [s for s in test_samples(data_dir) if not s.is_defect]
+    defects = [s for s in test_samples(data_dir) if s.is_defect]
+    plans = plan_line(good, defects, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    cams = camera_names(spec.cameras)
+    for index, cam in enumerate(cams):
+        writer = cv2.VideoWriter(
+            str(out / f"{cam}.mp4"),
+            cv2.VideoWriter_fourcc(*"mp4v"),
+            spec.fps,
+            (spec.width, spec.height),
+        )
+        if not writer.isOpened():
+            raise RuntimeError(f"OpenCV cannot write {out / f'{cam}.mp4'} (no mp4v encoder?)")
+        for _, frame in render_camera(spec, plans, index):
+            writer.write(frame)
+        writer.release()
+    manifest = {
+        "spec": asdict(spec),
+        "cameras": cams,
+        "frames": total_frames(spec),
+        "products": [
+            {
+                "seq": p.seq,
+                "defective": p.defective,
+                "views": {
+                    v.camera: {
+                        "source": v.source,
+                        "category": v.category,
+                        "frames": list(v.frames),
+                        "bboxes": {str(k): list(b) for k, b in sorted(v.bboxes.items())},
+                    }
+                    for v in p.views
+                },
+            }
+            for p in plans
+        ],
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
