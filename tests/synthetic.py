@@ -14,7 +14,9 @@ def textured_tile(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.repeat(img.clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
-def add_defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def add_defect(
+    rng: np.random.Generator, img: np.ndarray, kind: str
+) -> tuple[np.ndarray, np.ndarray]:
     h, w = img.shape[:2]
     out, mask = img.copy(), np.zeros((h, w), np.uint8)
     if kind == "scratch":
@@ -30,7 +32,12 @@ def add_defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> tuple[np
 
 
 def make_dataset(
-    root: Path, *, n_train: int = 24, n_good: int = 6, n_defect: int = 3, seed: int = 0,
+    root: Path,
+    *,
+    n_train: int = 24,
+    n_good: int = 6,
+    n_defect: int = 3,
+    seed: int = 0,
     shape: tuple[int, int] = (72, 96),
 ) -> Path:
     """Write train/good, test/good, test/{scratch,spot} and ground_truth masks under ``root``."""

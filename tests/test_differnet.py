@@ -34,8 +34,18 @@ def data(tmp_path_factory):
 def trained(request, data, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"model-{request.param}")
     result = invoke(
-        "train", data, "--out", out, "--head", request.param, "--image-size", 96,
-        "--epochs", 12, "--tta", 2,
+        "train",
+        data,
+        "--out",
+        out,
+        "--head",
+        request.param,
+        "--image-size",
+        96,
+        "--epochs",
+        12,
+        "--tta",
+        2,
     )
     assert result.exit_code == 0, result.output
     return out
@@ -128,7 +138,9 @@ def test_a_bad_option_value_is_a_clear_error(data, tmp_path):
 def test_grey_rgba_and_16_bit_images_load_as_rgb(tmp_path):
     grey = np.arange(48, dtype=np.uint8).reshape(6, 8)
     Image.fromarray(grey).save(tmp_path / "grey.png")
-    Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 128)]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 128)]), "RGBA").save(
+        tmp_path / "rgba.png"
+    )
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")
     for name in ("grey.png", "rgba.png", "deep.png"):
         rgb = load_image(tmp_path / name)

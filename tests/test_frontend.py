@@ -1,0 +1,149 @@
+"""Simulator, motion gate, detectors and matting on a small simulated line."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from tests.synthetic import make_dataset
+from workers.detect import ContourDetector, YoloDetector, bootstrap_yolo, iou, read_frames
+from workers.matte import matte, shrink_mask
+from workers.motion import MotionGate
+from workers.simulate import LineSpec, belt_texture, simulate_line
+
+SPEC = LineSpec(products=5, cameras=2, defect_rate=0.4, width=240, height=160, seed=3)
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    data = make_dataset(tmp_path_factory.mktemp("tiles"), n_train=8, n_good=2, n_defect=2)
+    out = tmp_path_factory.mktemp("line")
+    return data, out, simulate_line(data, out, SPEC)
+
+
+def gate_run(video):
+    gate, detector, triggers = MotionGate(), ContourDetector(), []
+    for index, frame in read_frames(video):
+        trigger = gate.update(index, frame)
+        if trigger is not None:
+            triggers.append((trigger, frame, detector.detect(frame, trigger.composite_mask)))
+    return triggers
+
+
+def test_the_simulator_is_deterministic_for_a_seed(line, tmp_path):
+    data, _, manifest = line
+    again = simulate_line(data, tmp_path, SPEC)
+    assert again["products"] == manifest["products"]
+    other = simulate_line(data, tmp_path / "other", LineSpec(**{**SPEC.__dict__, "seed": 4}))
+    assert other["products"] != manifest["products"]
+
+
+def test_the_manifest_describes_every_product_and_view(line):
+    _, out, manifest = line
+    assert manifest["cameras"] == ["cam0", "cam1"] and len(manifest["products"]) == 5
+    for product in manifest["products"]:
+        categories = {v["category"] for v in product["views"].values()}
+        assert product["defective"] == (categories != {"good"})
+        for view in product["views"].values():
+            first, last = view["frames"]
+            assert last - first + 1 == len(view["bboxes"]) > 0
+    frames = list(read_frames(out / "cam0.mp4"))
+    assert len(frames) == manifest["frames"] and frames[0][1].shape == (160, 240, 3)
+
+
+def test_the_gate_fires_once_per_product_and_the_detector_finds_it(line):
+    _, out, manifest = line
+    for cam in manifest["cameras"]:
+        triggers = gate_run(out / f"{cam}.mp4")
+        assert [t.product_seq for t, _, _ in triggers] == list(range(5))
+        for trigger, _, detections in triggers:
+            view = manifest["products"][trigger.product_seq]["views"][cam]
+            truth = view["bboxes"][str(trigger.frame_index)]
+            assert abs(truth[0] + truth[2] / 2 - SPEC.width / 2) < SPEC.width / 6  # near the centre
+            assert iou(detections[0].bbox, tuple(truth)) > 0.85
+
+
+def test_matting_removes_the_conveyor(line):
+    _, out, manifest = line
+    belt = belt_texture(SPEC, 0).astype(np.uint8)
+    for trigger, frame, detections in gate_run(out / "cam0.mp4"):
+        truth = manifest["products"][trigger.product_seq]["views"]["cam0"]["bboxes"][
+            str(trigger.frame_index)
+        ]
+        result = matte(frame, detections[0].bbox, trigger.composite_mask, shrink=0.1)
+        x, y, w, h = result.box
+        kept = result.mask > 0
+        # Pixels kept outside the true product box are conveyor.
+        inside = np.zeros((h, w), bool)
+        tx, ty, tw, th = truth
+        inside[max(0, ty - y) : ty - y + th, max(0, tx - x) : tx - x + tw] = True
+        assert (kept & ~inside).sum() / kept.sum() < 0.05
+        assert 0.3 < result.coverage < 0.9
+        assert not result.crop[~kept].any()
+        assert belt.shape[:2] == frame.shape[:2]
+
+
+def test_shrink_keeps_the_centre_and_drops_the_rim():
+    mask = np.full((100, 50), 255, np.uint8)
+    shrunk = shrink_mask(mask, 0.1)
+    assert shrunk[50, 25] == 255 and shrunk[5, 25] == 0 and shrunk[50, 2] == 0
+    assert (shrunk > 0).sum() == 80 * 40
+    with pytest.raises(ValueError):
+        shrink_mask(mask, 0.6)
+
+
+def test_bad_video_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such video"):
+        list(read_frames(tmp_path / "absent.mp4"))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.mp4"):
+        list(read_frames(tmp_path / "empty.mp4"))
+    gate = MotionGate()
+    gate.update(0, np.zeros((40, 60, 3), np.uint8))
+    with pytest.raises(ValueError, match="resolution changed"):
+        gate.update(1, np.zeros((41, 60, 3), np.uint8))
+
+
+def test_simulate_command_writes_videos_and_manifest(line, tmp_path):
+    data, _, _ = line
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            str(data),
+            "--out",
+            str(tmp_path),
+            "--products",
+            "2",
+            "--cameras",
+            "1",
+            "--size",
+            "160x120",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["products"] == 2
+    assert (tmp_path / "cam0.mp4").exists() and (tmp_path / "manifest.json").exists()
+    bad = CliRunner().invoke(
+        app, ["simulate", str(data), "--out", str(tmp_path), "--products", "2", "--size", "big"]
+    )
+    assert bad.exit_code == 1 and "--size" in bad.output
+
+
+def test_yolo_bootstrap_trains_on_auto_labels_and_then_predicts(line, tmp_path):
+    _, out, manifest = line
+    report = bootstrap_yolo(
+        [out / "cam0.mp4", out / "cam1.mp4"], tmp_path / "yolo.pt", epochs=1, image_size=160
+    )
+    assert report["labelled_products"] == 10
+    detector = YoloDetector(tmp_path / "yolo.pt", confidence=0.0, image_size=160)
+    frame = next(f for i, f in read_frames(out / "cam0.mp4") if i == 40)
+    detections = detector.detect(frame)
+    assert all(len(d.bbox) == 4 for d in detections)  # one epoch: boxes, not yet good ones
+    assert (
+        cv2.imread(str(next((tmp_path / "yolo.bootstrap" / "images" / "train").glob("*.jpg"))))
+        is not None
+    )
