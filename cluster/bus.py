@@ -62,18 +62,35 @@ class StreamBus:
 
     def consume(
         self,
-        stream: str,
+        streams: str | list[str],
         group: str,
         consumer: str,
         message_type: type[M],
         *,
         count: int = 16,
         block_ms: int | None = 1000,
+        own_pending: bool = False,
     ) -> list[Delivery[M]]:
-        """Read up to ``count`` new entries for ``consumer``; waits ``block_ms`` when none."""
-        reply = self.client.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
-        entries = reply[0][1] if reply else []
-        return self._decode(stream, group, message_type, entries)
+        """Read up to ``count`` new entries (per stream) for ``consumer``.
+
+        Waits up to ``block_ms`` when there are none. With ``own_pending``, returns instead the
+        entries this consumer was given before and has not acknowledged: a restarted consumer
+        finishes its own work first.
+        """
+        names = [streams] if isinstance(streams, str) else list(streams)
+        start = "0" if own_pending else ">"
+        reply = self.client.xreadgroup(
+            group,
+            consumer,
+            dict.fromkeys(names, start),
+            count=count,
+            block=None if own_pending else block_ms,
+        )
+        out: list[Delivery[M]] = []
+        for stream, entries in reply or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            out += self._decode(name, group, message_type, entries)
+        return out
 
     def reclaim(
         self,
@@ -132,6 +149,9 @@ class StreamBus:
         out: list[Delivery[M]] = []
         for raw_id, fields in entries:
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            if not fields:  # trimmed away while pending: nothing left to process
+                self.client.xack(stream, group, entry_id)
+                continue
             try:
                 message = message_type.from_entry(fields)
             except SchemaError as exc:

@@ -61,9 +61,15 @@ class _ImageMessage(Message):
 
 
 class CameraFrame(_ImageMessage):
-    """A frame a camera ingest pushed because a product crossed the centre of the view."""
+    """A frame a camera ingest pushed because a product crossed the centre of the view.
+
+    ``mask`` is the motion gate's composite foreground mask of the product (PNG, frame-sized),
+    or empty when the source gives none.
+    """
 
     kind: ClassVar[str] = "frame"
+    binary_fields: ClassVar[tuple[str, ...]] = ("image", "mask")
+    mask: bytes = b""
     line: Name
     camera: Name
     sequence: int = Field(ge=0, description="frame number within the camera's stream")

@@ -62,6 +62,7 @@ view_results = st.builds(
 frames = st.builds(
     lambda img, **kw: CameraFrame(**img, **kw),
     images,
+    mask=st.binary(max_size=32),
     line=names,
     camera=names,
     sequence=st.integers(0, 2**53),

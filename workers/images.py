@@ -21,12 +21,21 @@ def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
     Grey, grey+alpha, palette, RGBA and 16-bit images are all accepted; alpha is dropped and
     16-bit values are scaled to 8 bits by their full range.
     """
+    return decode_with_alpha(data, source)[0]
+
+
+def decode_with_alpha(data: bytes, source: str = "<bytes>") -> tuple[np.ndarray, np.ndarray | None]:
+    """Like :func:`decode_image`, also returning the alpha channel (``(H, W)`` uint8) if any.
+
+    Matted crops travel as RGBA PNGs whose alpha is the product mask.
+    """
     if not data:
         raise ImageError(f"{source}: empty file")
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # Decodes everything now, so truncation is caught here.
-            return _to_rgb8(img)
+            alpha = np.asarray(img.getchannel("A")) if img.mode in ("RGBA", "LA") else None
+            return _to_rgb8(img), alpha
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{source}: not a readable image ({exc})") from None
 
@@ -42,9 +51,11 @@ def load_image(path: Path | str) -> np.ndarray:
     return decode_image(data, str(path))
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
+def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None) -> bytes:
+    """PNG of an RGB (or grey) array, with ``alpha`` as its alpha channel when given."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    image = Image.fromarray(rgb if alpha is None else np.dstack([rgb, alpha]))
+    image.save(buf, format="PNG", compress_level=1)  # speed over size: these cross a LAN
     return buf.getvalue()
 
 

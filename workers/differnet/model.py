@@ -159,8 +159,16 @@ class DifferNet(nn.Module):
 
     # -- features ---------------------------------------------------------------------------
 
-    def prepare(self, rgb: np.ndarray) -> PreparedImage:
+    def prepare(self, rgb: np.ndarray, product_mask: np.ndarray | None = None) -> PreparedImage:
+        """Letterbox ``rgb``; ``product_mask`` (``(H, W)``, >0 = product) limits what counts."""
         pixels, mask, box = letterbox(rgb, self.config.image_size)
+        if product_mask is not None:
+            if product_mask.shape != rgb.shape[:2]:
+                raise ValueError(
+                    f"mask shape {product_mask.shape} is not the image's {rgb.shape[:2]}"
+                )
+            m = np.repeat((product_mask > 0).astype(np.uint8)[:, :, None], 3, axis=2) * 255
+            mask = mask * letterbox(m, self.config.image_size)[0][:1].round()
         return PreparedImage(pixels, mask, box)
 
     def embed(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

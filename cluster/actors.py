@@ -1,0 +1,270 @@
+"""Ray actors of an inspection line: thin loops that read a stream, call a worker, write a stream.
+
+Every consumer has a stable name (its role and replica index). A restarted actor first finishes
+the entries it had been given and not acknowledged; every actor also takes over entries left
+pending too long by consumers that never came back (XAUTOCLAIM). An entry is acknowledged only
+after its result is published, so a crash loses nothing; the aggregator's done-set makes the
+redelivered work produce no second verdict.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import ray
+import redis
+
+from schemas import CameraFrame, ProductView, ViewScore
+from schemas.base import SchemaError
+from workers.images import ImageError
+from workers.stages import CameraIngest, DetectMatte, NoProductFound, VerdictJoin, ViewScorer
+
+from .bus import StreamBus
+from .streams import Streams
+
+# Entries pending at one consumer for this long are taken over by another.
+RECLAIM_IDLE_MS = 15_000
+
+
+class _Loop:
+    """Shared plumbing: Redis bus, a stop flag, counters."""
+
+    def __init__(self, redis_url: str, maxlen: int):
+        self.bus = StreamBus(redis.Redis.from_url(redis_url), maxlen=maxlen)
+        self._stop = threading.Event()
+        self.counters: dict[str, int] = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def stop(self) -> None:
+        """Finish the batch in hand, acknowledge it, and return from ``run``."""
+        self._stop.set()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
+
+    def ping(self) -> bool:
+        return True
+
+
+@ray.remote
+class CameraIngestActor(_Loop):
+    """One camera: read the source, gate on motion, publish one frame per product."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        maxlen: int,
+        line: str,
+        camera: str,
+        source: str,
+        fps: float | None = None,
+    ):
+        super().__init__(redis_url, maxlen)
+        self.ingest = CameraIngest(line, camera, source, fps=fps)
+        self.stream = Streams(line).frames(camera)
+
+    def run(self) -> dict:
+        for frame in self.ingest.frames():
+            self.bus.publish(self.stream, frame)
+            self.count("published")
+            if self._stop.is_set():
+                break
+        stats = self.ingest.stats
+        self.counters |= {"frames": stats.frames, "corrupt_frames": stats.corrupt_frames}
+        return self.stats()
+
+
+@ray.remote
+class DetectMatteActor(_Loop):
+    """Gated frames of every camera of a line -> matted product views."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        maxlen: int,
+        line: str,
+        cameras: list[str],
+        replica: int,
+        yolo_weights: str | None = None,
+        shrink: float = 0.1,
+    ):
+        super().__init__(redis_url, maxlen)
+        self.streams = Streams(line)
+        self.inputs = [self.streams.frames(c) for c in cameras]
+        self.consumer = f"detect-{replica}"
+        detector = None
+        if yolo_weights:
+            from workers.detect import YoloDetector
+
+            detector = YoloDetector(Path(yolo_weights))
+        self.stage = DetectMatte(detector, shrink=shrink)
+        for s in self.inputs:
+            self.bus.ensure_group(s, self.streams.detect_group)
+
+    def run(self) -> dict:
+        group = self.streams.detect_group
+        batch = self.bus.consume(self.inputs, group, self.consumer, CameraFrame, own_pending=True)
+        while not self._stop.is_set():
+            if not batch:
+                for s in self.inputs:
+                    batch += self.bus.reclaim(
+                        s, group, self.consumer, CameraFrame, min_idle_ms=RECLAIM_IDLE_MS
+                    )
+            if not batch:
+                batch = self.bus.consume(
+                    self.inputs, group, self.consumer, CameraFrame, count=4, block_ms=500
+                )
+            for d in batch:
+                try:
+                    view = self.stage.process(d.message)
+                except (ImageError, NoProductFound, SchemaError) as exc:
+                    self.bus.dead_letter(
+                        d.stream, group, d.entry_id, d.message.to_entry(), str(exc)
+                    )
+                    self.count("dead_lettered")
+                    continue
+                self.bus.publish(self.streams.views, view)
+                self.bus.ack(d)
+                self.count("views")
+            batch = []
+        return self.stats()
+
+
+@ray.remote
+class ScorerActor(_Loop):
+    """Product views -> view scores, in batches, with the line's active model."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        maxlen: int,
+        line: str,
+        replica: int,
+        model_dir: str,
+        threshold: float | None = None,
+        batch_size: int = 8,
+    ):
+        super().__init__(redis_url, maxlen)
+        from workers.differnet.store import load_model
+
+        self.streams = Streams(line)
+        self.consumer = f"score-{replica}"
+        self.batch_size = batch_size
+        self.scorer = ViewScorer(load_model(Path(model_dir)), threshold)
+        self.bus.ensure_group(self.streams.views, self.streams.score_group)
+
+    def model_version(self) -> str:
+        return self.scorer.bundle.version
+
+    def run(self) -> dict:
+        stream, group = self.streams.views, self.streams.score_group
+        batch = self.bus.consume(stream, group, self.consumer, ProductView, own_pending=True)
+        while not self._stop.is_set():
+            if not batch:
+                batch = self.bus.reclaim(
+                    stream,
+                    group,
+                    self.consumer,
+                    ProductView,
+                    min_idle_ms=RECLAIM_IDLE_MS,
+                    count=self.batch_size,
+                )
+            if not batch:
+                batch = self.bus.consume(
+                    stream, group, self.consumer, ProductView, count=self.batch_size, block_ms=500
+                )
+            if batch:
+                self._score(batch)
+            batch = []
+        return self.stats()
+
+    def _score(self, batch) -> None:
+        try:
+            scores = self.scorer.score([d.message for d in batch])
+        except ImageError:
+            # One bad view must not sink the batch: score one by one, dead-letter the bad.
+            for d in batch:
+                self._score_one(d)
+            return
+        for d, score in zip(batch, scores, strict=True):
+            self.bus.publish(self.streams.scores, score)
+            self.bus.ack(d)
+        self.count("scored", len(batch))
+
+    def _score_one(self, d) -> None:
+        try:
+            [score] = self.scorer.score([d.message])
+        except ImageError as exc:
+            self.bus.dead_letter(d.stream, d.group, d.entry_id, d.message.to_entry(), str(exc))
+            self.count("dead_lettered")
+            return
+        self.bus.publish(self.streams.scores, score)
+        self.bus.ack(d)
+        self.count("scored")
+
+
+@ray.remote
+class AggregatorActor(_Loop):
+    """View scores of all cameras -> one verdict per product, exactly once."""
+
+    def __init__(
+        self, redis_url: str, maxlen: int, line: str, cameras: list[str], timeout_s: float = 10.0
+    ):
+        super().__init__(redis_url, maxlen)
+        self.streams = Streams(line)
+        self.join = VerdictJoin(line, cameras, timeout_s)
+        self.consumer = "aggregate-0"
+        self.bus.ensure_group(self.streams.scores, self.streams.aggregate_group)
+        self._entries: dict[int, list] = {}  # product seq -> deliveries to ack with its verdict
+
+    def run(self) -> dict:
+        stream, group = self.streams.scores, self.streams.aggregate_group
+        batch = self.bus.consume(
+            stream, group, self.consumer, ViewScore, own_pending=True, count=10_000
+        )
+        while True:
+            for d in batch:
+                self._add(d)
+            for verdict in self.join.expire():
+                self._publish(verdict)
+            if self._stop.is_set() and not batch:
+                break
+            batch = self.bus.consume(
+                stream, group, self.consumer, ViewScore, count=64, block_ms=200
+            )
+        return self.stats() | {"pending_products": len(self.join.pending_products)}
+
+    def _add(self, d) -> None:
+        score = d.message
+        if self.bus.client.sismember(self.streams.done, score.product_seq):
+            self.bus.ack(d)  # redelivered, or arrived after an incomplete verdict
+            self.count("late_or_duplicate_views")
+            return
+        self._entries.setdefault(score.product_seq, []).append(d)
+        before = self.join.duplicates
+        verdict = self.join.add(score)
+        if self.join.duplicates > before:
+            self.count("duplicate_views")
+        if verdict is not None:
+            self._publish(verdict)
+
+    def _publish(self, verdict) -> None:
+        entries = self._entries.pop(verdict.product_seq, [])
+        pipe = self.bus.client.pipeline(transaction=True)
+        pipe.xadd(
+            self.streams.verdicts, verdict.to_entry(), maxlen=self.bus.maxlen, approximate=True
+        )
+        pipe.sadd(self.streams.done, verdict.product_seq)
+        for d in entries:
+            pipe.xack(d.stream, d.group, d.entry_id)
+        pipe.execute()
+        self.count(f"verdicts_{verdict.status}")
+        if verdict.decision == "defect":
+            self.count("defects")
+
+
+def wait_ready(actors: list, timeout_s: float = 120.0) -> None:
+    ray.get([a.ping.remote() for a in actors], timeout=timeout_s)

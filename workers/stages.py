@@ -1,0 +1,307 @@
+"""Each stage of the inspection line as plain Python: messages in, messages out.
+
+No Redis and no Ray here: ``cluster/`` moves the messages. Every class is testable with arrays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from schemas import BBox, CameraFrame, ProductView, Verdict, ViewResult, ViewScore, make_product_id
+
+from .detect import ContourDetector, Detector
+from .differnet.store import ModelBundle
+from .images import IMAGE_SUFFIXES, ImageError, decode_image, decode_with_alpha, encode_png
+from .matte import matte
+from .motion import MotionGate
+
+# -- camera ingest ------------------------------------------------------------------------------
+
+
+def open_source(source: str) -> Iterator[np.ndarray]:
+    """BGR frames from a video file, an RTSP/HTTP URL, or a folder of images (sorted by name)."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{source}: folder holds no images")
+        return _folder_frames(files)
+    if "://" not in source and not path.exists():
+        raise FileNotFoundError(f"{source}: no such video file or folder")
+    capture = cv2.VideoCapture(source)
+    if not capture.isOpened():
+        raise ValueError(f"{source}: OpenCV cannot open this source")
+    return _capture_frames(capture, source)
+
+
+def _capture_frames(capture: cv2.VideoCapture, source: str) -> Iterator[np.ndarray]:
+    n = 0
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            n += 1
+            yield frame
+    finally:
+        capture.release()
+    if n == 0:
+        raise ValueError(f"{source}: no frames (empty or unreadable video)")
+
+
+def _folder_frames(files: list[Path]) -> Iterator[np.ndarray]:
+    for f in files:
+        try:
+            yield decode_image(f.read_bytes(), str(f))[:, :, ::-1].copy()
+        except ImageError:
+            yield None  # a corrupt frame: the ingest counts it and goes on
+
+
+@dataclass
+class IngestStats:
+    frames: int = 0
+    corrupt_frames: int = 0
+    triggers: int = 0
+
+
+class CameraIngest:
+    """Reads one camera, gates on motion, and emits one frame message per product."""
+
+    def __init__(
+        self,
+        line: str,
+        camera: str,
+        source: str,
+        *,
+        fps: float | None = None,
+        jpeg_quality: int = 92,
+        gate: MotionGate | None = None,
+    ):
+        self.line, self.camera, self.source = line, camera, source
+        self.fps = fps
+        self.jpeg_quality = jpeg_quality
+        self.gate = gate or MotionGate()
+        self.stats = IngestStats()
+
+    def frames(self) -> Iterator[CameraFrame]:
+        period = 1.0 / self.fps if self.fps else 0.0
+        next_at = time.monotonic()
+        for index, frame in enumerate(open_source(self.source)):
+            if period:  # replay at the camera's rate: a live line does not run faster than it
+                next_at += period
+                time.sleep(max(0.0, next_at - time.monotonic()))
+            self.stats.frames += 1
+            if frame is None or frame.ndim != 3:
+                self.stats.corrupt_frames += 1
+                continue
+            trigger = self.gate.update(index, frame)
+            if trigger is None:
+                continue
+            self.stats.triggers += 1
+            ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+            ok_mask, mask_png = cv2.imencode(".png", trigger.composite_mask)
+            if not (ok and ok_mask):
+                self.stats.corrupt_frames += 1
+                continue
+            yield CameraFrame(
+                line=self.line,
+                camera=self.camera,
+                sequence=index,
+                product_seq=trigger.product_seq,
+                timestamp=time.time(),
+                codec="jpeg",
+                shape=frame.shape,
+                image=jpeg.tobytes(),
+                mask=mask_png.tobytes(),
+            )
+
+
+# -- detect + matte ------------------------------------------------------------------------------
+
+
+class NoProductFound(ValueError):
+    """The detector found nothing in a gated frame."""
+
+
+class DetectMatte:
+    """Finds the product in a gated frame, crops it re-centred and takes the belt away."""
+
+    def __init__(
+        self, detector: Detector | None = None, *, shrink: float = 0.1, margin: float = 0.05
+    ):
+        self.detector = detector or ContourDetector()
+        self.shrink = shrink
+        self.margin = margin
+
+    def process(self, frame: CameraFrame) -> ProductView:
+        t0 = time.perf_counter()
+        rgb = decode_image(frame.image, f"{frame.line}/{frame.camera}#{frame.sequence}")
+        if rgb.shape != tuple(frame.shape[:2]) + (3,):
+            raise ImageError(f"frame decodes to {rgb.shape}, message says {frame.shape}")
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        mask = None
+        if frame.mask:
+            mask = cv2.imdecode(np.frombuffer(frame.mask, np.uint8), cv2.IMREAD_GRAYSCALE)
+            if mask is None or mask.shape != bgr.shape[:2]:
+                raise ImageError("the frame's mask does not decode to the frame's size")
+        t1 = time.perf_counter()
+        found = self.detector.detect(bgr, mask)
+        if not found:
+            raise NoProductFound(
+                f"no product in {frame.line}/{frame.camera} frame {frame.sequence}"
+            )
+        t2 = time.perf_counter()
+        result = matte(bgr, found[0].bbox, mask, shrink=self.shrink, margin=self.margin)
+        png = encode_png(np.ascontiguousarray(result.crop[:, :, ::-1]), result.mask)
+        t3 = time.perf_counter()
+        x, y, w, h = result.box
+        return ProductView(
+            product_id=make_product_id(frame.line, frame.product_seq),
+            line=frame.line,
+            camera=frame.camera,
+            product_seq=frame.product_seq,
+            captured_at=frame.timestamp,
+            codec="png",
+            shape=(h, w, 4),
+            image=png,
+            bbox=BBox(x=x, y=y, w=w, h=h),
+            mask_coverage=min(1.0, result.coverage),
+            mask_shrink=self.shrink,
+            stage_ms={
+                "decode": (t1 - t0) * 1e3,
+                "detect": (t2 - t1) * 1e3,
+                "matte": (t3 - t2) * 1e3,
+            },
+        )
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+
+class ViewScorer:
+    """Scores batches of views with one model version; swapping versions happens between batches."""
+
+    def __init__(self, bundle: ModelBundle, threshold: float | None = None):
+        self.bundle = bundle
+        self.threshold = bundle.threshold if threshold is None else threshold
+
+    def score(self, views: list[ProductView]) -> list[ViewScore]:
+        """Scores in the order of ``views``; an undecodable view raises for the caller to dead-letter."""
+        model = self.bundle.model
+        prepared = []
+        for v in views:
+            rgb, alpha = decode_with_alpha(v.image, v.product_id)
+            prepared.append(model.prepare(rgb, alpha))
+        t0 = time.perf_counter()
+        results = model.score_batch(prepared) if prepared else []
+        ms = (time.perf_counter() - t0) * 1e3 / max(1, len(prepared))
+        return [
+            ViewScore(
+                product_id=v.product_id,
+                line=v.line,
+                camera=v.camera,
+                product_seq=v.product_seq,
+                captured_at=v.captured_at,
+                score=r.score,
+                threshold=self.threshold,
+                is_defect=r.score >= self.threshold,
+                model_version=self.bundle.version,
+                stage_ms=v.stage_ms | {"score": ms},
+            )
+            for v, r in zip(views, results, strict=True)
+        ]
+
+
+# -- aggregation --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    first_seen: float
+    captured_at: float
+    scores: dict[str, ViewScore] = field(default_factory=dict)
+
+
+class VerdictJoin:
+    """Joins the views of a product from all cameras into one verdict: defective if any view is.
+
+    A view delivered twice counts once. A product whose views have not all arrived within
+    ``timeout_s`` of its first view gets an ``incomplete`` verdict naming the missing cameras.
+    """
+
+    def __init__(self, line: str, cameras: list[str], timeout_s: float = 10.0):
+        self.line = line
+        self.cameras = list(cameras)
+        self.timeout_s = timeout_s
+        self._pending: dict[int, _Pending] = {}
+        self.duplicates = 0
+        self.unknown_camera = 0
+
+    @property
+    def pending_products(self) -> list[int]:
+        return sorted(self._pending)
+
+    def add(self, score: ViewScore, now: float | None = None) -> Verdict | None:
+        now = time.time() if now is None else now
+        if score.camera not in self.cameras:
+            self.unknown_camera += 1
+            return None
+        entry = self._pending.setdefault(score.product_seq, _Pending(now, score.captured_at))
+        if score.camera in entry.scores:
+            self.duplicates += 1
+            return None
+        entry.scores[score.camera] = score
+        entry.captured_at = min(entry.captured_at, score.captured_at)
+        if len(entry.scores) == len(self.cameras):
+            return self._emit(score.product_seq, now, "complete")
+        return None
+
+    def expire(self, now: float | None = None) -> list[Verdict]:
+        now = time.time() if now is None else now
+        late = [seq for seq, p in self._pending.items() if now - p.first_seen >= self.timeout_s]
+        return [self._emit(seq, now, "incomplete") for seq in sorted(late)]
+
+    def _emit(self, seq: int, now: float, status: str) -> Verdict:
+        entry = self._pending.pop(seq)
+        views = [entry.scores[c] for c in self.cameras if c in entry.scores]
+        missing = [c for c in self.cameras if c not in entry.scores]
+        if any(v.is_defect for v in views):
+            decision = "defect"
+        elif missing:
+            decision = "unknown"  # the missing view might have shown the defect
+        else:
+            decision = "good"
+        spread = max(v.captured_at for v in views) - min(v.captured_at for v in views)
+        return Verdict(
+            product_id=make_product_id(self.line, seq),
+            line=self.line,
+            product_seq=seq,
+            decision=decision,
+            status=status,
+            views=[
+                ViewResult(
+                    camera=v.camera,
+                    score=v.score,
+                    threshold=v.threshold,
+                    is_defect=v.is_defect,
+                    model_version=v.model_version,
+                )
+                for v in views
+            ],
+            missing_cameras=missing,
+            reason=f"no view from {', '.join(missing)} within {self.timeout_s:g} s"
+            if missing
+            else None,
+            captured_at=entry.captured_at,
+            decided_at=now,
+            latency_ms={
+                "frame_to_verdict": max(0.0, (now - entry.captured_at) * 1e3),
+                "camera_spread": spread * 1e3,
+            },
+        )
