@@ -176,7 +176,7 @@ def score(
     """Score images: one JSON line each (path, score, threshold, is_defect)."""
     from workers.differnet.reports import overlay_png
     from workers.differnet.store import ModelError, load_model
-    from workers.images import ImageError, load_image
+    from workers.images import ImageError, load_with_alpha
 
     try:
         bundle = load_model(model_dir)
@@ -187,12 +187,12 @@ def score(
     failed = 0
     for index, path in enumerate(images):
         try:
-            rgb = load_image(path)
+            rgb, alpha = load_with_alpha(path)
         except ImageError as exc:
             warn_skip(path, str(exc))
             failed += 1
             continue
-        prepared = bundle.model.prepare(rgb)
+        prepared = bundle.model.prepare(rgb, alpha)
         line = {"path": str(path)}
         if maps is not None:
             result = bundle.model.defect_maps([prepared])[0]

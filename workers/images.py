@@ -41,6 +41,10 @@ def decode_with_alpha(data: bytes, source: str = "<bytes>") -> tuple[np.ndarray,
 
 
 def load_image(path: Path | str) -> np.ndarray:
+    return load_with_alpha(path)[0]
+
+
+def load_with_alpha(path: Path | str) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -48,7 +52,7 @@ def load_image(path: Path | str) -> np.ndarray:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a folder, not an image") from None
-    return decode_image(data, str(path))
+    return decode_with_alpha(data, str(path))
 
 
 def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None) -> bytes:

@@ -178,9 +178,14 @@ def _paste(frame: np.ndarray, sprite: np.ndarray, x0: int, y0: int):
 
 
 def simulate_line(data_dir: Path, out: Path, spec: LineSpec) -> dict:
-    """Write one MP4 per camera and ``manifest.json`` under ``out``; return the manifest."""
+    """A line from every image of ``data_dir`` (MVTec AD layout); see :func:`render_line`."""
     good = train_samples(data_dir) + [s for s in test_samples(data_dir) if not s.is_defect]
     defects = [s for s in test_samples(data_dir) if s.is_defect]
+    return render_line(good, defects, out, spec)
+
+
+def render_line(good: list[Sample], defects: list[Sample], out: Path, spec: LineSpec) -> dict:
+    """Write one MP4 per camera and ``manifest.json`` under ``out``; return the manifest."""
     plans = plan_line(good, defects, spec)
     out.mkdir(parents=True, exist_ok=True)
     cams = camera_names(spec.cameras)

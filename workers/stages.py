@@ -192,7 +192,7 @@ class ViewScorer:
         self.threshold = bundle.threshold if threshold is None else threshold
 
     def score(self, views: list[ProductView]) -> list[ViewScore]:
-        """Scores in the order of ``views``; an undecodable view raises for the caller to dead-letter."""
+        """Scores in the order of ``views``; an undecodable view raises (caller dead-letters)."""
         model = self.bundle.model
         prepared = []
         for v in views:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..datasets import Sample, fingerprint, test_samples, train_samples
-from ..images import ImageError, load_image
+from ..images import ImageError, load_with_alpha
 from ..threshold import auroc, target_tpr_threshold
 from .model import DifferNet, DifferNetConfig, PreparedImage, ScoredImage
 from .store import ModelBundle, save_model
@@ -29,17 +29,24 @@ def _ignore(path: Path, reason: str) -> None:
 class Loaded:
     samples: list[Sample]
     rgb: list[np.ndarray]
+    alpha: list[np.ndarray | None]  # an RGBA image's alpha marks the product (matted crops)
+
+    def prepared(self, model: DifferNet) -> list[PreparedImage]:
+        return [model.prepare(rgb, alpha) for rgb, alpha in zip(self.rgb, self.alpha, strict=True)]
 
 
 def load_samples(samples: list[Sample], on_skip: OnSkip = _ignore) -> Loaded:
-    kept, images = [], []
+    loaded = Loaded([], [], [])
     for s in samples:
         try:
-            images.append(load_image(s.path))
-            kept.append(s)
+            rgb, alpha = load_with_alpha(s.path)
         except ImageError as exc:
             on_skip(s.path, str(exc))
-    return Loaded(kept, images)
+            continue
+        loaded.samples.append(s)
+        loaded.rgb.append(rgb)
+        loaded.alpha.append(alpha)
+    return loaded
 
 
 def train_from_folder(
@@ -67,11 +74,11 @@ def train_from_folder(
     if validation is None:
         validation = test_samples(data_dir)
     val = load_samples(validation, on_skip)
-    val_images = [model.prepare(rgb) for rgb in val.rgb]
+    val_images = val.prepared(model)
     val_labels = [int(s.is_defect) for s in val.samples]
     report = fit(
         model,
-        [model.prepare(rgb) for rgb in train.rgb],
+        train.prepared(model),
         options,
         (val_images, val_labels) if val_images else None,
         progress,
@@ -84,7 +91,7 @@ def train_from_folder(
         metrics = {"val_auroc": auroc(scores, val_labels), "n_val": len(scores)}
     else:
         # No validation data: bound false alarms by the training goods (optimistic, says so).
-        scores = [r.score for r in score_images(model, [model.prepare(rgb) for rgb in train.rgb])]
+        scores = [r.score for r in score_images(model, train.prepared(model))]
         chosen = target_tpr_threshold(scores, [0] * len(scores), target_tpr)
     metadata = save_model(
         model,
@@ -146,7 +153,7 @@ def evaluate_folder(
         raise ValueError(f"{data_dir}: no test images (expected DATA_DIR/test/<category>/*)")
     loaded = load_samples(samples, on_skip)
     model = bundle.model
-    prepared = [model.prepare(rgb) for rgb in loaded.rgb]
+    prepared = loaded.prepared(model)
     labels = np.array([int(s.is_defect) for s in loaded.samples])
     t0 = time.perf_counter()
     results: list[ScoredImage] = []
