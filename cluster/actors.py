@@ -230,7 +230,8 @@ class AggregatorActor(_Loop):
                 self._add(d)
             for verdict in self.join.expire():
                 self._publish(verdict)
-            if self._stop.is_set() and not batch:
+            # Stopping waits for the products still missing views: each gets its verdict.
+            if self._stop.is_set() and not batch and not self.join.pending_products:
                 break
             batch = self.bus.consume(
                 stream, group, self.consumer, ViewScore, count=64, block_ms=200

@@ -142,10 +142,15 @@ def evaluate_folder(
     out_dir: Path | None = None,
     worst: int = 8,
     samples: list[Sample] | None = None,
+    pixel_metrics: bool = True,
     progress: Progress = _no_progress,
     on_skip: OnSkip = _ignore,
 ) -> dict:
-    """Image (and pixel, with masks) metrics on DATA_DIR/test, or on ``samples`` when given."""
+    """Image (and pixel, with masks) metrics on DATA_DIR/test, or on ``samples`` when given.
+
+    Pixel AUROC needs a defect map per image (a backward pass each): ``pixel_metrics=False``
+    skips it.
+    """
     from .reports import overlay_png, pixel_auroc, roc_plot
 
     samples = test_samples(data_dir) if samples is None else samples
@@ -188,6 +193,8 @@ def evaluate_folder(
         "model_version": bundle.version,
     }
     masked = [i for i, s in enumerate(loaded.samples) if s.mask_path or not s.is_defect]
+    if not pixel_metrics:
+        masked = []
     if out_dir is not None or any(loaded.samples[i].mask_path for i in masked):
         order = np.argsort(-scores)
         need_maps = set(order[:worst].tolist())

@@ -1,0 +1,134 @@
+"""Starting, draining and stopping the actors of one or more lines on a Ray cluster."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import redis
+
+from .actors import AggregatorActor, CameraIngestActor, DetectMatteActor, ScorerActor
+from .config import LineConfig
+from .streams import Streams
+
+# Restarted by Ray when they die; the in-flight `run` call is retried on the new instance.
+FAULT_TOLERANT = {"max_restarts": -1, "max_task_retries": -1, "max_concurrency": 2}
+
+
+@dataclass
+class LineResources:
+    """Ray resources per actor. A GPU share goes to the scorer only where the cluster has GPUs."""
+
+    ingest_cpus: float = 0.25
+    detect_cpus: float = 0.5
+    score_cpus: float = 1.0
+    score_gpus: float = 0.0
+    aggregate_cpus: float = 0.1
+
+
+def default_resources() -> LineResources:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return LineResources(score_gpus=0.5 if gpus else 0.0)
+
+
+@dataclass
+class RunningLine:
+    config: LineConfig
+    ingest: list = field(default_factory=list)
+    detect: list = field(default_factory=list)
+    score: list = field(default_factory=list)
+    aggregator: object = None
+    runs: dict = field(default_factory=dict)  # actor handle -> ObjectRef of its run()
+
+    @property
+    def workers(self) -> list:
+        return self.detect + self.score + [self.aggregator]
+
+
+def start_line(
+    line: LineConfig, redis_url: str, model_dir: Path, *, maxlen: int = 100_000,
+    resources: LineResources | None = None, yolo_weights: str | None = None,
+) -> RunningLine:
+    res = resources or default_resources()
+    cams = [c.id for c in line.cameras]
+    running = RunningLine(line)
+    running.aggregator = AggregatorActor.options(num_cpus=res.aggregate_cpus, **FAULT_TOLERANT).remote(
+        redis_url, maxlen, line.id, cams, line.view_timeout_s
+    )
+    for i in range(line.replicas.score):
+        running.score.append(
+            ScorerActor.options(num_cpus=res.score_cpus, num_gpus=res.score_gpus, **FAULT_TOLERANT).remote(
+                redis_url, maxlen, line.id, i, str(model_dir), line.threshold
+            )
+        )
+    for i in range(line.replicas.detect):
+        running.detect.append(
+            DetectMatteActor.options(num_cpus=res.detect_cpus, **FAULT_TOLERANT).remote(
+                redis_url, maxlen, line.id, cams, i, yolo_weights
+            )
+        )
+    # Consumers first: their groups exist before the first frame is published.
+    ray.get([a.ping.remote() for a in running.workers], timeout=300)
+    for actor in running.workers:
+        running.runs[actor] = actor.run.remote()
+    for cam in line.cameras:
+        actor = CameraIngestActor.options(num_cpus=res.ingest_cpus, **FAULT_TOLERANT).remote(
+            redis_url, maxlen, line.id, cam.id, cam.source, cam.fps
+        )
+        running.ingest.append(actor)
+        running.runs[actor] = actor.run.remote()
+    return running
+
+
+def sources_done(running: RunningLine) -> bool:
+    ready, _ = ray.wait([running.runs[a] for a in running.ingest], num_returns=len(running.ingest), timeout=0)
+    return len(ready) == len(running.ingest)
+
+
+def backlog(client: redis.Redis, running: RunningLine) -> int:
+    """Entries published but not yet acknowledged by the detect and score stages."""
+    streams = Streams(running.config.id)
+    total = 0
+    pairs = [(streams.frames(c.id), streams.detect_group) for c in running.config.cameras]
+    pairs.append((streams.views, streams.score_group))
+    pairs.append((streams.scores, streams.aggregate_group))
+    for stream, group in pairs:
+        if not client.exists(stream):
+            continue
+        info = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
+        if group not in info:
+            total += client.xlen(stream)
+            continue
+        last = client.xinfo_stream(stream)["last-generated-id"]
+        undelivered = len(client.xrange(stream, min=f"({info[group]['last-delivered-id'].decode()}",
+                                         max=last, count=10_000)) if last else 0
+        total += info[group]["pending"] + undelivered
+    return total
+
+
+def drain_and_stop(client: redis.Redis, lines: list[RunningLine], timeout_s: float = 600) -> dict:
+    """Wait until every published entry has its result, then stop every actor; return counters."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(sources_done(r) for r in lines) and sum(backlog(client, r) for r in lines) == 0:
+            break
+        time.sleep(0.25)
+    stats = {}
+    for r in lines:
+        for actor in r.ingest:
+            actor.stop.remote()
+        for actor in r.detect + r.score:
+            actor.stop.remote()
+        # The aggregator goes last, after the views in flight have been scored.
+        done = ray.get([r.runs[a] for a in r.ingest + r.detect + r.score], timeout=120)
+        r.aggregator.stop.remote()
+        aggregate = ray.get(r.runs[r.aggregator], timeout=max(30.0, r.config.view_timeout_s * 2))
+        stats[r.config.id] = {
+            "ingest": done[: len(r.ingest)],
+            "detect": done[len(r.ingest) : len(r.ingest) + len(r.detect)],
+            "score": done[len(r.ingest) + len(r.detect) :],
+            "aggregate": aggregate,
+        }
+    return stats
