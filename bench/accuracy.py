@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from workers.datasets import split_stratified, test_samples
+from workers.datasets import list_test_samples, split_stratified
 from workers.differnet.model import DifferNetConfig
 from workers.differnet.recipes import evaluate_folder, train_from_folder
 from workers.differnet.store import load_model
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     torch.set_num_threads(torch.get_num_threads())
-    val, measured = split_stratified(test_samples(args.data), 0.5, args.seed)
+    val, measured = split_stratified(list_test_samples(args.data), 0.5, args.seed)
     config = DifferNetConfig(head=args.head, image_size=args.image_size, tta=max(args.tta))
     model_dir = args.out / f"model-{args.head}-{args.shots or 'all'}"
 

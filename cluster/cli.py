@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from schemas import STREAM_MESSAGES
+
+from .config import ReplicaConfig
 
 app = typer.Typer(
     help="defectflow: streaming visual defect inspection (DifferNet on Ray + Redis streams).",
@@ -217,29 +220,106 @@ if __name__ == "__main__":
     app()
 
 
+def _start_ray(address: str | None, cpus_needed: float) -> None:
+    import math
+    import os
+
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        # Logical CPUs only schedule: a laptop runs every actor of a line, however few cores.
+        cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+
+
+def _reset_line(client, line: str, cameras: list[str]) -> None:
+    """Forget a previous run of a replayed line: its product numbers start again at 0."""
+    from .streams import Streams
+
+    s = Streams(line)
+    client.delete(*[s.frames(c) for c in cameras], s.views, s.scores, s.verdicts, s.done)
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", help="YAML line file"),
+    ray_address: str | None = typer.Option(None, help="existing Ray cluster (default: local Ray)"),
+    redis_url: str | None = typer.Option(None, "--redis", help="redis:// URL (default: embedded)"),
+    replay: bool = typer.Option(False, help="clear the lines' streams first (replayed videos)"),
+):
+    """Start the actors of every line in CONFIG; Ctrl-C drains in-flight work and exits."""
+    import ray
+
+    from .config import ConfigError, load_settings
+    from .graph import drain_and_stop, line_cpus, start_line
+    from .redis_conn import RedisUnavailable, open_redis
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    if not settings.lines:
+        raise fail(f"{config}: no lines configured")
+    url = redis_url or settings.redis_url
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    try:
+        client, embedded = open_redis(url, password, settings.data_dir)
+    except RedisUnavailable as exc:
+        raise fail(str(exc)) from None
+    redis_for_actors = url or embedded.url
+    _start_ray(ray_address or settings.ray_address, sum(line_cpus(x) for x in settings.lines))
+    running = []
+    try:
+        for line in settings.lines:
+            if replay:
+                _reset_line(client, line.id, [c.id for c in line.cameras])
+            model_dir = line.model_dir or settings.model_dir / line.id
+            if not (Path(model_dir) / "model.json").exists():
+                raise fail(
+                    f"line {line.id}: no model in {model_dir} "
+                    f"(train one: defectflow train DATA --out {model_dir})"
+                )
+            running.append(
+                start_line(line, redis_for_actors, Path(model_dir), maxlen=settings.stream_maxlen)
+            )
+            console.print(
+                f"line [bold]{line.id}[/]: {len(line.cameras)} cameras, model {model_dir}"
+            )
+        try:
+            stats = drain_and_stop(client, running, timeout_s=float("inf"))
+        except KeyboardInterrupt:
+            console.print("stopping: draining in-flight work (Ctrl-C again to abort)")
+            stats = drain_and_stop(client, running, timeout_s=0)
+        typer.echo(json.dumps(stats))
+    finally:
+        ray.shutdown()
+        if embedded is not None:
+            embedded.stop()
+
+
 @app.command()
 def demo(
-    data: Path = typer.Option(Path("../shared/data/mtd"), help="data in MVTec AD layout"),
-    products: int = typer.Option(64, min=1, help="test images streamed as products"),
-    out: Path = typer.Option(Path("demo-out"), help="model, verdicts.jsonl and summary go here"),
-    epochs: int = typer.Option(20, min=1),
+    data: Path = typer.Option(Path("../shared/data/mtd"), help="product images, MVTec AD layout"),
+    products: int = typer.Option(24, min=1, help="products on the simulated test line"),
+    out: Path = typer.Option(Path("demo-out"), help="model, videos, verdicts and summary go here"),
+    epochs: int = typer.Option(30, min=1),
+    train_products: int = typer.Option(120, min=4, help="good products the line learns from"),
     retrain: bool = typer.Option(False, help="train again even if OUT/model exists"),
     seed: int = typer.Option(0),
 ):
-    """Train (or reuse) a model, stream test images through Redis, show verdicts live."""
-    import redis
+    """The main job on the embedded defaults: train, simulate a 4-camera line, inspect it live."""
+    import ray
     from rich.live import Live
     from rich.table import Table
 
     from workers.datasets import DatasetError
-    from workers.differnet.model import DifferNetConfig
-    from workers.differnet.recipes import train_from_folder
     from workers.differnet.store import ModelError, load_model
-    from workers.differnet.training import TrainingOptions
 
-    from .bus import StreamBus
-    from .demo import pick_products, stream_products
-    from .redis_conn import EmbeddedRedis
+    from . import demo as line_demo
+    from .graph import backlog, drain_and_stop, line_cpus, sources_done, start_line
+    from .redis_conn import EmbeddedRedis, client_from_url
 
     if not (data / "train" / "good").is_dir():
         raise fail(f"{data}: no data in MVTec AD layout (train/good); pass --data DIR")
@@ -254,55 +334,87 @@ def demo(
             )
         except ModelError:
             bundle = None
-    if bundle is None:
-        console.print(f"[bold]1/2 training[/] DifferNet on {data}/train/good ({epochs} epochs)")
-        # Four training transforms instead of eight: the demo trains in a few minutes.
-        config = DifferNetConfig(train_transforms=4, tta=4)
-        try:
+    try:
+        if bundle is None:
+            console.print(
+                f"[bold]1/3 learning the line:[/] {train_products} good products "
+                "through the front end, "
+                f"DifferNet on their crops ({epochs} epochs)"
+            )
             with progress_bars() as progress:
-                train_from_folder(
+                line_demo.train_line_model(
                     data,
-                    model_dir,
-                    config,
-                    TrainingOptions(epochs=epochs, seed=seed),
+                    out,
+                    train_products=train_products,
+                    epochs=epochs,
+                    seed=seed,
                     progress=progress,
-                    on_skip=warn_skip,
                 )
-        except (DatasetError, ValueError) as exc:
-            raise fail(str(exc)) from None
-        bundle = load_model(model_dir)
-    console.print(
-        f"[bold]2/2 streaming[/] {products} products through Redis "
-        f"(frames -> scorer -> scores + verdicts), model {bundle.version}"
-    )
-    recent: deque[tuple[str, ...]] = deque(maxlen=20)  # the live view shows the latest rows
+            bundle = load_model(model_dir)
+        console.print(f"[bold]2/3 simulating[/] a 4-camera test line of {products} products")
+        manifest = line_demo.simulate_test_line(data, out, products, seed)
+    except (DatasetError, ValueError) as exc:
+        raise fail(str(exc)) from None
+
+    line = line_demo.line_config(out / "line-test", manifest["cameras"], ReplicaConfig())
+    console.print(f"[bold]3/3 inspecting:[/] Ray actors over Redis streams, model {bundle.version}")
+    recent: deque = deque(maxlen=16)
+    verdicts = []
+    truth = {p["seq"]: p["defective"] for p in manifest["products"]}
+
+    def add(verdict) -> None:
+        verdicts.append(verdict)
+        colour = {"defect": "red", "good": "green"}.get(verdict.decision, "yellow")
+        ok = (verdict.decision != "good") == truth.get(verdict.product_seq)
+        recent.append(
+            (
+                verdict.product_id,
+                f"[{colour}]{verdict.decision}[/]" + ("" if ok else " [yellow](wrong)[/]"),
+                verdict.status,
+                " ".join(f"{r.score:.2f}" for r in sorted(verdict.views, key=lambda r: r.camera)),
+                f"{verdict.latency_ms['frame_to_verdict'] / 1e3:.2f}",
+            )
+        )
 
     def render() -> Table:
-        table = Table("product", "truth", "score", "verdict", "ms", title="verdicts:demo")
+        table = Table(
+            "product",
+            "verdict",
+            "status",
+            "view scores",
+            "latency s",
+            title=f"verdicts:{line.id}  ({len(verdicts)}/{products})",
+        )
         for row in recent:
             table.add_row(*row)
         return table
 
-    with EmbeddedRedis(out / "redis") as server, Live(render(), console=console) as live:
-        bus = StreamBus(redis.Redis.from_url(server.url))
-
-        def show(verdict, sample) -> None:
-            ok = (verdict.decision == "defect") == sample.is_defect
-            colour = "red" if verdict.decision == "defect" else "green"
-            recent.append(
-                (
-                    verdict.product_id,
-                    sample.category,
-                    f"{verdict.views[0].score:.3f}",
-                    f"[{colour}]{verdict.decision}[/]" + ("" if ok else " [yellow](wrong)[/]"),
-                    f"{verdict.latency_ms['frame_to_verdict']:.0f}",
-                )
-            )
-            live.update(render())
-
-        summary = stream_products(bus, bundle, pick_products(data, products, seed), out, show)
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-    console.print(f"verdicts in {out / 'verdicts.jsonl'}, summary in {out / 'summary.json'}")
+    with EmbeddedRedis(out / "redis") as server:
+        client = client_from_url(server.url)
+        _reset_line(client, line.id, manifest["cameras"])
+        _start_ray(None, line_cpus(line))
+        try:
+            elapsed = line_demo.timer()
+            running = start_line(line, server.url, model_dir)
+            last = "0"
+            with Live(render(), console=console, refresh_per_second=4) as live:
+                while not (sources_done(running) and backlog(client, running) == 0):
+                    last = line_demo.watch_verdicts(client, f"verdicts:{line.id}", last, add)
+                    live.update(render())
+                    time.sleep(0.25)
+                stats = drain_and_stop(client, [running])
+                line_demo.watch_verdicts(client, f"verdicts:{line.id}", last, add)
+                live.update(render())
+            seconds = elapsed()
+        finally:
+            ray.shutdown()
+        dead = client.xlen("deadletter")
+    summary = line_demo.summarize(manifest, verdicts, seconds, dead)
+    line_demo.write_outputs(out, out / "line-test", manifest, verdicts, manifest["spec"]["fps"])
+    (out / "summary.json").write_text(
+        json.dumps(summary.to_dict() | {"actors": stats}, indent=2) + "\n"
+    )
+    console.print(f"annotated videos, verdicts.jsonl and summary.json in {out}")
     typer.echo(json.dumps(summary.to_dict()))
 
 

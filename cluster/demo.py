@@ -1,189 +1,158 @@
-"""The demo: train (or reuse) a DifferNet model, then stream test images through Redis.
+"""The demo line, end to end on the embedded defaults (embedded Redis, local Ray).
 
-Until the Ray cluster exists (issue 5), this is the most complete real path: frames go into a
-real Redis stream, a consumer group reads them, the scorer scores them, view scores and verdicts
-are published to their streams, and the summary compares the verdicts with the known truth.
-Everything runs in this one process on the embedded Redis.
+1. The line learns from its own cameras: a simulated run of good products goes through the front
+   end (gate, detector, matting); DifferNet trains on those crops. A second simulated run, with
+   defects, validates it (epoch choice, threshold). Both are built from images the test line
+   never shows.
+2. A 4-camera test line is simulated, and the whole cluster (ingest, detect+matte, scorer,
+   aggregator actors over Redis streams) inspects it.
+3. The verdicts are compared with the simulator's truth.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from schemas import CameraFrame, Verdict, ViewResult, ViewScore, make_product_id
-from workers.datasets import Sample, test_samples
-from workers.differnet.store import ModelBundle
-from workers.images import ImageError, decode_image
+from schemas import Verdict
+from workers.annotate import annotate_video
+from workers.datasets import list_test_samples, list_train_samples, split_stratified
+from workers.differnet.model import DifferNetConfig
+from workers.differnet.recipes import train_from_folder
+from workers.differnet.training import Progress, TrainingOptions
+from workers.harvest import harvest_crops
+from workers.simulate import LineSpec, render_line
 from workers.threshold import auroc
 
-from .bus import StreamBus
+from .config import CameraConfig, LineConfig, ReplicaConfig
 
 LINE = "demo"
-CAMERA = "cam0"
-GROUP = "scorers"
-BATCH = 8
+# The demo's crops are small (about 130 px tall): a 224 px input keeps their detail, and is fast.
+DEMO_MODEL = DifferNetConfig(image_size=224, train_transforms=4, tta=4)
 
 
 @dataclass
 class DemoSummary:
     products: int
+    verdicts: int
+    complete: int
+    defective_truth: int
     defects_found: int
-    dead_lettered: int
-    accuracy: float
-    auroc: float | None
-    latency_p50_ms: float
-    latency_p99_ms: float
+    false_alarms: int
+    product_accuracy: float
+    product_auroc: float | None
+    latency_p50_s: float
+    latency_p99_s: float
     products_per_s: float
     model_version: str
+    dead_letters: int
 
     def to_dict(self) -> dict:
-        return self.__dict__.copy()
+        return asdict(self)
 
 
-def pick_products(data_dir: Path, n: int, seed: int) -> list[Sample]:
-    """``n`` test images, good and defective in their data set's proportion."""
-    samples = test_samples(data_dir)
-    if not samples:
-        raise ValueError(f"{data_dir}: no test images to stream")
-    random.Random(seed).shuffle(samples)
-    return samples[:n]
+def _halves(data_dir: Path, seed: int):
+    """Test images split in two: one half validates the model, the other feeds the test line."""
+    halves = split_stratified(list_test_samples(data_dir), 0.5, seed)
+    return tuple(
+        ([s for s in half if not s.is_defect], [s for s in half if s.is_defect]) for half in halves
+    )
 
 
-def stream_products(
-    bus: StreamBus,
-    bundle: ModelBundle,
-    products: list[Sample],
-    out_dir: Path,
-    on_verdict: Callable[[Verdict, Sample], None],
+def train_line_model(
+    data_dir: Path, work: Path, *, train_products: int, epochs: int, seed: int, progress: Progress
+) -> Path:
+    """Simulate, harvest and train; returns the model folder."""
+    (val_good, val_bad), _ = _halves(data_dir, seed)
+    crops = work / "crops"
+    train_line = work / "line-train"
+    spec = LineSpec(products=train_products, defect_rate=0.0, seed=seed + 1)
+    render_line(list_train_samples(data_dir), [], train_line, spec)
+    harvest_crops(train_line, crops, "train")
+    val_line = work / "line-val"
+    render_line(val_good, val_bad, val_line, LineSpec(products=40, defect_rate=0.5, seed=seed + 2))
+    harvest_crops(val_line, crops, "test")
+    model_dir = work / "model"
+    train_from_folder(
+        crops, model_dir, DEMO_MODEL, TrainingOptions(epochs=epochs, seed=seed), progress=progress
+    )
+    return model_dir
+
+
+def simulate_test_line(data_dir: Path, work: Path, products: int, seed: int) -> dict:
+    _, (test_good, test_bad) = _halves(data_dir, seed)
+    spec = LineSpec(products=products, defect_rate=0.25, seed=seed + 3)
+    return render_line(test_good, test_bad, work / "line-test", spec)
+
+
+def line_config(line_dir: Path, cameras: list[str], replicas: ReplicaConfig) -> LineConfig:
+    return LineConfig(
+        id=LINE,
+        cameras=[CameraConfig(id=c, source=str(line_dir / f"{c}.mp4")) for c in cameras],
+        replicas=replicas,
+        view_timeout_s=15.0,
+    )
+
+
+def summarize(
+    manifest: dict, verdicts: list[Verdict], elapsed_s: float, dead_letters: int
 ) -> DemoSummary:
-    frames, verdicts = f"frames:{LINE}:{CAMERA}", f"verdicts:{LINE}"
-    bus.ensure_group(frames, GROUP, start_id="$")  # only this run's frames
-    start = time.time()
-    results: list[tuple[Verdict, Sample]] = []
-    latencies: list[float] = []
-    dead = 0
-    with (out_dir / "verdicts.jsonl").open("w") as log:
-        # Products arrive in small waves, as a line delivers them; each wave is scored as a batch.
-        for first in range(0, len(products), BATCH):
-            wave = {}
-            for seq in range(first, min(first + BATCH, len(products))):
-                bus.publish(frames, _frame(seq, products[seq]))
-                wave[make_product_id(LINE, seq)] = products[seq]
-            done = 0
-            while done < len(wave):
-                batch = bus.consume(frames, GROUP, "demo-scorer", CameraFrame, count=BATCH)
-                if not batch:
-                    raise RuntimeError("frames published but none delivered within 1 s")
-                verdicts_out, n_dead = _score(bus, bundle, batch, frames)
-                dead += n_dead
-                done += len(batch)
-                for verdict in verdicts_out:
-                    bus.publish(verdicts, verdict)
-                    sample = wave[verdict.product_id]
-                    results.append((verdict, sample))
-                    latencies.append(verdict.decided_at - verdict.captured_at)
-                    record = verdict.model_dump(mode="json")
-                    log.write(
-                        json.dumps(record | {"truth": sample.category, "source": str(sample.path)})
-                        + "\n"
-                    )
-                    on_verdict(verdict, sample)
-    elapsed = time.time() - start
-    labels = [int(s.is_defect) for _, s in results]
-    scores = [v.views[0].score for v, _ in results]
-    correct = [(v.decision == "defect") == s.is_defect for v, s in results]
+    truth = {p["seq"]: p["defective"] for p in manifest["products"]}
+    judged = [v for v in verdicts if v.product_seq in truth]
+    labels = [int(truth[v.product_seq]) for v in judged]
+    # A product's score: its most anomalous view, relative to the threshold.
+    scores = [max((r.score - r.threshold for r in v.views), default=0.0) for v in judged]
+    said_defect = [v.decision != "good" for v in judged]
+    latencies = [v.latency_ms["frame_to_verdict"] / 1e3 for v in judged]
     return DemoSummary(
-        products=len(results),
-        defects_found=sum(v.decision == "defect" and s.is_defect for v, s in results),
-        dead_lettered=dead,
-        accuracy=float(np.mean(correct)) if correct else 0.0,
-        auroc=auroc(scores, labels),
-        latency_p50_ms=float(np.percentile(latencies, 50) * 1000) if latencies else 0.0,
-        latency_p99_ms=float(np.percentile(latencies, 99) * 1000) if latencies else 0.0,
-        products_per_s=len(results) / elapsed if elapsed > 0 else 0.0,
-        model_version=bundle.version,
+        products=len(truth),
+        verdicts=len(verdicts),
+        complete=sum(v.status == "complete" for v in verdicts),
+        defective_truth=sum(truth.values()),
+        defects_found=sum(d and t for d, t in zip(said_defect, labels, strict=True)),
+        false_alarms=sum(d and not t for d, t in zip(said_defect, labels, strict=True)),
+        product_accuracy=float(
+            np.mean([d == bool(t) for d, t in zip(said_defect, labels, strict=True)])
+        )
+        if judged
+        else 0.0,
+        product_auroc=auroc(scores, labels),
+        latency_p50_s=float(np.percentile(latencies, 50)) if latencies else 0.0,
+        latency_p99_s=float(np.percentile(latencies, 99)) if latencies else 0.0,
+        products_per_s=len(judged) / elapsed_s if elapsed_s > 0 else 0.0,
+        model_version=judged[0].views[0].model_version if judged and judged[0].views else "",
+        dead_letters=dead_letters,
     )
 
 
-def _frame(seq: int, sample: Sample) -> CameraFrame:
-    data = sample.path.read_bytes()
-    try:
-        h, w = decode_image(data, str(sample.path)).shape[:2]
-    except ImageError:
-        h, w = 1, 1  # published all the same: the scorer must dead-letter it, not crash
-    return CameraFrame(
-        line=LINE,
-        camera=CAMERA,
-        sequence=seq,
-        product_seq=seq,
-        timestamp=time.time(),
-        codec="png" if sample.path.suffix.lower() == ".png" else "jpeg",
-        shape=(h, w, 3),
-        image=data,
-    )
+def write_outputs(
+    out: Path, line_dir: Path, manifest: dict, verdicts: list[Verdict], fps: float
+) -> None:
+    truth = {p["seq"]: p for p in manifest["products"]}
+    with (out / "verdicts.jsonl").open("w") as f:
+        for v in sorted(verdicts, key=lambda v: v.product_seq):
+            record = v.model_dump(mode="json")
+            if v.product_seq in truth:
+                record["truth"] = "defect" if truth[v.product_seq]["defective"] else "good"
+            f.write(json.dumps(record) + "\n")
+    decisions = {v.product_seq: v.decision for v in verdicts}
+    for cam in manifest["cameras"]:
+        annotate_video(line_dir / f"{cam}.mp4", out / f"annotated_{cam}.mp4", decisions, fps)
 
 
-def _score(bus: StreamBus, bundle: ModelBundle, batch, frames: str) -> tuple[list[Verdict], int]:
-    """Score one batch of frames; publish view scores; return verdicts and the dead-letter count."""
-    prepared, kept, dead = [], [], 0
-    for delivery in batch:
-        try:
-            prepared.append(bundle.model.prepare(decode_image(delivery.message.image)))
-            kept.append(delivery)
-        except ImageError as exc:
-            bus.dead_letter(frames, GROUP, delivery.entry_id, delivery.message.to_entry(), str(exc))
-            dead += 1
-    t0 = time.perf_counter()
-    scored = bundle.model.score_batch(prepared) if prepared else []
-    score_ms = (time.perf_counter() - t0) * 1000 / max(1, len(prepared))
-    verdicts = []
-    for delivery, result in zip(kept, scored, strict=True):
-        frame = delivery.message
-        pid = make_product_id(LINE, frame.product_seq)
-        is_defect = result.score >= bundle.threshold
-        bus.publish(
-            f"scores:{LINE}",
-            ViewScore(
-                product_id=pid,
-                line=LINE,
-                camera=CAMERA,
-                product_seq=frame.product_seq,
-                captured_at=frame.timestamp,
-                score=result.score,
-                threshold=bundle.threshold,
-                is_defect=is_defect,
-                model_version=bundle.version,
-                stage_ms={"score": score_ms},
-            ),
-        )
-        now = time.time()
-        verdicts.append(
-            Verdict(
-                product_id=pid,
-                line=LINE,
-                product_seq=frame.product_seq,
-                decision="defect" if is_defect else "good",
-                status="complete",
-                views=[
-                    ViewResult(
-                        camera=CAMERA,
-                        score=result.score,
-                        threshold=bundle.threshold,
-                        is_defect=is_defect,
-                        model_version=bundle.version,
-                    )
-                ],
-                captured_at=frame.timestamp,
-                decided_at=now,
-                latency_ms={"frame_to_verdict": (now - frame.timestamp) * 1000},
-            )
-        )
-        bus.ack(delivery)
-    return verdicts, dead
+def watch_verdicts(client, stream: str, last_id: str, on_verdict: Callable[[Verdict], None]) -> str:
+    """Hand every verdict after ``last_id`` to ``on_verdict``; return the new last id."""
+    for entry_id, fields in client.xrange(stream, min=f"({last_id}" if last_id != "0" else "-"):
+        on_verdict(Verdict.from_entry(fields))
+        last_id = entry_id.decode()
+    return last_id
+
+
+def timer() -> Callable[[], float]:
+    start = time.monotonic()
+    return lambda: time.monotonic() - start

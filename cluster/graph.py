@@ -33,6 +33,17 @@ def default_resources() -> LineResources:
     return LineResources(score_gpus=0.5 if gpus else 0.0)
 
 
+def line_cpus(line: LineConfig, res: LineResources | None = None) -> float:
+    """Logical CPUs the actors of ``line`` ask for."""
+    res = res or LineResources()
+    return (
+        len(line.cameras) * res.ingest_cpus
+        + line.replicas.detect * res.detect_cpus
+        + line.replicas.score * res.score_cpus
+        + res.aggregate_cpus
+    )
+
+
 @dataclass
 class RunningLine:
     config: LineConfig
@@ -48,20 +59,25 @@ class RunningLine:
 
 
 def start_line(
-    line: LineConfig, redis_url: str, model_dir: Path, *, maxlen: int = 100_000,
-    resources: LineResources | None = None, yolo_weights: str | None = None,
+    line: LineConfig,
+    redis_url: str,
+    model_dir: Path,
+    *,
+    maxlen: int = 100_000,
+    resources: LineResources | None = None,
+    yolo_weights: str | None = None,
 ) -> RunningLine:
     res = resources or default_resources()
     cams = [c.id for c in line.cameras]
     running = RunningLine(line)
-    running.aggregator = AggregatorActor.options(num_cpus=res.aggregate_cpus, **FAULT_TOLERANT).remote(
-        redis_url, maxlen, line.id, cams, line.view_timeout_s
-    )
+    running.aggregator = AggregatorActor.options(
+        num_cpus=res.aggregate_cpus, **FAULT_TOLERANT
+    ).remote(redis_url, maxlen, line.id, cams, line.view_timeout_s)
     for i in range(line.replicas.score):
         running.score.append(
-            ScorerActor.options(num_cpus=res.score_cpus, num_gpus=res.score_gpus, **FAULT_TOLERANT).remote(
-                redis_url, maxlen, line.id, i, str(model_dir), line.threshold
-            )
+            ScorerActor.options(
+                num_cpus=res.score_cpus, num_gpus=res.score_gpus, **FAULT_TOLERANT
+            ).remote(redis_url, maxlen, line.id, i, str(model_dir), line.threshold)
         )
     for i in range(line.replicas.detect):
         running.detect.append(
@@ -83,7 +99,9 @@ def start_line(
 
 
 def sources_done(running: RunningLine) -> bool:
-    ready, _ = ray.wait([running.runs[a] for a in running.ingest], num_returns=len(running.ingest), timeout=0)
+    ready, _ = ray.wait(
+        [running.runs[a] for a in running.ingest], num_returns=len(running.ingest), timeout=0
+    )
     return len(ready) == len(running.ingest)
 
 
@@ -102,8 +120,18 @@ def backlog(client: redis.Redis, running: RunningLine) -> int:
             total += client.xlen(stream)
             continue
         last = client.xinfo_stream(stream)["last-generated-id"]
-        undelivered = len(client.xrange(stream, min=f"({info[group]['last-delivered-id'].decode()}",
-                                         max=last, count=10_000)) if last else 0
+        undelivered = (
+            len(
+                client.xrange(
+                    stream,
+                    min=f"({info[group]['last-delivered-id'].decode()}",
+                    max=last,
+                    count=10_000,
+                )
+            )
+            if last
+            else 0
+        )
         total += info[group]["pending"] + undelivered
     return total
 

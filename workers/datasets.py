@@ -35,7 +35,7 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def train_samples(data_dir: Path, shots: int | None = None, seed: int = 0) -> list[Sample]:
+def list_train_samples(data_dir: Path, shots: int | None = None, seed: int = 0) -> list[Sample]:
     folder = Path(data_dir) / "train" / "good"
     if not folder.is_dir():
         raise DatasetError(f"{data_dir}: no train/good folder (expected the MVTec AD layout)")
@@ -49,7 +49,7 @@ def train_samples(data_dir: Path, shots: int | None = None, seed: int = 0) -> li
     return [Sample(p, "good") for p in paths]
 
 
-def test_samples(data_dir: Path) -> list[Sample]:
+def list_test_samples(data_dir: Path) -> list[Sample]:
     """Every image under DATA_DIR/test, with its ground-truth mask when there is one."""
     root = Path(data_dir) / "test"
     if not root.is_dir():

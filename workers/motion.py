@@ -59,6 +59,11 @@ class MotionGate:
         self._close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
 
     @property
+    def blobs(self) -> list[_Blob]:
+        """The foreground objects of the last frame (centroid, bbox, mask)."""
+        return list(self._previous)
+
+    @property
     def objects_in_view(self) -> int:
         """Foreground blobs in the last frame (0: empty belt)."""
         return len(self._previous)

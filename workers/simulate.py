@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .datasets import Sample, test_samples, train_samples
+from .datasets import Sample, list_test_samples, list_train_samples
 from .images import load_image
 
 
@@ -179,8 +179,10 @@ def _paste(frame: np.ndarray, sprite: np.ndarray, x0: int, y0: int):
 
 def simulate_line(data_dir: Path, out: Path, spec: LineSpec) -> dict:
     """A line from every image of ``data_dir`` (MVTec AD layout); see :func:`render_line`."""
-    good = train_samples(data_dir) + [s for s in test_samples(data_dir) if not s.is_defect]
-    defects = [s for s in test_samples(data_dir) if s.is_defect]
+    good = list_train_samples(data_dir) + [
+        s for s in list_test_samples(data_dir) if not s.is_defect
+    ]
+    defects = [s for s in list_test_samples(data_dir) if s.is_defect]
     return render_line(good, defects, out, spec)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..datasets import Sample, fingerprint, test_samples, train_samples
+from ..datasets import Sample, fingerprint, list_test_samples, list_train_samples
 from ..images import ImageError, load_with_alpha
 from ..threshold import auroc, target_tpr_threshold
 from .model import DifferNet, DifferNetConfig, PreparedImage, ScoredImage
@@ -68,11 +68,11 @@ def train_from_folder(
     """
     torch.manual_seed(options.seed)
     model = DifferNet(config, backbone_weights)
-    train = load_samples(train_samples(data_dir, shots, options.seed), on_skip)
+    train = load_samples(list_train_samples(data_dir, shots, options.seed), on_skip)
     if not train.rgb:
         raise ValueError(f"{data_dir}: no readable training image")
     if validation is None:
-        validation = test_samples(data_dir)
+        validation = list_test_samples(data_dir)
     val = load_samples(validation, on_skip)
     val_images = val.prepared(model)
     val_labels = [int(s.is_defect) for s in val.samples]
@@ -153,7 +153,7 @@ def evaluate_folder(
     """
     from .reports import overlay_png, pixel_auroc, roc_plot
 
-    samples = test_samples(data_dir) if samples is None else samples
+    samples = list_test_samples(data_dir) if samples is None else samples
     if not samples:
         raise ValueError(f"{data_dir}: no test images (expected DATA_DIR/test/<category>/*)")
     loaded = load_samples(samples, on_skip)

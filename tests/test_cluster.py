@@ -1,0 +1,101 @@
+"""The inspection cluster end to end: real Ray actors over a real embedded Redis."""
+
+import time
+
+import pytest
+import ray
+import redis
+
+from cluster.config import ReplicaConfig
+from cluster.demo import line_config
+from cluster.graph import LineResources, drain_and_stop, start_line
+from cluster.redis_conn import EmbeddedRedis
+from cluster.streams import Streams
+from schemas import Verdict
+from tests.synthetic import make_dataset
+from workers.datasets import list_test_samples, list_train_samples
+from workers.differnet.model import DifferNetConfig
+from workers.differnet.recipes import train_from_folder
+from workers.differnet.training import TrainingOptions
+from workers.harvest import harvest_crops
+from workers.simulate import LineSpec, render_line
+
+SMALL = LineResources(ingest_cpus=0.1, detect_cpus=0.1, score_cpus=0.1, aggregate_cpus=0.1)
+FRAME = {"width": 240, "height": 160}
+
+
+@pytest.fixture(scope="module")
+def line_model(tmp_path_factory):
+    """A model trained on crops the front end cut from a simulated line of good products."""
+    root = tmp_path_factory.mktemp("cluster")
+    data = make_dataset(root / "tiles", n_train=12, n_good=4, n_defect=3)
+    render_line(
+        list_train_samples(data),
+        [],
+        root / "train-line",
+        LineSpec(products=8, defect_rate=0, seed=1, **FRAME),
+    )
+    harvest_crops(root / "train-line", root / "crops", "train")
+    config = DifferNetConfig(image_size=96, train_transforms=4, tta=2)
+    train_from_folder(root / "crops", root / "model", config, TrainingOptions(epochs=15))
+    return data, root
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def simulate(data, out, products, seed):
+    samples = list_test_samples(data)
+    good = [s for s in samples if not s.is_defect]
+    bad = [s for s in samples if s.is_defect]
+    return render_line(
+        good, bad, out, LineSpec(products=products, defect_rate=0.5, seed=seed, **FRAME)
+    )
+
+
+def verdicts(client, line):
+    return [Verdict.from_entry(f) for _, f in client.xrange(Streams(line).verdicts)]
+
+
+def test_every_product_gets_one_verdict_and_defects_are_found(line_model, local_ray, tmp_path):
+    data, root = line_model
+    manifest = simulate(data, tmp_path / "line", 6, seed=5)
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
+        running = start_line(line, server.url, root / "model", resources=SMALL)
+        stats = drain_and_stop(client, [running], timeout_s=300)
+        got = verdicts(client, "demo")
+    assert sorted(v.product_seq for v in got) == list(range(6))
+    assert all(v.status == "complete" and len(v.views) == 4 for v in got)
+    truth = {p["seq"]: p["defective"] for p in manifest["products"]}
+    found = [v.product_seq for v in got if v.decision == "defect"]
+    assert set(found) >= {seq for seq, bad in truth.items() if bad}  # spotted and scratched tiles
+    assert stats["demo"]["aggregate"]["verdicts_complete"] == 6
+
+
+def test_killing_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
+    line_model, local_ray, tmp_path
+):
+    data, root = line_model
+    manifest = simulate(data, tmp_path / "line", 8, seed=6)
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig(detect=2, score=2))
+        for cam in line.cameras:
+            cam.fps = 60.0  # paced, so that the kills land mid-run
+        running = start_line(line, server.url, root / "model", resources=SMALL)
+        deadline = time.monotonic() + 60
+        while client.xlen(Streams("demo").views) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ray.kill(running.score[0], no_restart=False)
+        ray.kill(running.detect[0], no_restart=False)
+        stats = drain_and_stop(client, [running], timeout_s=300)
+        got = verdicts(client, "demo")
+    assert sorted(v.product_seq for v in got) == list(range(8))
+    assert all(v.status == "complete" for v in got), [v.reason for v in got]
+    assert stats["demo"]["aggregate"]["verdicts_complete"] == 8
