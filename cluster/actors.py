@@ -48,6 +48,9 @@ class _Loop:
     def ping(self) -> bool:
         return True
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 @ray.remote
 class CameraIngestActor(_Loop):

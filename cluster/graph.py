@@ -13,8 +13,14 @@ from .actors import AggregatorActor, CameraIngestActor, DetectMatteActor, Scorer
 from .config import LineConfig
 from .streams import Streams
 
-# Restarted by Ray when they die; the in-flight `run` call is retried on the new instance.
-FAULT_TOLERANT = {"max_restarts": -1, "max_task_retries": -1, "max_concurrency": 2}
+# Restarted by Ray when they die, the in-flight `run` call retried on the new instance; a second
+# concurrent call (stop) reaches a running loop; replicas spread over the cluster's nodes.
+ACTOR_OPTIONS = {
+    "max_restarts": -1,
+    "max_task_retries": -1,
+    "max_concurrency": 2,
+    "scheduling_strategy": "SPREAD",
+}
 
 
 @dataclass
@@ -71,17 +77,17 @@ def start_line(
     cams = [c.id for c in line.cameras]
     running = RunningLine(line)
     running.aggregator = AggregatorActor.options(
-        num_cpus=res.aggregate_cpus, **FAULT_TOLERANT
+        num_cpus=res.aggregate_cpus, **ACTOR_OPTIONS
     ).remote(redis_url, maxlen, line.id, cams, line.view_timeout_s)
     for i in range(line.replicas.score):
         running.score.append(
             ScorerActor.options(
-                num_cpus=res.score_cpus, num_gpus=res.score_gpus, **FAULT_TOLERANT
+                num_cpus=res.score_cpus, num_gpus=res.score_gpus, **ACTOR_OPTIONS
             ).remote(redis_url, maxlen, line.id, i, str(model_dir), line.threshold)
         )
     for i in range(line.replicas.detect):
         running.detect.append(
-            DetectMatteActor.options(num_cpus=res.detect_cpus, **FAULT_TOLERANT).remote(
+            DetectMatteActor.options(num_cpus=res.detect_cpus, **ACTOR_OPTIONS).remote(
                 redis_url, maxlen, line.id, cams, i, yolo_weights
             )
         )
@@ -90,7 +96,7 @@ def start_line(
     for actor in running.workers:
         running.runs[actor] = actor.run.remote()
     for cam in line.cameras:
-        actor = CameraIngestActor.options(num_cpus=res.ingest_cpus, **FAULT_TOLERANT).remote(
+        actor = CameraIngestActor.options(num_cpus=res.ingest_cpus, **ACTOR_OPTIONS).remote(
             redis_url, maxlen, line.id, cam.id, cam.source, cam.fps
         )
         running.ingest.append(actor)
