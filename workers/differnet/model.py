@@ -193,13 +193,20 @@ class DifferNet(nn.Module):
 
     # -- scoring ----------------------------------------------------------------------------
 
+    @property
+    def device(self) -> torch.device:
+        return self.feature_mean.device
+
     def transformed(
         self, images: list[PreparedImage], transforms: range
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch of every image under every transform, image-major: ``(N*T, 3, S, S)``."""
+        """Batch of every image under every transform, image-major: ``(N*T, 3, S, S)``.
+
+        Images are prepared on the CPU; the batch goes to the model's device.
+        """
         pix = torch.stack([apply_d4(im.pixels, t) for im in images for t in transforms])
         mask = torch.stack([apply_d4(im.mask, t) for im in images for t in transforms])
-        return pix, mask
+        return pix.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def score_batch(self, images: list[PreparedImage]) -> list[ScoredImage]:
@@ -207,11 +214,11 @@ class DifferNet(nn.Module):
         self.eval()
         tta = range(self.config.tta)
         pix, mask = self.transformed(images, tta)
-        nll = self.nll(self.embed(pix, mask))
+        nll = self.nll(self.embed(pix, mask)).cpu()
         if self.config.head == "differnet":
             per_image = nll.view(len(images), len(tta)).mean(1)
             return [ScoredImage(float(s)) for s in per_image]
-        return self._local_results(images, nll, mask)
+        return self._local_results(images, nll, mask.cpu())
 
     def _local_results(self, images, nll: torch.Tensor, mask: torch.Tensor) -> list[ScoredImage]:
         t_count = self.config.tta
@@ -248,7 +255,7 @@ class DifferNet(nn.Module):
             nll.mean().backward()
             # Undo each transform on its gradient, then average |grad| over transforms and colour.
             grads = torch.stack([undo_d4(pix.grad[j], j) for j in tta]).abs().mean((0, 1))
-            grad = grads.numpy()
+            grad = grads.cpu().numpy()
             if self.config.map_sigma > 0:
                 grad = gaussian_filter(grad, sigma=self.config.map_sigma)
             square = torch.from_numpy(grad**2)

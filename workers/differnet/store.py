@@ -73,7 +73,8 @@ def save_model(
     return metadata
 
 
-def load_model(model_dir: Path) -> ModelBundle:
+def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
+    """Load and check a model folder; ``device`` defaults to CUDA when there is one."""
     model_dir = Path(model_dir)
     meta_path = model_dir / METADATA_FILE
     try:
@@ -112,4 +113,5 @@ def load_model(model_dir: Path) -> ModelBundle:
     except Exception as exc:  # unpickling and shape errors come in many types
         raise ModelError(f"{weights_path}: weights do not load ({exc})") from None
     model.eval()
-    return ModelBundle(model, threshold, metadata)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return ModelBundle(model.to(device), threshold, metadata)

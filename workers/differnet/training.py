@@ -69,15 +69,15 @@ def embed_training_set(
             batch = jobs[start : start + options.embed_batch]
             pix = torch.stack(
                 [color_jitter(apply_d4(im.pixels, t), config.jitter, generator) for im, t in batch]
-            )
-            mask = torch.stack([apply_d4(im.mask, t) for im, t in batch])
+            ).to(model.device)
+            mask = torch.stack([apply_d4(im.mask, t) for im, t in batch]).to(model.device)
             if config.head == "local":
                 feats, valid = model.embedder.dense(pix, mask)
                 d = feats.shape[1]
                 keep = valid.permute(0, 2, 3, 1).reshape(-1) > 0
-                chunks.append(feats.permute(0, 2, 3, 1).reshape(-1, d)[keep].half())
+                chunks.append(feats.permute(0, 2, 3, 1).reshape(-1, d)[keep].half().cpu())
             else:
-                chunks.append(model.embedder.pooled(pix, mask))
+                chunks.append(model.embedder.pooled(pix, mask).cpu())
             progress("embed", min(start + len(batch), len(jobs)), len(jobs))
     return torch.cat(chunks)
 
@@ -108,9 +108,9 @@ def fit(
     embed_seconds = time.perf_counter() - t0
 
     stats = cache.float()
-    model.feature_mean.copy_(stats.mean(0))
+    model.feature_mean.copy_(stats.mean(0).to(model.device))
     # Max-pooled ReLU6 features can be constant: keep their scale finite.
-    model.feature_std.copy_(stats.std(0).clamp_min(1e-3))
+    model.feature_std.copy_(stats.std(0).clamp_min(1e-3).to(model.device))
     del stats
 
     optimizer = torch.optim.Adam(
@@ -131,7 +131,7 @@ def fit(
             batch_size = options.batch_size
         losses = []
         for start in range(0, len(order), batch_size):
-            feats = cache[order[start : start + batch_size]].float()
+            feats = cache[order[start : start + batch_size]].float().to(model.device)
             loss = model.nll(feats).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -170,7 +170,7 @@ def validation_scores(
 ) -> list[float]:
     """Scores from cached raw features, exactly as :meth:`DifferNet.score_batch` computes them."""
     model.eval()
-    nll = model.nll(feats)
+    nll = model.nll(feats).cpu()
     if model.config.head == "differnet":
         return nll.view(len(images), model.config.tta).mean(1).tolist()
-    return [r.score for r in model._local_results(images, nll, masks)]
+    return [r.score for r in model._local_results(images, nll, masks.cpu())]
