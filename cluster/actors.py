@@ -233,8 +233,10 @@ class AggregatorActor(_Loop):
                 self._add(d)
             for verdict in self.join.expire():
                 self._publish(verdict)
-            # Stopping waits for the products still missing views: each gets its verdict.
-            if self._stop.is_set() and not batch and not self.join.pending_products:
+            if self._stop.is_set() and not batch:
+                # Upstream has drained: a view still missing now will never come.
+                for verdict in self.join.expire(flush=True):
+                    self._publish(verdict)
                 break
             batch = self.bus.consume(
                 stream, group, self.consumer, ViewScore, count=64, block_ms=200

@@ -356,7 +356,10 @@ def demo(
     except (DatasetError, ValueError) as exc:
         raise fail(str(exc)) from None
 
-    line = line_demo.line_config(out / "line-test", manifest["cameras"], ReplicaConfig())
+    # Replayed at the cameras' frame rate, as a live line delivers its products.
+    line = line_demo.line_config(
+        out / "line-test", manifest["cameras"], ReplicaConfig(), fps=manifest["spec"]["fps"]
+    )
     console.print(f"[bold]3/3 inspecting:[/] Ray actors over Redis streams, model {bundle.version}")
     recent: deque = deque(maxlen=16)
     verdicts = []

@@ -90,10 +90,13 @@ def simulate_test_line(data_dir: Path, work: Path, products: int, seed: int) -> 
     return render_line(test_good, test_bad, work / "line-test", spec)
 
 
-def line_config(line_dir: Path, cameras: list[str], replicas: ReplicaConfig) -> LineConfig:
+def line_config(
+    line_dir: Path, cameras: list[str], replicas: ReplicaConfig, fps: float | None = None
+) -> LineConfig:
+    """The simulated line's config; ``fps`` replays the videos at the cameras' rate."""
     return LineConfig(
         id=LINE,
-        cameras=[CameraConfig(id=c, source=str(line_dir / f"{c}.mp4")) for c in cameras],
+        cameras=[CameraConfig(id=c, source=str(line_dir / f"{c}.mp4"), fps=fps) for c in cameras],
         replicas=replicas,
         view_timeout_s=15.0,
     )

@@ -102,7 +102,9 @@ def test_a_tampered_weights_file_is_refused(trained, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(trained, copy)
     weights = next(copy.glob("weights-*.pt"))
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
     with pytest.raises(ModelError, match="sha256"):
         load_model(copy)
     result = invoke("score", copy, "whatever.png")

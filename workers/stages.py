@@ -231,15 +231,23 @@ class _Pending:
 class VerdictJoin:
     """Joins the views of a product from all cameras into one verdict: defective if any view is.
 
-    A view delivered twice counts once. A product whose views have not all arrived within
-    ``timeout_s`` of its first view gets an ``incomplete`` verdict naming the missing cameras.
+    A view delivered twice counts once. A product still missing a camera's view gets an
+    ``incomplete`` verdict naming it once ``timeout_s`` have passed since its first view *and*
+    that camera has either fallen silent for ``timeout_s`` or already delivered a view of a
+    product ``reorder_window`` places later. A backlog upstream (views late but coming, in order)
+    therefore never expires a product; a dead camera or a product it missed does.
     """
 
-    def __init__(self, line: str, cameras: list[str], timeout_s: float = 10.0):
+    def __init__(
+        self, line: str, cameras: list[str], timeout_s: float = 10.0, reorder_window: int = 8
+    ):
         self.line = line
         self.cameras = list(cameras)
         self.timeout_s = timeout_s
+        self.reorder_window = reorder_window
         self._pending: dict[int, _Pending] = {}
+        self._last_seen: dict[str, float] = {}
+        self._max_seq: dict[str, int] = {}
         self.duplicates = 0
         self.unknown_camera = 0
 
@@ -252,6 +260,8 @@ class VerdictJoin:
         if score.camera not in self.cameras:
             self.unknown_camera += 1
             return None
+        self._last_seen[score.camera] = now
+        self._max_seq[score.camera] = max(self._max_seq.get(score.camera, -1), score.product_seq)
         entry = self._pending.setdefault(score.product_seq, _Pending(now, score.captured_at))
         if score.camera in entry.scores:
             self.duplicates += 1
@@ -262,10 +272,23 @@ class VerdictJoin:
             return self._emit(score.product_seq, now, "complete")
         return None
 
-    def expire(self, now: float | None = None) -> list[Verdict]:
+    def expire(self, now: float | None = None, *, flush: bool = False) -> list[Verdict]:
+        """Incomplete verdicts for products given up on; ``flush`` gives up on all (shutdown)."""
         now = time.time() if now is None else now
-        late = [seq for seq, p in self._pending.items() if now - p.first_seen >= self.timeout_s]
+        late = [seq for seq, p in self._pending.items() if flush or self._given_up(seq, p, now)]
         return [self._emit(seq, now, "incomplete") for seq in sorted(late)]
+
+    def _given_up(self, seq: int, entry: _Pending, now: float) -> bool:
+        if now - entry.first_seen < self.timeout_s:
+            return False
+        for camera in self.cameras:
+            if camera in entry.scores:
+                continue
+            silent = now - self._last_seen.get(camera, entry.first_seen) >= self.timeout_s
+            moved_on = self._max_seq.get(camera, -1) >= seq + self.reorder_window
+            if not (silent or moved_on):
+                return False
+        return True
 
     def _emit(self, seq: int, now: float, status: str) -> Verdict:
         entry = self._pending.pop(seq)

@@ -1,0 +1,144 @@
+"""Stage logic without Redis or Ray: ingest from a folder, detect+matte, the verdict join."""
+
+import cv2
+import numpy as np
+import pytest
+
+from schemas import CameraFrame, ViewScore
+from workers.images import ImageError, decode_with_alpha
+from workers.simulate import LineSpec, belt_texture, render_camera
+from workers.stages import CameraIngest, DetectMatte, NoProductFound, VerdictJoin, open_source
+
+CAMS = ["cam0", "cam1", "cam2", "cam3"]
+
+
+def score(seq, camera, value=0.1, threshold=1.0):
+    return ViewScore(
+        product_id=f"l:{seq}",
+        line="l",
+        camera=camera,
+        product_seq=seq,
+        captured_at=100.0 + seq,
+        score=value,
+        threshold=threshold,
+        is_defect=value >= threshold,
+        model_version="m",
+    )
+
+
+def test_a_product_is_defective_if_any_view_is_and_good_only_if_all_are_good():
+    join = VerdictJoin("l", CAMS)
+    assert [join.add(score(0, c), now=1.0) for c in CAMS[:3]] == [None, None, None]
+    good = join.add(score(0, "cam3"), now=1.0)
+    assert good.decision == "good" and good.status == "complete" and len(good.views) == 4
+    for c in CAMS[:3]:
+        join.add(score(1, c), now=2.0)
+    bad = join.add(score(1, "cam3", value=5.0), now=2.0)
+    assert bad.decision == "defect" and bad.product_id == "l:1"
+
+
+def test_a_view_delivered_twice_counts_once():
+    join = VerdictJoin("l", CAMS)
+    join.add(score(0, "cam0"), now=0)
+    assert join.add(score(0, "cam0"), now=0) is None
+    assert join.duplicates == 1 and join.pending_products == [0]
+
+
+def test_a_silent_camera_makes_an_incomplete_verdict_naming_it():
+    join = VerdictJoin("l", CAMS, timeout_s=5)
+    for c in CAMS[:3]:
+        join.add(score(0, c), now=0)
+    assert join.expire(now=4.9) == []
+    [verdict] = join.expire(now=5.0)
+    assert verdict.status == "incomplete" and verdict.missing_cameras == ["cam3"]
+    assert verdict.decision == "unknown" and "cam3" in verdict.reason
+
+
+def test_a_backlog_does_not_expire_products_but_a_skipped_product_does():
+    join = VerdictJoin("l", CAMS, timeout_s=5, reorder_window=2)
+    for c in CAMS[:3]:
+        join.add(score(0, c), now=0)
+    join.add(score(5, "cam3"), now=0.5)  # cam3 is alive, merely late for product 0 ...
+    join.add(score(0, "cam3"), now=9.0)  # ... and its view comes: complete
+    assert join.pending_products == [5]
+    for c in CAMS[:3]:
+        join.add(score(1, c), now=10)
+    join.add(score(3, "cam3"), now=14)  # cam3 delivers later products, never product 1
+    assert join.expire(now=14.9) == []
+    verdicts = {v.product_seq: v for v in join.expire(now=15.0)}
+    assert verdicts[1].missing_cameras == ["cam3"]
+    assert verdicts[5].missing_cameras == ["cam0", "cam1", "cam2"]  # silent since t = 10
+
+
+def test_views_from_an_unknown_camera_are_counted_and_ignored():
+    join = VerdictJoin("l", CAMS)
+    assert join.add(score(0, "cam9"), now=0) is None and join.unknown_camera == 1
+
+
+def _gated_frame(spec) -> CameraFrame:
+    _, frame = next(render_camera(spec, [], 0))  # the empty belt
+    frame[40:100, 60:160] = 200  # a bright product on the dark belt
+    mask = np.zeros(frame.shape[:2], np.uint8)
+    mask[40:100, 60:160] = 255
+    ok, jpeg = cv2.imencode(".jpg", frame)
+    ok, png = cv2.imencode(".png", mask)
+    return CameraFrame(
+        line="l",
+        camera="cam0",
+        sequence=3,
+        product_seq=0,
+        timestamp=1.0,
+        codec="jpeg",
+        shape=frame.shape,
+        image=jpeg.tobytes(),
+        mask=png.tobytes(),
+    )
+
+
+def test_detect_matte_crops_the_product_and_sends_the_mask_as_alpha():
+    spec = LineSpec(products=1, width=240, height=160, lead_frames=1, gap_frames=0)
+    view = DetectMatte(shrink=0.1).process(_gated_frame(spec))
+    assert abs(view.bbox.x - 55) <= 3 and abs(view.bbox.w - 110) <= 4
+    rgb, alpha = decode_with_alpha(view.image)
+    assert alpha is not None and rgb.shape[:2] == alpha.shape == view.shape[:2]
+    assert 0.5 < view.mask_coverage < 0.7 and view.product_id == "l:0"
+    assert set(view.stage_ms) == {"decode", "detect", "matte"}
+
+
+def test_detect_matte_refuses_corrupt_frames_and_empty_belts():
+    spec = LineSpec(products=1, width=240, height=160, lead_frames=1, gap_frames=0)
+    frame = _gated_frame(spec)
+    with pytest.raises(ImageError):
+        DetectMatte().process(frame.model_copy(update={"image": frame.image[:50]}))
+    empty = np.zeros((160, 240), np.uint8)
+    ok, png = cv2.imencode(".png", empty)
+    with pytest.raises(NoProductFound):
+        DetectMatte().process(frame.model_copy(update={"mask": png.tobytes()}))
+
+
+def test_ingest_from_a_folder_skips_corrupt_frames_and_fires_once_per_product(tmp_path):
+    spec = LineSpec(products=2, cameras=1, width=240, height=160, seed=2)
+    from tests.synthetic import make_dataset
+    from workers.datasets import list_train_samples
+    from workers.simulate import plan_line
+
+    data = make_dataset(tmp_path / "tiles", n_train=4, n_good=1, n_defect=1)
+    plans = plan_line(list_train_samples(data), [], LineSpec(**{**spec.__dict__, "defect_rate": 0}))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, frame in render_camera(spec, plans, 0):
+        cv2.imwrite(str(folder / f"{index:05d}.png"), frame)
+    (folder / "00005.png").write_bytes(b"corrupt")
+    ingest = CameraIngest("l", "cam0", str(folder))
+    frames = list(ingest.frames())
+    assert [f.product_seq for f in frames] == [0, 1]
+    assert ingest.stats.corrupt_frames == 1 and all(f.mask for f in frames)
+    assert belt_texture(spec, 0).shape[:2] == (160, 240)
+
+
+def test_sources_that_do_not_exist_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        open_source(str(tmp_path / "nothing.mp4"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        open_source(str(tmp_path / "empty"))
