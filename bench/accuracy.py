@@ -33,14 +33,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tta", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--image-size", type=int, default=320)
+    p.add_argument("--train-transforms", type=int, default=DifferNetConfig().train_transforms)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="evaluate the model a previous run trained")
     args = p.parse_args(argv)
 
     torch.set_num_threads(torch.get_num_threads())
     val, measured = split_stratified(list_test_samples(args.data), 0.5, args.seed)
-    config = DifferNetConfig(head=args.head, image_size=args.image_size, tta=max(args.tta))
-    model_dir = args.out / f"model-{args.head}-{args.shots or 'all'}"
+    config = DifferNetConfig(
+        head=args.head,
+        image_size=args.image_size,
+        tta=max(args.tta),
+        train_transforms=args.train_transforms,
+    )
+    model_dir = args.out / f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}"
 
     def log(task, done, total):
         if done == total or done % 400 == 0 or task == "train":
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": args.epochs,
         "best_epoch": meta["training"]["best_epoch"],
         "image_size": args.image_size,
+        "train_transforms": args.train_transforms,
         "tta": best_t,
         "image_auroc": full["image_auroc"],
         "per_defect_auroc": full["per_defect_auroc"],

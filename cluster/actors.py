@@ -70,11 +70,9 @@ class CameraIngestActor(_Loop):
         self.stream = Streams(line).frames(camera)
 
     def run(self) -> dict:
-        for frame in self.ingest.frames():
+        for frame in self.ingest.frames(should_stop=self._stop.is_set):
             self.bus.publish(self.stream, frame)
             self.count("published")
-            if self._stop.is_set():
-                break
         stats = self.ingest.stats
         self.counters |= {"frames": stats.frames, "corrupt_frames": stats.corrupt_frames}
         return self.stats()

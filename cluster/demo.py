@@ -75,7 +75,10 @@ def train_line_model(
     render_line(list_train_samples(data_dir), [], train_line, spec)
     harvest_crops(train_line, crops, "train")
     val_line = work / "line-val"
-    render_line(val_good, val_bad, val_line, LineSpec(products=40, defect_rate=0.5, seed=seed + 2))
+    val_products = max(8, train_products // 3)
+    render_line(
+        val_good, val_bad, val_line, LineSpec(products=val_products, defect_rate=0.5, seed=seed + 2)
+    )
     harvest_crops(val_line, crops, "test")
     model_dir = work / "model"
     train_from_folder(

@@ -2,6 +2,8 @@
 
 import json
 
+import redis
+import yaml
 from typer.testing import CliRunner
 
 from cluster.cli import app
@@ -47,3 +49,61 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path):
 def test_demo_without_data_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--data", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "MVTec AD layout" in result.output
+
+
+def test_run_inspects_every_line_of_a_config_file(tmp_path):
+    data = make_dataset(tmp_path / "data", n_train=10, n_good=6, n_defect=4)
+    out = tmp_path / "out"
+    demo = [
+        "demo",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--products",
+        "3",
+        "--train-products",
+        "6",
+        "--epochs",
+        "2",
+    ]
+    assert CliRunner().invoke(app, demo).exit_code == 0
+    line = out / "line-test"
+    config = {
+        "data_dir": str(tmp_path / "state"),
+        "lines": [
+            {
+                "id": lid,
+                "model_dir": str(out / "model"),
+                "cameras": [
+                    {"id": f"cam{i}", "source": str(line / f"cam{i}.mp4")} for i in range(4)
+                ],
+            }
+            for lid in ("east", "west")
+        ],
+    }
+    path = tmp_path / "lines.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    for lid in ("east", "west"):
+        assert (
+            stats[lid]["aggregate"].get("verdicts_complete", 0)
+            + stats[lid]["aggregate"].get("verdicts_incomplete", 0)
+            == 3
+        )
+    # The embedded Redis kept the verdicts under the configured data folder.
+    from cluster.redis_conn import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path / "state" / "redis") as server:
+        assert redis.Redis.from_url(server.url).xlen("verdicts:west") == 3
+
+
+def test_run_with_a_bad_config_is_a_clear_error(tmp_path):
+    path = tmp_path / "lines.yaml"
+    path.write_text("lines:\n  - id: l1\n    cameras: []\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert (
+        result.exit_code == 1 and "lines.0.cameras" in result.output and str(path) in result.output
+    )

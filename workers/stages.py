@@ -6,7 +6,7 @@ No Redis and no Ray here: ``cluster/`` moves the messages. Every class is testab
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,10 +89,13 @@ class CameraIngest:
         self.gate = gate or MotionGate()
         self.stats = IngestStats()
 
-    def frames(self) -> Iterator[CameraFrame]:
+    def frames(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[CameraFrame]:
+        """Frame messages, one per product; ends with the source or when ``should_stop()``."""
         period = 1.0 / self.fps if self.fps else 0.0
         next_at = time.monotonic()
         for index, frame in enumerate(open_source(self.source)):
+            if should_stop():
+                return
             if period:  # replay at the camera's rate: a live line does not run faster than it
                 next_at += period
                 time.sleep(max(0.0, next_at - time.monotonic()))
