@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import emit
 from workers.datasets import list_test_samples, split_stratified
 from workers.differnet.model import DifferNetConfig
 from workers.differnet.recipes import evaluate_folder, train_from_folder
@@ -112,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         "auroc_vs_tta": curve,
         "torch_threads": torch.get_num_threads(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

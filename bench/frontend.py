@@ -10,12 +10,12 @@ the simulator's boxes, how much conveyor survives matting, and milliseconds per 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.report import emit
 from workers.detect import ContourDetector, iou, read_frames
 from workers.matte import matte
 from workers.motion import MotionGate
@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
             "front_end_per_frame": 1000 * (gate_s + detect_s + matte_s) / frames,
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

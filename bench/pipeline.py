@@ -11,13 +11,13 @@ products/s: what orchestration and messaging cost.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
 
+from bench.report import emit
 from cluster.config import ReplicaConfig
 from cluster.demo import line_config, simulate_test_line, summarize, train_line_model
 from cluster.graph import drain_and_stop, line_cpus, start_line
@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model_version": bundle.version,
         "note": "products_per_s is bounded by the video sources when they are paced; these are not",
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":
