@@ -40,7 +40,7 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path):
     assert (out / "model" / "model.json").exists() and (out / "model" / "roc.png").exists()
 
     # A second run reuses the model and starts the replayed line afresh.
-    again = CliRunner().invoke(app, args[:6] + ["--products", "3"])
+    again = CliRunner().invoke(app, args[:5] + ["--products", "3"])
     assert again.exit_code == 0, again.output
     assert "reusing model" in again.output
     assert json.loads((out / "summary.json").read_text())["verdicts"] == 3

@@ -36,7 +36,9 @@ def decode_with_alpha(data: bytes, source: str = "<bytes>") -> tuple[np.ndarray,
             img.load()  # Decodes everything now, so truncation is caught here.
             alpha = np.asarray(img.getchannel("A")) if img.mode in ("RGBA", "LA") else None
             return _to_rgb8(img), alpha
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    # ImportError: once Ultralytics is imported it patches Image.open to retry unknown formats
+    # with an optional HEIF plugin, which raises ImportError where that plugin is absent.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as exc:
         raise ImageError(f"{source}: not a readable image ({exc})") from None
 
 

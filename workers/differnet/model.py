@@ -26,7 +26,6 @@ from .backbone import DEFAULT_TAPS, Backbone, BackboneName, build_backbone
 from .flow import build_flow, negative_log_likelihood
 from .views import D4, Letterbox, apply_d4, crop_to_source, letterbox, undo_d4
 
-
 EMBED_CHUNK = 8  # images per backbone pass when scoring
 
 
