@@ -74,7 +74,11 @@ class CameraIngestActor(_Loop):
             self.bus.publish(self.stream, frame)
             self.count("published")
         stats = self.ingest.stats
-        self.counters |= {"frames": stats.frames, "corrupt_frames": stats.corrupt_frames}
+        self.counters |= {
+            "frames": stats.frames,
+            "corrupt_frames": stats.corrupt_frames,
+            "resolution_changes": stats.resolution_changes,
+        }
         return self.stats()
 
 

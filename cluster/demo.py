@@ -23,11 +23,12 @@ from schemas import Verdict
 from workers.annotate import annotate_video
 from workers.datasets import list_test_samples, list_train_samples, split_stratified
 from workers.differnet.model import DifferNetConfig
-from workers.differnet.recipes import train_from_folder
+from workers.differnet.recipes import load_samples, score_images, train_from_folder
+from workers.differnet.store import load_model, set_threshold
 from workers.differnet.training import Progress, TrainingOptions
 from workers.harvest import harvest_crops
 from workers.simulate import LineSpec, render_line
-from workers.threshold import auroc
+from workers.threshold import auroc, target_tpr_threshold
 
 from .config import CameraConfig, LineConfig, ReplicaConfig
 
@@ -84,7 +85,30 @@ def train_line_model(
     train_from_folder(
         crops, model_dir, DEMO_MODEL, TrainingOptions(epochs=epochs, seed=seed), progress=progress
     )
+    set_product_threshold(model_dir, crops)
     return model_dir
+
+
+def set_product_threshold(model_dir: Path, crops: Path, target_tpr: float = 0.85) -> None:
+    """Choose the threshold on validation *products*, not views.
+
+    A product is defective if any of its views is, so a view-level threshold that meets the
+    target TPR on views flags far more good products than it should: each good product has four
+    chances to raise a false alarm. Here the ZeroBox rule runs on each validation product's
+    highest view score instead. Harvested crops are named ``<camera>_<product seq>.png``.
+    """
+    bundle = load_model(model_dir)
+    loaded = load_samples(list_test_samples(crops))
+    scored = score_images(bundle.model, loaded.prepared(bundle.model))
+    products: dict[str, tuple[float, bool]] = {}
+    for sample, result in zip(loaded.samples, scored, strict=True):
+        seq = sample.path.stem.split("_")[-1]
+        best, bad = products.get(seq, (float("-inf"), False))
+        products[seq] = (max(best, result.score), bad or sample.is_defect)
+    scores = [v[0] for v in products.values()]
+    labels = [int(v[1]) for v in products.values()]
+    chosen = target_tpr_threshold(scores, labels, target_tpr)
+    set_threshold(model_dir, chosen.value, chosen.to_dict() | {"source": "validation products"})
 
 
 def simulate_test_line(data_dir: Path, work: Path, products: int, seed: int) -> dict:

@@ -161,3 +161,33 @@ def test_unreadable_images_raise_image_error(tmp_path):
         decode_image(data[: len(data) // 2], "t.jpg")
     with pytest.raises(ImageError, match="not a readable"):
         decode_image(b"definitely not an image")
+
+
+def test_alexnet_loads_from_a_local_weights_file_and_never_downloads(data, tmp_path):
+    import torch
+    from torchvision.models import alexnet
+
+    missing = invoke("train", data, "--out", tmp_path / "m0", "--backbone", "alexnet")
+    assert missing.exit_code == 1 and "--backbone-weights" in missing.output
+    weights = tmp_path / "alexnet.pt"
+    torch.save(alexnet(weights=None).state_dict(), weights)  # random, same layout as torchvision's
+    result = invoke(
+        "train",
+        data,
+        "--out",
+        tmp_path / "m",
+        "--backbone",
+        "alexnet",
+        "--backbone-weights",
+        weights,
+        "--image-size",
+        256,
+        "--epochs",
+        2,
+        "--tta",
+        1,
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["config"]["backbone"] == "alexnet" and meta["feature_dim"] == 3 * 2 * 256
+    assert load_model(tmp_path / "m").model.config.backbone == "alexnet"

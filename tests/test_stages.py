@@ -142,3 +142,14 @@ def test_sources_that_do_not_exist_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         open_source(str(tmp_path / "empty"))
+
+
+def test_a_resolution_change_restarts_the_background_model_and_goes_on(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(6):
+        size = (120, 160) if i < 3 else (90, 120)
+        cv2.imwrite(str(folder / f"{i:03d}.png"), np.full(size + (3,), 80, np.uint8))
+    ingest = CameraIngest("l", "cam0", str(folder))
+    assert list(ingest.frames()) == []
+    assert ingest.stats.frames == 6 and ingest.stats.resolution_changes == 1

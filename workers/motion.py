@@ -43,6 +43,7 @@ class MotionGate:
         min_area_fraction: float = 0.01,
         composite_frames: int = 4,
         direction: int = 1,
+        start_count: int = 0,
     ):
         if direction not in (1, -1):
             raise ValueError("direction must be 1 (left to right) or -1")
@@ -51,7 +52,7 @@ class MotionGate:
         )
         self.min_area_fraction = min_area_fraction
         self.direction = direction
-        self.products = 0
+        self.products = start_count
         self.frame_shape: tuple[int, int] | None = None
         self._previous: list[_Blob] = []
         self._recent: deque[_Blob] = deque(maxlen=composite_frames)

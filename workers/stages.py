@@ -68,6 +68,7 @@ class IngestStats:
     frames: int = 0
     corrupt_frames: int = 0
     triggers: int = 0
+    resolution_changes: int = 0
 
 
 class CameraIngest:
@@ -103,6 +104,11 @@ class CameraIngest:
             if frame is None or frame.ndim != 3:
                 self.stats.corrupt_frames += 1
                 continue
+            if self.gate.frame_shape not in (None, frame.shape[:2]):
+                # The camera changed resolution: the background model no longer fits. Start a
+                # new one, keeping the product count so that product numbers stay in step.
+                self.stats.resolution_changes += 1
+                self.gate = MotionGate(start_count=self.gate.products)
             trigger = self.gate.update(index, frame)
             if trigger is None:
                 continue

@@ -115,3 +115,14 @@ def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
     model.eval()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return ModelBundle(model.to(device), threshold, metadata)
+
+
+def set_threshold(model_dir: Path, threshold: float, rule: dict) -> None:
+    """Change a saved model's threshold (metadata only: the weights and their hash stay)."""
+    path = Path(model_dir) / METADATA_FILE
+    metadata = json.loads(path.read_text())
+    metadata["threshold"] = float(threshold)
+    metadata["threshold_rule"] = rule
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+    tmp.replace(path)
