@@ -27,7 +27,7 @@ from schemas import ProductView, Verdict
 from workers.detect import read_frames
 from workers.differnet.store import load_model
 from workers.images import encode_png
-from workers.matte import shrink_mask
+from workers.matte import matte
 from workers.stages import ViewScorer
 from workers.threshold import auroc
 
@@ -35,7 +35,11 @@ from workers.threshold import auroc
 def ground_truth_crops(
     line_dir: Path, manifest: dict
 ) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
-    """Per product, each camera's crop at the simulator's box, in the frame nearest the centre."""
+    """Per product, each camera's crop cut as the front end cuts, but at the simulator's box.
+
+    The frame is the one nearest the centre crossing; the mask is the true box, filled; the
+    matting (margin, 10 % shrink) is the pipeline's. Only detection and the gate's mask differ.
+    """
     width = manifest["spec"]["width"]
     wanted: dict[str, dict[int, int]] = {}
     for p in manifest["products"]:
@@ -49,9 +53,12 @@ def ground_truth_crops(
             if index in frames:
                 seq = frames[index]
                 x, y, w, h = manifest["products"][seq]["views"][cam]["bboxes"][str(index)]
-                rgb = np.ascontiguousarray(frame[y : y + h, x : x + w, ::-1])
-                mask = shrink_mask(np.full((h, w), 255, np.uint8), 0.1)
-                crops.setdefault(seq, []).append((rgb * (mask[:, :, None] > 0), mask))
+                box_mask = np.zeros(frame.shape[:2], np.uint8)
+                box_mask[y : y + h, x : x + w] = 255
+                result = matte(frame, (x, y, w, h), box_mask)
+                crops.setdefault(seq, []).append(
+                    (np.ascontiguousarray(result.crop[:, :, ::-1]), result.mask)
+                )
     return crops
 
 
