@@ -64,9 +64,11 @@ class CameraIngestActor(_Loop):
         camera: str,
         source: str,
         fps: float | None = None,
+        matting_model: str | None = None,
     ):
         super().__init__(redis_url, maxlen)
-        self.ingest = CameraIngest(line, camera, source, fps=fps)
+        matting = Path(matting_model) if matting_model else None
+        self.ingest = CameraIngest(line, camera, source, fps=fps, matting_model=matting)
         self.stream = Streams(line).frames(camera)
 
     def run(self) -> dict:

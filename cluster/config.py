@@ -40,6 +40,9 @@ class CameraConfig(_Strict):
         description="video file, rtsp:// URL, folder of frames, or 'sim' for the line simulator",
     )
     fps: float | None = Field(default=None, gt=0, le=1000)
+    matting_model: Path | None = Field(
+        default=None, description="TorchScript background-matting model (BGMv2-style); optional"
+    )
 
 
 class ReplicaConfig(_Strict):

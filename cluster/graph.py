@@ -97,7 +97,13 @@ def start_line(
         running.runs[actor] = actor.run.remote()
     for cam in line.cameras:
         actor = CameraIngestActor.options(num_cpus=res.ingest_cpus, **ACTOR_OPTIONS).remote(
-            redis_url, maxlen, line.id, cam.id, cam.source, cam.fps
+            redis_url,
+            maxlen,
+            line.id,
+            cam.id,
+            cam.source,
+            cam.fps,
+            str(cam.matting_model) if cam.matting_model else None,
         )
         running.ingest.append(actor)
         running.runs[actor] = actor.run.remote()

@@ -147,3 +147,35 @@ def test_yolo_bootstrap_trains_on_auto_labels_and_then_predicts(line, tmp_path):
         cv2.imread(str(next((tmp_path / "yolo.bootstrap" / "images" / "train").glob("*.jpg"))))
         is not None
     )
+
+
+def test_a_torchscript_matting_model_replaces_the_per_frame_mask(line, tmp_path):
+    import torch
+    from torch import nn
+
+    from workers.matte import DeepMatter
+
+    class DifferenceMatte(nn.Module):  # BGMv2's interface: (src, bgr) -> (alpha, foreground)
+        def forward(self, src: torch.Tensor, bgr: torch.Tensor):
+            pha = ((src - bgr).abs().amax(1, keepdim=True) > 0.12).float()
+            return pha, src * pha
+
+    path = tmp_path / "matte.pt"
+    torch.jit.script(DifferenceMatte()).save(str(path))
+    _, out, manifest = line
+    matter = DeepMatter(path, device="cpu")
+    gate, detector, triggers = MotionGate(matter=matter), ContourDetector(), []
+    for index, frame in read_frames(out / "cam1.mp4"):
+        trigger = gate.update(index, frame)
+        if trigger is not None:
+            box = detector.detect(frame, trigger.composite_mask)[0].bbox
+            truth = manifest["products"][trigger.product_seq]["views"]["cam1"]["bboxes"][
+                str(trigger.frame_index)
+            ]
+            triggers.append(iou(box, tuple(truth)))
+    assert len(triggers) == 5 and min(triggers) > 0.8
+    with pytest.raises(FileNotFoundError):
+        DeepMatter(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="TorchScript"):
+        DeepMatter(tmp_path / "junk.pt")

@@ -8,6 +8,7 @@ no rim of belt survives at the product's edge.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -69,3 +70,36 @@ def matte(
     mask = shrink_mask(mask, shrink)
     matted = crop * (mask[:, :, None] > 0)
     return Matted(matted.astype(np.uint8), mask, (x, y, w, h), float((mask > 0).mean()))
+
+
+class DeepMatter:
+    """A background-matting network (BGMv2-style) from a TorchScript file the user gives.
+
+    Called as ``model(src, bgr)`` with RGB tensors ``(1, 3, H, W)`` in [0, 1]; the first output is
+    the alpha matte ``(1, 1, H, W)``. Never downloaded: the file must exist.
+    """
+
+    def __init__(self, path: Path, device: str | None = None):
+        import torch
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: matting model file not found")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            self.model = torch.jit.load(str(path), map_location=self.device).eval()
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: not a TorchScript model ({exc})") from None
+
+    def alpha(self, frame_bgr: np.ndarray, background_bgr: np.ndarray) -> np.ndarray:
+        """Alpha in [0, 1], ``(H, W)``."""
+        import torch
+
+        def tensor(img: np.ndarray) -> torch.Tensor:
+            rgb = np.ascontiguousarray(img[:, :, ::-1])
+            return torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(self.device)
+
+        with torch.no_grad():
+            out = self.model(tensor(frame_bgr), tensor(background_bgr))
+        pha = out[0] if isinstance(out, (tuple, list)) else out
+        return pha[0, 0].clamp(0, 1).cpu().numpy()

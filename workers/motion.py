@@ -18,6 +18,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .matte import DeepMatter
+
+# MOG2 needs a few frames before its background plate means anything to a matting model.
+WARMUP_FRAMES = 10
+
 
 @dataclass(frozen=True)
 class Trigger:
@@ -44,7 +49,10 @@ class MotionGate:
         composite_frames: int = 4,
         direction: int = 1,
         start_count: int = 0,
+        matter: DeepMatter | None = None,
     ):
+        """``matter``: a deep matting model that replaces MOG2's per-frame mask (MOG2 still
+        learns the background plate the model is given)."""
         if direction not in (1, -1):
             raise ValueError("direction must be 1 (left to right) or -1")
         self._subtractor = cv2.createBackgroundSubtractorMOG2(
@@ -53,6 +61,8 @@ class MotionGate:
         self.min_area_fraction = min_area_fraction
         self.direction = direction
         self.products = start_count
+        self.matter = matter
+        self._frames_seen = 0
         self.frame_shape: tuple[int, int] | None = None
         self._previous: list[_Blob] = []
         self._recent: deque[_Blob] = deque(maxlen=composite_frames)
@@ -84,6 +94,9 @@ class MotionGate:
                 f"frame {frame_index}: resolution changed from {self.frame_shape} to {shape}"
             )
         fg = self._subtractor.apply(frame)
+        self._frames_seen += 1
+        if self.matter is not None and self._frames_seen > WARMUP_FRAMES:
+            fg = (self.matter.alpha(frame, self.background()) > 0.5).astype(np.uint8) * 255
         fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, self._open)
         fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, self._close)
         blobs = self._blobs(fg)

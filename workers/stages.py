@@ -18,7 +18,7 @@ from schemas import BBox, CameraFrame, ProductView, Verdict, ViewResult, ViewSco
 from .detect import ContourDetector, Detector
 from .differnet.store import ModelBundle
 from .images import IMAGE_SUFFIXES, ImageError, decode_image, decode_with_alpha, encode_png
-from .matte import matte
+from .matte import DeepMatter, matte
 from .motion import MotionGate
 
 # -- camera ingest ------------------------------------------------------------------------------
@@ -82,12 +82,13 @@ class CameraIngest:
         *,
         fps: float | None = None,
         jpeg_quality: int = 92,
-        gate: MotionGate | None = None,
+        matting_model: Path | None = None,
     ):
         self.line, self.camera, self.source = line, camera, source
         self.fps = fps
         self.jpeg_quality = jpeg_quality
-        self.gate = gate or MotionGate()
+        self.matter = DeepMatter(matting_model) if matting_model else None
+        self.gate = MotionGate(matter=self.matter)
         self.stats = IngestStats()
 
     def frames(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[CameraFrame]:
@@ -108,7 +109,7 @@ class CameraIngest:
                 # The camera changed resolution: the background model no longer fits. Start a
                 # new one, keeping the product count so that product numbers stay in step.
                 self.stats.resolution_changes += 1
-                self.gate = MotionGate(start_count=self.gate.products)
+                self.gate = MotionGate(start_count=self.gate.products, matter=self.matter)
             trigger = self.gate.update(index, frame)
             if trigger is None:
                 continue
