@@ -65,10 +65,17 @@ class CameraIngestActor(_Loop):
         source: str,
         fps: float | None = None,
         matting_model: str | None = None,
+        background: str | None = None,
     ):
         super().__init__(redis_url, maxlen)
-        matting = Path(matting_model) if matting_model else None
-        self.ingest = CameraIngest(line, camera, source, fps=fps, matting_model=matting)
+        self.ingest = CameraIngest(
+            line,
+            camera,
+            source,
+            fps=fps,
+            matting_model=Path(matting_model) if matting_model else None,
+            background=Path(background) if background else None,
+        )
         self.stream = Streams(line).frames(camera)
 
     def run(self) -> dict:

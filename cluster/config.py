@@ -43,6 +43,9 @@ class CameraConfig(_Strict):
     matting_model: Path | None = Field(
         default=None, description="TorchScript background-matting model (BGMv2-style); optional"
     )
+    background: Path | None = Field(
+        default=None, description="image of the empty belt; default: learned from the video"
+    )
 
 
 class ReplicaConfig(_Strict):
@@ -58,6 +61,10 @@ class LineConfig(_Strict):
     target_tpr: float = Field(default=0.85, gt=0.0, le=1.0)
     threshold: float | None = Field(default=None, description="overrides the model's threshold")
     view_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    mask_shrink: float = Field(default=0.1, ge=0.0, lt=0.5, description="matting: cut per side")
+    yolo_weights: Path | None = Field(
+        default=None, description="Ultralytics weights; default: the contour detector"
+    )
 
     @model_validator(mode="after")
     def _unique_cameras(self):

@@ -71,7 +71,6 @@ def start_line(
     *,
     maxlen: int = 100_000,
     resources: LineResources | None = None,
-    yolo_weights: str | None = None,
 ) -> RunningLine:
     res = resources or default_resources()
     cams = [c.id for c in line.cameras]
@@ -88,7 +87,13 @@ def start_line(
     for i in range(line.replicas.detect):
         running.detect.append(
             DetectMatteActor.options(num_cpus=res.detect_cpus, **ACTOR_OPTIONS).remote(
-                redis_url, maxlen, line.id, cams, i, yolo_weights
+                redis_url,
+                maxlen,
+                line.id,
+                cams,
+                i,
+                str(line.yolo_weights) if line.yolo_weights else None,
+                line.mask_shrink,
             )
         )
     # Consumers first: their groups exist before the first frame is published.
@@ -104,6 +109,7 @@ def start_line(
             cam.source,
             cam.fps,
             str(cam.matting_model) if cam.matting_model else None,
+            str(cam.background) if cam.background else None,
         )
         running.ingest.append(actor)
         running.runs[actor] = actor.run.remote()

@@ -179,3 +179,20 @@ def test_a_torchscript_matting_model_replaces_the_per_frame_mask(line, tmp_path)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="TorchScript"):
         DeepMatter(tmp_path / "junk.pt")
+
+
+def test_a_given_background_plate_replaces_the_learned_one(line, tmp_path):
+    _, out, manifest = line
+    frames = list(read_frames(out / "cam0.mp4"))
+    plate = frames[2][1]  # the empty belt, before the first product
+    gate, detector, found = MotionGate(plate=plate), ContourDetector(), []
+    for index, frame in frames:
+        trigger = gate.update(index, frame)
+        if trigger is not None:
+            box = detector.detect(frame, trigger.composite_mask)[0].bbox
+            truth = manifest["products"][trigger.product_seq]["views"]["cam0"]["bboxes"][str(index)]
+            found.append(iou(box, tuple(truth)))
+    assert len(found) == 5 and min(found) > 0.8
+    assert gate.background() is plate
+    with pytest.raises(ValueError, match="plate"):
+        MotionGate(plate=plate).update(0, np.zeros((10, 10, 3), np.uint8))

@@ -50,9 +50,13 @@ class MotionGate:
         direction: int = 1,
         start_count: int = 0,
         matter: DeepMatter | None = None,
+        plate: np.ndarray | None = None,
+        plate_threshold: int = 30,
     ):
-        """``matter``: a deep matting model that replaces MOG2's per-frame mask (MOG2 still
-        learns the background plate the model is given)."""
+        """``plate``: a given background image (BGR, the empty belt) instead of a learned one; the
+        per-frame mask is then the pixels that differ from it by more than ``plate_threshold``.
+        ``matter``: a deep matting model that makes the per-frame mask from the frame and the
+        plate (learned by MOG2 unless given)."""
         if direction not in (1, -1):
             raise ValueError("direction must be 1 (left to right) or -1")
         self._subtractor = cv2.createBackgroundSubtractorMOG2(
@@ -62,6 +66,8 @@ class MotionGate:
         self.direction = direction
         self.products = start_count
         self.matter = matter
+        self.plate = plate
+        self.plate_threshold = plate_threshold
         self._frames_seen = 0
         self.frame_shape: tuple[int, int] | None = None
         self._previous: list[_Blob] = []
@@ -80,8 +86,8 @@ class MotionGate:
         return len(self._previous)
 
     def background(self) -> np.ndarray:
-        """The belt as the background model sees it (BGR), e.g. as a matting plate."""
-        return self._subtractor.getBackgroundImage()
+        """The belt (BGR): the given plate, or MOG2's learned background."""
+        return self.plate if self.plate is not None else self._subtractor.getBackgroundImage()
 
     def update(self, frame_index: int, frame: np.ndarray) -> Trigger | None:
         if frame is None or frame.ndim != 3 or frame.size == 0:
@@ -93,9 +99,17 @@ class MotionGate:
             raise ValueError(
                 f"frame {frame_index}: resolution changed from {self.frame_shape} to {shape}"
             )
-        fg = self._subtractor.apply(frame)
+        if self.plate is not None and self.plate.shape != frame.shape:
+            raise ValueError(f"background plate is {self.plate.shape}, frames are {frame.shape}")
         self._frames_seen += 1
-        if self.matter is not None and self._frames_seen > WARMUP_FRAMES:
+        if self.plate is None:
+            fg = self._subtractor.apply(frame)
+        else:
+            diff = cv2.absdiff(frame, self.plate).max(axis=2)
+            fg = (diff > self.plate_threshold).astype(np.uint8) * 255
+        if self.matter is not None and (
+            self.plate is not None or self._frames_seen > WARMUP_FRAMES
+        ):
             fg = (self.matter.alpha(frame, self.background()) > 0.5).astype(np.uint8) * 255
         fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, self._open)
         fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, self._close)

@@ -17,7 +17,14 @@ from schemas import BBox, CameraFrame, ProductView, Verdict, ViewResult, ViewSco
 
 from .detect import ContourDetector, Detector
 from .differnet.store import ModelBundle
-from .images import IMAGE_SUFFIXES, ImageError, decode_image, decode_with_alpha, encode_png
+from .images import (
+    IMAGE_SUFFIXES,
+    ImageError,
+    decode_image,
+    decode_with_alpha,
+    encode_png,
+    load_image,
+)
 from .matte import DeepMatter, matte
 from .motion import MotionGate
 
@@ -83,12 +90,17 @@ class CameraIngest:
         fps: float | None = None,
         jpeg_quality: int = 92,
         matting_model: Path | None = None,
+        background: Path | None = None,
     ):
+        """``background``: an image of the empty belt, used instead of a learned one."""
         self.line, self.camera, self.source = line, camera, source
         self.fps = fps
         self.jpeg_quality = jpeg_quality
         self.matter = DeepMatter(matting_model) if matting_model else None
-        self.gate = MotionGate(matter=self.matter)
+        self.plate = None
+        if background is not None:
+            self.plate = np.ascontiguousarray(load_image(background)[:, :, ::-1])
+        self.gate = MotionGate(matter=self.matter, plate=self.plate)
         self.stats = IngestStats()
 
     def frames(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[CameraFrame]:
@@ -109,6 +121,7 @@ class CameraIngest:
                 # The camera changed resolution: the background model no longer fits. Start a
                 # new one, keeping the product count so that product numbers stay in step.
                 self.stats.resolution_changes += 1
+                # A given plate no longer fits either: the new model learns the belt instead.
                 self.gate = MotionGate(start_count=self.gate.products, matter=self.matter)
             trigger = self.gate.update(index, frame)
             if trigger is None:
