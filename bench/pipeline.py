@@ -22,7 +22,7 @@ from cluster.config import ReplicaConfig
 from cluster.demo import line_config, simulate_test_line, summarize, train_line_model
 from cluster.graph import drain_and_stop, line_cpus, start_line
 from cluster.redis_conn import EmbeddedRedis, client_from_url
-from cluster.streams import Streams
+from cluster.streams import Streams, reset_line
 from schemas import ProductView, Verdict
 from workers.detect import read_frames
 from workers.differnet.store import load_model
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     with EmbeddedRedis(out / "redis") as server:
         client = client_from_url(server.url)
         s = Streams(line.id)
-        client.delete(
-            *[s.frames(c) for c in manifest["cameras"]], s.views, s.scores, s.verdicts, s.done
-        )
+        reset_line(client, line.id, manifest["cameras"])
         ray.init(
             num_cpus=max(2, int(line_cpus(line) + 1)),
             include_dashboard=False,

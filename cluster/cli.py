@@ -234,14 +234,6 @@ def _start_ray(address: str | None, cpus_needed: float) -> None:
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
 
 
-def _reset_line(client, line: str, cameras: list[str]) -> None:
-    """Forget a previous run of a replayed line: its product numbers start again at 0."""
-    from .streams import Streams
-
-    s = Streams(line)
-    client.delete(*[s.frames(c) for c in cameras], s.views, s.scores, s.verdicts, s.done)
-
-
 @app.command()
 def run(
     config: Path = typer.Option(..., "--config", help="YAML line file"),
@@ -255,6 +247,7 @@ def run(
     from .config import ConfigError, load_settings
     from .graph import drain_and_stop, line_cpus, start_line
     from .redis_conn import RedisUnavailable, open_redis
+    from .streams import reset_line
 
     try:
         settings = load_settings(config)
@@ -274,7 +267,7 @@ def run(
     try:
         for line in settings.lines:
             if replay:
-                _reset_line(client, line.id, [c.id for c in line.cameras])
+                reset_line(client, line.id, [c.id for c in line.cameras])
             model_dir = line.model_dir or settings.model_dir / line.id
             if not (Path(model_dir) / "model.json").exists():
                 raise fail(
@@ -320,6 +313,7 @@ def demo(
     from . import demo as line_demo
     from .graph import backlog, drain_and_stop, line_cpus, sources_done, start_line
     from .redis_conn import EmbeddedRedis, client_from_url
+    from .streams import reset_line
 
     if not (data / "train" / "good").is_dir():
         raise fail(f"{data}: no data in MVTec AD layout (train/good); pass --data DIR")
@@ -394,7 +388,7 @@ def demo(
 
     with EmbeddedRedis(out / "redis") as server:
         client = client_from_url(server.url)
-        _reset_line(client, line.id, manifest["cameras"])
+        reset_line(client, line.id, manifest["cameras"])
         _start_ray(None, line_cpus(line))
         try:
             elapsed = line_demo.timer()

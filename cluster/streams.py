@@ -36,3 +36,9 @@ class Streams:
     detect_group = "detect"
     score_group = "score"
     aggregate_group = "aggregate"
+
+
+def reset_line(client, line: str, cameras: list[str]) -> None:
+    """Forget a previous run of a replayed line: its product numbers start again at 0."""
+    s = Streams(line)
+    client.delete(*[s.frames(c) for c in cameras], s.views, s.scores, s.verdicts, s.done)
