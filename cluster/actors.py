@@ -18,6 +18,7 @@ import redis
 from schemas import CameraFrame, ProductView, ViewScore
 from schemas.base import SchemaError
 from workers.images import ImageError
+from workers.samples import SampleStore
 from workers.stages import CameraIngest, DetectMatte, NoProductFound, VerdictJoin, ViewScorer
 
 from .bus import StreamBus
@@ -25,6 +26,8 @@ from .streams import Streams
 
 # Entries pending at one consumer for this long are taken over by another.
 RECLAIM_IDLE_MS = 15_000
+# The aggregator applies the sample store's retention once per this many verdicts.
+PRUNE_EVERY = 256
 
 
 class _Loop:
@@ -160,6 +163,7 @@ class ScorerActor(_Loop):
         model_dir: str,
         threshold: float | None = None,
         batch_size: int = 8,
+        sample_dir: str | None = None,
     ):
         super().__init__(redis_url, maxlen)
         from workers.differnet.store import load_model
@@ -167,6 +171,7 @@ class ScorerActor(_Loop):
         self.streams = Streams(line)
         self.consumer = f"score-{replica}"
         self.batch_size = batch_size
+        self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
         self.scorer = ViewScorer(load_model(Path(model_dir)), threshold)
         self.bus.ensure_group(self.streams.views, self.streams.score_group)
 
@@ -204,8 +209,7 @@ class ScorerActor(_Loop):
                 self._score_one(d)
             return
         for d, score in zip(batch, scores, strict=True):
-            self.bus.publish(self.streams.scores, score)
-            self.bus.ack(d)
+            self._publish(d, score)
         self.count("scored", len(batch))
 
     def _score_one(self, d) -> None:
@@ -215,9 +219,16 @@ class ScorerActor(_Loop):
             self.bus.dead_letter(d.stream, d.group, d.entry_id, d.message.to_entry(), str(exc))
             self.count("dead_lettered")
             return
+        self._publish(d, score)
+        self.count("scored")
+
+    def _publish(self, d, score: ViewScore) -> None:
+        # The crop is stored before the score is published: whoever sees the verdict finds it.
+        if self.samples is not None:
+            view = d.message
+            self.samples.put_view(view.line, view.product_seq, view.camera, view.image)
         self.bus.publish(self.streams.scores, score)
         self.bus.ack(d)
-        self.count("scored")
 
 
 @ray.remote
@@ -225,9 +236,20 @@ class AggregatorActor(_Loop):
     """View scores of all cameras -> one verdict per product, exactly once."""
 
     def __init__(
-        self, redis_url: str, maxlen: int, line: str, cameras: list[str], timeout_s: float = 10.0
+        self,
+        redis_url: str,
+        maxlen: int,
+        line: str,
+        cameras: list[str],
+        timeout_s: float = 10.0,
+        sample_dir: str | None = None,
+        keep_products: int | None = None,
+        keep_seconds: float | None = None,
     ):
         super().__init__(redis_url, maxlen)
+        self.line = line
+        self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
+        self.retention = (keep_products, keep_seconds)
         self.streams = Streams(line)
         self.join = VerdictJoin(line, cameras, timeout_s)
         self.consumer = "aggregate-0"
@@ -270,6 +292,8 @@ class AggregatorActor(_Loop):
 
     def _publish(self, verdict) -> None:
         entries = self._entries.pop(verdict.product_seq, [])
+        if self.samples is not None:
+            self.samples.put_verdict(self.line, verdict.product_seq, verdict.model_dump_json())
         pipe = self.bus.client.pipeline(transaction=True)
         pipe.xadd(
             self.streams.verdicts, verdict.to_entry(), maxlen=self.bus.maxlen, approximate=True
@@ -281,6 +305,15 @@ class AggregatorActor(_Loop):
         self.count(f"verdicts_{verdict.status}")
         if verdict.decision == "defect":
             self.count("defects")
+        if (
+            self.samples is not None
+            and sum(
+                self.counters.get(f"verdicts_{s}", 0) for s in ("complete", "incomplete", "error")
+            )
+            % PRUNE_EVERY
+            == 0
+        ):
+            self.count("samples_pruned", self.samples.prune(self.line, *self.retention))
 
 
 def wait_ready(actors: list, timeout_s: float = 120.0) -> None:

@@ -216,10 +216,6 @@ def score(
         raise fail(f"{failed} of {len(images)} images could not be read", code=2)
 
 
-if __name__ == "__main__":
-    app()
-
-
 def _start_ray(address: str | None, cpus_needed: float) -> None:
     import math
     import os
@@ -275,7 +271,14 @@ def run(
                     f"(train one: defectflow train DATA --out {model_dir})"
                 )
             running.append(
-                start_line(line, redis_for_actors, Path(model_dir), maxlen=settings.stream_maxlen)
+                start_line(
+                    line,
+                    redis_for_actors,
+                    Path(model_dir),
+                    maxlen=settings.stream_maxlen,
+                    sample_dir=settings.sample_dir.resolve(),
+                    retention=settings.samples,
+                )
             )
             console.print(
                 f"line [bold]{line.id}[/]: {len(line.cameras)} cameras, model {model_dir}"
@@ -485,3 +488,10 @@ def detector_bootstrap(
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     typer.echo(json.dumps(report))
+
+
+# The QA commands (verdicts, label, dashboard, report) live in their own module.
+from . import qa_cli  # noqa: E402, F401
+
+if __name__ == "__main__":
+    app()

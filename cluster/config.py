@@ -74,6 +74,14 @@ class LineConfig(_Strict):
         return self
 
 
+class SampleConfig(_Strict):
+    """Where the views and verdicts of inspected products are kept for QA, and for how long."""
+
+    dir: Path | None = Field(default=None, description="default: <data_dir>/samples")
+    max_products: int | None = Field(default=100_000, ge=1, description="per line")
+    max_age_h: float | None = Field(default=24 * 14, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DEFECTFLOW_", env_nested_delimiter="__", extra="forbid"
@@ -87,6 +95,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".defectflow")
     model_dir: Path = Path(".defectflow/models")
     stream_maxlen: int = Field(default=100_000, ge=100)
+    samples: SampleConfig = Field(default_factory=SampleConfig)
     lines: list[LineConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -95,6 +104,10 @@ class Settings(BaseSettings):
         if len(set(ids)) != len(ids):
             raise ValueError(f"line ids must be unique, got {ids}")
         return self
+
+    @property
+    def sample_dir(self) -> Path:
+        return self.samples.dir or self.data_dir / "samples"
 
     @classmethod
     def settings_customise_sources(

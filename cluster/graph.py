@@ -10,7 +10,7 @@ import ray
 import redis
 
 from .actors import AggregatorActor, CameraIngestActor, DetectMatteActor, ScorerActor
-from .config import LineConfig
+from .config import LineConfig, SampleConfig
 from .streams import Streams
 
 # Restarted by Ray when they die, the in-flight `run` call retried on the new instance; a second
@@ -71,18 +71,34 @@ def start_line(
     *,
     maxlen: int = 100_000,
     resources: LineResources | None = None,
+    sample_dir: Path | None = None,
+    retention: SampleConfig | None = None,
 ) -> RunningLine:
+    """Start one line's actors. With ``sample_dir``, every view and verdict is kept there."""
     res = resources or default_resources()
+    retention = retention or SampleConfig()
+    samples = str(sample_dir) if sample_dir else None
     cams = [c.id for c in line.cameras]
     running = RunningLine(line)
     running.aggregator = AggregatorActor.options(
         num_cpus=res.aggregate_cpus, **ACTOR_OPTIONS
-    ).remote(redis_url, maxlen, line.id, cams, line.view_timeout_s)
+    ).remote(
+        redis_url,
+        maxlen,
+        line.id,
+        cams,
+        line.view_timeout_s,
+        samples,
+        retention.max_products,
+        retention.max_age_h * 3600 if retention.max_age_h else None,
+    )
     for i in range(line.replicas.score):
         running.score.append(
             ScorerActor.options(
                 num_cpus=res.score_cpus, num_gpus=res.score_gpus, **ACTOR_OPTIONS
-            ).remote(redis_url, maxlen, line.id, i, str(model_dir), line.threshold)
+            ).remote(
+                redis_url, maxlen, line.id, i, str(model_dir), line.threshold, sample_dir=samples
+            )
         )
     for i in range(line.replicas.detect):
         running.detect.append(

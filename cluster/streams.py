@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.samples import SampleStore
+
 
 @dataclass(frozen=True)
 class Streams:
@@ -29,6 +31,11 @@ class Streams:
         return f"labels:{self.line}"
 
     @property
+    def label_index(self) -> str:
+        """Hash: ``product_id`` or ``product_id/camera`` -> the label QA gave it."""
+        return f"labels-latest:{self.line}"
+
+    @property
     def done(self) -> str:
         """Set of product sequence numbers that already have their verdict."""
         return f"verdicts-done:{self.line}"
@@ -38,7 +45,20 @@ class Streams:
     aggregate_group = "aggregate"
 
 
-def reset_line(client, line: str, cameras: list[str]) -> None:
-    """Forget a previous run of a replayed line: its product numbers start again at 0."""
+def reset_line(client, line: str, cameras: list[str], samples: SampleStore | None = None) -> None:
+    """Forget a previous run of a replayed line: its product numbers start again at 0.
+
+    Its labels and stored samples go too: they would name the new run's products.
+    """
     s = Streams(line)
-    client.delete(*[s.frames(c) for c in cameras], s.views, s.scores, s.verdicts, s.done)
+    client.delete(
+        *[s.frames(c) for c in cameras],
+        s.views,
+        s.scores,
+        s.verdicts,
+        s.done,
+        s.labels,
+        s.label_index,
+    )
+    if samples is not None:
+        samples.forget_line(line)

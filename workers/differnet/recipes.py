@@ -125,6 +125,15 @@ def train_from_folder(
     return metadata
 
 
+def defect_map_overlay(bundle: ModelBundle, image_path: Path) -> bytes:
+    """PNG of the image beside its defect map (heat overlay); the alpha of a matted crop counts."""
+    from .reports import overlay_png
+
+    rgb, alpha = load_with_alpha(image_path)
+    result = bundle.model.defect_maps([bundle.model.prepare(rgb, alpha)])[0]
+    return overlay_png(rgb, result.defect_map)
+
+
 def score_images(
     model: DifferNet, images: list[PreparedImage], batch: int = 8
 ) -> list[ScoredImage]:
