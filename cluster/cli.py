@@ -304,6 +304,9 @@ def demo(
     train_products: int = typer.Option(120, min=4, help="good products the line learns from"),
     retrain: bool = typer.Option(False, help="train again even if OUT/model exists"),
     seed: int = typer.Option(0),
+    dashboard_port: int | None = typer.Option(
+        None, help="also serve the QA dashboard on this port, until Ctrl-C after the run"
+    ),
 ):
     """The main job on the embedded defaults: train, simulate a 4-camera line, inspect it live."""
     import ray
@@ -312,6 +315,7 @@ def demo(
 
     from workers.datasets import DatasetError
     from workers.differnet.store import ModelError, load_model
+    from workers.samples import SampleStore
 
     from . import demo as line_demo
     from .graph import backlog, drain_and_stop, line_cpus, sources_done, start_line
@@ -389,13 +393,15 @@ def demo(
             table.add_row(*row)
         return table
 
+    samples = SampleStore(out / "samples")
     with EmbeddedRedis(out / "redis") as server:
         client = client_from_url(server.url)
-        reset_line(client, line.id, manifest["cameras"])
+        reset_line(client, line.id, manifest["cameras"], samples)
+        web = _serve_dashboard(client, samples, model_dir, line.id, dashboard_port)
         _start_ray(None, line_cpus(line))
         try:
             elapsed = line_demo.timer()
-            running = start_line(line, server.url, model_dir)
+            running = start_line(line, server.url, model_dir, sample_dir=samples.root.resolve())
             last = "0"
             with Live(render(), console=console, refresh_per_second=4) as live:
                 while not (sources_done(running) and backlog(client, running) == 0):
@@ -409,13 +415,44 @@ def demo(
         finally:
             ray.shutdown()
         dead = client.xlen("deadletter")
-    summary = line_demo.summarize(manifest, verdicts, seconds, dead)
-    line_demo.write_outputs(out, out / "line-test", manifest, verdicts, manifest["spec"]["fps"])
-    (out / "summary.json").write_text(
-        json.dumps(summary.to_dict() | {"actors": stats}, indent=2) + "\n"
-    )
-    console.print(f"annotated videos, verdicts.jsonl and summary.json in {out}")
-    typer.echo(json.dumps(summary.to_dict()))
+        summary = line_demo.summarize(manifest, verdicts, seconds, dead)
+        line_demo.write_outputs(out, out / "line-test", manifest, verdicts, manifest["spec"]["fps"])
+        (out / "summary.json").write_text(
+            json.dumps(summary.to_dict() | {"actors": stats}, indent=2) + "\n"
+        )
+        console.print(f"annotated videos, verdicts.jsonl and summary.json in {out}")
+        typer.echo(json.dumps(summary.to_dict()))
+        if web is not None:
+            console.print(f"dashboard still on http://127.0.0.1:{dashboard_port}/ (Ctrl-C to stop)")
+            try:
+                while web.is_alive():
+                    web.join(0.5)
+            except KeyboardInterrupt:
+                pass
+
+
+def _serve_dashboard(client, samples, model_dir: Path, line_id: str, port: int | None):
+    """The QA dashboard in a background thread of this process (None without a port)."""
+    if port is None:
+        return None
+    import os
+    import secrets
+    import threading
+
+    import uvicorn
+
+    from workers.differnet.store import load_model
+
+    from .dashboard import create_app
+
+    token = os.environ.get("DEFECTFLOW_DASHBOARD_TOKEN") or secrets.token_urlsafe(18)
+    bundle = load_model(model_dir)
+    web = create_app(client, samples, token, lambda line: bundle, [line_id])
+    server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
+    thread.start()
+    console.print(f"QA dashboard on http://127.0.0.1:{port}/  labelling token: {token}")
+    return thread
 
 
 def _parse_size(size: str) -> tuple[int, int]:
