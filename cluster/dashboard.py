@@ -8,6 +8,7 @@ computed on demand with the line's model and cached beside the crops.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 import time
@@ -28,8 +29,10 @@ from .qa import LabelError, labels_of, line_ids, read_verdicts, record_label
 from .streams import Streams
 
 WEB = Path(__file__).parent / "web"
-# An SSE comment this often keeps proxies from closing a quiet feed and notices gone clients.
-KEEPALIVE_MS = 5000
+_ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
+# Each read of the feed blocks this long (under redis-py's 5 s socket timeout); a quiet one sends
+# an SSE comment, which keeps proxies from closing the feed and notices clients that left.
+POLL_MS = 1000
 
 # ModelFor(line) -> a loaded model bundle, or None when the line has no model here.
 ModelFor = Callable[[str], object]
@@ -121,9 +124,14 @@ def create_app(
         }
 
     @app.get("/api/lines/{line}/events")
-    def events(line: str, request: Request) -> StreamingResponse:
-        # EventSource sends Last-Event-ID when it reconnects: resume exactly there.
-        start = request.headers.get("last-event-id") or "$"
+    def events(line: str, request: Request, after: str | None = None) -> StreamingResponse:
+        """Verdicts published after entry ``after`` (default: from now on), as they come.
+
+        EventSource sends Last-Event-ID when it reconnects: the feed resumes exactly there.
+        """
+        start = request.headers.get("last-event-id") or after or "$"
+        if start != "$" and not _ENTRY_ID.match(start):
+            raise HTTPException(422, f"not a stream entry id: {start!r}")
         return StreamingResponse(
             _verdict_events(client, Streams(line).verdicts, start),
             media_type="text/event-stream",
@@ -216,7 +224,7 @@ def _verdict_events(client: redis.Redis, stream: str, start: str) -> Iterator[st
     last = start
     yield "retry: 2000\n\n"
     while True:
-        batch = client.xread({stream: last}, block=KEEPALIVE_MS, count=100)
+        batch = client.xread({stream: last}, block=POLL_MS, count=100)
         if not batch:
             yield ": keepalive\n\n"
             continue

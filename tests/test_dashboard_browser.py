@@ -1,0 +1,128 @@
+"""The QA dashboard in a real headless Chromium, during a small `defectflow demo` run.
+
+Needs Debian's `chromium` (`.ci/run` installs it); Playwright drives that binary, nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+from schemas import Label
+from tests.synthetic import make_dataset
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TOKEN = "browser-test-token"
+# What a headless Chromium needs on a machine with no network and no display.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"demo exited early with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s")
+
+
+def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    data = make_dataset(tmp_path / "data", n_train=10, n_good=6, n_defect=4)
+    out = tmp_path / "out"
+    port = free_port()
+    demo = [sys.executable, "-m", "cluster.cli", "demo", "--data", str(data), "--out", str(out)]
+    demo += ["--products", "6", "--train-products", "6", "--epochs", "2"]
+    demo += ["--dashboard-port", str(port)]
+    log = (tmp_path / "demo.log").open("w")
+    process = subprocess.Popen(
+        demo,
+        env=os.environ | {"DEFECTFLOW_DASHBOARD_TOKEN": TOKEN},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/api/lines", process, timeout_s=240)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(base + "/")
+            # Verdicts arrive while the line runs (live feed) or are listed on load.
+            expect(page.locator("#feed tr").first).to_be_visible(timeout=180_000)
+            expect(page.locator("#line")).to_have_value("demo")
+            first = page.locator("#feed tr a").first
+            product_id = first.inner_text()
+            first.click()
+            expect(page.locator(".view")).to_have_count(4, timeout=30_000)
+            # A crop, then its defect map, computed by the model on demand.
+            page.locator(".view button").first.click()
+            map_image = page.locator("img.map").first
+            expect(map_image).to_be_visible(timeout=60_000)
+            page.wait_for_function(
+                "() => document.querySelector('img.map').naturalWidth > 0", timeout=60_000
+            )
+            # Without the token, labelling is refused; with it, saved.
+            page.locator("#mark-good").click()
+            expect(page.locator("#label-result")).to_contain_text("refused", timeout=10_000)
+            page.fill("#token", TOKEN)
+            page.fill("#note", "checked by the browser test")
+            page.locator("#mark-good").click()
+            expect(page.locator("#label-result")).to_contain_text("saved: good", timeout=10_000)
+            expect(page.locator("#current-label")).to_have_text("labelled good")
+            page.screenshot(path=str(tmp_path / "product.png"), full_page=True)
+            browser.close()
+
+        client = redis.Redis(unix_socket_path=str(out / "redis" / "redis.sock"))
+        [(_, fields)] = client.xrange("labels:demo")
+        label = Label.from_entry(fields)
+        assert (label.product_id, label.label) == (product_id, "good")
+        assert label.note == "checked by the browser test"
+        # The run ends; the dashboard stays up until Ctrl-C.
+        deadline = time.monotonic() + 180
+        while not (out / "summary.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        urllib.request.urlopen(f"{base}/api/lines", timeout=5).read()
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        log.close()
+    assert code == 0, (tmp_path / "demo.log").read_text()[-3000:]
