@@ -94,7 +94,10 @@ def test_since_accepts_relative_iso_and_epoch_times():
     assert parse_since("2h", now) == now - 7200
     assert parse_since("1.5d", now) == now - 1.5 * 86400
     assert parse_since("12345.5", now) == 12345.5
-    assert parse_since("2026-11-29T08:00:00+00:00") == datetime(2026, 11, 29, 8, tzinfo=UTC).timestamp()
+    assert (
+        parse_since("2026-11-29T08:00:00+00:00")
+        == datetime(2026, 11, 29, 8, tzinfo=UTC).timestamp()
+    )
     with pytest.raises(ValueError, match="cannot read time"):
         parse_since("yesterday")
 
