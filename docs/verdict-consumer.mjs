@@ -1,0 +1,32 @@
+// A QA system's verdict consumer in Node.js (npm install redis@4).
+// Usage: node verdict-consumer.mjs redis://host:6379 LINE [STOP_AFTER]
+import { createClient } from "redis";
+
+const [url, line, stopAfter] = process.argv.slice(2);
+const stream = `verdicts:${line}`;
+const group = "qa-system"; // one group per consuming system: each gets every verdict
+const consumer = "qa-1"; // several consumers in a group share the work
+
+const client = createClient({ url });
+await client.connect();
+try {
+  await client.xGroupCreate(stream, group, "0", { MKSTREAM: true }); // "0": from the start
+} catch (err) {
+  if (!String(err).includes("BUSYGROUP")) throw err; // the group already exists
+}
+
+let seen = 0;
+while (!stopAfter || seen < Number(stopAfter)) {
+  const reply = await client.xReadGroup(group, consumer, { key: stream, id: ">" }, { COUNT: 10, BLOCK: 2000 });
+  for (const { id, message } of reply?.[0]?.messages ?? []) {
+    // Entry fields: kind, v (schema version), meta (JSON, see verdict.v1.schema.json).
+    if (message.kind === "verdict" && message.v === "1") {
+      const v = JSON.parse(message.meta);
+      const bad = v.views.filter((r) => r.is_defect).map((r) => r.camera);
+      console.log(JSON.stringify({ id, product: v.product_id, decision: v.decision, status: v.status, defective_views: bad }));
+    }
+    await client.xAck(stream, group, id); // acknowledged only once handled
+    seen += 1;
+  }
+}
+await client.quit();
