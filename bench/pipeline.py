@@ -20,9 +20,9 @@ import ray
 from bench.report import emit
 from cluster.config import ReplicaConfig
 from cluster.demo import line_config, simulate_test_line, summarize, train_line_model
-from cluster.graph import drain_and_stop, line_cpus, start_line
+from cluster.graph import drain_and_stop, line_cpus, replay_line, start_line
 from cluster.redis_conn import EmbeddedRedis, client_from_url
-from cluster.streams import Streams, reset_line
+from cluster.streams import Streams
 from schemas import ProductView, Verdict
 from workers.detect import read_frames
 from workers.differnet.store import load_model
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     with EmbeddedRedis(out / "redis") as server:
         client = client_from_url(server.url)
         s = Streams(line.id)
-        reset_line(client, line.id, manifest["cameras"])
+        replay_line(client, line, out / "model")
         ray.init(
             num_cpus=max(2, int(line_cpus(line) + 1)),
             include_dashboard=False,

@@ -15,13 +15,21 @@ from pathlib import Path
 import ray
 import redis
 
-from schemas import CameraFrame, ProductView, ViewScore
+from schemas import (
+    CameraFrame,
+    Label,
+    ProductView,
+    RetrainOutcome,
+    RetrainRequest,
+    ViewScore,
+)
 from schemas.base import SchemaError
 from workers.images import ImageError
 from workers.samples import SampleStore
 from workers.stages import CameraIngest, DetectMatte, NoProductFound, VerdictJoin, ViewScorer
 
 from .bus import StreamBus
+from .registry import Registry, RegistryError
 from .streams import Streams
 
 # Entries pending at one consumer for this long are taken over by another.
@@ -160,23 +168,58 @@ class ScorerActor(_Loop):
         maxlen: int,
         line: str,
         replica: int,
-        model_dir: str,
         threshold: float | None = None,
         batch_size: int = 8,
         sample_dir: str | None = None,
     ):
         super().__init__(redis_url, maxlen)
-        from workers.differnet.store import load_model
-
         self.streams = Streams(line)
         self.consumer = f"score-{replica}"
         self.batch_size = batch_size
+        self.threshold = threshold
         self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
-        self.scorer = ViewScorer(load_model(Path(model_dir)), threshold)
+        self.registry = Registry(self.bus.client, line)
+        self.scorer: ViewScorer | None = None
+        self.shadow: ViewScorer | None = None
+        self._refused: str | None = None
+        self._follow_registry()
+        if self.scorer is None:
+            raise RuntimeError(f"line {line}: no usable active model in the registry")
         self.bus.ensure_group(self.streams.views, self.streams.score_group)
 
     def model_version(self) -> str:
-        return self.scorer.bundle.version
+        return self.scorer.version
+
+    def _follow_registry(self) -> None:
+        """Between batches: switch to a newly active version, start or stop shadow scoring.
+
+        A version that fails to load is refused here too (counted); the current one goes on.
+        """
+        active, shadow = self.registry.active_id(), self.registry.shadow_id()
+        current = self.scorer.version if self.scorer else None
+        if active and active not in (current, self._refused):
+            loaded = self._load(active)
+            if loaded is None:
+                self._refused = active  # not tried again until another version is activated
+            else:
+                self.count("model_swaps" if self.scorer else "model_loads")
+                self.scorer = loaded
+        if shadow is None:
+            self.shadow = None
+        elif shadow != self._refused and (self.shadow is None or self.shadow.version != shadow):
+            self.shadow = self._load(shadow)
+            if self.shadow is None:
+                self._refused = shadow
+
+    def _load(self, version_id: str) -> ViewScorer | None:
+        from workers.differnet.store import ModelError, load_model
+
+        try:
+            bundle = load_model(Path(self.registry.get(version_id).path))
+        except (ModelError, RegistryError):
+            self.count("model_load_failures")
+            return None
+        return ViewScorer(bundle, self.threshold)
 
     def run(self) -> dict:
         stream, group = self.streams.views, self.streams.score_group
@@ -198,6 +241,7 @@ class ScorerActor(_Loop):
             if batch:
                 self._score(batch)
             batch = []
+            self._follow_registry()
         return self.stats()
 
     def _score(self, batch) -> None:
@@ -211,6 +255,11 @@ class ScorerActor(_Loop):
         for d, score in zip(batch, scores, strict=True):
             self._publish(d, score)
         self.count("scored", len(batch))
+        if self.shadow is not None:
+            # The candidate's opinion is recorded, never acted on.
+            for score in self.shadow.score([d.message for d in batch]):
+                self.bus.publish(self.streams.shadow_scores, score)
+            self.count("shadow_scored", len(batch))
 
     def _score_one(self, d) -> None:
         try:
@@ -318,3 +367,121 @@ class AggregatorActor(_Loop):
 
 def wait_ready(actors: list, timeout_s: float = 120.0) -> None:
     ray.get([a.ping.remote() for a in actors], timeout=timeout_s)
+
+
+@ray.remote
+class TrainerActor(_Loop):
+    """Learns from QA: collects labelled good views, retrains, judges and publishes candidates.
+
+    Retrains when ``after_good_labels`` new good views have been labelled, or when asked on
+    ``retrain-requests:{line}`` (`defectflow retrain`). Each outcome goes to
+    ``model-events:{line}``. Products whose views a promoted model learned are remembered in
+    ``retrain-used:{line}`` and not learned twice.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        maxlen: int,
+        line: str,
+        sample_dir: str,
+        candidates_dir: str,
+        retrain: dict,
+        target_tpr: float = 0.85,
+    ):
+        super().__init__(redis_url, maxlen)
+        from .config import RetrainConfig
+
+        self.line = line
+        self.streams = Streams(line)
+        self.samples = SampleStore(Path(sample_dir))
+        self.candidates_dir = Path(candidates_dir)
+        self.config = RetrainConfig.model_validate(retrain)
+        self.target_tpr = target_tpr
+        self.registry = Registry(self.bus.client, line)
+        self.used_key = f"retrain-used:{line}"
+        self.consumer = "trainer-0"
+        for stream in (self.streams.labels, self.streams.retrain_requests):
+            self.bus.ensure_group(stream, "trainer")
+
+    def run(self) -> dict:
+        labels, requests = self.streams.labels, self.streams.retrain_requests
+        # Entries a crashed instance had counted (the count is in Redis) but not acknowledged.
+        for stream, kind in ((labels, Label), (requests, RetrainRequest)):
+            self.bus.ack(
+                *self.bus.consume(stream, "trainer", self.consumer, kind, own_pending=True)
+            )
+        while not self._stop.is_set():
+            new_labels = self.bus.consume(
+                labels, "trainer", self.consumer, Label, count=100, block_ms=250
+            )
+            asked = self.bus.consume(
+                requests, "trainer", self.consumer, RetrainRequest, count=10, block_ms=250
+            )
+            new_good = sum(d.message.label == "good" for d in new_labels)
+            if new_good:
+                self.bus.client.incrby(self._pending_key, new_good)
+            pending = int(self.bus.client.get(self._pending_key) or 0)
+            if asked:
+                self._retrain(f"requested by {asked[-1].message.by}")
+            elif self.config.enabled and pending >= self.config.after_good_labels:
+                self._retrain(f"{pending} new good labels")
+            self.bus.ack(*new_labels, *asked)
+        return self.stats()
+
+    @property
+    def _pending_key(self) -> str:
+        return f"retrain-pending:{self.line}"
+
+    def _retrain(self, trigger: str) -> None:
+        import time
+
+        from workers.differnet.learning import RetrainError, gather_labelled, retrain
+        from workers.differnet.store import ModelError
+        from workers.differnet.training import TrainingOptions
+
+        from .qa import labels_of
+
+        event: dict = {"line": self.line, "trigger": trigger, "at": time.time()}
+        active = self.registry.active()
+        used = {v.decode() for v in self.bus.client.smembers(self.used_key)}
+        pool = gather_labelled(
+            labels_of(self.bus.client, self.line), self.samples, self.config.holdout, used
+        )
+        event |= {"n_new_good_views": pool.n_train_views, "n_validation": len(pool.validation)}
+        try:
+            if active is None:
+                raise RetrainError("no active model to start from")
+            out = self.candidates_dir / time.strftime("%Y%m%d-%H%M%S")
+            epochs = self.config.epochs or (10 if self.config.mode == "finetune" else 40)
+            result = retrain(
+                Path(active.path),
+                out,
+                [p for views in pool.train_views.values() for p in views],
+                pool.validation,
+                mode=self.config.mode,
+                options=TrainingOptions(epochs=epochs),
+                target_tpr=self.target_tpr,
+            )
+        except (RetrainError, ModelError) as exc:
+            event |= {"outcome": "not retrained", "why": str(exc)}
+        else:
+            candidate = self.registry.register(out, parent=active.id)
+            judgement = result.judgement
+            event |= {
+                "candidate": candidate.id,
+                "parent": active.id,
+                "why": judgement.reason,
+                "candidate_metrics": judgement.candidate,
+                "active_metrics": judgement.parent,
+                "retrain_seconds": round(result.retrain_seconds, 1),
+            }
+            if judgement.publishable and self.config.auto_promote:
+                self.registry.promote(candidate.id)
+                self.bus.client.sadd(self.used_key, *pool.train_views)
+                event["outcome"] = "promoted"
+            else:
+                event["outcome"] = "candidate" if judgement.publishable else "rejected"
+        self.count(f"retrain_{event['outcome'].replace(' ', '_')}")
+        self.bus.client.set(self._pending_key, 0)
+        self.bus.publish(self.streams.model_events, RetrainOutcome(**event))

@@ -243,6 +243,7 @@ def run(
     from .config import ConfigError, load_settings
     from .graph import drain_and_stop, line_cpus, start_line
     from .redis_conn import RedisUnavailable, open_redis
+    from .registry import Registry
     from .streams import reset_line
 
     try:
@@ -265,7 +266,8 @@ def run(
             if replay:
                 reset_line(client, line.id, [c.id for c in line.cameras])
             model_dir = line.model_dir or settings.model_dir / line.id
-            if not (Path(model_dir) / "model.json").exists():
+            active = Registry(client, line.id).active()
+            if active is None and not (Path(model_dir) / "model.json").exists():
                 raise fail(
                     f"line {line.id}: no model in {model_dir} "
                     f"(train one: defectflow train DATA --out {model_dir})"
@@ -278,10 +280,13 @@ def run(
                     maxlen=settings.stream_maxlen,
                     sample_dir=settings.sample_dir.resolve(),
                     retention=settings.samples,
+                    candidates_dir=(settings.model_dir / line.id / "candidates").resolve(),
                 )
             )
+            version = Registry(client, line.id).active()
             console.print(
-                f"line [bold]{line.id}[/]: {len(line.cameras)} cameras, model {model_dir}"
+                f"line [bold]{line.id}[/]: {len(line.cameras)} cameras, "
+                f"model {version.id} ({version.path})"
             )
         try:
             stats = drain_and_stop(client, running, timeout_s=float("inf"))
@@ -318,9 +323,8 @@ def demo(
     from workers.samples import SampleStore
 
     from . import demo as line_demo
-    from .graph import backlog, drain_and_stop, line_cpus, sources_done, start_line
+    from .graph import backlog, drain_and_stop, line_cpus, replay_line, sources_done, start_line
     from .redis_conn import EmbeddedRedis, client_from_url
-    from .streams import reset_line
 
     if not (data / "train" / "good").is_dir():
         raise fail(f"{data}: no data in MVTec AD layout (train/good); pass --data DIR")
@@ -396,12 +400,18 @@ def demo(
     samples = SampleStore(out / "samples")
     with EmbeddedRedis(out / "redis") as server:
         client = client_from_url(server.url)
-        reset_line(client, line.id, manifest["cameras"], samples)
+        replay_line(client, line, model_dir, samples)
         web = _serve_dashboard(client, samples, model_dir, line.id, dashboard_port)
         _start_ray(None, line_cpus(line))
         try:
             elapsed = line_demo.timer()
-            running = start_line(line, server.url, model_dir, sample_dir=samples.root.resolve())
+            running = start_line(
+                line,
+                server.url,
+                model_dir,
+                sample_dir=samples.root.resolve(),
+                candidates_dir=(out / "candidates").resolve(),
+            )
             last = "0"
             with Live(render(), console=console, refresh_per_second=4) as live:
                 while not (sources_done(running) and backlog(client, running) == 0):
@@ -527,8 +537,9 @@ def detector_bootstrap(
     typer.echo(json.dumps(report))
 
 
-# The QA commands (verdicts, label, dashboard, report) live in their own module.
-from . import qa_cli  # noqa: E402, F401
+# The QA commands (verdicts, label, dashboard, report) and the model lifecycle commands (models,
+# retrain) live in their own modules.
+from . import learning_cli, qa_cli  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

@@ -8,7 +8,7 @@ checked-in line file at another Redis without editing it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -53,6 +53,19 @@ class ReplicaConfig(_Strict):
     score: int = Field(default=1, ge=1, le=256)
 
 
+class RetrainConfig(_Strict):
+    """When and how a line's trainer learns from QA's labels."""
+
+    enabled: bool = True
+    after_good_labels: int = Field(default=100, ge=1, description="new good views that trigger it")
+    mode: Literal["finetune", "scratch"] = "finetune"
+    epochs: int | None = Field(default=None, ge=1, le=1000, description="default 10 / 40 by mode")
+    holdout: float = Field(
+        default=0.2, ge=0.05, le=0.5, description="labelled good products kept for validation"
+    )
+    auto_promote: bool = Field(default=True, description="activate a candidate that passes")
+
+
 class LineConfig(_Strict):
     id: Name
     cameras: list[CameraConfig] = Field(min_length=1)
@@ -65,6 +78,7 @@ class LineConfig(_Strict):
     yolo_weights: Path | None = Field(
         default=None, description="Ultralytics weights; default: the contour detector"
     )
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     @model_validator(mode="after")
     def _unique_cameras(self):

@@ -9,9 +9,18 @@ from pathlib import Path
 import ray
 import redis
 
-from .actors import AggregatorActor, CameraIngestActor, DetectMatteActor, ScorerActor
+from workers.samples import SampleStore
+
+from .actors import (
+    AggregatorActor,
+    CameraIngestActor,
+    DetectMatteActor,
+    ScorerActor,
+    TrainerActor,
+)
 from .config import LineConfig, SampleConfig
-from .streams import Streams
+from .registry import Registry
+from .streams import Streams, reset_line
 
 # Restarted by Ray when they die, the in-flight `run` call retried on the new instance; a second
 # concurrent call (stop) reaches a running loop; replicas spread over the cluster's nodes.
@@ -32,6 +41,8 @@ class LineResources:
     score_cpus: float = 1.0
     score_gpus: float = 0.0
     aggregate_cpus: float = 0.1
+    # Scheduling weight only: a retraining borrows the cores while it runs.
+    train_cpus: float = 0.5
 
 
 def default_resources() -> LineResources:
@@ -47,6 +58,7 @@ def line_cpus(line: LineConfig, res: LineResources | None = None) -> float:
         + line.replicas.detect * res.detect_cpus
         + line.replicas.score * res.score_cpus
         + res.aggregate_cpus
+        + (res.train_cpus if line.retrain.enabled else 0.0)
     )
 
 
@@ -57,11 +69,14 @@ class RunningLine:
     detect: list = field(default_factory=list)
     score: list = field(default_factory=list)
     aggregator: object = None
+    trainer: object = None
     runs: dict = field(default_factory=dict)  # actor handle -> ObjectRef of its run()
 
     @property
     def workers(self) -> list:
-        return self.detect + self.score + [self.aggregator]
+        return (
+            self.detect + self.score + [self.aggregator] + ([self.trainer] if self.trainer else [])
+        )
 
 
 def start_line(
@@ -73,8 +88,10 @@ def start_line(
     resources: LineResources | None = None,
     sample_dir: Path | None = None,
     retention: SampleConfig | None = None,
+    candidates_dir: Path | None = None,
 ) -> RunningLine:
-    """Start one line's actors. With ``sample_dir``, every view and verdict is kept there."""
+    """Start one line's actors. With ``sample_dir``, every view and verdict is kept there;
+    with ``candidates_dir`` too, a trainer retrains from QA's labels and writes models there."""
     res = resources or default_resources()
     retention = retention or SampleConfig()
     samples = str(sample_dir) if sample_dir else None
@@ -92,13 +109,25 @@ def start_line(
         retention.max_products,
         retention.max_age_h * 3600 if retention.max_age_h else None,
     )
+    # The registry decides which model scores; a line's first start activates model_dir.
+    Registry(redis.Redis.from_url(redis_url), line.id).ensure_active(model_dir)
     for i in range(line.replicas.score):
         running.score.append(
             ScorerActor.options(
                 num_cpus=res.score_cpus, num_gpus=res.score_gpus, **ACTOR_OPTIONS
-            ).remote(
-                redis_url, maxlen, line.id, i, str(model_dir), line.threshold, sample_dir=samples
-            )
+            ).remote(redis_url, maxlen, line.id, i, line.threshold, sample_dir=samples)
+        )
+    if samples and candidates_dir and line.retrain.enabled:
+        running.trainer = TrainerActor.options(
+            num_cpus=res.train_cpus, num_gpus=1 if res.score_gpus else 0, **ACTOR_OPTIONS
+        ).remote(
+            redis_url,
+            maxlen,
+            line.id,
+            samples,
+            str(candidates_dir),
+            line.retrain.model_dump(),
+            line.target_tpr,
         )
     for i in range(line.replicas.detect):
         running.detect.append(
@@ -130,6 +159,16 @@ def start_line(
         running.ingest.append(actor)
         running.runs[actor] = actor.run.remote()
     return running
+
+
+def replay_line(
+    client: redis.Redis, line: LineConfig, model_dir: Path, samples: SampleStore | None = None
+) -> None:
+    """Start a replayed line afresh (see :func:`reset_line`), inspecting with ``model_dir``
+    whatever the registry held from earlier runs."""
+    reset_line(client, line.id, [c.id for c in line.cameras], samples)
+    registry = Registry(client, line.id)
+    registry.promote(registry.register(model_dir).id)
 
 
 def sources_done(running: RunningLine) -> bool:
@@ -193,4 +232,8 @@ def drain_and_stop(client: redis.Redis, lines: list[RunningLine], timeout_s: flo
             "score": done[len(r.ingest) + len(r.detect) :],
             "aggregate": aggregate,
         }
+        if r.trainer is not None:
+            # A retraining in progress finishes first (it may take minutes).
+            r.trainer.stop.remote()
+            stats[r.config.id]["trainer"] = ray.get(r.runs[r.trainer], timeout=1800)
     return stats

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import redis
 
-from schemas import Label, Verdict
+from schemas import Label, Verdict, ViewScore
 from schemas.base import SchemaError
 from workers.samples import parse_product_id
 
@@ -127,3 +127,14 @@ def record_label(client: redis.Redis, label: Label, replace: bool = False) -> st
 def labels_of(client: redis.Redis, line: str) -> dict[str, str]:
     """Latest label per product (``product_id``) or view (``product_id/camera``)."""
     return {k.decode(): v.decode() for k, v in client.hgetall(Streams(line).label_index).items()}
+
+
+def read_scores(client: redis.Redis, stream: str) -> list[ViewScore]:
+    """Every view score still in ``stream`` (malformed entries skipped)."""
+    out = []
+    for _, fields in client.xrange(stream):
+        try:
+            out.append(ViewScore.from_entry(fields))
+        except SchemaError:
+            continue
+    return out

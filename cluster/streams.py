@@ -31,6 +31,20 @@ class Streams:
         return f"labels:{self.line}"
 
     @property
+    def shadow_scores(self) -> str:
+        """Scores of the shadow (candidate) model, beside the active one's."""
+        return f"shadow-scores:{self.line}"
+
+    @property
+    def retrain_requests(self) -> str:
+        return f"retrain-requests:{self.line}"
+
+    @property
+    def model_events(self) -> str:
+        """What the trainer did: each retraining's candidate, judgement and promotion."""
+        return f"model-events:{self.line}"
+
+    @property
     def label_index(self) -> str:
         """Hash: ``product_id`` or ``product_id/camera`` -> the label QA gave it."""
         return f"labels-latest:{self.line}"
@@ -59,6 +73,7 @@ def reset_line(client, line: str, cameras: list[str], samples: SampleStore | Non
         s.done,
         s.labels,
         s.label_index,
+        s.shadow_scores,
     )
     if samples is not None:
         samples.forget_line(line)

@@ -165,6 +165,33 @@ class ModelVersion(Message):
     parent: str | None = None
 
 
+class RetrainRequest(Message):
+    """Someone asks the line's trainer to retrain now (`defectflow retrain`)."""
+
+    kind: ClassVar[str] = "retrain_request"
+    line: Name
+    by: str = Field(min_length=1)
+    at: Timestamp
+
+
+class RetrainOutcome(Message):
+    """What one retraining did: the candidate, how it compared with the active model, and why."""
+
+    kind: ClassVar[str] = "retrain_outcome"
+    line: Name
+    at: Timestamp
+    trigger: str
+    outcome: Literal["promoted", "candidate", "rejected", "not retrained"]
+    why: str
+    candidate: str | None = None
+    parent: str | None = None
+    n_new_good_views: int = Field(ge=0)
+    n_validation: int = Field(ge=0)
+    candidate_metrics: dict[str, float | None] = Field(default_factory=dict)
+    active_metrics: dict[str, float | None] = Field(default_factory=dict)
+    retrain_seconds: float | None = Field(default=None, ge=0)
+
+
 STREAM_MESSAGES: tuple[type[Message], ...] = (
     CameraFrame,
     ProductView,
@@ -172,4 +199,6 @@ STREAM_MESSAGES: tuple[type[Message], ...] = (
     Verdict,
     Label,
     ModelVersion,
+    RetrainRequest,
+    RetrainOutcome,
 )

@@ -214,6 +214,10 @@ class ViewScorer:
         self.bundle = bundle
         self.threshold = bundle.threshold if threshold is None else threshold
 
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
     def score(self, views: list[ProductView]) -> list[ViewScore]:
         """Scores in the order of ``views``; an undecodable view raises (caller dead-letters)."""
         model = self.bundle.model

@@ -14,8 +14,8 @@ from ..datasets import Sample, fingerprint, list_test_samples, list_train_sample
 from ..images import ImageError, load_with_alpha
 from ..threshold import auroc, target_tpr_threshold
 from .model import DifferNet, DifferNetConfig, PreparedImage, ScoredImage
-from .store import ModelBundle, save_model
-from .training import Progress, TrainingOptions, _no_progress, fit
+from .store import ModelBundle, save_feature_cache, save_model
+from .training import Progress, TrainingOptions, _no_progress, embed_training_set, train_flow
 
 # on_skip(path, reason): one unreadable file is reported and skipped, never fatal.
 OnSkip = Callable[[Path, str], None]
@@ -76,12 +76,15 @@ def train_from_folder(
     val = load_samples(validation, on_skip)
     val_images = val.prepared(model)
     val_labels = [int(s.is_defect) for s in val.samples]
-    report = fit(
+    t0 = time.perf_counter()
+    cache = embed_training_set(model, train.prepared(model), options, progress)
+    report = train_flow(
         model,
-        train.prepared(model),
+        cache,
         options,
         (val_images, val_labels) if val_images else None,
         progress,
+        started=t0,
     )
 
     metrics: dict = {}
@@ -118,6 +121,8 @@ def train_from_folder(
             },
         },
     )
+    if config.head == "differnet":
+        save_feature_cache(out, cache)
     if val_images:
         from .reports import roc_plot
 

@@ -2,6 +2,8 @@
 
     MODEL_DIR/model.json                  format version, config, threshold, metrics, provenance
     MODEL_DIR/weights-<sha256[:16]>.pt    flow + feature statistics; torch.load(weights_only=True)
+    MODEL_DIR/features.pt                 optional: raw features of the training set (pooled head),
+                                          so that retraining embeds only the new images
 
 The frozen backbone is not copied: the metadata names it, and its weights come from their package
 (or from the file given at training time).
@@ -73,8 +75,11 @@ def save_model(
     return metadata
 
 
-def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
-    """Load and check a model folder; ``device`` defaults to CUDA when there is one."""
+def check_model(model_dir: Path) -> tuple[dict, DifferNetConfig, bytes]:
+    """Metadata, config and weights bytes of a model folder whose weights pass the sha256 check.
+
+    Cheap (no network is built): the registry checks a version with it before activating it.
+    """
     model_dir = Path(model_dir)
     meta_path = model_dir / METADATA_FILE
     try:
@@ -92,7 +97,7 @@ def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
         config = DifferNetConfig.model_validate(metadata["config"])
         weights_path = model_dir / metadata["weights_file"]
         expected = metadata["sha256"]
-        threshold = float(metadata["threshold"])
+        float(metadata["threshold"])
     except (KeyError, TypeError, ValueError, ValidationError) as exc:
         raise ModelError(f"{meta_path}: malformed metadata ({exc})") from None
     try:
@@ -105,6 +110,14 @@ def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
             f"{weights_path}: sha256 {actual[:16]}... does not match the metadata's "
             f"{expected[:16]}...; the file was changed or damaged"
         )
+    return metadata, config, data
+
+
+def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
+    """Load and check a model folder; ``device`` defaults to CUDA when there is one."""
+    metadata, config, data = check_model(model_dir)
+    weights_path = Path(model_dir) / metadata["weights_file"]
+    threshold = float(metadata["threshold"])
     backbone_weights = metadata.get("backbone_weights")
     model = DifferNet(config, Path(backbone_weights) if backbone_weights else None)
     try:
@@ -115,6 +128,30 @@ def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
     model.eval()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return ModelBundle(model.to(device), threshold, metadata)
+
+
+FEATURE_CACHE = "features.pt"
+
+
+def save_feature_cache(model_dir: Path, cache: torch.Tensor) -> None:
+    """Keep the training set's raw features beside the model (float16 halves the file)."""
+    tmp = Path(model_dir) / (FEATURE_CACHE + ".tmp")
+    torch.save(cache.half().contiguous(), tmp)
+    tmp.replace(Path(model_dir) / FEATURE_CACHE)
+
+
+def load_feature_cache(model_dir: Path, feature_dim: int) -> torch.Tensor | None:
+    """The training features saved with a model, or None when there are none (or unusable)."""
+    path = Path(model_dir) / FEATURE_CACHE
+    if not path.exists():
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged cache is only a lost shortcut: embed again
+        return None
+    if not isinstance(cache, torch.Tensor) or cache.dim() != 2 or cache.shape[1] != feature_dim:
+        return None
+    return cache
 
 
 def set_threshold(model_dir: Path, threshold: float, rule: dict) -> None:

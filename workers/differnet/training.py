@@ -82,17 +82,23 @@ def embed_training_set(
     return torch.cat(chunks)
 
 
-def fit(
+def train_flow(
     model: DifferNet,
-    train_images: list[PreparedImage],
+    cache: torch.Tensor,
     options: TrainingOptions,
     validation: tuple[list[PreparedImage], list[int]] | None = None,
     progress: Progress = _no_progress,
+    *,
+    fine_tune: bool = False,
+    started: float | None = None,
 ) -> TrainingReport:
-    """Train the flow; with labelled validation data, keep the epoch of best validation AUROC."""
+    """Train the flow on cached raw features; keep the epoch of best validation AUROC.
+
+    ``fine_tune`` continues from the model's current flow and feature statistics (a retrained
+    line model starts from the active one); otherwise the statistics come from ``cache``.
+    """
     torch.manual_seed(options.seed)
-    t0 = time.perf_counter()
-    cache = embed_training_set(model, train_images, options, progress)
+    t0 = time.perf_counter() if started is None else started
     val_feats = val_masks = None
     if validation is not None and len(set(validation[1])) == 2:
         with torch.no_grad():
@@ -107,11 +113,12 @@ def fit(
             )
     embed_seconds = time.perf_counter() - t0
 
-    stats = cache.float()
-    model.feature_mean.copy_(stats.mean(0).to(model.device))
-    # Max-pooled ReLU6 features can be constant: keep their scale finite.
-    model.feature_std.copy_(stats.std(0).clamp_min(1e-3).to(model.device))
-    del stats
+    if not fine_tune:
+        stats = cache.float()
+        model.feature_mean.copy_(stats.mean(0).to(model.device))
+        # Max-pooled ReLU6 features can be constant: keep their scale finite.
+        model.feature_std.copy_(stats.std(0).clamp_min(1e-3).to(model.device))
+        del stats
 
     optimizer = torch.optim.Adam(
         model.flow.parameters(), lr=options.lr, betas=(0.8, 0.8), eps=1e-4, weight_decay=1e-5
