@@ -25,7 +25,7 @@ from schemas import (
 )
 from schemas.base import SchemaError
 from workers.images import ImageError
-from workers.samples import SampleStore
+from workers.samples import SampleError, SampleStore
 from workers.stages import CameraIngest, DetectMatte, NoProductFound, VerdictJoin, ViewScorer
 
 from .bus import StreamBus
@@ -77,6 +77,7 @@ class CameraIngestActor(_Loop):
         fps: float | None = None,
         matting_model: str | None = None,
         background: str | None = None,
+        first_product: int = 0,
     ):
         super().__init__(redis_url, maxlen)
         self.ingest = CameraIngest(
@@ -86,6 +87,7 @@ class CameraIngestActor(_Loop):
             fps=fps,
             matting_model=Path(matting_model) if matting_model else None,
             background=Path(background) if background else None,
+            first_product=first_product,
         )
         self.stream = Streams(line).frames(camera)
 
@@ -373,7 +375,7 @@ def wait_ready(actors: list, timeout_s: float = 120.0) -> None:
 class TrainerActor(_Loop):
     """Learns from QA: collects labelled good views, retrains, judges and publishes candidates.
 
-    Retrains when ``after_good_labels`` new good views have been labelled, or when asked on
+    Retrains when ``after_good_views`` new good views have been labelled, or when asked on
     ``retrain-requests:{line}`` (`defectflow retrain`). Each outcome goes to
     ``model-events:{line}``. Products whose views a promoted model learned are remembered in
     ``retrain-used:{line}`` and not learned twice.
@@ -418,16 +420,26 @@ class TrainerActor(_Loop):
             asked = self.bus.consume(
                 requests, "trainer", self.consumer, RetrainRequest, count=10, block_ms=250
             )
-            new_good = sum(d.message.label == "good" for d in new_labels)
+            new_good = sum(
+                self._views_of(d.message) for d in new_labels if d.message.label == "good"
+            )
             if new_good:
                 self.bus.client.incrby(self._pending_key, new_good)
             pending = int(self.bus.client.get(self._pending_key) or 0)
             if asked:
                 self._retrain(f"requested by {asked[-1].message.by}")
-            elif self.config.enabled and pending >= self.config.after_good_labels:
-                self._retrain(f"{pending} new good labels")
+            elif self.config.enabled and pending >= self.config.after_good_views:
+                self._retrain(f"{pending} new good views labelled")
             self.bus.ack(*new_labels, *asked)
         return self.stats()
+
+    def _views_of(self, label: Label) -> int:
+        if label.camera is not None:
+            return 1
+        try:
+            return len(self.samples.product(label.product_id).cameras)
+        except (SampleError, ValueError):
+            return 0
 
     @property
     def _pending_key(self) -> str:

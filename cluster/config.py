@@ -57,7 +57,7 @@ class RetrainConfig(_Strict):
     """When and how a line's trainer learns from QA's labels."""
 
     enabled: bool = True
-    after_good_labels: int = Field(default=100, ge=1, description="new good views that trigger it")
+    after_good_views: int = Field(default=100, ge=1, description="new good views that trigger it")
     mode: Literal["finetune", "scratch"] = "finetune"
     epochs: int | None = Field(default=None, ge=1, le=1000, description="default 10 / 40 by mode")
     holdout: float = Field(

@@ -57,7 +57,7 @@ class DemoSummary:
         return asdict(self)
 
 
-def _halves(data_dir: Path, seed: int):
+def split_halves(data_dir: Path, seed: int):
     """Test images split in two: one half validates the model, the other feeds the test line."""
     halves = split_stratified(list_test_samples(data_dir), 0.5, seed)
     return tuple(
@@ -69,7 +69,7 @@ def train_line_model(
     data_dir: Path, work: Path, *, train_products: int, epochs: int, seed: int, progress: Progress
 ) -> Path:
     """Simulate, harvest and train; returns the model folder."""
-    (val_good, val_bad), _ = _halves(data_dir, seed)
+    (val_good, val_bad), _ = split_halves(data_dir, seed)
     crops = work / "crops"
     train_line = work / "line-train"
     spec = LineSpec(products=train_products, defect_rate=0.0, seed=seed + 1)
@@ -112,7 +112,7 @@ def set_product_threshold(model_dir: Path, crops: Path, target_tpr: float = 0.85
 
 
 def simulate_test_line(data_dir: Path, work: Path, products: int, seed: int) -> dict:
-    _, (test_good, test_bad) = _halves(data_dir, seed)
+    _, (test_good, test_bad) = split_halves(data_dir, seed)
     spec = LineSpec(products=products, defect_rate=0.25, seed=seed + 3)
     return render_line(test_good, test_bad, work / "line-test", spec)
 

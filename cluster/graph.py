@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from .actors import (
     ScorerActor,
     TrainerActor,
 )
-from .config import LineConfig, SampleConfig
+from .config import CameraConfig, LineConfig, SampleConfig
 from .registry import Registry
 from .streams import Streams, reset_line
 
@@ -145,20 +146,51 @@ def start_line(
     ray.get([a.ping.remote() for a in running.workers], timeout=300)
     for actor in running.workers:
         running.runs[actor] = actor.run.remote()
-    for cam in line.cameras:
+    start_ingest(running, redis_url, line.cameras, maxlen=maxlen, resources=res)
+    return running
+
+
+def next_product_seq(client: redis.Redis, line: str, cameras: list[str]) -> int:
+    """The number the line's next product gets: one past every product it has seen.
+
+    A restarted line must not reuse numbers: the aggregator would take the new products' views
+    for late duplicates of decided ones.
+    """
+    streams = Streams(line)
+    seen = [int(x) for x in client.sscan_iter(streams.done, count=1000)]
+    for cam in cameras:
+        last = client.xrevrange(streams.frames(cam), count=1)
+        if last:
+            seen.append(json.loads(last[0][1][b"meta"])["product_seq"])
+    return max(seen) + 1 if seen else 0
+
+
+def start_ingest(
+    running: RunningLine,
+    redis_url: str,
+    cameras: list[CameraConfig],
+    *,
+    maxlen: int = 100_000,
+    resources: LineResources | None = None,
+) -> None:
+    """Start ingest actors for ``cameras`` (the line's, or new sources that continue it)."""
+    res = resources or default_resources()
+    line = running.config.id
+    first = next_product_seq(redis.Redis.from_url(redis_url), line, [c.id for c in cameras])
+    for cam in cameras:
         actor = CameraIngestActor.options(num_cpus=res.ingest_cpus, **ACTOR_OPTIONS).remote(
             redis_url,
             maxlen,
-            line.id,
+            line,
             cam.id,
             cam.source,
             cam.fps,
             str(cam.matting_model) if cam.matting_model else None,
             str(cam.background) if cam.background else None,
+            first,
         )
         running.ingest.append(actor)
         running.runs[actor] = actor.run.remote()
-    return running
 
 
 def replay_line(

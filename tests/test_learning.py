@@ -254,7 +254,7 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
             for h in (0.2, 0.3, 0.4, 0.5)
             if 0 < sum(is_held_out(p, h) for p in goods) < len(goods)
         )
-        config = RetrainConfig(after_good_labels=1000, holdout=holdout, epochs=3)
+        config = RetrainConfig(after_good_views=10_000, holdout=holdout, epochs=3)
         trainer = TrainerActor.options(max_concurrency=2).remote(
             server.url, 10_000, "demo", str(store.root), str(tmp_path / "cand"), config.model_dump()
         )

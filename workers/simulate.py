@@ -35,12 +35,16 @@ class LineSpec:
     crossing_frames: int = 20  # frames from entering to having left the view
     gap_frames: int = 6  # empty belt between two products
     lead_frames: int = 30  # empty belt before the first product: background models settle
+    # Gain per colour channel (B, G, R) of the whole scene: new lamps, a warmer light, ...
+    lighting: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self):
         if self.products < 1 or self.cameras < 1:
             raise ValueError("products and cameras must be at least 1")
         if not 0 <= self.defect_rate <= 1:
             raise ValueError(f"defect_rate must be in [0, 1], got {self.defect_rate}")
+        if any(not 0 < g <= 4 for g in self.lighting):
+            raise ValueError(f"lighting gains must be in (0, 4], got {self.lighting}")
         if self.width < 64 or self.height < 64:
             raise ValueError(
                 f"frame size must be at least 64 x 64, got {self.width} x {self.height}"
@@ -150,7 +154,7 @@ def render_camera(
                 view.bboxes[f] = box
             if t == spec.crossing_frames - 1:
                 del sprites[plan.seq]  # the product has left: free its image
-        frame = frame + rng.normal(0, 2.5, frame.shape)
+        frame = frame * np.asarray(spec.lighting) + rng.normal(0, 2.5, frame.shape)
         frame = cv2.GaussianBlur(frame.clip(0, 255).astype(np.uint8), (3, 3), 0.6)
         yield f, frame
     for plan in plans:

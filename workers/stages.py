@@ -91,8 +91,11 @@ class CameraIngest:
         jpeg_quality: int = 92,
         matting_model: Path | None = None,
         background: Path | None = None,
+        first_product: int = 0,
     ):
-        """``background``: an image of the empty belt, used instead of a learned one."""
+        """``background``: an image of the empty belt, used instead of a learned one.
+        ``first_product``: the number of the first product seen (a restarted line goes on
+        counting where it stopped)."""
         self.line, self.camera, self.source = line, camera, source
         self.fps = fps
         self.jpeg_quality = jpeg_quality
@@ -100,7 +103,7 @@ class CameraIngest:
         self.plate = None
         if background is not None:
             self.plate = np.ascontiguousarray(load_image(background)[:, :, ::-1])
-        self.gate = MotionGate(matter=self.matter, plate=self.plate)
+        self.gate = MotionGate(start_count=first_product, matter=self.matter, plate=self.plate)
         self.stats = IngestStats()
 
     def frames(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[CameraFrame]:

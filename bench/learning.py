@@ -1,0 +1,203 @@
+"""Continuous-learning benchmark: a lighting shift, QA labels, retraining, a live swap (JSON).
+
+    python -m bench.learning --data ../shared/data/mtd --model demo-out/model \\
+        --json bench-out/learning.json
+
+One line runs throughout (Ray actors over the embedded Redis, the trainer among them):
+1. phase A: products under new, warmer lamps are inspected by the line's model;
+2. QA labels them (the simulator's truth stands in for QA): good ones good, defective ones
+   defective; the bench asks the trainer to retrain (`defectflow retrain` does the same);
+3. the trainer fine-tunes on the parent's cached features plus the new good views, judges the
+   candidate on held-out labelled products and promotes it; the scorers swap between batches;
+4. phase B: more shifted products continue the same line (product numbers go on).
+
+``fpr_before`` / ``fpr_after``: false alarms among good products scored by the old / new
+version; ``recall_*`` the same for defective products; ``views_lost``: views never scored;
+``views_double_scored``: views scored twice (both must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import ray
+
+from bench.report import emit
+from cluster.config import ReplicaConfig, RetrainConfig
+from cluster.demo import line_config, split_halves, train_line_model
+from cluster.graph import drain_and_stop, line_cpus, replay_line, start_ingest, start_line
+from cluster.qa import record_label
+from cluster.redis_conn import EmbeddedRedis, client_from_url
+from cluster.registry import Registry
+from cluster.streams import Streams
+from schemas import Label, RetrainOutcome, RetrainRequest, Verdict, ViewScore
+from workers.samples import SampleStore
+from workers.simulate import LineSpec, render_line
+
+# Warmer, brighter lamps (B, G, R gains of the whole scene).
+WARM_LIGHT = (0.8, 1.0, 1.25)
+
+
+def wait_verdicts(client, line: str, count: int, timeout_s: float) -> list[Verdict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.xlen(Streams(line).verdicts) >= count:
+            break
+        time.sleep(0.5)
+    return [Verdict.from_entry(f) for _, f in client.xrange(Streams(line).verdicts)]
+
+
+def rates(products: list[tuple[bool, bool]]) -> dict:
+    """(called defect, truly defective) pairs -> false-alarm rate and recall."""
+    goods = [called for called, bad in products if not bad]
+    bads = [called for called, bad in products if bad]
+    return {
+        "fpr": sum(goods) / len(goods) if goods else None,
+        "recall": sum(bads) / len(bads) if bads else None,
+        "n_good": len(goods),
+        "n_defect": len(bads),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("bench-out/learning"))
+    p.add_argument("--model", type=Path, help="the line's model (default: train one as the demo)")
+    p.add_argument("--products-a", type=int, default=40, help="shifted products QA labels")
+    p.add_argument("--products-b", type=int, default=40, help="shifted products after retraining")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    out = args.out
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = out / "model"
+        if not (model_dir / "model.json").exists():
+            train_line_model(
+                args.data,
+                out,
+                train_products=120,
+                epochs=30,
+                seed=args.seed,
+                progress=lambda *a: None,
+            )
+    _, (test_good, test_bad) = split_halves(args.data, args.seed)
+    lines = {}
+    for phase, products, seed in (("a", args.products_a, 11), ("b", args.products_b, 12)):
+        spec = LineSpec(
+            products=products, defect_rate=0.2, seed=args.seed + seed, lighting=WARM_LIGHT
+        )
+        lines[phase] = render_line(test_good, test_bad, out / f"line-{phase}", spec)
+    line = line_config(out / "line-a", lines["a"]["cameras"], ReplicaConfig())
+    line = line.model_copy(
+        update={"retrain": RetrainConfig(after_good_views=10**9, epochs=args.epochs)}
+    )
+    phase_b = line_config(out / "line-b", lines["b"]["cameras"], ReplicaConfig()).cameras
+    samples = SampleStore(out / "samples")
+
+    with EmbeddedRedis(out / "redis") as server:
+        client = client_from_url(server.url)
+        replay_line(client, line, model_dir, samples)
+        client.delete(
+            f"models:{line.id}", f"model-history:{line.id}", Streams(line.id).model_events
+        )
+        replay_line(client, line, model_dir, samples)
+        registry = Registry(client, line.id)
+        before = registry.active_id()
+        ray.init(
+            num_cpus=max(2, int(line_cpus(line) + 1)),
+            include_dashboard=False,
+            logging_level="WARNING",
+        )
+        try:
+            running = start_line(
+                line,
+                server.url,
+                model_dir,
+                sample_dir=samples.root.resolve(),
+                candidates_dir=(out / "candidates").resolve(),
+            )
+            got = wait_verdicts(client, line.id, args.products_a, timeout_s=1800)
+            truth = {p["seq"]: p["defective"] for p in lines["a"]["products"]}
+            for v in got:
+                label = "defect" if truth[v.product_seq] else "good"
+                record_label(
+                    client,
+                    Label(
+                        line=line.id,
+                        product_id=v.product_id,
+                        label=label,
+                        by="bench",
+                        at=time.time(),
+                    ),
+                    replace=True,
+                )
+            client.xadd(
+                Streams(line.id).retrain_requests,
+                RetrainRequest(line=line.id, by="bench", at=time.time()).to_entry(),
+            )
+            outcome = None
+            deadline = time.monotonic() + 3600
+            while outcome is None and time.monotonic() < deadline:
+                reply = client.xread({Streams(line.id).model_events: "0"}, block=1000, count=1)
+                if reply:
+                    outcome = RetrainOutcome.from_entry(reply[0][1][0][1])
+            start_ingest(running, server.url, phase_b)
+            got = wait_verdicts(client, line.id, args.products_a + args.products_b, timeout_s=1800)
+            stats = drain_and_stop(client, [running], timeout_s=600)
+        finally:
+            ray.shutdown()
+        scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams(line.id).scores)]
+
+    truth = {p["seq"]: p["defective"] for p in lines["a"]["products"]}
+    truth |= {args.products_a + p["seq"]: p["defective"] for p in lines["b"]["products"]}
+    by_version: dict[str, list[tuple[bool, bool]]] = {}
+    versions_of = {}
+    for s in scores:
+        versions_of.setdefault(s.product_seq, set()).add(s.model_version)
+    for v in got:
+        [version] = (
+            versions_of[v.product_seq] if len(versions_of[v.product_seq]) == 1 else ["mixed"]
+        )
+        by_version.setdefault(version, []).append((v.decision == "defect", truth[v.product_seq]))
+    views = [(s.product_id, s.camera) for s in scores]
+    expected = 4 * (args.products_a + args.products_b)
+    after = outcome.candidate if outcome and outcome.outcome == "promoted" else None
+    old, new = rates(by_version.get(before, [])), rates(by_version.get(after, []))
+    result = {
+        "data": str(args.data),
+        "lighting_bgr_gain": WARM_LIGHT,
+        "products_a": args.products_a,
+        "products_b": args.products_b,
+        "verdicts": len(got),
+        "retrain_outcome": outcome.outcome if outcome else "no outcome",
+        "retrain_why": outcome.why if outcome else None,
+        "retrain_seconds": outcome.retrain_seconds if outcome else None,
+        "n_new_good_views": outcome.n_new_good_views if outcome else None,
+        "n_validation_products": outcome.n_validation if outcome else None,
+        "candidate_metrics": outcome.candidate_metrics if outcome else None,
+        "active_metrics_on_validation": outcome.active_metrics if outcome else None,
+        "model_before": before,
+        "model_after": after,
+        "fpr_before": old["fpr"],
+        "fpr_after": new["fpr"],
+        "recall_before": old["recall"],
+        "recall_after": new["recall"],
+        "products_scored_before": old["n_good"] + old["n_defect"],
+        "products_scored_after": new["n_good"] + new["n_defect"],
+        "products_scored_by_both": len(by_version.get("mixed", [])),
+        "views_expected": expected,
+        "views_lost": expected - len(set(views)),
+        "views_double_scored": len(views) - len(set(views)),
+        "model_swaps": sum(s.get("model_swaps", 0) for s in stats[line.id]["score"]),
+    }
+    return emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
