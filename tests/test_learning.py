@@ -289,3 +289,40 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
             RetrainRequest.from_entry(client.xrange(Streams("demo").retrain_requests)[0][1]).line
             == "demo"
         )
+
+
+def test_shadow_comparison_reports_agreement_and_labelled_quality():
+    from workers.shadow import compare_scores
+
+    def score(seq, camera, value, version):
+        return ViewScore(
+            product_id=f"l:{seq}",
+            line="l",
+            camera=camera,
+            product_seq=seq,
+            captured_at=1.0,
+            score=value,
+            threshold=1.0,
+            is_defect=value >= 1.0,
+            model_version=version,
+        )
+
+    active = [
+        score(s, c, v, "a")
+        for s, c, v in [
+            (0, "c0", 0.5),
+            (0, "c1", 1.5),
+            (1, "c0", 0.2),
+            (1, "c1", 0.3),
+            (2, "c0", 2.0),
+        ]
+    ]
+    shadow = [
+        score(s, c, v, "b")
+        for s, c, v in [(0, "c0", 0.4), (0, "c1", 0.6), (1, "c0", 0.1), (1, "c1", 0.2)]
+    ]
+    report = compare_scores(active, shadow, {"l:0": "good", "l:1": "good"})
+    assert report["n_views"] == 4 and report["agreement"] == 0.75
+    assert (report["active_versions"], report["shadow_versions"]) == (["a"], ["b"])
+    assert report["active_false_alarm_rate"] == 0.5 and report["shadow_false_alarm_rate"] == 0.0
+    assert report["n_labelled_products"] == 2 and report["active_recall"] is None
