@@ -377,8 +377,8 @@ class TrainerActor(_Loop):
 
     Retrains when ``after_good_views`` new good views have been labelled, or when asked on
     ``retrain-requests:{line}`` (`defectflow retrain`). Each outcome goes to
-    ``model-events:{line}``. Products whose views a promoted model learned are remembered in
-    ``retrain-used:{line}`` and not learned twice.
+    ``model-events:{line}``. Products whose views a promoted model learned are remembered and
+    not learned twice.
     """
 
     def __init__(
@@ -401,7 +401,6 @@ class TrainerActor(_Loop):
         self.config = RetrainConfig.model_validate(retrain)
         self.target_tpr = target_tpr
         self.registry = Registry(self.bus.client, line)
-        self.used_key = f"retrain-used:{line}"
         self.consumer = "trainer-0"
         for stream in (self.streams.labels, self.streams.retrain_requests):
             self.bus.ensure_group(stream, "trainer")
@@ -424,8 +423,8 @@ class TrainerActor(_Loop):
                 self._views_of(d.message) for d in new_labels if d.message.label == "good"
             )
             if new_good:
-                self.bus.client.incrby(self._pending_key, new_good)
-            pending = int(self.bus.client.get(self._pending_key) or 0)
+                self.bus.client.incrby(self.streams.retrain_pending, new_good)
+            pending = int(self.bus.client.get(self.streams.retrain_pending) or 0)
             if asked:
                 self._retrain(f"requested by {asked[-1].message.by}")
             elif self.config.enabled and pending >= self.config.after_good_views:
@@ -441,10 +440,6 @@ class TrainerActor(_Loop):
         except (SampleError, ValueError):
             return 0
 
-    @property
-    def _pending_key(self) -> str:
-        return f"retrain-pending:{self.line}"
-
     def _retrain(self, trigger: str) -> None:
         import time
 
@@ -456,7 +451,7 @@ class TrainerActor(_Loop):
 
         event: dict = {"line": self.line, "trigger": trigger, "at": time.time()}
         active = self.registry.active()
-        used = {v.decode() for v in self.bus.client.smembers(self.used_key)}
+        used = {v.decode() for v in self.bus.client.smembers(self.streams.retrain_used)}
         pool = gather_labelled(
             labels_of(self.bus.client, self.line), self.samples, self.config.holdout, used
         )
@@ -490,10 +485,10 @@ class TrainerActor(_Loop):
             }
             if judgement.publishable and self.config.auto_promote:
                 self.registry.promote(candidate.id)
-                self.bus.client.sadd(self.used_key, *pool.train_views)
+                self.bus.client.sadd(self.streams.retrain_used, *pool.train_views)
                 event["outcome"] = "promoted"
             else:
                 event["outcome"] = "candidate" if judgement.publishable else "rejected"
         self.count(f"retrain_{event['outcome'].replace(' ', '_')}")
-        self.bus.client.set(self._pending_key, 0)
+        self.bus.client.set(self.streams.retrain_pending, 0)
         self.bus.publish(self.streams.model_events, RetrainOutcome(**event))

@@ -72,6 +72,7 @@ class RunningLine:
     aggregator: object = None
     trainer: object = None
     runs: dict = field(default_factory=dict)  # actor handle -> ObjectRef of its run()
+    retired: dict = field(default_factory=dict)  # finished ingest actors -> their run()
 
     @property
     def workers(self) -> list:
@@ -173,9 +174,18 @@ def start_ingest(
     maxlen: int = 100_000,
     resources: LineResources | None = None,
 ) -> None:
-    """Start ingest actors for ``cameras`` (the line's, or new sources that continue it)."""
+    """Start ingest actors for ``cameras`` (the line's, or new sources that continue it).
+
+    Ingest actors whose source has ended are retired first: they would hold their CPUs.
+    """
     res = resources or default_resources()
     line = running.config.id
+    refs = [running.runs[a] for a in running.ingest]
+    finished = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+    for actor in [a for a in running.ingest if running.runs[a] in finished]:
+        ray.kill(actor, no_restart=True)
+        running.ingest.remove(actor)
+        running.retired[actor] = running.runs.pop(actor)
     first = next_product_seq(redis.Redis.from_url(redis_url), line, [c.id for c in cameras])
     for cam in cameras:
         actor = CameraIngestActor.options(num_cpus=res.ingest_cpus, **ACTOR_OPTIONS).remote(
@@ -259,7 +269,7 @@ def drain_and_stop(client: redis.Redis, lines: list[RunningLine], timeout_s: flo
         r.aggregator.stop.remote()
         aggregate = ray.get(r.runs[r.aggregator], timeout=max(30.0, r.config.view_timeout_s * 2))
         stats[r.config.id] = {
-            "ingest": done[: len(r.ingest)],
+            "ingest": ray.get(list(r.retired.values())) + done[: len(r.ingest)],
             "detect": done[len(r.ingest) : len(r.ingest) + len(r.detect)],
             "score": done[len(r.ingest) + len(r.detect) :],
             "aggregate": aggregate,

@@ -45,6 +45,16 @@ class Streams:
         return f"model-events:{self.line}"
 
     @property
+    def retrain_used(self) -> str:
+        """Set of products whose views a promoted model has learned (never learned twice)."""
+        return f"retrain-used:{self.line}"
+
+    @property
+    def retrain_pending(self) -> str:
+        """Good views labelled since the last retraining."""
+        return f"retrain-pending:{self.line}"
+
+    @property
     def label_index(self) -> str:
         """Hash: ``product_id`` or ``product_id/camera`` -> the label QA gave it."""
         return f"labels-latest:{self.line}"
@@ -74,6 +84,9 @@ def reset_line(client, line: str, cameras: list[str], samples: SampleStore | Non
         s.labels,
         s.label_index,
         s.shadow_scores,
+        s.retrain_used,
+        s.retrain_pending,
+        s.retrain_requests,
     )
     if samples is not None:
         samples.forget_line(line)

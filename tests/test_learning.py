@@ -222,10 +222,13 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
             line, server.url, root / "model-a", resources=SMALL, sample_dir=store.root
         )
         first = registry.active_id()
+        # The candidate scores in shadow first, then becomes active mid-run.
+        candidate = registry.register(root / "model-b").id
+        registry.set_shadow(candidate)
         deadline = time.monotonic() + 120
-        while client.xlen(Streams("demo").scores) < 6 and time.monotonic() < deadline:
+        while client.xlen(Streams("demo").shadow_scores) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
-        second = registry.promote(registry.register(root / "model-b").id).id
+        second = registry.promote(candidate).id
         stats = drain_and_stop(client, [running], timeout_s=300)
         scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams("demo").scores)]
         verdicts = [Verdict.from_entry(f) for _, f in client.xrange(Streams("demo").verdicts)]
@@ -236,6 +239,10 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
         assert {s.model_version for s in scores} == {first, second}
         assert sorted(v.product_seq for v in verdicts) == list(range(10))
         assert sum(s.get("model_swaps", 0) for s in stats["demo"]["score"]) >= 1
+
+        shadow = [ViewScore.from_entry(f) for _, f in client.xrange(Streams("demo").shadow_scores)]
+        assert shadow and {s.model_version for s in shadow} == {second}
+        assert registry.shadow_id() is None  # promoting the shadow version ends shadow mode
 
         # QA labels the inspected products; the trainer learns from them on request.
         truth = {p["seq"]: p["defective"] for p in manifest["products"]}
@@ -277,6 +284,11 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
             second,
             outcome.candidate,
         }
+        compared = CliRunner().invoke(
+            app, ["models", "compare", "--line", "demo", "--redis", server.url]
+        )
+        assert compared.exit_code == 0, compared.output
+        assert json.loads(compared.stdout)["n_labelled_products"] >= 1
         back = CliRunner().invoke(
             app, ["models", "rollback", "--line", "demo", "--redis", server.url]
         )
