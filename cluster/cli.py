@@ -238,6 +238,8 @@ def run(
     replay: bool = typer.Option(False, help="clear the lines' streams first (replayed videos)"),
 ):
     """Start the actors of every line in CONFIG; Ctrl-C drains in-flight work and exits."""
+    import signal
+
     import ray
 
     from .config import ConfigError, load_settings
@@ -288,6 +290,8 @@ def run(
                 f"line [bold]{line.id}[/]: {len(line.cameras)} cameras, "
                 f"model {version.id} ({version.path})"
             )
+        # SIGTERM (Kubernetes, systemd, `ray up` restarts) stops the lines as Ctrl-C does.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             stats = drain_and_stop(client, running, timeout_s=float("inf"))
         except KeyboardInterrupt:

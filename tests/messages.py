@@ -12,6 +12,8 @@ from schemas import (
     Label,
     ModelVersion,
     ProductView,
+    RetrainOutcome,
+    RetrainRequest,
     Verdict,
     ViewResult,
     ViewScore,
@@ -131,7 +133,25 @@ model_versions = st.builds(
     status=st.sampled_from(["candidate", "active", "retired"]),
     parent=st.none() | texts,
 )
-any_message = st.one_of(frames, views, scores, verdicts, labels, model_versions)
+retrain_requests = st.builds(RetrainRequest, line=names, by=texts, at=stamps)
+retrain_outcomes = st.builds(
+    RetrainOutcome,
+    line=names,
+    at=stamps,
+    trigger=texts,
+    outcome=st.sampled_from(["promoted", "candidate", "rejected", "not retrained"]),
+    why=texts,
+    candidate=st.none() | texts,
+    parent=st.none() | texts,
+    n_new_good_views=st.integers(0, 10_000),
+    n_validation=st.integers(0, 10_000),
+    candidate_metrics=st.dictionaries(texts, st.none() | finite, max_size=4),
+    active_metrics=st.dictionaries(texts, st.none() | finite, max_size=4),
+    retrain_seconds=st.none() | st.floats(min_value=0, max_value=1e6),
+)
+any_message = st.one_of(
+    frames, views, scores, verdicts, labels, model_versions, retrain_requests, retrain_outcomes
+)
 
 
 def frame(sequence: int = 0, line: str = "line1", camera: str = "cam0") -> CameraFrame:

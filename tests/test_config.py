@@ -5,6 +5,7 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.config import ConfigError, load_settings
+from schemas import STREAM_MESSAGES
 
 LINE_YAML = """
 redis_url: redis://localhost:6379/0
@@ -78,7 +79,7 @@ def test_schemas_command_writes_one_schema_per_message(tmp_path):
     result = CliRunner().invoke(app, ["schemas", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert "verdict.v1.schema.json" in written and len(written) == 6
+    assert "verdict.v1.schema.json" in written and len(written) == len(STREAM_MESSAGES)
     verdict = json.loads((tmp_path / "verdict.v1.schema.json").read_text())
     assert verdict["x-stream-entry"]["kind"] == "verdict"
     assert "decision" in verdict["properties"]
