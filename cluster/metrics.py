@@ -1,0 +1,52 @@
+"""Prometheus metrics through Ray's metrics API.
+
+Every Ray node serves the metrics of the actors on it at ``http://NODE:<metrics-export-port>/
+metrics`` (names get Ray's ``ray_`` prefix; counters a ``_total`` suffix). Metric objects are
+made inside the actors: Ray's metrics need a worker process. docs/operations.md lists them;
+deploy/grafana/defectflow.json charts them.
+"""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+# Seconds: a stage takes milliseconds; frame to verdict, seconds (minutes under a backlog).
+LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300]
+
+
+class LineMetrics:
+    """The metrics of one line, tagged with its id (and camera, stage, ... where they apply)."""
+
+    def __init__(self, line: str):
+        self.tags = {"line": line}
+        self.frames_in = Counter(
+            "defectflow_frames_in", "Frames read from the cameras", tag_keys=("line", "camera")
+        )
+        self.views = Counter("defectflow_views", "Product views matted", tag_keys=("line",))
+        self.views_scored = Counter(
+            "defectflow_views_scored", "Views scored", tag_keys=("line", "model_version")
+        )
+        self.verdicts = Counter(
+            "defectflow_verdicts", "Verdicts published", tag_keys=("line", "status", "decision")
+        )
+        self.defects = Counter("defectflow_defects", "Defective products", tag_keys=("line",))
+        self.dead_letters = Counter(
+            "defectflow_dead_letters", "Entries moved to the dead letters", tag_keys=("line", "stage")
+        )
+        self.stage_seconds = Histogram(
+            "defectflow_stage_seconds",
+            "Time per view in a stage; frame_to_verdict: camera frame to published verdict",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("line", "stage"),
+        )
+        self.stream_lag = Gauge(
+            "defectflow_stream_lag",
+            "Entries of a stream its consumer group has not handled yet",
+            tag_keys=("line", "stream", "group"),
+        )
+        self.active_model = Gauge(
+            "defectflow_active_model", "1 for the line's active model version", tag_keys=("line", "version")
+        )
+
+    def with_line(self, **tags: str) -> dict[str, str]:
+        return self.tags | tags
