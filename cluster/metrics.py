@@ -31,7 +31,9 @@ class LineMetrics:
         )
         self.defects = Counter("defectflow_defects", "Defective products", tag_keys=("line",))
         self.dead_letters = Counter(
-            "defectflow_dead_letters", "Entries moved to the dead letters", tag_keys=("line", "stage")
+            "defectflow_dead_letters",
+            "Entries moved to the dead letters",
+            tag_keys=("line", "stage"),
         )
         self.stage_seconds = Histogram(
             "defectflow_stage_seconds",
@@ -45,7 +47,9 @@ class LineMetrics:
             tag_keys=("line", "stream", "group"),
         )
         self.active_model = Gauge(
-            "defectflow_active_model", "1 for the line's active model version", tag_keys=("line", "version")
+            "defectflow_active_model",
+            "1 for the line's active model version",
+            tag_keys=("line", "version"),
         )
 
     def with_line(self, **tags: str) -> dict[str, str]:

@@ -40,12 +40,16 @@ def line_status(client, line: str, cameras: list[str]) -> dict:
 
 
 def live_actors(ray_address: str) -> list[dict]:
+    """defectflow's live actors; Ray's state API is served by the head's dashboard process."""
     import ray
     from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
 
     ray.init(address=ray_address, logging_level="WARNING")
     try:
         actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+    except (RayStateApiException, ConnectionError) as exc:
+        raise fail(f"cannot list actors (is the head's dashboard running?): {exc}") from None
     finally:
         ray.shutdown()
     return [

@@ -69,6 +69,15 @@ class Streams:
     aggregate_group = "aggregate"
 
 
+def line_groups(streams: Streams, cameras: list[str]) -> list[tuple[str, str]]:
+    """Every (stream, consumer group) pair that carries a line's work, in stage order."""
+    pairs = [(streams.frames(c), streams.detect_group) for c in cameras]
+    return pairs + [
+        (streams.views, streams.score_group),
+        (streams.scores, streams.aggregate_group),
+    ]
+
+
 def reset_line(client, line: str, cameras: list[str], samples: SampleStore | None = None) -> None:
     """Forget a previous run of a replayed line: its product numbers start again at 0.
 

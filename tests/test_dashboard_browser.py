@@ -65,7 +65,7 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
     data = make_dataset(tmp_path / "data", n_train=10, n_good=6, n_defect=4)
     out = tmp_path / "out"
     port = free_port()
-    demo = [sys.executable, "-m", "cluster.cli", "demo", "--data", str(data), "--out", str(out)]
+    demo = [sys.executable, "-m", "cluster", "demo", "--data", str(data), "--out", str(out)]
     demo += ["--products", "6", "--train-products", "6", "--epochs", "2"]
     demo += ["--dashboard-port", str(port)]
     log = (tmp_path / "demo.log").open("w")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import ray
+import redis
 import yaml
 
 from tests.synthetic import make_dataset
@@ -32,7 +34,7 @@ from workers.simulate import LineSpec, render_line
 
 ROOT = Path(__file__).parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-DEFECTFLOW = [sys.executable, "-m", "cluster.cli"]
+DEFECTFLOW = [sys.executable, "-m", "cluster"]
 
 
 def free_port() -> int:
@@ -95,19 +97,32 @@ def test_kuberay_manifests_and_dockerfile_are_complete():
 def two_node_cluster(tmp_path):
     """`ray start --head` and `ray start --address` as docs/operations.md says, on one machine."""
     port, metrics = free_port(), [free_port(), free_port()]
-    env = os.environ | {"RAY_metrics_report_interval_ms": "1000"}
+    # Token authentication, as in production: every node and client presents the same token.
+    env = os.environ | {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_metrics_report_interval_ms": "1000",
+    }
     address = f"127.0.0.1:{port}"
     head = [RAY, "start", "--head", f"--port={port}", f"--metrics-export-port={metrics[0]}"]
-    head += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    # The dashboard process serves Ray's state API, which `defectflow status` reads actors from.
+    head += ["--num-cpus=4", "--dashboard-port=8265", "--disable-usage-stats"]
     worker = [RAY, "start", f"--address={address}", f"--metrics-export-port={metrics[1]}"]
-    worker += ["--num-cpus=2"]
+    worker += ["--num-cpus=4"]  # logical CPUs: they schedule, the 2 cores are shared
     try:
         for command in (head, worker):
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, done.stdout + done.stderr
-        yield address, metrics
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the dashboard serves the state API `status` uses
+            try:
+                urllib.request.urlopen("http://127.0.0.1:8265/api/version", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(1)
+        yield address, metrics, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def line_files(tmp_path: Path) -> Path:
@@ -158,7 +173,11 @@ def scrape(ports: list[int]) -> str:
     text = ""
     for port in ports:
         try:
-            text += urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            text += (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+                .read()
+                .decode()
+            )
         except OSError:
             pass
     return text
@@ -167,15 +186,27 @@ def scrape(ports: list[int]) -> str:
 def test_a_line_runs_on_two_ray_nodes_with_status_and_prometheus_metrics(
     two_node_cluster, tmp_path
 ):
-    address, metrics_ports = two_node_cluster
+    address, metrics_ports, env = two_node_cluster
     config = line_files(tmp_path)
     run = subprocess.Popen(
         DEFECTFLOW + ["run", "--config", str(config), "--ray-address", address],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    # The run starts the embedded Redis; a status started before it would start (and stop) its own.
+    socket_path = tmp_path / "state" / "redis" / "redis.sock"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        try:
+            if redis.Redis(unix_socket_path=str(socket_path)).get("model-active:line1"):
+                break
+        except redis.ConnectionError:
+            pass
+        time.sleep(0.5)
     seen_status = None
+    last_status = ""
     seen_metrics = ""
     deadline = time.monotonic() + 240
     try:
@@ -183,29 +214,36 @@ def test_a_line_runs_on_two_ray_nodes_with_status_and_prometheus_metrics(
             time.sleep(2)
             if seen_status is None:
                 status = subprocess.run(
-                    DEFECTFLOW + ["status", "--config", str(config), "--ray-address", address, "--json"],
+                    DEFECTFLOW
+                    + ["status", "--config", str(config), "--ray-address", address, "--json"],
+                    env=env,
                     capture_output=True,
                     text=True,
                     timeout=120,
                 )
+                last_status = status.stdout[-1500:] + status.stderr[-1500:]
                 report = json.loads(status.stdout) if status.returncode == 0 else {}
                 if len({a["class"] for a in report.get("actors", [])}) >= 4:
                     seen_status = report
-            text = scrape(metrics_ports)
-            if "ray_defectflow_verdicts" in text:
-                seen_metrics = text
+            seen_metrics += scrape(metrics_ports)  # gauges show up a few seconds after counters
         output = run.communicate(timeout=120)[0]
     finally:
         if run.poll() is None:
             run.kill()
     assert run.returncode == 0, output[-3000:]
     stats = json.loads(output.strip().splitlines()[-1])["line1"]
-    assert stats["aggregate"]["verdicts_complete"] + stats["aggregate"].get("verdicts_incomplete", 0) == 8
+    assert (
+        stats["aggregate"]["verdicts_complete"] + stats["aggregate"].get("verdicts_incomplete", 0)
+        == 8
+    )
 
     # Status while the line ran: its streams, lag, active model, and actors on both nodes.
-    assert seen_status is not None, "defectflow status never listed the line's actors"
+    assert seen_status is not None, last_status
     line = seen_status["lines"]["line1"]
-    assert line["active_model"] and set(line["lag"]) >= {"views:line1/score", "scores:line1/aggregate"}
+    assert line["active_model"] and set(line["lag"]) >= {
+        "views:line1/score",
+        "scores:line1/aggregate",
+    }
     assert len({a["node_id"] for a in seen_status["actors"]}) == 2
 
     # Prometheus text from the nodes' metrics endpoints.
