@@ -58,3 +58,30 @@ def make_dataset(
 def _save(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
+
+
+def make_line(root: Path, products: int, seed: int = 4) -> tuple[Path, list[Path]]:
+    """A tiny line model trained on the front end's crops of good products, and the videos of
+    a simulated 4-camera line (half the products defective). Returns (model dir, videos)."""
+    from workers.datasets import list_test_samples, list_train_samples
+    from workers.differnet.model import DifferNetConfig
+    from workers.differnet.recipes import train_from_folder
+    from workers.differnet.training import TrainingOptions
+    from workers.harvest import harvest_crops
+    from workers.simulate import LineSpec, render_line
+
+    data = make_dataset(root / "tiles", n_train=12, n_good=4, n_defect=3)
+    frame = {"width": 240, "height": 160}
+    train = LineSpec(products=6, defect_rate=0, seed=1, **frame)
+    render_line(list_train_samples(data), [], root / "train-line", train)
+    harvest_crops(root / "train-line", root / "crops", "train")
+    config = DifferNetConfig(image_size=96, train_transforms=2, tta=1)
+    train_from_folder(root / "crops", root / "model", config, TrainingOptions(epochs=5))
+    samples = list_test_samples(data)
+    manifest = render_line(
+        [s for s in samples if not s.is_defect],
+        [s for s in samples if s.is_defect],
+        root / "line",
+        LineSpec(products=products, defect_rate=0.5, seed=seed, **frame),
+    )
+    return root / "model", [root / "line" / f"{c}.mp4" for c in manifest["cameras"]]

@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from tests.synthetic import make_dataset
+from tests.synthetic import make_dataset, make_line
 
 
 def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path):
@@ -52,32 +52,14 @@ def test_demo_without_data_is_a_clear_error(tmp_path):
 
 
 def test_run_inspects_every_line_of_a_config_file(tmp_path):
-    data = make_dataset(tmp_path / "data", n_train=10, n_good=6, n_defect=4)
-    out = tmp_path / "out"
-    demo = [
-        "demo",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--products",
-        "3",
-        "--train-products",
-        "6",
-        "--epochs",
-        "2",
-    ]
-    assert CliRunner().invoke(app, demo).exit_code == 0
-    line = out / "line-test"
+    model, videos = make_line(tmp_path, products=3)
     config = {
         "data_dir": str(tmp_path / "state"),
         "lines": [
             {
                 "id": lid,
-                "model_dir": str(out / "model"),
-                "cameras": [
-                    {"id": f"cam{i}", "source": str(line / f"cam{i}.mp4")} for i in range(4)
-                ],
+                "model_dir": str(model),
+                "cameras": [{"id": v.stem, "source": str(v)} for v in videos],
             }
             for lid in ("east", "west")
         ],
