@@ -137,7 +137,10 @@ class DetectMatteActor(_Loop):
         if yolo_weights:
             from workers.detect import YoloDetector
 
-            detector = YoloDetector(Path(yolo_weights))
+            # The GPU share Ray gave this actor, if any (a YOLO line on a GPU cluster).
+            detector = YoloDetector(
+                Path(yolo_weights), device="cuda" if ray.get_gpu_ids() else "cpu"
+            )
         self.stage = DetectMatte(detector, shrink=shrink)
         for s in self.inputs:
             self.bus.ensure_group(s, self.streams.detect_group)

@@ -66,6 +66,18 @@ class RetrainConfig(_Strict):
     auto_promote: bool = Field(default=True, description="activate a candidate that passes")
 
 
+class ResourceConfig(_Strict):
+    """Ray resources per actor of the line. Unset GPU shares follow the cluster: where it has
+    GPUs, a scorer takes half of one, a YOLO detect+matte a quarter, the trainer a whole one."""
+
+    ingest_cpus: float | None = Field(default=None, gt=0, le=64)
+    detect_cpus: float | None = Field(default=None, gt=0, le=64)
+    detect_gpus: float | None = Field(default=None, ge=0, le=8)
+    score_cpus: float | None = Field(default=None, gt=0, le=64)
+    score_gpus: float | None = Field(default=None, ge=0, le=8)
+    train_gpus: float | None = Field(default=None, ge=0, le=8)
+
+
 class LineConfig(_Strict):
     id: Name
     cameras: list[CameraConfig] = Field(min_length=1)
@@ -79,6 +91,7 @@ class LineConfig(_Strict):
         default=None, description="Ultralytics weights; default: the contour detector"
     )
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    resources: ResourceConfig = Field(default_factory=ResourceConfig)
 
     @model_validator(mode="after")
     def _unique_cameras(self):

@@ -36,25 +36,35 @@ ACTOR_OPTIONS = {
 
 @dataclass
 class LineResources:
-    """Ray resources per actor. A GPU share goes to the scorer only where the cluster has GPUs."""
+    """Ray resources per actor (see :func:`line_resources` for where they come from)."""
 
     ingest_cpus: float = 0.25
     detect_cpus: float = 0.5
+    detect_gpus: float = 0.0
     score_cpus: float = 1.0
     score_gpus: float = 0.0
     aggregate_cpus: float = 0.1
     # Scheduling weight only: a retraining borrows the cores while it runs.
     train_cpus: float = 0.5
+    train_gpus: float = 0.0
 
 
-def default_resources() -> LineResources:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    return LineResources(score_gpus=0.5 if gpus else 0.0)
+def line_resources(line: LineConfig, cluster_gpus: float) -> LineResources:
+    """Defaults, GPU shares where the cluster has GPUs, then the line's own settings."""
+    res = LineResources()
+    if cluster_gpus:
+        res.score_gpus, res.train_gpus = 0.5, 1.0
+        # The contour detector has nothing to run on a GPU; a YOLO model has.
+        res.detect_gpus = 0.25 if line.yolo_weights else 0.0
+    for name, value in line.resources.model_dump().items():
+        if value is not None:
+            setattr(res, name, value)
+    return res
 
 
 def line_cpus(line: LineConfig, res: LineResources | None = None) -> float:
     """Logical CPUs the actors of ``line`` ask for."""
-    res = res or LineResources()
+    res = res or line_resources(line, cluster_gpus=0)
     return (
         len(line.cameras) * res.ingest_cpus
         + line.replicas.detect * res.detect_cpus
@@ -95,7 +105,7 @@ def start_line(
 ) -> RunningLine:
     """Start one line's actors. With ``sample_dir``, every view and verdict is kept there;
     with ``candidates_dir`` too, a trainer retrains from QA's labels and writes models there."""
-    res = resources or default_resources()
+    res = resources or line_resources(line, ray.cluster_resources().get("GPU", 0))
     retention = retention or SampleConfig()
     samples = str(sample_dir) if sample_dir else None
     cams = [c.id for c in line.cameras]
@@ -122,7 +132,7 @@ def start_line(
         )
     if samples and candidates_dir and line.retrain.enabled:
         running.trainer = TrainerActor.options(
-            num_cpus=res.train_cpus, num_gpus=1 if res.score_gpus else 0, **ACTOR_OPTIONS
+            num_cpus=res.train_cpus, num_gpus=res.train_gpus, **ACTOR_OPTIONS
         ).remote(
             redis_url,
             maxlen,
@@ -134,7 +144,9 @@ def start_line(
         )
     for i in range(line.replicas.detect):
         running.detect.append(
-            DetectMatteActor.options(num_cpus=res.detect_cpus, **ACTOR_OPTIONS).remote(
+            DetectMatteActor.options(
+                num_cpus=res.detect_cpus, num_gpus=res.detect_gpus, **ACTOR_OPTIONS
+            ).remote(
                 redis_url,
                 maxlen,
                 line.id,
@@ -179,7 +191,7 @@ def start_ingest(
 
     Ingest actors whose source has ended are retired first: they would hold their CPUs.
     """
-    res = resources or default_resources()
+    res = resources or line_resources(running.config, ray.cluster_resources().get("GPU", 0))
     line = running.config.id
     refs = [running.runs[a] for a in running.ingest]
     finished = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []

@@ -83,3 +83,22 @@ def test_schemas_command_writes_one_schema_per_message(tmp_path):
     verdict = json.loads((tmp_path / "verdict.v1.schema.json").read_text())
     assert verdict["x-stream-entry"]["kind"] == "verdict"
     assert "decision" in verdict["properties"]
+
+
+def test_line_resources_take_gpus_where_the_cluster_has_them_and_obey_the_line():
+    from cluster.config import LineConfig
+    from cluster.graph import line_cpus, line_resources
+
+    cams = [{"id": f"c{i}", "source": "sim"} for i in range(4)]
+    plain = LineConfig(id="a", cameras=cams)
+    cpu = line_resources(plain, cluster_gpus=0)
+    assert (cpu.score_gpus, cpu.detect_gpus, cpu.train_gpus) == (0, 0, 0)
+    gpu = line_resources(plain, cluster_gpus=2)
+    assert (gpu.score_gpus, gpu.detect_gpus, gpu.train_gpus) == (0.5, 0, 1.0)
+    yolo = LineConfig(id="b", cameras=cams, yolo_weights="w.pt", resources={"score_gpus": 1})
+    res = line_resources(yolo, cluster_gpus=1)
+    assert (res.score_gpus, res.detect_gpus) == (1, 0.25)
+    tuned = LineConfig(id="c", cameras=cams, resources={"score_cpus": 2, "ingest_cpus": 0.5})
+    assert line_cpus(tuned) == 4 * 0.5 + 0.5 + 2 + 0.1 + 0.5
+    with pytest.raises(ValueError, match="score_cpus"):
+        LineConfig(id="d", cameras=cams, resources={"score_cpus": 0})
