@@ -11,7 +11,7 @@ from cluster.demo import line_config
 from cluster.graph import LineResources, drain_and_stop, start_line
 from cluster.redis_conn import EmbeddedRedis
 from cluster.streams import Streams
-from schemas import Verdict
+from schemas import Verdict, ViewScore
 from tests.synthetic import make_dataset
 from workers.datasets import list_test_samples, list_train_samples
 from workers.differnet.model import DifferNetConfig
@@ -99,3 +99,27 @@ def test_killing_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
     assert sorted(v.product_seq for v in got) == list(range(8))
     assert all(v.status == "complete" for v in got), [v.reason for v in got]
     assert stats["demo"]["aggregate"]["verdicts_complete"] == 8
+
+
+def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, local_ray, tmp_path):
+    data, root = line_model
+    manifest = simulate(data, tmp_path / "line", 6, seed=7)
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
+        line = line.model_copy(update={"max_view_backlog": 1})  # unpaced cameras outrun it
+        running = start_line(line, server.url, root / "model", resources=SMALL)
+        stats = drain_and_stop(client, [running], timeout_s=300)
+        got = verdicts(client, "demo")
+        scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams("demo").scores)]
+    shed = sum(s.get("shed", 0) for s in stats["demo"]["score"])
+    assert shed >= 1 and sum(s.shed for s in scores) == shed
+    assert sorted(v.product_seq for v in got) == list(range(6))  # still one verdict each
+    named = [
+        (v.product_seq, c)
+        for v in got
+        if v.reason and "shed" in v.reason
+        for c in v.missing_cameras
+    ]
+    assert len(named) == shed  # every shed view is named in its product's verdict
+    assert all(v.status == "incomplete" for v in got if v.reason and "shed" in v.reason)
