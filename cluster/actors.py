@@ -27,7 +27,14 @@ from schemas import (
 from schemas.base import SchemaError
 from workers.images import ImageError
 from workers.samples import SampleError, SampleStore
-from workers.stages import CameraIngest, DetectMatte, NoProductFound, VerdictJoin, ViewScorer
+from workers.stages import (
+    CameraIngest,
+    DetectMatte,
+    NoProductFound,
+    VerdictJoin,
+    ViewScorer,
+    shed_score,
+)
 
 from .bus import StreamBus
 from .metrics import LineMetrics
@@ -192,10 +199,12 @@ class ScorerActor(_Loop):
         threshold: float | None = None,
         batch_size: int = 8,
         sample_dir: str | None = None,
+        max_backlog: int = 2000,
     ):
         super().__init__(redis_url, maxlen)
         self.streams = Streams(line)
         self.consumer = f"score-{replica}"
+        self.max_backlog = max_backlog
         self.batch_size = batch_size
         self.threshold = threshold
         self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
@@ -267,6 +276,15 @@ class ScorerActor(_Loop):
         return self.stats()
 
     def _score(self, batch) -> None:
+        if self.bus.lag(self.streams.views, self.streams.score_group) > self.max_backlog:
+            # Too far behind: pass the batch on unscored, so that the backlog (and Redis memory)
+            # stays bounded; every shed view is counted and named in its product's verdict.
+            for d in batch:
+                shed = shed_score(d.message, self.scorer.version, self.scorer.threshold)
+                self._publish(d, shed)
+            self.count("shed", len(batch))
+            self.metrics.shed.inc(len(batch), {"line": self.streams.line})
+            return
         try:
             scores = self.scorer.score([d.message for d in batch])
         except ImageError:

@@ -86,6 +86,11 @@ class LineConfig(_Strict):
     target_tpr: float = Field(default=0.85, gt=0.0, le=1.0)
     threshold: float | None = Field(default=None, description="overrides the model's threshold")
     view_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    max_view_backlog: int = Field(
+        default=2000,
+        ge=1,
+        description="views waiting for scorers beyond which they are shed (counted, in verdicts)",
+    )
     mask_shrink: float = Field(default=0.1, ge=0.0, lt=0.5, description="matting: cut per side")
     yolo_weights: Path | None = Field(
         default=None, description="Ultralytics weights; default: the contour detector"

@@ -128,7 +128,15 @@ def start_line(
         running.score.append(
             ScorerActor.options(
                 num_cpus=res.score_cpus, num_gpus=res.score_gpus, **ACTOR_OPTIONS
-            ).remote(redis_url, maxlen, line.id, i, line.threshold, sample_dir=samples)
+            ).remote(
+                redis_url,
+                maxlen,
+                line.id,
+                i,
+                line.threshold,
+                sample_dir=samples,
+                max_backlog=line.max_view_backlog,
+            )
         )
     if samples and candidates_dir and line.retrain.enabled:
         running.trainer = TrainerActor.options(

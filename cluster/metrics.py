@@ -30,6 +30,9 @@ class LineMetrics:
             "defectflow_verdicts", "Verdicts published", tag_keys=("line", "status", "decision")
         )
         self.defects = Counter("defectflow_defects", "Defective products", tag_keys=("line",))
+        self.shed = Counter(
+            "defectflow_shed", "Views not scored: scorers too far behind", tag_keys=("line",)
+        )
         self.dead_letters = Counter(
             "defectflow_dead_letters",
             "Entries moved to the dead letters",

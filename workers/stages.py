@@ -210,6 +210,23 @@ class DetectMatte:
 # -- scoring ------------------------------------------------------------------------------------
 
 
+def shed_score(view: ProductView, version: str, threshold: float) -> ViewScore:
+    """The record of a view not scored because the line was too far behind (backpressure)."""
+    return ViewScore(
+        product_id=view.product_id,
+        line=view.line,
+        camera=view.camera,
+        product_seq=view.product_seq,
+        captured_at=view.captured_at,
+        score=0.0,
+        threshold=threshold,
+        is_defect=False,
+        model_version=version,
+        stage_ms=view.stage_ms,
+        shed=True,
+    )
+
+
 class ViewScorer:
     """Scores batches of views with one model version; swapping versions happens between batches."""
 
@@ -256,6 +273,7 @@ class _Pending:
     first_seen: float
     captured_at: float
     scores: dict[str, ViewScore] = field(default_factory=dict)
+    shed: set[str] = field(default_factory=set)  # cameras whose view was shed, not scored
 
 
 class VerdictJoin:
@@ -293,13 +311,16 @@ class VerdictJoin:
         self._last_seen[score.camera] = now
         self._max_seq[score.camera] = max(self._max_seq.get(score.camera, -1), score.product_seq)
         entry = self._pending.setdefault(score.product_seq, _Pending(now, score.captured_at))
-        if score.camera in entry.scores:
+        if score.camera in entry.scores or score.camera in entry.shed:
             self.duplicates += 1
             return None
-        entry.scores[score.camera] = score
+        if score.shed:
+            entry.shed.add(score.camera)
+        else:
+            entry.scores[score.camera] = score
         entry.captured_at = min(entry.captured_at, score.captured_at)
-        if len(entry.scores) == len(self.cameras):
-            return self._emit(score.product_seq, now, "complete")
+        if len(entry.scores) + len(entry.shed) == len(self.cameras):
+            return self._emit(score.product_seq, now, "incomplete" if entry.shed else "complete")
         return None
 
     def expire(self, now: float | None = None, *, flush: bool = False) -> list[Verdict]:
@@ -330,7 +351,15 @@ class VerdictJoin:
             decision = "unknown"  # the missing view might have shown the defect
         else:
             decision = "good"
-        spread = max(v.captured_at for v in views) - min(v.captured_at for v in views)
+        spread = (
+            max(v.captured_at for v in views) - min(v.captured_at for v in views) if views else 0.0
+        )
+        reasons = []
+        if entry.shed:
+            reasons.append(f"{', '.join(sorted(entry.shed))} shed: scorers too far behind")
+        late = [c for c in missing if c not in entry.shed]
+        if late:
+            reasons.append(f"no view from {', '.join(late)} within {self.timeout_s:g} s")
         return Verdict(
             product_id=make_product_id(self.line, seq),
             line=self.line,
@@ -348,9 +377,7 @@ class VerdictJoin:
                 for v in views
             ],
             missing_cameras=missing,
-            reason=f"no view from {', '.join(missing)} within {self.timeout_s:g} s"
-            if missing
-            else None,
+            reason="; ".join(reasons) or None,
             captured_at=entry.captured_at,
             decided_at=now,
             latency_ms={
