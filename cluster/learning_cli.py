@@ -25,6 +25,19 @@ def _registry(client, line: str):
     return Registry(client, line)
 
 
+def _on_registry(line: str, config, redis_url, data_dir, change, keeps_active: bool = False):
+    """Run ``change(registry)``; a refusal is a clear error (and says the active model stays)."""
+    from .registry import RegistryError
+
+    with qa_session(config, redis_url, data_dir) as (_, client):
+        try:
+            return change(_registry(client, line))
+        except RegistryError as exc:
+            raise fail(
+                f"{exc}; the active model stays active" if keeps_active else str(exc)
+            ) from None
+
+
 @models_app.command("list")
 def models_list(
     line: str = LINE,
@@ -67,13 +80,7 @@ def models_register(
     data_dir: Path | None = DATA_DIR,
 ):
     """Add a trained model folder to a line's registry as a candidate."""
-    from .registry import RegistryError
-
-    with qa_session(config, redis_url, data_dir) as (_, client):
-        try:
-            version = _registry(client, line).register(model_dir)
-        except RegistryError as exc:
-            raise fail(str(exc)) from None
+    version = _on_registry(line, config, redis_url, data_dir, lambda r: r.register(model_dir))
     typer.echo(version.model_dump_json())
 
 
@@ -86,13 +93,9 @@ def models_promote(
     data_dir: Path | None = DATA_DIR,
 ):
     """Make a version active; scorers change to it between batches."""
-    from .registry import RegistryError
-
-    with qa_session(config, redis_url, data_dir) as (_, client):
-        try:
-            version = _registry(client, line).promote(version_id)
-        except RegistryError as exc:
-            raise fail(f"{exc}; the active model stays active") from None
+    version = _on_registry(
+        line, config, redis_url, data_dir, lambda r: r.promote(version_id), keeps_active=True
+    )
     console.print(f"line {line}: {version.id} is active")
     typer.echo(version.model_dump_json())
 
@@ -105,13 +108,9 @@ def models_rollback(
     data_dir: Path | None = DATA_DIR,
 ):
     """Go back to the version that was active before the current one."""
-    from .registry import RegistryError
-
-    with qa_session(config, redis_url, data_dir) as (_, client):
-        try:
-            version = _registry(client, line).rollback()
-        except RegistryError as exc:
-            raise fail(f"{exc}; the active model stays active") from None
+    version = _on_registry(
+        line, config, redis_url, data_dir, lambda r: r.rollback(), keeps_active=True
+    )
     console.print(f"line {line}: rolled back to {version.id}")
     typer.echo(version.model_dump_json())
 
@@ -126,15 +125,11 @@ def models_shadow(
     data_dir: Path | None = DATA_DIR,
 ):
     """Score a candidate beside the active model (its scores go to shadow-scores:{line})."""
-    from .registry import RegistryError
-
     if off == (version_id is not None):
         raise fail("give a version id, or --off")
-    with qa_session(config, redis_url, data_dir) as (_, client):
-        try:
-            _registry(client, line).set_shadow(None if off else version_id)
-        except RegistryError as exc:
-            raise fail(str(exc)) from None
+    _on_registry(
+        line, config, redis_url, data_dir, lambda r: r.set_shadow(None if off else version_id)
+    )
     console.print(f"line {line}: " + ("shadow scoring off" if off else f"{version_id} in shadow"))
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# Simulated camera frames for tests: small, so that a line runs in seconds.
+LINE_FRAME = {"width": 240, "height": 160}
+
 
 def textured_tile(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     cells = rng.normal(150, 10, (h // 6 + 1, w // 6 + 1))
@@ -60,10 +63,17 @@ def _save(path: Path, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path)
 
 
-def make_line(root: Path, products: int, seed: int = 4) -> tuple[Path, list[Path]]:
-    """A tiny line model trained on the front end's crops of good products, and the videos of
-    a simulated 4-camera line (half the products defective). Returns (model dir, videos)."""
-    from workers.datasets import list_test_samples, list_train_samples
+def train_line_models(
+    root: Path,
+    names: tuple[str, ...] = ("model",),
+    *,
+    products: int = 8,
+    epochs: int = 15,
+    config=None,
+) -> Path:
+    """Tiles in MVTec layout under ``root/tiles``, and one line model per name (seeds 0, 1, ...)
+    trained on the front end's crops of a simulated line of good products. Returns the tiles."""
+    from workers.datasets import list_train_samples
     from workers.differnet.model import DifferNetConfig
     from workers.differnet.recipes import train_from_folder
     from workers.differnet.training import TrainingOptions
@@ -71,17 +81,30 @@ def make_line(root: Path, products: int, seed: int = 4) -> tuple[Path, list[Path
     from workers.simulate import LineSpec, render_line
 
     data = make_dataset(root / "tiles", n_train=12, n_good=4, n_defect=3)
-    frame = {"width": 240, "height": 160}
-    train = LineSpec(products=6, defect_rate=0, seed=1, **frame)
+    train = LineSpec(products=products, defect_rate=0, seed=1, **LINE_FRAME)
     render_line(list_train_samples(data), [], root / "train-line", train)
     harvest_crops(root / "train-line", root / "crops", "train")
-    config = DifferNetConfig(image_size=96, train_transforms=2, tta=1)
-    train_from_folder(root / "crops", root / "model", config, TrainingOptions(epochs=5))
+    config = config or DifferNetConfig(image_size=96, train_transforms=4, tta=2)
+    for seed, name in enumerate(names):
+        options = TrainingOptions(epochs=epochs, seed=seed)
+        train_from_folder(root / "crops", root / name, config, options)
+    return data
+
+
+def make_line(root: Path, products: int, seed: int = 4) -> tuple[Path, list[Path]]:
+    """A tiny line model and the videos of a simulated 4-camera line (half the products
+    defective). Returns (model dir, videos)."""
+    from workers.datasets import list_test_samples
+    from workers.differnet.model import DifferNetConfig
+    from workers.simulate import LineSpec, render_line
+
+    tiny = DifferNetConfig(image_size=96, train_transforms=2, tta=1)
+    data = train_line_models(root, products=6, epochs=5, config=tiny)
     samples = list_test_samples(data)
     manifest = render_line(
         [s for s in samples if not s.is_defect],
         [s for s in samples if s.is_defect],
         root / "line",
-        LineSpec(products=products, defect_rate=0.5, seed=seed, **frame),
+        LineSpec(products=products, defect_rate=0.5, seed=seed, **LINE_FRAME),
     )
     return root / "model", [root / "line" / f"{c}.mp4" for c in manifest["cameras"]]

@@ -12,33 +12,19 @@ from cluster.graph import LineResources, drain_and_stop, start_line
 from cluster.redis_conn import EmbeddedRedis
 from cluster.streams import Streams
 from schemas import Verdict, ViewScore
-from tests.synthetic import make_dataset
-from workers.datasets import list_test_samples, list_train_samples
-from workers.differnet.model import DifferNetConfig
-from workers.differnet.recipes import train_from_folder
-from workers.differnet.training import TrainingOptions
-from workers.harvest import harvest_crops
+from tests.synthetic import LINE_FRAME as FRAME
+from tests.synthetic import train_line_models
+from workers.datasets import list_test_samples
 from workers.simulate import LineSpec, render_line
 
 SMALL = LineResources(ingest_cpus=0.1, detect_cpus=0.1, score_cpus=0.1, aggregate_cpus=0.1)
-FRAME = {"width": 240, "height": 160}
 
 
 @pytest.fixture(scope="module")
 def line_model(tmp_path_factory):
     """A model trained on crops the front end cut from a simulated line of good products."""
     root = tmp_path_factory.mktemp("cluster")
-    data = make_dataset(root / "tiles", n_train=12, n_good=4, n_defect=3)
-    render_line(
-        list_train_samples(data),
-        [],
-        root / "train-line",
-        LineSpec(products=8, defect_rate=0, seed=1, **FRAME),
-    )
-    harvest_crops(root / "train-line", root / "crops", "train")
-    config = DifferNetConfig(image_size=96, train_transforms=4, tta=2)
-    train_from_folder(root / "crops", root / "model", config, TrainingOptions(epochs=15))
-    return data, root
+    return train_line_models(root), root
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,9 @@ from cluster.redis_conn import EmbeddedRedis
 from cluster.registry import Registry, RegistryError
 from cluster.streams import Streams
 from schemas import Label, RetrainOutcome, RetrainRequest, Verdict, ViewScore
-from tests.synthetic import make_dataset, textured_tile
-from workers.datasets import list_test_samples, list_train_samples
+from tests.synthetic import LINE_FRAME as FRAME
+from tests.synthetic import make_dataset, textured_tile, train_line_models
+from workers.datasets import list_test_samples
 from workers.differnet.learning import (
     LabelledProduct,
     RetrainError,
@@ -37,7 +38,6 @@ from workers.differnet.model import DifferNetConfig
 from workers.differnet.recipes import train_from_folder
 from workers.differnet.store import FEATURE_CACHE, load_model
 from workers.differnet.training import TrainingOptions
-from workers.harvest import harvest_crops
 from workers.images import encode_png
 from workers.samples import SampleStore
 from workers.simulate import LineSpec, render_line
@@ -45,7 +45,6 @@ from workers.simulate import LineSpec, render_line
 SMALL = LineResources(
     ingest_cpus=0.1, detect_cpus=0.1, score_cpus=0.1, aggregate_cpus=0.1, train_cpus=0.1
 )
-FRAME = {"width": 240, "height": 160}
 TINY = DifferNetConfig(image_size=64, train_transforms=2, tta=1)
 
 
@@ -53,20 +52,7 @@ TINY = DifferNetConfig(image_size=64, train_transforms=2, tta=1)
 def models(tmp_path_factory):
     """Two versions of a line model (different seeds) trained on the front end's crops."""
     root = tmp_path_factory.mktemp("learning")
-    data = make_dataset(root / "tiles", n_train=12, n_good=4, n_defect=3)
-    render_line(
-        list_train_samples(data),
-        [],
-        root / "train-line",
-        LineSpec(products=8, defect_rate=0, seed=1, **FRAME),
-    )
-    harvest_crops(root / "train-line", root / "crops", "train")
-    config = DifferNetConfig(image_size=96, train_transforms=4, tta=2)
-    for name, seed in (("model-a", 0), ("model-b", 1)):
-        train_from_folder(
-            root / "crops", root / name, config, TrainingOptions(epochs=10, seed=seed)
-        )
-    return data, root
+    return train_line_models(root, ("model-a", "model-b"), epochs=10), root
 
 
 def test_registry_promotes_rolls_back_and_refuses_broken_versions(models, redis_client, tmp_path):
@@ -188,6 +174,15 @@ def test_retrain_learns_new_goods_from_the_parents_cached_features(tmp_path):
         retrain(parent, tmp_path / "x", brighter, validation[:3])
     with pytest.raises(RetrainError, match="no new good views"):
         retrain(parent, tmp_path / "x", [], validation)
+    scratch = retrain(
+        parent,
+        tmp_path / "c3",
+        brighter,
+        validation,
+        mode="scratch",
+        options=TrainingOptions(epochs=1),
+    )
+    assert scratch.metadata["training"]["mode"] == "scratch"
     (parent / FEATURE_CACHE).unlink()  # no cache: the training folder is embedded again
     again = retrain(
         parent, tmp_path / "c2", brighter, validation, options=TrainingOptions(epochs=1)
