@@ -8,6 +8,10 @@ centre line in the direction of travel: one crossing, one trigger.
 The gate also builds the product's composite foreground mask: the masks of its last few frames,
 each shifted so that the blob centroids align, combined by union. One frame's mask has holes
 where the product resembles the belt; the union over frames fills them.
+
+It sees every frame of every camera, so it works on frames scaled down to ``work_width`` pixels
+(the product still spans dozens of them) and scales its boxes and masks back up: at 480 x 270
+this cuts its time per frame by about three, time the scorers get instead.
 """
 
 from __future__ import annotations
@@ -32,11 +36,19 @@ class Trigger:
     composite_mask: np.ndarray  # (H, W) uint8, 255 = product
 
 
+@dataclass(frozen=True)
+class Blob:
+    """A foreground object in frame coordinates."""
+
+    centroid: tuple[float, float]
+    bbox: tuple[int, int, int, int]  # x, y, w, h
+
+
 @dataclass
 class _Blob:
     centroid: tuple[float, float]
     bbox: tuple[int, int, int, int]
-    mask: np.ndarray  # (H, W) bool, this blob only
+    mask: np.ndarray  # (h, w) bool, this blob only, at the gate's working size
 
 
 class MotionGate:
@@ -52,6 +64,7 @@ class MotionGate:
         matter: DeepMatter | None = None,
         plate: np.ndarray | None = None,
         plate_threshold: int = 30,
+        work_width: int = 256,
     ):
         """``plate``: a given background image (BGR, the empty belt) instead of a learned one; the
         per-frame mask is then the pixels that differ from it by more than ``plate_threshold``.
@@ -68,26 +81,53 @@ class MotionGate:
         self.matter = matter
         self.plate = plate
         self.plate_threshold = plate_threshold
+        self.work_width = work_width
         self._frames_seen = 0
         self.frame_shape: tuple[int, int] | None = None
+        self._work_shape: tuple[int, int] | None = None  # (h, w) the gate works at
+        self._work_plate: np.ndarray | None = None
         self._previous: list[_Blob] = []
         self._recent: deque[_Blob] = deque(maxlen=composite_frames)
         self._open = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
         self._close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
 
     @property
-    def blobs(self) -> list[_Blob]:
-        """The foreground objects of the last frame (centroid, bbox, mask)."""
-        return list(self._previous)
+    def blobs(self) -> list[Blob]:
+        """The foreground objects of the last frame, in frame coordinates."""
+        sx, sy = self._scale()
+        return [
+            Blob((b.centroid[0] * sx, b.centroid[1] * sy), self._to_frame(b.bbox))
+            for b in self._previous
+        ]
 
     @property
     def objects_in_view(self) -> int:
         """Foreground blobs in the last frame (0: empty belt)."""
         return len(self._previous)
 
-    def background(self) -> np.ndarray:
-        """The belt (BGR): the given plate, or MOG2's learned background."""
-        return self.plate if self.plate is not None else self._subtractor.getBackgroundImage()
+    def _background(self) -> np.ndarray:
+        """The belt (BGR) at the working size: the given plate, or MOG2's learned background."""
+        if self._work_plate is not None:
+            return self._work_plate
+        return self._subtractor.getBackgroundImage()
+
+    def _scale(self) -> tuple[float, float]:
+        """Frame pixels per working pixel, across and down."""
+        if self.frame_shape is None:
+            return 1.0, 1.0
+        return (
+            self.frame_shape[1] / self._work_shape[1],
+            self.frame_shape[0] / self._work_shape[0],
+        )
+
+    def _to_frame(self, bbox: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """A working-size box in frame pixels, rounded outwards and kept inside the frame."""
+        sx, sy = self._scale()
+        x, y, w, h = bbox
+        x0, y0 = int(x * sx), int(y * sy)
+        x1 = min(self.frame_shape[1], int(np.ceil((x + w) * sx)))
+        y1 = min(self.frame_shape[0], int(np.ceil((y + h) * sy)))
+        return x0, y0, x1 - x0, y1 - y0
 
     def update(self, frame_index: int, frame: np.ndarray) -> Trigger | None:
         if frame is None or frame.ndim != 3 or frame.size == 0:
@@ -95,28 +135,35 @@ class MotionGate:
         shape = frame.shape[:2]
         if self.frame_shape is None:
             self.frame_shape = shape
+            h, w = shape
+            # A whole factor: OpenCV's area resize has a fast path for those.
+            factor = -(-w // self.work_width)
+            self._work_shape = (max(1, h // factor), w // factor)
         elif shape != self.frame_shape:
             raise ValueError(
                 f"frame {frame_index}: resolution changed from {self.frame_shape} to {shape}"
             )
         if self.plate is not None and self.plate.shape != frame.shape:
             raise ValueError(f"background plate is {self.plate.shape}, frames are {frame.shape}")
+        work = self._shrink(frame)
+        if self.plate is not None and self._work_plate is None:
+            self._work_plate = self._shrink(self.plate)
         self._frames_seen += 1
-        if self.plate is None:
-            fg = self._subtractor.apply(frame)
+        if self._work_plate is None:
+            fg = self._subtractor.apply(work)
         else:
-            diff = cv2.absdiff(frame, self.plate).max(axis=2)
+            diff = cv2.absdiff(work, self._work_plate).max(axis=2)
             fg = (diff > self.plate_threshold).astype(np.uint8) * 255
         if self.matter is not None and (
             self.plate is not None or self._frames_seen > WARMUP_FRAMES
         ):
-            fg = (self.matter.alpha(frame, self.background()) > 0.5).astype(np.uint8) * 255
+            fg = (self.matter.alpha(work, self._background()) > 0.5).astype(np.uint8) * 255
         fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, self._open)
         fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, self._close)
         blobs = self._blobs(fg)
         trigger = None
-        centre = shape[1] / 2.0
-        max_jump = shape[1] / 3.0
+        centre = fg.shape[1] / 2.0
+        max_jump = fg.shape[1] / 3.0
         for blob in blobs:
             prev = self._nearest(blob, max_jump)
             if prev is None:
@@ -125,7 +172,9 @@ class MotionGate:
             after = (blob.centroid[0] - centre) * self.direction
             if before < 0 <= after and trigger is None:
                 self._recent.append(blob)
-                trigger = Trigger(frame_index, self.products, blob.bbox, self._composite(blob))
+                trigger = Trigger(
+                    frame_index, self.products, self._to_frame(blob.bbox), self._composite(blob)
+                )
                 self.products += 1
         # Remember the largest blob's masks for the next composite.
         if blobs and trigger is None:
@@ -134,6 +183,12 @@ class MotionGate:
             self._recent.clear()
         self._previous = blobs
         return trigger
+
+    def _shrink(self, image: np.ndarray) -> np.ndarray:
+        h, w = self._work_shape
+        if image.shape[:2] == (h, w):
+            return image
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
 
     def _blobs(self, fg: np.ndarray) -> list[_Blob]:
         # A product that resembles the belt in places falls apart into pieces: group pieces that
@@ -179,4 +234,11 @@ class MotionGate:
         x, y, w, h = current.bbox
         box = np.zeros_like(union)
         box[y : y + h, x : x + w] = True
-        return ((union & box) | current.mask).astype(np.uint8) * 255
+        mask = ((union & box) | current.mask).astype(np.uint8) * 255
+        if mask.shape == self.frame_shape:
+            return mask
+        # Linear, then cut at half: smooth edges rather than the working size's staircase.
+        frame_size = self.frame_shape[::-1]
+        return (cv2.resize(mask, frame_size, interpolation=cv2.INTER_LINEAR) > 127).astype(
+            np.uint8
+        ) * 255
