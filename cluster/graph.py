@@ -250,7 +250,8 @@ def backlog(client: redis.Redis, running: RunningLine) -> int:
 
 
 def drain_and_stop(client: redis.Redis, lines: list[RunningLine], timeout_s: float = 600) -> dict:
-    """Wait until every published entry has its result, then stop every actor; return counters."""
+    """Wait until every published entry has its result, then stop every actor and release its
+    resources; return the actors' counters."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if all(sources_done(r) for r in lines) and sum(backlog(client, r) for r in lines) == 0:
@@ -276,4 +277,8 @@ def drain_and_stop(client: redis.Redis, lines: list[RunningLine], timeout_s: flo
             # A retraining in progress finishes first (it may take minutes).
             r.trainer.stop.remote()
             stats[r.config.id]["trainer"] = ray.get(r.runs[r.trainer], timeout=1800)
+        # Stopped actors would go on holding their CPUs and GPUs: a line started next in the
+        # same cluster could not be placed.
+        for actor in r.ingest + r.workers:
+            ray.kill(actor, no_restart=True)
     return stats

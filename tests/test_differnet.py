@@ -62,6 +62,11 @@ def test_training_separates_good_from_defective_tiles(trained, data, tmp_path):
     assert report["pixel_auroc"] > 0.7
     assert report["tpr"] >= 0.85
     assert report["score_ms_per_image"] > 0
+    # Every image's score, so that users can aggregate products or re-threshold offline.
+    assert len(report["images"]) == 12
+    defect_scores = [i["score"] for i in report["images"] if i["category"] != "good"]
+    good_scores = [i["score"] for i in report["images"] if i["category"] == "good"]
+    assert min(defect_scores) > max(good_scores)
     plots = tmp_path / "eval-plots"
     assert (plots / "roc.png").exists()
     assert len(list(plots.glob("worst*.png"))) == 2

@@ -205,6 +205,10 @@ def evaluate_folder(
         "tta": model.config.tta,
         "head": model.config.head,
         "model_version": bundle.version,
+        "images": [
+            {"path": str(s.path), "category": s.category, "score": float(score)}
+            for s, score in zip(loaded.samples, scores, strict=True)
+        ],
     }
     masked = [i for i, s in enumerate(loaded.samples) if s.mask_path or not s.is_defect]
     if not pixel_metrics:
