@@ -33,6 +33,27 @@ def gate_run(video):
     return triggers
 
 
+def test_the_gate_works_scaled_down_and_answers_in_frame_pixels(line):
+    _, out, _ = line
+    frames = list(read_frames(out / "cam0.mp4"))
+
+    def triggers(work_width):
+        gate = MotionGate(work_width=work_width)
+        return [t for i, f in frames if (t := gate.update(i, f)) is not None]
+
+    scaled, full = triggers(80), triggers(10_000)  # 240 px frames: a third, and as they are
+    assert [t.frame_index for t in scaled] == [t.frame_index for t in full]
+    for a, b in zip(scaled, full, strict=True):
+        assert a.composite_mask.shape == b.composite_mask.shape == frames[0][1].shape[:2]
+        assert iou(a.bbox, b.bbox) > 0.85
+        overlap = (a.composite_mask > 0) & (b.composite_mask > 0)
+        assert overlap.sum() > 0.85 * max(
+            (a.composite_mask > 0).sum(), (b.composite_mask > 0).sum()
+        )
+    with pytest.raises(ValueError, match="work_width"):
+        MotionGate(work_width=16)
+
+
 def test_the_simulator_is_deterministic_for_a_seed(line, tmp_path):
     data, _, manifest = line
     again = simulate_line(data, tmp_path, SPEC)

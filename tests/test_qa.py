@@ -132,9 +132,11 @@ def cli(*args):
     return CliRunner().invoke(app, list(args))
 
 
-def test_verdicts_command_prints_json_lines_table_and_filters_by_time(line_state, embedded_redis):
+def test_verdicts_command_prints_json_lines_table_and_filters_by_time(
+    line_state, embedded_redis, tmp_path
+):
     client, _, verdicts = line_state
-    old = decide(client, SampleStore("unused"), "line-b", 0, [0.1, 0.1], at=time.time() - 7200)
+    old = decide(client, SampleStore(tmp_path), "line-b", 0, [0.1, 0.1], at=time.time() - 7200)
     client.xadd(Streams("line-b").verdicts, {"kind": b"verdict", "v": b"1", "meta": b"{bad"})
     url = embedded_redis.url
     result = cli("verdicts", "--json", "--redis", url)

@@ -70,9 +70,12 @@ class MotionGate:
         """``plate``: a given background image (BGR, the empty belt) instead of a learned one; the
         per-frame mask is then the pixels that differ from it by more than ``plate_threshold``.
         ``matter``: a deep matting model that makes the per-frame mask from the frame and the
-        plate (learned by MOG2 unless given)."""
+        plate (learned by MOG2 unless given). ``work_width``: wider frames are scaled down by a
+        whole factor to at most this many pixels across before anything else."""
         if direction not in (1, -1):
             raise ValueError("direction must be 1 (left to right) or -1")
+        if work_width < 32:
+            raise ValueError(f"work_width must be at least 32 pixels, got {work_width}")
         self._subtractor = cv2.createBackgroundSubtractorMOG2(
             history=history, varThreshold=var_threshold, detectShadows=False
         )
