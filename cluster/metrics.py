@@ -18,7 +18,6 @@ class LineMetrics:
     """The metrics of one line, tagged with its id (and camera, stage, ... where they apply)."""
 
     def __init__(self, line: str):
-        self.tags = {"line": line}
         self.frames_in = Counter(
             "defectflow_frames_in", "Frames read from the cameras", tag_keys=("line", "camera")
         )
@@ -54,6 +53,6 @@ class LineMetrics:
             "1 for the line's active model version",
             tag_keys=("line", "version"),
         )
-
-    def with_line(self, **tags: str) -> dict[str, str]:
-        return self.tags | tags
+        # Every series carries its line, whether or not the caller names it.
+        for metric in vars(self).values():
+            metric.set_default_tags({"line": line})
