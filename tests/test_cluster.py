@@ -47,15 +47,22 @@ def verdicts(client, line):
     return [Verdict.from_entry(f) for _, f in client.xrange(Streams(line).verdicts)]
 
 
-def test_every_product_gets_one_verdict_and_defects_are_found(line_model, local_ray, tmp_path):
+def inspect(line_model, tmp_path, products: int, seed: int, **line_changes):
+    """A simulated line through the cluster, unpaced: manifest, actor stats, verdicts, scores."""
     data, root = line_model
-    manifest = simulate(data, tmp_path / "line", 6, seed=5)
+    manifest = simulate(data, tmp_path / "line", products, seed=seed)
     with EmbeddedRedis(tmp_path / "redis") as server:
         client = redis.Redis.from_url(server.url)
         line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
+        line = line.model_copy(update=line_changes)
         running = start_line(line, server.url, root / "model", resources=SMALL)
         stats = drain_and_stop(client, [running], timeout_s=300)
-        got = verdicts(client, "demo")
+        scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams("demo").scores)]
+        return manifest, stats, verdicts(client, "demo"), scores
+
+
+def test_every_product_gets_one_verdict_and_defects_are_found(line_model, local_ray, tmp_path):
+    manifest, stats, got, _ = inspect(line_model, tmp_path, 6, seed=5)
     assert sorted(v.product_seq for v in got) == list(range(6))
     assert all(v.status == "complete" and len(v.views) == 4 for v in got)
     truth = {p["seq"]: p["defective"] for p in manifest["products"]}
@@ -88,16 +95,8 @@ def test_killing_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
 
 
 def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, local_ray, tmp_path):
-    data, root = line_model
-    manifest = simulate(data, tmp_path / "line", 6, seed=7)
-    with EmbeddedRedis(tmp_path / "redis") as server:
-        client = redis.Redis.from_url(server.url)
-        line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
-        line = line.model_copy(update={"max_view_backlog": 1})  # unpaced cameras outrun it
-        running = start_line(line, server.url, root / "model", resources=SMALL)
-        stats = drain_and_stop(client, [running], timeout_s=300)
-        got = verdicts(client, "demo")
-        scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams("demo").scores)]
+    # Unpaced cameras outrun a backlog of one view.
+    _, stats, got, scores = inspect(line_model, tmp_path, 6, seed=7, max_view_backlog=1)
     shed = sum(s.get("shed", 0) for s in stats["demo"]["score"])
     assert shed >= 1 and sum(s.shed for s in scores) == shed
     assert sorted(v.product_seq for v in got) == list(range(6))  # still one verdict each
