@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from bench.report import emit
-from workers.datasets import list_test_samples, split_stratified
+from workers.datasets import Sample, list_test_samples, split_stratified
 from workers.differnet.model import DifferNetConfig
-from workers.differnet.recipes import evaluate_folder, train_from_folder
+from workers.differnet.recipes import evaluate_folder, load_samples, train_from_folder
 from workers.differnet.store import load_model
 from workers.differnet.training import TrainingOptions
 from workers.threshold import auroc
@@ -49,6 +49,24 @@ def products_auroc(
     return auroc(scores, labels)
 
 
+def score_parts_auroc(bundle, images: list[dict]) -> dict:
+    """AUROC of the flow alone and of the patch memory alone, on the images of ``images``."""
+    model = bundle.model
+    if not model.uses_memory:
+        return {}
+    samples = [Sample(Path(i["path"]), i["category"]) for i in images]
+    prepared = load_samples(samples).prepared(model)
+    flow = [
+        r.score for i in range(0, len(prepared), 8) for r in model.flow_scores(prepared[i : i + 8])
+    ]
+    memory = [model.memory.score(im.native) for im in prepared]
+    labels = [int(s.is_defect) for s in samples]
+    return {
+        "image_auroc_flow_alone": auroc(flow, labels),
+        "image_auroc_memory_alone": auroc(memory, labels),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True)
@@ -60,6 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--image-size", type=int, default=320)
     p.add_argument("--train-transforms", type=int, default=DifferNetConfig().train_transforms)
+    p.add_argument(
+        "--memory-size",
+        type=int,
+        default=DifferNetConfig().memory_size,
+        help="patch memory positions (0: the flow alone)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="evaluate the model a previous run trained")
     args = p.parse_args(argv)
@@ -69,10 +93,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = DifferNetConfig(
         head=args.head,
         image_size=args.image_size,
-        tta=max(args.tta),
         train_transforms=args.train_transforms,
+        memory_size=args.memory_size,
     )
-    model_dir = args.out / f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}"
+    model_dir = (
+        args.out
+        / f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
+    )
 
     def log(task, done, total):
         if done == total or done % 400 == 0 or task == "train":
@@ -98,9 +125,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[{time.strftime('%H:%M:%S')}] trained: {meta['metrics']}", file=sys.stderr, flush=True)
 
     bundle = load_model(model_dir)
+    val_good = load_samples([s for s in val if not s.is_defect]).prepared(bundle.model)
+
+    def use_tta(t: int) -> None:
+        # The flow's score spreads less with more transforms: standardise it for this T again.
+        bundle.model.config = config.model_copy(update={"tta": t})
+        if bundle.model.uses_memory:
+            bundle.model.calibrate(val_good)
+
     curve = []
     for t in sorted(args.tta):
-        bundle.model.config = config.model_copy(update={"tta": t})
+        use_tta(t)
         r = evaluate_folder(bundle, args.data, samples=measured, out_dir=None, pixel_metrics=False)
         curve.append(
             {
@@ -112,12 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"tta {t}: {curve[-1]}", file=sys.stderr, flush=True)
     # The full evaluation (pixel AUROC needs a backward pass per image) runs at the default T.
     best_t = DifferNetConfig().tta if DifferNetConfig().tta in args.tta else max(args.tta)
-    bundle.model.config = config.model_copy(update={"tta": best_t})
+    use_tta(best_t)
     full = evaluate_folder(
         bundle, args.data, samples=measured, out_dir=args.out / f"eval-{args.head}"
     )
     result = {
         "data": str(args.data),
+        "memory_size": args.memory_size,
         "head": args.head,
         "shots": args.shots,
         "n_train": meta["training"]["n_images"],
@@ -136,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         "embed_seconds": meta["training"]["embed_seconds"],
         "score_ms_per_image": full["score_ms_per_image"],
         "auroc_vs_tta": curve,
+        **score_parts_auroc(bundle, full["images"]),
         "product_auroc_4_views": products_auroc(full["images"], seed=args.seed),
         "torch_threads": torch.get_num_threads(),
     }

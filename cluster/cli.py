@@ -88,6 +88,9 @@ def train(
     jitter: float = typer.Option(
         0.0, min=0.0, max=0.99, help="colour jitter strength (ZeroBox: 0.5)"
     ),
+    memory_size: int = typer.Option(
+        262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
+    ),
     target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
     seed: int = typer.Option(0),
 ):
@@ -95,7 +98,7 @@ def train(
     from pydantic import ValidationError
 
     from workers.datasets import DatasetError
-    from workers.differnet.backbone import DEFAULT_TAPS, BackboneError
+    from workers.differnet.backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, BackboneError
     from workers.differnet.model import DifferNetConfig
     from workers.differnet.recipes import train_from_folder
     from workers.differnet.training import TrainingOptions
@@ -104,6 +107,8 @@ def train(
         config = DifferNetConfig(
             backbone=backbone,
             taps=DEFAULT_TAPS.get(backbone, ()),
+            memory_taps=DEFAULT_MEMORY_TAPS.get(backbone, ()),
+            memory_size=memory_size,
             head=head,
             image_size=image_size,
             tta=tta,

@@ -30,16 +30,20 @@ def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("tiles"))
 
 
-@pytest.fixture(scope="module", params=["differnet", "local"])
+# The pooled flow with the patch memory (the default), the local head, the pooled flow alone.
+@pytest.fixture(scope="module", params=["differnet", "local", "differnet-flow-alone"])
 def trained(request, data, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"model-{request.param}")
+    head, _, alone = request.param.partition("-")
     result = invoke(
         "train",
         data,
         "--out",
         out,
+        "--memory-size",
+        0 if alone else 262144,
         "--head",
-        request.param,
+        head,
         "--image-size",
         96,
         "--epochs",
@@ -79,6 +83,12 @@ def test_model_folder_holds_weights_metadata_and_roc(trained):
     for key in ("config", "sha256", "threshold", "training", "metrics", "feature_dim"):
         assert key in meta
     assert meta["training"]["n_images"] == 24 and len(meta["training"]["fingerprint"]) == 64
+    # Both scores are standardised on the validation goods, when there is a patch memory.
+    if meta["config"]["memory_size"]:
+        assert meta["calibration"]["source"] == "validation goods"
+        assert meta["calibration"]["n"] == 6
+    else:
+        assert meta["calibration"] is None
 
 
 def test_save_and_load_give_identical_scores(trained, data):

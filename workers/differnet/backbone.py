@@ -20,6 +20,11 @@ DEFAULT_TAPS: dict[str, tuple[int, ...]] = {
     "efficientnet-lite0": (10, 14),
     "alexnet": (12,),
 }
+# The patch memory's taps: a fine (stride 8) and a coarser stage, as PatchCore takes.
+DEFAULT_MEMORY_TAPS: dict[str, tuple[int, ...]] = {
+    "efficientnet-lite0": (4, 10),
+    "alexnet": (4, 7),
+}
 
 
 class BackboneError(ValueError):

@@ -23,7 +23,14 @@ from ..threshold import auroc, target_tpr_threshold
 from .model import DifferNet
 from .recipes import OnSkip, _ignore, load_samples
 from .store import ModelBundle, load_feature_cache, load_model, save_feature_cache, save_model
-from .training import Progress, TrainingOptions, _no_progress, embed_training_set, train_flow
+from .training import (
+    Progress,
+    TrainingOptions,
+    _no_progress,
+    embed_training_set,
+    memory_pool,
+    train_flow,
+)
 
 # A candidate may lose this much validation AUROC to the parent (noise on small validation sets).
 AUROC_TOLERANCE = 0.01
@@ -219,6 +226,19 @@ def retrain(
     new = embed_training_set(model, loaded.prepared(model), options, progress)
     cache = torch.cat([old.float(), new])
     report = train_flow(model, cache, options, None, progress, fine_tune=mode == "finetune")
+    n_parent = int(parent.metadata.get("training", {}).get("n_images") or 0)
+    n_images = n_parent + len(loaded.rgb)
+    calibration = None
+    if model.uses_memory:
+        # The parent's memory stands for its training images; the new views get their share.
+        model.memory.adopt(parent.model.memory)
+        pool, _ = memory_pool(model, loaded.prepared(model), options, progress)
+        share = len(loaded.rgb) / max(1, n_images)
+        model.memory.extend(pool, share, model.config.memory_size, options.seed)
+        good_views = [v for p in validation if p.label == 0 for v in p.views]
+        held_out = load_samples([Sample(v, "good") for v in good_views], on_skip)
+        calibration = model.calibrate(held_out.prepared(model))
+        calibration |= {"source": "held-out good products", "n": len(held_out.rgb)}
     model.eval()
 
     parent_point = operating_point(product_scores(parent, validation), labels, target_tpr)
@@ -233,12 +253,14 @@ def retrain(
         extra={
             "threshold_rule": {"rule": f"target-tpr {target_tpr:g}", "source": "QA labels"},
             "metrics": {k: v for k, v in candidate_point.items() if v is not None},
+            "calibration": calibration,
             "parent": parent.version,
             "training": {
                 "data_dir": parent.metadata.get("training", {}).get("data_dir"),
                 "mode": mode,
                 "n_parent_features": len(old),
                 "n_new_good": len(loaded.rgb),
+                "n_images": n_images,
                 "epochs": options.epochs,
                 "train_seconds": round(report.train_seconds, 2),
                 "history": report.history,

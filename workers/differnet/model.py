@@ -7,6 +7,11 @@ Two heads share the backbone and the flow:
   test-time transforms; defect map = gradient of that score with respect to the pixels.
 * ``local``: a flow over per-position feature vectors (the CFlow-AD / FastFlow / CS-Flow family).
   The NLL map, averaged over transforms and smoothed, is the defect map; its maximum the score.
+
+With ``memory_size > 0`` (the default) the flow's score is fused with a second one, the mean
+distance of the image's positions, at its own scale, to their nearest good neighbours
+(:mod:`.neighbours`): each score is standardised by its mean and spread on held-out good images,
+and the two are added. This departs from the paper, on purpose: see the README's comparison.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from .backbone import DEFAULT_TAPS, Backbone, BackboneName, build_backbone
+from .backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, Backbone, BackboneName, build_backbone
 from .flow import build_flow, negative_log_likelihood
+from .neighbours import NativeImage, PatchMemory, native_image
 from .views import D4, Letterbox, apply_d4, crop_to_source, letterbox, undo_d4
 
 EMBED_CHUNK = 8  # images per backbone pass when scoring
@@ -47,6 +53,13 @@ class DifferNetConfig(BaseModel):
     jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
     tta: int = Field(default=4, ge=1, le=len(D4))
     map_sigma: float = Field(default=3.0, ge=0.0, description="Gaussian sigma, input pixels")
+    # The patch memory (0 positions: the flow alone), its subspace and the positions queried.
+    memory_size: int = Field(default=262144, ge=0, le=4_000_000)
+    memory_taps: tuple[int, ...] = DEFAULT_MEMORY_TAPS["efficientnet-lite0"]
+    memory_components: int = Field(default=64, ge=1, le=4096)
+    memory_probes: int = Field(default=4, ge=1, le=4096)
+    memory_queries: int = Field(default=256, ge=1, le=65536)
+    memory_max_side: int = Field(default=640, ge=64, le=4096)
 
     @field_validator("image_size")
     @classmethod
@@ -70,6 +83,7 @@ class PreparedImage:
     pixels: torch.Tensor  # (3, S, S) in [0, 1]
     mask: torch.Tensor  # (1, S, S)
     box: Letterbox
+    native: NativeImage | None = None  # the image at its own scale, for the patch memory
 
 
 @dataclass
@@ -139,15 +153,31 @@ class DifferNet(nn.Module):
         self.flow = build_flow(dim, config.flow_blocks, config.subnet_width, config.clamp)
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_std", torch.ones(dim))
+        self.memory = PatchMemory(
+            build_backbone(config.backbone, backbone_weights, config.memory_taps),
+            config.memory_components,
+            config.memory_probes,
+            config.memory_queries,
+        )
+        # Mean and spread of the flow's score and of the memory's on held-out good images.
+        self.register_buffer("calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
 
     @property
     def feature_dim(self) -> int:
         local = self.config.head == "local"
         return self.embedder.dense_dim if local else self.embedder.pooled_dim
 
+    @property
+    def uses_memory(self) -> bool:
+        return self.config.memory_size > 0
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The weights worth saving: flow and feature statistics, not the frozen backbone."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("embedder.")}
+        """What training made: flow, statistics, patch memory; not the frozen backbones."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith(("embedder.", "memory.backbone."))
+        }
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.trainable_state()) - set(state)
@@ -157,6 +187,11 @@ class DifferNet(nn.Module):
                 f"weights do not fit: missing {sorted(missing)[:3]}, "
                 f"unexpected {sorted(unexpected)[:3]}"
             )
+        bank, width = state["memory.bank"], self.memory.basis.shape[1]
+        if bank.dim() != 2 or bank.shape[1] != width:
+            raise ValueError(f"patch memory of shape {tuple(bank.shape)}, expected (n, {width})")
+        for name in self.memory.SIZED_BY_TRAINING:  # their lengths are whatever training made
+            setattr(self.memory, name, torch.empty_like(state[f"memory.{name}"]))
         self.load_state_dict(state, strict=False)
 
     # -- features ---------------------------------------------------------------------------
@@ -171,7 +206,12 @@ class DifferNet(nn.Module):
                 )
             m = np.repeat((product_mask > 0).astype(np.uint8)[:, :, None], 3, axis=2) * 255
             mask = mask * letterbox(m, self.config.image_size)[0][:1].round()
-        return PreparedImage(pixels, mask, box)
+        native = (
+            native_image(rgb, product_mask, self.config.memory_max_side)
+            if self.uses_memory
+            else None
+        )
+        return PreparedImage(pixels, mask, box, native)
 
     def embed(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Raw (unstandardised) features of a batch: ``(B, D)`` or ``(B, D, h, w)``."""
@@ -213,6 +253,46 @@ class DifferNet(nn.Module):
     @torch.no_grad()
     def score_batch(self, images: list[PreparedImage]) -> list[ScoredImage]:
         """Scores (and, for the local head, defect maps) without gradients: the streaming path."""
+        flow = self.flow_scores(images)
+        if not self.uses_memory:
+            return flow
+        return [
+            ScoredImage(self.fuse(r.score, self.memory.score(im.native)), r.defect_map)
+            for r, im in zip(flow, images, strict=True)
+        ]
+
+    def fuse(self, flow_score: float, memory_score: float) -> float:
+        """Sum of the two scores, each standardised on held-out good images."""
+        flow_mean, flow_std, memory_mean, memory_std = self.calibration.tolist()
+        return (flow_score - flow_mean) / flow_std + (memory_score - memory_mean) / memory_std
+
+    @torch.no_grad()
+    def calibrate(self, good: list[PreparedImage], owners: list[int] | None = None) -> dict:
+        """Standardise both scores on ``good`` images the flow did not learn from.
+
+        ``owners``: when the images are the training images themselves, their indices in the
+        memory's training set, so that each is compared with the others' positions only.
+        """
+        if len(good) < 2:
+            raise ValueError(f"calibration needs at least 2 good images, got {len(good)}")
+        chunks = [good[i : i + EMBED_CHUNK] for i in range(0, len(good), EMBED_CHUNK)]
+        flow = np.array([r.score for chunk in chunks for r in self.flow_scores(chunk)])
+        owners = owners or [None] * len(good)
+        memory = np.array(
+            [self.memory.score(im.native, o) for im, o in zip(good, owners, strict=True)]
+        )
+        values = {
+            "flow_mean": float(flow.mean()),
+            "flow_std": max(float(flow.std()), 1e-6),
+            "memory_mean": float(memory.mean()),
+            "memory_std": max(float(memory.std()), 1e-6),
+        }
+        self.calibration.copy_(torch.tensor(list(values.values())))
+        return values
+
+    @torch.no_grad()
+    def flow_scores(self, images: list[PreparedImage]) -> list[ScoredImage]:
+        """The flow's own scores (mean NLL over the transforms, or the local head's map)."""
         self.eval()
         tta = range(self.config.tta)
         pix, mask = self.transformed(images, tta)
@@ -267,7 +347,10 @@ class DifferNet(nn.Module):
             if self.config.map_sigma > 0:
                 grad = gaussian_filter(grad, sigma=self.config.map_sigma)
             square = torch.from_numpy(grad**2)
-            results.append(ScoredImage(float(nll.detach().mean()), crop_to_source(square, im.box)))
+            score = float(nll.detach().mean())
+            if self.uses_memory:
+                score = self.fuse(score, self.memory.score(im.native))
+            results.append(ScoredImage(score, crop_to_source(square, im.box)))
         return results
 
 

@@ -1,7 +1,8 @@
 """A trained model on disk: weights (tensors only) named by content hash, and metadata JSON.
 
     MODEL_DIR/model.json                  format version, config, threshold, metrics, provenance
-    MODEL_DIR/weights-<sha256[:16]>.pt    flow + feature statistics; torch.load(weights_only=True)
+    MODEL_DIR/weights-<sha256[:16]>.pt    flow, feature statistics, patch memory, calibration;
+                                          torch.load(weights_only=True)
     MODEL_DIR/features.pt                 optional: raw features of the training set (pooled head),
                                           so that retraining embeds only the new images
 
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from .model import DifferNet, DifferNetConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: patch memory and score calibration in the weights
 METADATA_FILE = "model.json"
 
 

@@ -11,6 +11,7 @@ the same kind of variation.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ class TrainingOptions:
     embed_batch: int = 16
     # Positions drawn per epoch for the local head (every position of every image is too many).
     positions_per_epoch: int = 200_000
+    # Positions drawn from one view of an image for the patch memory, at most: an image is seen
+    # under as many training transforms as it takes to fill the memory (16 shots: all 8).
+    memory_positions_per_view: int = 256
 
 
 @dataclass
@@ -80,6 +84,37 @@ def embed_training_set(
                 chunks.append(model.embedder.pooled(pix, mask).cpu())
             progress("embed", min(start + len(batch), len(jobs)), len(jobs))
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def build_memory(
+    model: DifferNet, images: list[PreparedImage], options: TrainingOptions, progress: Progress
+) -> None:
+    """Fill the model's patch memory with positions of the good ``images``, evenly per image."""
+    pool, owner = memory_pool(model, images, options, progress)
+    model.memory.fill(pool, owner, model.config.memory_size, options.seed)
+
+
+@torch.no_grad()
+def memory_pool(
+    model: DifferNet, images: list[PreparedImage], options: TrainingOptions, progress: Progress
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw features of about ``memory_size`` positions drawn evenly from the images' views,
+    and the index of the image each came from."""
+    config = model.config
+    per_image = config.memory_size / (len(images) * options.memory_positions_per_view)
+    views = max(1, min(config.train_transforms, math.ceil(per_image)))
+    per_view = math.ceil(config.memory_size / (len(images) * views))
+    generator = torch.Generator().manual_seed(options.seed)
+    parts, owners = [], []
+    for i, im in enumerate(images):
+        for t in range(views):
+            positions = model.memory.positions(im.native, t)
+            keep = torch.randperm(len(positions), generator=generator)[:per_view]
+            parts.append(positions[keep.to(positions.device)])
+            owners.append(torch.full((len(keep),), i))
+        progress("memory", i + 1, len(images))
+    return torch.cat(parts), torch.cat(owners)
 
 
 def train_flow(

@@ -1,0 +1,99 @@
+"""The patch memory beside the flow: native-scale positions, leave-one-out, calibration."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.synthetic import add_defect, textured_tile
+from workers.differnet.model import DifferNet, DifferNetConfig
+from workers.differnet.neighbours import native_image
+from workers.differnet.training import TrainingOptions, build_memory, memory_pool
+
+CONFIG = DifferNetConfig(image_size=64, train_transforms=2, tta=1, memory_size=100_000)
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    rng = np.random.default_rng(0)
+    return [textured_tile(rng, 64, 80) for _ in range(8)], rng
+
+
+@pytest.fixture(scope="module")
+def model(tiles):
+    torch.manual_seed(0)
+    net = DifferNet(CONFIG)
+    # A memory larger than the pool keeps every position of every view.
+    build_memory(net, [net.prepare(t) for t in tiles[0]], TrainingOptions(), lambda *a: None)
+    return net
+
+
+def test_native_images_keep_their_scale_unless_too_large():
+    rgb = np.zeros((300, 900, 3), np.uint8)
+    mask = np.zeros((300, 900), np.uint8)
+    mask[:, :450] = 255
+    small = native_image(rgb[:100, :200], mask[:100, :200], max_side=640)
+    assert small.pixels.shape == (3, 100, 200)
+    large = native_image(rgb, mask, max_side=450)
+    assert large.pixels.shape == (3, 150, 450)
+    assert large.mask[0, :, :225].min() == 1 and large.mask[0, :, 225:].max() == 0
+
+
+def test_each_training_image_is_found_in_memory_unless_its_own_positions_are_left_out(
+    model, tiles
+):
+    images = [model.prepare(t) for t in tiles[0]]
+    pool, owner = memory_pool(model, images, TrainingOptions(), lambda *a: None)
+    assert model.memory.size == len(pool) and set(owner.tolist()) == set(range(len(images)))
+    for i, im in enumerate(images[:3]):
+        # Found again up to the float16 the memory keeps positions in.
+        assert model.memory.score(im.native) < 0.02
+        assert model.memory.score(im.native, leave_out=i) > 0.2
+
+
+def test_a_defect_is_farther_from_good_positions_than_a_new_good_tile(model, tiles):
+    rng = np.random.default_rng(7)
+    good = model.memory.score(model.prepare(textured_tile(rng, 64, 80)).native)
+    spotted, _ = add_defect(rng, textured_tile(rng, 64, 80), "spot")
+    assert model.memory.score(model.prepare(spotted).native) > 1.2 * good
+
+
+def test_calibration_centres_the_fused_score_of_its_good_images(model):
+    rng = np.random.default_rng(3)
+    goods = [model.prepare(textured_tile(rng, 64, 80)) for _ in range(6)]
+    values = model.calibrate(goods)
+    assert values["flow_std"] > 0 and values["memory_std"] > 0
+    fused = [r.score for r in model.score_batch(goods)]
+    # Each part is standardised on these very images: their sum has mean 0.
+    assert np.mean(fused) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(ValueError, match="at least 2"):
+        model.calibrate(goods[:1])
+
+
+def test_extending_gives_new_positions_their_share_and_keeps_the_subspace(tiles):
+    torch.manual_seed(0)
+    net = DifferNet(CONFIG.model_copy(update={"memory_size": 400}))
+    images = [net.prepare(t) for t in tiles[0]]
+    build_memory(net, images, TrainingOptions(), lambda *a: None)
+    basis, before = net.memory.basis.clone(), net.memory.bank.clone()
+    rng = np.random.default_rng(11)
+    new = [net.prepare(textured_tile(rng, 64, 80)) for _ in range(2)]
+    pool, _ = memory_pool(net, new, TrainingOptions(), lambda *a: None)
+    net.memory.extend(pool, share=0.25, size=400, seed=0)
+    assert net.memory.size == 400 and torch.equal(net.memory.basis, basis)
+    kept = (net.memory.bank[:, None] == before[None]).all(-1).any(1)
+    assert int(kept.sum()) == 300
+
+
+def test_without_validation_data_calibration_leaves_each_training_image_out(tmp_path):
+    import shutil
+
+    from tests.synthetic import make_dataset
+    from workers.differnet.recipes import train_from_folder
+
+    data = make_dataset(tmp_path / "tiles", n_train=8)
+    shutil.rmtree(data / "test")
+    meta = train_from_folder(data, tmp_path / "model", CONFIG, TrainingOptions(epochs=2))
+    calibration = meta["calibration"]
+    assert calibration["source"] == "training goods" and calibration["n"] == 8
+    # Compared with their own positions the training images would all sit at distance 0.
+    assert calibration["memory_mean"] > 0.1 and calibration["memory_std"] > 0

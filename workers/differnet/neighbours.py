@@ -1,0 +1,217 @@
+"""Nearest good neighbours at the image's own scale: what the pooled flow averages away.
+
+The pooled flow (DifferNet) models a whole product as one vector of an image resized to a fixed
+input: a small blowhole or a thin crack barely moves that vector. Per-position features of the
+image at its own resolution, compared with a memory of positions seen on good images (the idea
+of PatchCore, Roth et al., CVPR 2022), do see them. The two err on different images, so the sum
+of their calibrated scores ranks better than either (see the README's comparison on MTD).
+
+Image score = mean over the product's positions of the distance to the nearest remembered good
+position. A mean wants the memory to follow the density of good surfaces, so the memory is a
+uniform random sample of good positions (on MTD a greedy k-centre coreset of the same size, which
+favours rare positions, lost a third of the neighbours' margin), and it is kept large. What keeps
+scoring cheap instead: positions are compared in a principal-component subspace of their
+features, and an image is queried at a fixed number of evenly spread positions whatever its size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone
+from .views import apply_d4
+
+MIN_SIDE = 32  # the backbone needs a few cells of stride 8
+PCA_SAMPLE = 65536  # positions the subspace is fitted on
+KMEANS_ITERATIONS = 10
+# Positions per list, on average. Large lists mean few, large products, which a CPU computes
+# better than many small ones (probing 4 of 128 lists of a 262,144-position memory searches
+# 3 % of it in about 30 ms per image on 2 cores).
+LIST_SIZE = 2048
+CHUNK = 16384  # rows per distance block: bounds the memory a (rows x lists) block takes
+
+
+@dataclass
+class NativeImage:
+    """An image at its own scale (shrunk only beyond ``max_side``) and its product mask."""
+
+    pixels: torch.Tensor  # (3, h, w) in [0, 1]
+    mask: torch.Tensor  # (1, h, w), 1 = product
+
+
+def native_image(rgb: np.ndarray, product_mask: np.ndarray | None, max_side: int) -> NativeImage:
+    h, w = rgb.shape[:2]
+    scale = max(min(1.0, max_side / max(h, w)), MIN_SIDE / min(h, w))
+    size = (max(MIN_SIDE, round(h * scale)), max(MIN_SIDE, round(w * scale)))
+    pixels = torch.tensor(rgb).permute(2, 0, 1).float().div_(255.0)
+    mask = torch.ones(1, h, w) if product_mask is None else torch.from_numpy(product_mask > 0)
+    mask = mask.float().view(1, h, w)
+    if size != (h, w):
+        pixels = F.interpolate(pixels[None], size=size, mode="bilinear", antialias=True)[0]
+        mask = F.interpolate(mask[None], size=size, mode="area")[0]
+    return NativeImage(pixels.clamp_(0.0, 1.0), mask)
+
+
+class PatchMemory(nn.Module):
+    """Good positions, projected on their principal components, in an inverted-file index.
+
+    The memory is split into lists by k-means; a query is compared with the positions of its
+    ``probes`` nearest lists only (an IVF index, as FAISS builds), so that a memory of a few
+    hundred thousand positions is searched in milliseconds. Positions are kept in float16.
+    """
+
+    def __init__(self, backbone: Backbone, components: int, probes: int, queries: int):
+        super().__init__()
+        self.backbone = backbone
+        self.probes = probes
+        self.queries = queries
+        self.dim = sum(backbone.channels)
+        components = min(components, self.dim)
+        self.register_buffer("center", torch.zeros(self.dim))
+        self.register_buffer("basis", torch.eye(self.dim, components))
+        # Sized by training: positions sorted by list, list centroids, where each list starts.
+        self.register_buffer("bank", torch.zeros(0, components, dtype=torch.float16))
+        self.register_buffer("centroids", torch.zeros(0, components))
+        self.register_buffer("offsets", torch.zeros(1, dtype=torch.long))
+        # Which training image each remembered position came from (not saved: only used to
+        # leave an image's own positions out when calibrating on the training images).
+        self.owner: torch.Tensor | None = None
+
+    SIZED_BY_TRAINING = ("bank", "centroids", "offsets")
+
+    @property
+    def size(self) -> int:
+        return len(self.bank)
+
+    @torch.no_grad()
+    def positions(self, image: NativeImage, transform: int = 0) -> torch.Tensor:
+        """``(n, dim)`` raw features of the product's positions under a D4 ``transform``."""
+        device = self.center.device
+        pixels = apply_d4(image.pixels, transform)[None].to(device)
+        mask = apply_d4(image.mask, transform)[None].to(device)
+        maps = self.backbone(self.backbone.normalize(pixels))
+        grid = maps[0].shape[-2:]
+        feats = torch.cat([F.interpolate(m, size=grid, mode="bilinear") for m in maps], dim=1)
+        # 3 x 3 neighbourhood average: a position describes its patch, not one cell (PatchCore).
+        # The zero padding counts: it marks the image's border, where breaks and frays sit (on
+        # MTD, leaving it out cost the neighbours 0.04 AUROC).
+        feats = F.avg_pool2d(feats, 3, 1, 1)[0]
+        cover = F.interpolate(mask, size=grid, mode="area")[0, 0]
+        valid = cover >= 0.5
+        if not valid.any():  # a sliver of product: any coverage counts
+            valid = cover > 0 if (cover > 0).any() else torch.ones_like(valid)
+        return feats.permute(1, 2, 0)[valid]
+
+    def project(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.center) @ self.basis
+
+    @torch.no_grad()
+    def fill(self, pool: torch.Tensor, owner: torch.Tensor, size: int, seed: int) -> None:
+        """Fit the subspace and the lists on ``pool`` (raw features); keep ``size`` positions."""
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(len(pool), generator=generator)[:size].to(pool.device)
+        pool, owner = pool[keep], owner[keep.to(owner.device)]
+        sample = pool[:PCA_SAMPLE]  # already shuffled
+        center = sample.mean(0)
+        # Randomised PCA: a few power iterations are plenty for the leading components.
+        components = self.basis.shape[1]
+        _, _, v = torch.pca_lowrank(sample - center, q=components, center=False, niter=4)
+        self.center.copy_(center)
+        self.basis.copy_(v[:, :components])
+        rows = self.project(pool)
+        self.centroids = kmeans(rows, -(-len(rows) // LIST_SIZE), generator)
+        self._index(rows, owner)
+
+    def adopt(self, other: PatchMemory) -> None:
+        """Take ``other``'s subspace, lists and positions (a retrained model starts from them)."""
+        for name in ("center", "basis", *self.SIZED_BY_TRAINING):
+            setattr(self, name, getattr(other, name).clone())
+        self.owner = None
+
+    @torch.no_grad()
+    def extend(self, pool: torch.Tensor, share: float, size: int, seed: int) -> None:
+        """Give new positions (raw) ``share`` of a memory of ``size``; the rest stays as it was.
+
+        The subspace and the lists stay: kept and new positions must be comparable.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        n_new = min(len(pool), max(1, round(share * size)))
+        n_kept = min(self.size, size - n_new)
+        kept = self.bank[torch.randperm(self.size, generator=generator)[:n_kept]].float()
+        new = self.project(pool[torch.randperm(len(pool), generator=generator)[:n_new]])
+        self._index(torch.cat([kept, new]), None)
+
+    def _index(self, rows: torch.Tensor, owner: torch.Tensor | None) -> None:
+        assign = nearest(rows, self.centroids)
+        order = torch.argsort(assign, stable=True)
+        counts = torch.bincount(assign, minlength=len(self.centroids))
+        self.bank = rows[order].half()
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.owner = None if owner is None else owner[order]
+
+    def distances(self, queries: torch.Tensor, leave_out: int | None = None) -> torch.Tensor:
+        """``(n,)`` distance of each projected query to its nearest remembered position, among
+        the ``probes`` lists nearest to it (or all, for a query none of them serves).
+
+        ``leave_out``: ignore the positions that training image number ``leave_out`` gave.
+        """
+        if self.size == 0:
+            raise ValueError("the patch memory is empty: build it from good images first")
+        probes = min(self.probes, len(self.centroids))
+        probed = squared_distances(queries, self.centroids).topk(probes, largest=False).indices
+        best = torch.full((len(queries),), float("inf"), device=queries.device)
+        for i in probed.unique().tolist():
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            if lo == hi:
+                continue
+            which = (probed == i).any(1).nonzero()[:, 0]
+            d = squared_distances(queries[which], self.bank[lo:hi].float())
+            if leave_out is not None and self.owner is not None:
+                d[:, self.owner[lo:hi] == leave_out] = float("inf")
+            best[which] = torch.minimum(best[which], d.min(1).values)
+        unserved = ~torch.isfinite(best)
+        if unserved.any():
+            d = squared_distances(queries[unserved], self.bank.float())
+            if leave_out is not None and self.owner is not None:
+                d[:, self.owner == leave_out] = float("inf")
+            best[unserved] = d.min(1).values
+        return best.clamp_min(0.0).sqrt()
+
+    @torch.no_grad()
+    def score(self, image: NativeImage, leave_out: int | None = None) -> float:
+        """Mean nearest-good distance over at most ``queries`` evenly spread product positions."""
+        raw = self.positions(image)
+        if len(raw) > self.queries:
+            raw = raw[torch.linspace(0, len(raw) - 1, self.queries).round().long()]
+        return float(self.distances(self.project(raw), leave_out).mean())
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a**2).sum(1, keepdim=True) - 2 * a @ b.T + (b**2).sum(1)
+
+
+def nearest(rows: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of each row's nearest centroid."""
+    return torch.cat(
+        [
+            squared_distances(rows[i : i + CHUNK], centroids).argmin(1)
+            for i in range(0, len(rows), CHUNK)
+        ]
+    )
+
+
+def kmeans(rows: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Lloyd's k-means from ``k`` random rows; an emptied list keeps its old centroid."""
+    centroids = rows[torch.randperm(len(rows), generator=generator)[:k].to(rows.device)].clone()
+    for _ in range(KMEANS_ITERATIONS):
+        assign = nearest(rows, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, rows)
+        counts = torch.bincount(assign, minlength=k)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return centroids
