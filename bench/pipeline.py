@@ -29,7 +29,13 @@ import torch
 
 from bench.report import emit
 from cluster.config import ReplicaConfig
-from cluster.demo import line_config, simulate_test_line, summarize, train_line_model
+from cluster.demo import (
+    DEMO_MASK_SHRINK,
+    line_config,
+    simulate_test_line,
+    summarize,
+    train_line_model,
+)
 from cluster.graph import drain_and_stop, line_cpus, replay_line, start_line
 from cluster.redis_conn import EmbeddedRedis, client_from_url
 from cluster.streams import Streams
@@ -48,7 +54,7 @@ def ground_truth_crops(
     """Per product, each camera's crop cut as the front end cuts, but at the simulator's box.
 
     The frame is the one nearest the centre crossing; the mask is the true box, filled; the
-    matting (margin, 10 % shrink) is the pipeline's. Only detection and the gate's mask differ.
+    matting (margin, shrink) is the pipeline's. Only detection and the gate's mask differ.
     """
     width = manifest["spec"]["width"]
     wanted: dict[str, dict[int, int]] = {}
@@ -65,7 +71,7 @@ def ground_truth_crops(
                 x, y, w, h = manifest["products"][seq]["views"][cam]["bboxes"][str(index)]
                 box_mask = np.zeros(frame.shape[:2], np.uint8)
                 box_mask[y : y + h, x : x + w] = 255
-                result = matte(frame, (x, y, w, h), box_mask)
+                result = matte(frame, (x, y, w, h), box_mask, shrink=DEMO_MASK_SHRINK)
                 crops.setdefault(seq, []).append(
                     (np.ascontiguousarray(result.crop[:, :, ::-1]), result.mask)
                 )
@@ -97,7 +103,7 @@ def as_views(crops: dict[int, list]) -> list[ProductView]:
                     image=encode_png(rgb, mask),
                     bbox={"x": 0, "y": 0, "w": w, "h": h},
                     mask_coverage=float((mask > 0).mean()),
-                    mask_shrink=0.1,
+                    mask_shrink=DEMO_MASK_SHRINK,
                 )
             )
     return views

@@ -84,7 +84,7 @@ def train(
     image_size: int = typer.Option(320, help="side of the square input (multiple of 32)"),
     epochs: int = typer.Option(40, min=1),
     shots: int | None = typer.Option(None, min=1, help="train on K random good images only"),
-    tta: int = typer.Option(4, min=1, max=8, help="test-time transforms"),
+    tta: int = typer.Option(1, min=1, max=8, help="test-time transforms"),
     jitter: float = typer.Option(
         0.0, min=0.0, max=0.99, help="colour jitter strength (ZeroBox: 0.5)"
     ),

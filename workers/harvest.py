@@ -18,10 +18,11 @@ from .matte import matte
 from .motion import MotionGate
 
 
-def harvest_crops(line_dir: Path, out: Path, split: str) -> dict[str, int]:
+def harvest_crops(line_dir: Path, out: Path, split: str, shrink: float = 0.1) -> dict[str, int]:
     """Crops of every product in ``line_dir`` (videos, manifest) into ``out/split/<category>``.
 
-    Crops are RGBA PNGs whose alpha is the product mask. Returns counts per category.
+    Crops are RGBA PNGs whose alpha is the product mask, shrunk by ``shrink`` per side as the
+    line's matting does. Returns counts per category.
     """
     manifest = json.loads((Path(line_dir) / "manifest.json").read_text())
     detector = ContourDetector()
@@ -36,7 +37,7 @@ def harvest_crops(line_dir: Path, out: Path, split: str) -> dict[str, int]:
             if not found or trigger.product_seq >= len(manifest["products"]):
                 continue
             category = manifest["products"][trigger.product_seq]["views"][cam]["category"]
-            result = matte(frame, found[0].bbox, trigger.composite_mask)
+            result = matte(frame, found[0].bbox, trigger.composite_mask, shrink=shrink)
             folder = Path(out) / split / category
             folder.mkdir(parents=True, exist_ok=True)
             rgba = np.dstack([result.crop, result.mask])

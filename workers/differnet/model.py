@@ -51,7 +51,7 @@ class DifferNetConfig(BaseModel):
     clamp: float = Field(default=3.0, gt=0)
     train_transforms: int = Field(default=8, ge=1, le=len(D4))
     jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
-    tta: int = Field(default=4, ge=1, le=len(D4))
+    tta: int = Field(default=1, ge=1, le=len(D4))
     map_sigma: float = Field(default=3.0, ge=0.0, description="Gaussian sigma, input pixels")
     # The patch memory (0 positions: the flow alone), its subspace and the positions queried.
     memory_size: int = Field(default=262144, ge=0, le=4_000_000)
