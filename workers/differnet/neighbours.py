@@ -8,10 +8,10 @@ of their calibrated scores ranks better than either (see the README's comparison
 
 Image score = mean over the product's positions of the distance to the nearest remembered good
 position. A mean wants the memory to follow the density of good surfaces, so the memory is a
-uniform random sample of good positions (on MTD a greedy k-centre coreset of the same size, which
-favours rare positions, lost a third of the neighbours' margin), and it is kept large. What keeps
-scoring cheap instead: positions are compared in a principal-component subspace of their
-features, and an image is queried at a fixed number of evenly spread positions whatever its size.
+uniform random sample of good positions, and a large one (on MTD: 0.97 from 114,150 random
+positions, 0.90 from PatchCore's greedy k-centre coreset of 16,384). What keeps scoring cheap
+instead: positions are compared in a principal-component subspace of their features, through an
+inverted-file index, at a fixed number of evenly spread positions of the image whatever its size.
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ class TrainingOptions:
     embed_batch: int = 16
     # Positions drawn per epoch for the local head (every position of every image is too many).
     positions_per_epoch: int = 200_000
-    # Positions drawn from one view of an image for the patch memory, at most: an image is seen
-    # under as many training transforms as it takes to fill the memory (16 shots: all 8).
+    # The patch memory takes an image under one more training transform for every this many
+    # positions it needs from each image: 761 MTD tiles are seen as they are, 16 shots under all 8.
     memory_positions_per_view: int = 256
 
 
