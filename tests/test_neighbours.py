@@ -38,9 +38,7 @@ def test_native_images_keep_their_scale_unless_too_large():
     assert large.mask[0, :, :225].min() == 1 and large.mask[0, :, 225:].max() == 0
 
 
-def test_each_training_image_is_found_in_memory_unless_its_own_positions_are_left_out(
-    model, tiles
-):
+def test_each_training_image_is_found_in_memory_unless_its_own_positions_are_left_out(model, tiles):
     images = [model.prepare(t) for t in tiles[0]]
     pool, owner = memory_pool(model, images, TrainingOptions(), lambda *a: None)
     assert model.memory.size == len(pool) and set(owner.tolist()) == set(range(len(images)))
