@@ -223,7 +223,8 @@ def retrain(
     loaded = load_samples([Sample(p, "good") for p in new_good], on_skip)
     if not loaded.rgb:
         raise RetrainError("none of the new good views could be read")
-    new = embed_training_set(model, loaded.prepared(model), options, progress)
+    new_images = loaded.prepared(model)
+    new = embed_training_set(model, new_images, options, progress)
     cache = torch.cat([old.float(), new])
     report = train_flow(model, cache, options, None, progress, fine_tune=mode == "finetune")
     n_parent = int(parent.metadata.get("training", {}).get("n_images") or 0)
@@ -232,7 +233,7 @@ def retrain(
     if model.uses_memory:
         # The parent's memory stands for its training images; the new views get their share.
         model.memory.adopt(parent.model.memory)
-        pool, _ = memory_pool(model, loaded.prepared(model), options, progress)
+        pool, _ = memory_pool(model, new_images, options, progress)
         share = len(loaded.rgb) / max(1, n_images)
         model.memory.extend(pool, share, model.config.memory_size, options.seed)
         good_views = [v for p in validation if p.label == 0 for v in p.views]

@@ -167,20 +167,21 @@ class PatchMemory(nn.Module):
         best = torch.full((len(queries),), float("inf"), device=queries.device)
         for i in probed.unique().tolist():
             lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-            if lo == hi:
-                continue
-            which = (probed == i).any(1).nonzero()[:, 0]
-            d = squared_distances(queries[which], self.bank[lo:hi].float())
-            if leave_out is not None and self.owner is not None:
-                d[:, self.owner[lo:hi] == leave_out] = float("inf")
-            best[which] = torch.minimum(best[which], d.min(1).values)
+            if lo < hi:
+                which = (probed == i).any(1).nonzero()[:, 0]
+                nearest_in_list = self._nearest(queries[which], lo, hi, leave_out)
+                best[which] = torch.minimum(best[which], nearest_in_list)
         unserved = ~torch.isfinite(best)
         if unserved.any():
-            d = squared_distances(queries[unserved], self.bank.float())
-            if leave_out is not None and self.owner is not None:
-                d[:, self.owner == leave_out] = float("inf")
-            best[unserved] = d.min(1).values
+            best[unserved] = self._nearest(queries[unserved], 0, self.size, leave_out)
         return best.clamp_min(0.0).sqrt()
+
+    def _nearest(self, queries: torch.Tensor, lo: int, hi: int, leave_out: int | None):
+        """Squared distance of each query to its nearest among remembered positions lo..hi."""
+        d = squared_distances(queries, self.bank[lo:hi].float())
+        if leave_out is not None and self.owner is not None:
+            d[:, self.owner[lo:hi] == leave_out] = float("inf")
+        return d.min(1).values
 
     @torch.no_grad()
     def score(self, image: NativeImage, leave_out: int | None = None) -> float:
