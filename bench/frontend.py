@@ -19,7 +19,7 @@ from bench.report import emit
 from workers.detect import ContourDetector, iou, read_frames
 from workers.matte import matte
 from workers.motion import MotionGate
-from workers.simulate import LineSpec, simulate_line
+from workers.simulate import LineSpec, camera_videos, simulate_line
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         gate = MotionGate()
         counts = dict.fromkeys(range(args.products), 0)
         t = time.perf_counter()
-        for index, frame in read_frames(args.out / f"{cam}.mp4"):
+        for index, frame in read_frames(camera_videos(args.out)[cam]):
             decode_s += time.perf_counter() - t
             frames += 1
             t = time.perf_counter()

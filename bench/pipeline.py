@@ -44,6 +44,7 @@ from workers.detect import read_frames
 from workers.differnet.store import load_model
 from workers.images import encode_png
 from workers.matte import matte
+from workers.simulate import camera_videos
 from workers.stages import ViewScorer
 from workers.threshold import auroc, target_tpr_threshold
 
@@ -65,7 +66,7 @@ def ground_truth_crops(
             wanted.setdefault(cam, {})[best] = p["seq"]
     crops: dict[int, list] = {}
     for cam, frames in wanted.items():
-        for index, frame in read_frames(line_dir / f"{cam}.mp4"):
+        for index, frame in read_frames(camera_videos(line_dir)[cam]):
             if index in frames:
                 seq = frames[index]
                 x, y, w, h = manifest["products"][seq]["views"][cam]["bboxes"][str(index)]

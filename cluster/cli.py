@@ -497,9 +497,15 @@ def simulate(
     defect_rate: float = typer.Option(0.2, min=0.0, max=1.0),
     fps: float = typer.Option(15.0, min=1.0, max=120.0),
     size: str = typer.Option("480x270", help="frame size WxH"),
+    codec: str | None = typer.Option(
+        None, help="recordings: mjpeg (AVI, quality 95) or mp4v (smaller, lossier) [simulator's]"
+    ),
+    exposure_jitter: float | None = typer.Option(
+        None, help="per-view exposure variation: gain 1 +- j [simulator's]"
+    ),
     seed: int = typer.Option(0),
 ):
-    """Simulate a multi-camera conveyor: one MP4 per camera and a manifest of the truth."""
+    """Simulate a multi-camera conveyor: one video per camera and a manifest of the truth."""
     from workers.datasets import DatasetError
     from workers.simulate import LineSpec, simulate_line
 
@@ -513,6 +519,11 @@ def simulate(
             width=width,
             height=height,
             seed=seed,
+            **{
+                k: v
+                for k, v in {"codec": codec, "exposure_jitter": exposure_jitter}.items()
+                if v is not None
+            },
         )
         manifest = simulate_line(data_dir, out, spec)
     except (DatasetError, ValueError, RuntimeError) as exc:

@@ -27,7 +27,7 @@ from workers.differnet.recipes import load_samples, score_images, train_from_fol
 from workers.differnet.store import load_model, set_threshold
 from workers.differnet.training import Progress, TrainingOptions
 from workers.harvest import harvest_crops
-from workers.simulate import LineSpec, render_line
+from workers.simulate import LineSpec, camera_videos, render_line
 from workers.threshold import auroc, target_tpr_threshold
 
 from .config import CameraConfig, LineConfig, ReplicaConfig
@@ -127,9 +127,10 @@ def line_config(
     line_dir: Path, cameras: list[str], replicas: ReplicaConfig, fps: float | None = None
 ) -> LineConfig:
     """The simulated line's config; ``fps`` replays the videos at the cameras' rate."""
+    videos = camera_videos(line_dir)
     return LineConfig(
         id=LINE,
-        cameras=[CameraConfig(id=c, source=str(line_dir / f"{c}.mp4"), fps=fps) for c in cameras],
+        cameras=[CameraConfig(id=c, source=str(videos[c]), fps=fps) for c in cameras],
         replicas=replicas,
         view_timeout_s=15.0,
         mask_shrink=DEMO_MASK_SHRINK,
@@ -178,8 +179,8 @@ def write_outputs(
                 record["truth"] = "defect" if truth[v.product_seq]["defective"] else "good"
             f.write(json.dumps(record) + "\n")
     decisions = {v.product_seq: v.decision for v in verdicts}
-    for cam in manifest["cameras"]:
-        annotate_video(line_dir / f"{cam}.mp4", out / f"annotated_{cam}.mp4", decisions, fps)
+    for cam, video in camera_videos(line_dir).items():
+        annotate_video(video, out / f"annotated_{cam}.mp4", decisions, fps)
 
 
 def watch_verdicts(client, stream: str, last_id: str, on_verdict: Callable[[Verdict], None]) -> str:

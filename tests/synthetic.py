@@ -96,15 +96,15 @@ def make_line(root: Path, products: int, seed: int = 4) -> tuple[Path, list[Path
     defective). Returns (model dir, videos)."""
     from workers.datasets import list_test_samples
     from workers.differnet.model import DifferNetConfig
-    from workers.simulate import LineSpec, render_line
+    from workers.simulate import LineSpec, camera_videos, render_line
 
     tiny = DifferNetConfig(image_size=96, train_transforms=2, tta=1)
     data = train_line_models(root, products=6, epochs=5, config=tiny)
     samples = list_test_samples(data)
-    manifest = render_line(
+    render_line(
         [s for s in samples if not s.is_defect],
         [s for s in samples if s.is_defect],
         root / "line",
         LineSpec(products=products, defect_rate=0.5, seed=seed, **LINE_FRAME),
     )
-    return root / "model", [root / "line" / f"{c}.mp4" for c in manifest["cameras"]]
+    return root / "model", list(camera_videos(root / "line").values())

@@ -9,10 +9,19 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from tests.synthetic import make_dataset
+from workers.datasets import list_train_samples
 from workers.detect import ContourDetector, YoloDetector, bootstrap_yolo, iou, read_frames
 from workers.matte import matte, shrink_mask
 from workers.motion import MotionGate
-from workers.simulate import LineSpec, belt_texture, simulate_line
+from workers.simulate import (
+    LineSpec,
+    belt_texture,
+    camera_videos,
+    plan_line,
+    render_camera,
+    render_line,
+    simulate_line,
+)
 
 SPEC = LineSpec(products=5, cameras=2, defect_rate=0.4, width=240, height=160, seed=3)
 
@@ -216,3 +225,21 @@ def test_a_given_background_plate_replaces_the_learned_one(line, tmp_path):
     assert len(found) == 5 and min(found) > 0.8
     with pytest.raises(ValueError, match="plate"):
         MotionGate(plate=plate).update(0, np.zeros((10, 10, 3), np.uint8))
+
+
+def test_mjpeg_recordings_keep_more_of_the_rendered_frames_than_mp4v(tmp_path, line):
+    data, _, _ = line
+    good = list_train_samples(data)
+    psnr = {}
+    for codec in ("mp4v", "mjpeg"):
+        spec = LineSpec(
+            **{**SPEC.__dict__, "products": 2, "cameras": 1, "defect_rate": 0, "codec": codec}
+        )
+        render_line(good, [], tmp_path / codec, spec)
+        video = camera_videos(tmp_path / codec)["cam0"]
+        assert video.suffix == {"mp4v": ".mp4", "mjpeg": ".avi"}[codec]
+        rendered = dict(render_camera(spec, plan_line(good, [], spec), 0))
+        psnr[codec] = np.mean([cv2.PSNR(rendered[i], f) for i, f in read_frames(video)])
+    assert psnr["mjpeg"] > psnr["mp4v"] + 3
+    with pytest.raises(ValueError, match="codec"):
+        LineSpec(products=1, codec="h265")

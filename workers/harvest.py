@@ -16,6 +16,7 @@ import numpy as np
 from .detect import ContourDetector, read_frames
 from .matte import matte
 from .motion import MotionGate
+from .simulate import camera_videos
 
 
 def harvest_crops(line_dir: Path, out: Path, split: str, shrink: float = 0.1) -> dict[str, int]:
@@ -27,9 +28,9 @@ def harvest_crops(line_dir: Path, out: Path, split: str, shrink: float = 0.1) ->
     manifest = json.loads((Path(line_dir) / "manifest.json").read_text())
     detector = ContourDetector()
     counts: dict[str, int] = {}
-    for cam in manifest["cameras"]:
+    for cam, video in camera_videos(line_dir).items():
         gate = MotionGate()
-        for index, frame in read_frames(Path(line_dir) / f"{cam}.mp4"):
+        for index, frame in read_frames(video):
             trigger = gate.update(index, frame)
             if trigger is None:
                 continue
