@@ -59,7 +59,7 @@ def score_parts_auroc(bundle, images: list[dict]) -> dict:
     flow = [
         r.score for i in range(0, len(prepared), 8) for r in model.flow_scores(prepared[i : i + 8])
     ]
-    memory = [model.memory.score(im.native) for im in prepared]
+    memory = [model.memory.score(im.for_memory) for im in prepared]
     labels = [int(s.is_defect) for s in samples]
     return {
         "image_auroc_flow_alone": auroc(flow, labels),

@@ -1,4 +1,4 @@
-"""The patch memory beside the flow: native-scale positions, leave-one-out, calibration."""
+"""The patch memory beside the flow: one size for all products, leave-one-out, calibration."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from tests.synthetic import add_defect, textured_tile
 from workers.differnet.model import DifferNet, DifferNetConfig
-from workers.differnet.neighbours import native_image
+from workers.differnet.neighbours import memory_image
 from workers.differnet.training import TrainingOptions, build_memory, memory_pool
 
 CONFIG = DifferNetConfig(image_size=64, train_transforms=2, tta=1, memory_size=100_000)
@@ -27,15 +27,17 @@ def model(tiles):
     return net
 
 
-def test_native_images_keep_their_scale_unless_too_large():
+def test_memory_images_of_any_size_share_one_area_and_keep_their_aspect():
     rgb = np.zeros((300, 900, 3), np.uint8)
     mask = np.zeros((300, 900), np.uint8)
     mask[:, :450] = 255
-    small = native_image(rgb[:100, :200], mask[:100, :200], max_side=640)
-    assert small.pixels.shape == (3, 100, 200)
-    large = native_image(rgb, mask, max_side=450)
-    assert large.pixels.shape == (3, 150, 450)
-    assert large.mask[0, :, :225].min() == 1 and large.mask[0, :, 225:].max() == 0
+    small = memory_image(rgb[:100, :200], mask[:100, :200], side=300)
+    assert small.pixels.shape == (3, 212, 424)
+    large = memory_image(rgb, mask, side=300)
+    assert large.pixels.shape == (3, 173, 520)
+    assert large.mask[0, :, :259].min() == 1 and large.mask[0, :, 261:].max() == 0
+    # A sliver keeps a few cells of stride 8 across.
+    assert memory_image(rgb[:10, :900], None, side=60).pixels.shape[1] == 32
 
 
 def test_each_training_image_is_found_in_memory_unless_its_own_positions_are_left_out(model, tiles):
@@ -44,15 +46,15 @@ def test_each_training_image_is_found_in_memory_unless_its_own_positions_are_lef
     assert model.memory.size == len(pool) and set(owner.tolist()) == set(range(len(images)))
     for i, im in enumerate(images[:3]):
         # Found again up to the float16 the memory keeps positions in.
-        assert model.memory.score(im.native) < 0.02
-        assert model.memory.score(im.native, leave_out=i) > 0.2
+        assert model.memory.score(im.for_memory) < 0.02
+        assert model.memory.score(im.for_memory, leave_out=i) > 0.2
 
 
 def test_a_defect_is_farther_from_good_positions_than_a_new_good_tile(model, tiles):
     rng = np.random.default_rng(7)
-    good = model.memory.score(model.prepare(textured_tile(rng, 64, 80)).native)
+    good = model.memory.score(model.prepare(textured_tile(rng, 64, 80)).for_memory)
     spotted, _ = add_defect(rng, textured_tile(rng, 64, 80), "spot")
-    assert model.memory.score(model.prepare(spotted).native) > 1.2 * good
+    assert model.memory.score(model.prepare(spotted).for_memory) > 1.2 * good
 
 
 def test_calibration_centres_the_fused_score_of_its_good_images(model):

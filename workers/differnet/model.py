@@ -29,7 +29,7 @@ from torch import nn
 
 from .backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, Backbone, BackboneName, build_backbone
 from .flow import build_flow, negative_log_likelihood
-from .neighbours import NativeImage, PatchMemory, native_image
+from .neighbours import MemoryImage, PatchMemory, memory_image
 from .views import D4, Letterbox, apply_d4, crop_to_source, letterbox, undo_d4
 
 EMBED_CHUNK = 8  # images per backbone pass when scoring
@@ -59,7 +59,10 @@ class DifferNetConfig(BaseModel):
     memory_components: int = Field(default=64, ge=1, le=4096)
     memory_probes: int = Field(default=4, ge=1, le=4096)
     memory_queries: int = Field(default=256, ge=1, le=65536)
-    memory_max_side: int = Field(default=640, ge=64, le=4096)
+    # Products are compared at an area of memory_side squared pixels: on MTD, tiles shrunk from
+    # ~330 px to 160 px gave the memory alone 0.989 image AUROC, against 0.964 at their own size
+    # (a position then sees more of its surroundings).
+    memory_side: int = Field(default=160, ge=32, le=4096)
 
     @field_validator("image_size")
     @classmethod
@@ -83,7 +86,7 @@ class PreparedImage:
     pixels: torch.Tensor  # (3, S, S) in [0, 1]
     mask: torch.Tensor  # (1, S, S)
     box: Letterbox
-    native: NativeImage | None = None  # the image at its own scale, for the patch memory
+    for_memory: MemoryImage | None = None  # the image as the patch memory compares it
 
 
 @dataclass
@@ -206,12 +209,10 @@ class DifferNet(nn.Module):
                 )
             m = np.repeat((product_mask > 0).astype(np.uint8)[:, :, None], 3, axis=2) * 255
             mask = mask * letterbox(m, self.config.image_size)[0][:1].round()
-        native = (
-            native_image(rgb, product_mask, self.config.memory_max_side)
-            if self.uses_memory
-            else None
+        for_memory = (
+            memory_image(rgb, product_mask, self.config.memory_side) if self.uses_memory else None
         )
-        return PreparedImage(pixels, mask, box, native)
+        return PreparedImage(pixels, mask, box, for_memory)
 
     def embed(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Raw (unstandardised) features of a batch: ``(B, D)`` or ``(B, D, h, w)``."""
@@ -257,7 +258,7 @@ class DifferNet(nn.Module):
         if not self.uses_memory:
             return flow
         return [
-            ScoredImage(self.fuse(r.score, self.memory.score(im.native)), r.defect_map)
+            ScoredImage(self.fuse(r.score, self.memory.score(im.for_memory)), r.defect_map)
             for r, im in zip(flow, images, strict=True)
         ]
 
@@ -279,7 +280,7 @@ class DifferNet(nn.Module):
         flow = np.array([r.score for chunk in chunks for r in self.flow_scores(chunk)])
         owners = owners or [None] * len(good)
         memory = np.array(
-            [self.memory.score(im.native, o) for im, o in zip(good, owners, strict=True)]
+            [self.memory.score(im.for_memory, o) for im, o in zip(good, owners, strict=True)]
         )
         values = {
             "flow_mean": float(flow.mean()),
@@ -349,7 +350,7 @@ class DifferNet(nn.Module):
             square = torch.from_numpy(grad**2)
             score = float(nll.detach().mean())
             if self.uses_memory:
-                score = self.fuse(score, self.memory.score(im.native))
+                score = self.fuse(score, self.memory.score(im.for_memory))
             results.append(ScoredImage(score, crop_to_source(square, im.box)))
         return results
 

@@ -1,17 +1,19 @@
-"""Nearest good neighbours at the image's own scale: what the pooled flow averages away.
+"""Nearest good neighbours per position: what the pooled flow averages away.
 
-The pooled flow (DifferNet) models a whole product as one vector of an image resized to a fixed
-input: a small blowhole or a thin crack barely moves that vector. Per-position features of the
-image at its own resolution, compared with a memory of positions seen on good images (the idea
-of PatchCore, Roth et al., CVPR 2022), do see them. The two err on different images, so the sum
-of their calibrated scores ranks better than either (see the README's comparison on MTD).
+The pooled flow (DifferNet) models a whole product as one vector: a small blowhole or a thin
+crack barely moves that vector. Per-position features, compared with a memory of positions seen
+on good images (the idea of PatchCore, Roth et al., CVPR 2022), do see them. Every product is
+compared at one size (``memory_image``), so that a position covers the same share of any
+product. The two err on different images, so the sum of their calibrated scores ranks better
+than either (see the README's comparison on MTD).
 
 Image score = mean over the product's positions of the distance to the nearest remembered good
 position. A mean wants the memory to follow the density of good surfaces, so the memory is a
-uniform random sample of good positions, and a large one (on MTD: 0.97 from 114,150 random
-positions, 0.90 from PatchCore's greedy k-centre coreset of 16,384). What keeps scoring cheap
-instead: positions are compared in a principal-component subspace of their features, through an
-inverted-file index, at a fixed number of evenly spread positions of the image whatever its size.
+uniform random sample of good positions, and a large one (on MTD tiles at their own size: 0.97
+from 114,150 random positions, 0.90 from PatchCore's greedy k-centre coreset of 16,384). What
+keeps scoring cheap instead: positions are compared in a principal-component subspace of their
+features, through an inverted-file index, at a fixed number of evenly spread positions of the
+image whatever its size.
 """
 
 from __future__ import annotations
@@ -37,16 +39,18 @@ CHUNK = 16384  # rows per distance block: bounds the memory a (rows x lists) blo
 
 
 @dataclass
-class NativeImage:
-    """An image at its own scale (shrunk only beyond ``max_side``) and its product mask."""
+class MemoryImage:
+    """A product's image at the memory's size, and its product mask."""
 
     pixels: torch.Tensor  # (3, h, w) in [0, 1]
     mask: torch.Tensor  # (1, h, w), 1 = product
 
 
-def native_image(rgb: np.ndarray, product_mask: np.ndarray | None, max_side: int) -> NativeImage:
+def memory_image(rgb: np.ndarray, product_mask: np.ndarray | None, side: int) -> MemoryImage:
+    """Resized, aspect kept, to an area of ``side`` squared (and a shorter side of at least
+    ``MIN_SIDE``): every product is compared at one size, whatever the camera's distance."""
     h, w = rgb.shape[:2]
-    scale = max(min(1.0, max_side / max(h, w)), MIN_SIDE / min(h, w))
+    scale = max(side / (h * w) ** 0.5, MIN_SIDE / min(h, w))
     size = (max(MIN_SIDE, round(h * scale)), max(MIN_SIDE, round(w * scale)))
     pixels = torch.tensor(rgb).permute(2, 0, 1).float().div_(255.0)
     mask = torch.ones(1, h, w) if product_mask is None else torch.from_numpy(product_mask > 0)
@@ -54,7 +58,7 @@ def native_image(rgb: np.ndarray, product_mask: np.ndarray | None, max_side: int
     if size != (h, w):
         pixels = F.interpolate(pixels[None], size=size, mode="bilinear", antialias=True)[0]
         mask = F.interpolate(mask[None], size=size, mode="area")[0]
-    return NativeImage(pixels.clamp_(0.0, 1.0), mask)
+    return MemoryImage(pixels.clamp_(0.0, 1.0), mask)
 
 
 class PatchMemory(nn.Module):
@@ -89,7 +93,7 @@ class PatchMemory(nn.Module):
         return len(self.bank)
 
     @torch.no_grad()
-    def positions(self, image: NativeImage, transform: int = 0) -> torch.Tensor:
+    def positions(self, image: MemoryImage, transform: int = 0) -> torch.Tensor:
         """``(n, dim)`` raw features of the product's positions under a D4 ``transform``."""
         device = self.center.device
         pixels = apply_d4(image.pixels, transform)[None].to(device)
@@ -184,7 +188,7 @@ class PatchMemory(nn.Module):
         return d.min(1).values
 
     @torch.no_grad()
-    def score(self, image: NativeImage, leave_out: int | None = None) -> float:
+    def score(self, image: MemoryImage, leave_out: int | None = None) -> float:
         """Mean nearest-good distance over at most ``queries`` evenly spread product positions."""
         raw = self.positions(image)
         if len(raw) > self.queries:

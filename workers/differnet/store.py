@@ -24,7 +24,9 @@ from pydantic import ValidationError
 
 from .model import DifferNet, DifferNetConfig
 
-FORMAT_VERSION = 2  # 2: patch memory and score calibration in the weights
+# 2: patch memory and score calibration in the weights; 3: the memory compares products at one
+# size (memory_side), not at their own
+FORMAT_VERSION = 3
 METADATA_FILE = "model.json"
 
 

@@ -109,7 +109,7 @@ def memory_pool(
     parts, owners = [], []
     for i, im in enumerate(images):
         for t in range(views):
-            positions = model.memory.positions(im.native, t)
+            positions = model.memory.positions(im.for_memory, t)
             keep = torch.randperm(len(positions), generator=generator)[:per_view]
             parts.append(positions[keep.to(positions.device)])
             owners.append(torch.full((len(keep),), i))
