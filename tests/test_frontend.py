@@ -44,7 +44,7 @@ def gate_run(video):
 
 def test_the_gate_works_scaled_down_and_answers_in_frame_pixels(line):
     _, out, _ = line
-    frames = list(read_frames(out / "cam0.mp4"))
+    frames = list(read_frames(camera_videos(out)["cam0"]))
 
     def triggers(work_width):
         gate = MotionGate(work_width=work_width)
@@ -80,14 +80,14 @@ def test_the_manifest_describes_every_product_and_view(line):
         for view in product["views"].values():
             first, last = view["frames"]
             assert last - first + 1 == len(view["bboxes"]) > 0
-    frames = list(read_frames(out / "cam0.mp4"))
+    frames = list(read_frames(camera_videos(out)["cam0"]))
     assert len(frames) == manifest["frames"] and frames[0][1].shape == (160, 240, 3)
 
 
 def test_the_gate_fires_once_per_product_and_the_detector_finds_it(line):
     _, out, manifest = line
     for cam in manifest["cameras"]:
-        triggers = gate_run(out / f"{cam}.mp4")
+        triggers = gate_run(camera_videos(out)[cam])
         assert [t.product_seq for t, _, _ in triggers] == list(range(5))
         for trigger, _, detections in triggers:
             view = manifest["products"][trigger.product_seq]["views"][cam]
@@ -99,7 +99,7 @@ def test_the_gate_fires_once_per_product_and_the_detector_finds_it(line):
 def test_matting_removes_the_conveyor(line):
     _, out, manifest = line
     belt = belt_texture(SPEC, 0).astype(np.uint8)
-    for trigger, frame, detections in gate_run(out / "cam0.mp4"):
+    for trigger, frame, detections in gate_run(camera_videos(out)["cam0"]):
         truth = manifest["products"][trigger.product_seq]["views"]["cam0"]["bboxes"][
             str(trigger.frame_index)
         ]
@@ -156,7 +156,7 @@ def test_simulate_command_writes_videos_and_manifest(line, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["products"] == 2
-    assert (tmp_path / "cam0.mp4").exists() and (tmp_path / "manifest.json").exists()
+    assert camera_videos(tmp_path)["cam0"].exists() and (tmp_path / "manifest.json").exists()
     bad = CliRunner().invoke(
         app, ["simulate", str(data), "--out", str(tmp_path), "--products", "2", "--size", "big"]
     )
@@ -166,11 +166,11 @@ def test_simulate_command_writes_videos_and_manifest(line, tmp_path):
 def test_yolo_bootstrap_trains_on_auto_labels_and_then_predicts(line, tmp_path):
     _, out, manifest = line
     report = bootstrap_yolo(
-        [out / "cam0.mp4", out / "cam1.mp4"], tmp_path / "yolo.pt", epochs=1, image_size=160
+        list(camera_videos(out).values()), tmp_path / "yolo.pt", epochs=1, image_size=160
     )
     assert report["labelled_products"] == 10
     detector = YoloDetector(tmp_path / "yolo.pt", confidence=0.0, image_size=160)
-    frame = next(f for i, f in read_frames(out / "cam0.mp4") if i == 40)
+    frame = next(f for i, f in read_frames(camera_videos(out)["cam0"]) if i == 40)
     detections = detector.detect(frame)
     assert all(len(d.bbox) == 4 for d in detections)  # one epoch: boxes, not yet good ones
     assert (
@@ -195,7 +195,7 @@ def test_a_torchscript_matting_model_replaces_the_per_frame_mask(line, tmp_path)
     _, out, manifest = line
     matter = DeepMatter(path, device="cpu")
     gate, detector, triggers = MotionGate(matter=matter), ContourDetector(), []
-    for index, frame in read_frames(out / "cam1.mp4"):
+    for index, frame in read_frames(camera_videos(out)["cam1"]):
         trigger = gate.update(index, frame)
         if trigger is not None:
             box = detector.detect(frame, trigger.composite_mask)[0].bbox
@@ -213,7 +213,7 @@ def test_a_torchscript_matting_model_replaces_the_per_frame_mask(line, tmp_path)
 
 def test_a_given_background_plate_replaces_the_learned_one(line, tmp_path):
     _, out, manifest = line
-    frames = list(read_frames(out / "cam0.mp4"))
+    frames = list(read_frames(camera_videos(out)["cam0"]))
     plate = frames[2][1]  # the empty belt, before the first product
     gate, detector, found = MotionGate(plate=plate), ContourDetector(), []
     for index, frame in frames:

@@ -46,11 +46,12 @@ class LineSpec:
     # Gain per colour channel (B, G, R) of the whole scene: new lamps, a warmer light, ...
     lighting: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Each view's exposure varies by a gain in [1 - j, 1 + j] and an offset of up to 64 j grey
-    # levels: auto-exposure and flicker. Keep it small: it blurs brightness defects ("uneven").
-    exposure_jitter: float = 0.15
+    # levels: what an inspection station's controlled lighting leaves. It blurs brightness
+    # defects ("uneven"), so keep it to what the line has.
+    exposure_jitter: float = 0.03
     # A product's height as a share of the frame's, drawn per view from this range.
     product_scale: tuple[float, float] = (0.45, 0.6)
-    codec: str = "mp4v"  # a key of VIDEO_CODECS
+    codec: str = "mjpeg"  # a key of VIDEO_CODECS
 
     def __post_init__(self):
         if self.products < 1 or self.cameras < 1:
