@@ -4,13 +4,15 @@
 
 In one run, ``--rounds`` times: the cluster inspects the line (Ray actors over the embedded
 Redis), then the same model scores the same views standalone, in as many single-threaded
-processes as the line has scorers (no Ray, no streams in between); then the
-simulator's ground-truth crops are scored offline, with a threshold chosen by the line's rule on
-the validation line's ground-truth crops. ``throughput_ratio`` = pipeline products/s
-over standalone products/s: what orchestration and messaging cost (median round). The
-pipeline's products/s counts from the first frame published to the last verdict; the cameras
-are not paced (they deliver as fast as they decode), so the line runs as fast as its slowest
-stage.
+processes as the line has scorers (no Ray, no streams in between), then the same processes run
+all of the line's stages on their share of the cameras (video to scores, no Ray, no Redis).
+Then the simulator's ground-truth crops are scored offline, with a threshold chosen by the
+line's rule on the validation line's ground-truth crops. ``throughput_ratio`` = pipeline
+products/s over standalone scoring's: what the line adds to scoring, its front end included;
+``orchestration_ratio`` = pipeline products/s over the standalone stages': what Ray and Redis
+cost (median round). The pipeline's products/s counts from the first frame published to the
+last verdict; the cameras are not paced (they deliver as fast as they decode), so the line runs
+as fast as its slowest stage.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench.report import emit
 from cluster.config import ReplicaConfig
 from cluster.demo import (
     DEMO_MASK_SHRINK,
+    LINE,
     line_config,
     simulate_test_line,
     summarize,
@@ -45,7 +48,7 @@ from workers.differnet.store import load_model
 from workers.images import encode_png
 from workers.matte import matte
 from workers.simulate import camera_videos
-from workers.stages import ViewScorer
+from workers.stages import CameraIngest, DetectMatte, NoProductFound, ViewScorer
 from workers.threshold import auroc, target_tpr_threshold
 
 
@@ -137,6 +140,31 @@ def standalone_scoring_s(pool: ProcessPoolExecutor, workers: int, redis_url: str
     return max(f.result() for f in shares)
 
 
+def _run_stages(cameras: list[tuple[str, str]]) -> float:
+    """These cameras through the line's stages in this process: ingest (decode, gate), detect +
+    matte, then scoring in batches of 8. The seconds that took."""
+    t0 = time.monotonic()
+    views = []
+    for camera, video in cameras:
+        cut = DetectMatte(shrink=DEMO_MASK_SHRINK)
+        for frame in CameraIngest(LINE, camera, video).frames():
+            try:
+                views.append(cut.process(frame))
+            except NoProductFound:
+                pass  # as the line's actor, which dead-letters it
+    for i in range(0, len(views), 8):
+        _standalone.score(views[i : i + 8])
+    return time.monotonic() - t0
+
+
+def standalone_stages_s(pool: ProcessPoolExecutor, workers: int, line_dir: Path) -> float:
+    """All of the line's work but the aggregation, without Ray or Redis: ``workers`` processes,
+    each taking its share of the cameras from video to scores."""
+    cameras = [(c, str(v)) for c, v in camera_videos(line_dir).items()]
+    shares = [pool.submit(_run_stages, cameras[i::workers]) for i in range(workers)]
+    return max(f.result() for f in shares)
+
+
 def steady_window_s(client, streams: Streams, cameras: list[str]) -> float:
     """Seconds from the first frame any camera published to the last verdict, by Redis's clock.
 
@@ -223,11 +251,15 @@ def main(argv: list[str] | None = None) -> dict:
                 standalone_pps = (len(views) / len(manifest["cameras"])) / standalone_scoring_s(
                     pool, workers, server.url, s.views
                 )
+                # The same stages standalone: what Ray and Redis themselves cost.
+                stages_pps = args.products / standalone_stages_s(pool, workers, out / "line-test")
                 rounds.append(
                     {
                         "products_per_s": summary.products_per_s,
                         "standalone_products_per_s": standalone_pps,
                         "throughput_ratio": summary.products_per_s / standalone_pps,
+                        "stages_standalone_products_per_s": stages_pps,
+                        "orchestration_ratio": summary.products_per_s / stages_pps,
                         "exactly_one_verdict_per_product": sorted(v.product_seq for v in verdicts)
                         == list(range(args.products)),
                     }
@@ -261,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
         "products_per_s": median["products_per_s"],
         "standalone_products_per_s": median["standalone_products_per_s"],
         "throughput_ratio": median["throughput_ratio"],
+        "stages_standalone_products_per_s": median["stages_standalone_products_per_s"],
+        "orchestration_ratio": median["orchestration_ratio"],
         "rounds": rounds,
         "latency_p50_s": summary.latency_p50_s,
         "latency_p99_s": summary.latency_p99_s,
