@@ -243,3 +243,8 @@ def test_mjpeg_recordings_keep_more_of_the_rendered_frames_than_mp4v(tmp_path, l
     assert psnr["mjpeg"] > psnr["mp4v"] + 3
     with pytest.raises(ValueError, match="codec"):
         LineSpec(products=1, codec="h265")
+
+
+def test_lines_simulated_before_the_codec_setting_are_read_as_mp4(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"cameras": ["cam0", "cam1"]}))
+    assert camera_videos(tmp_path) == {c: tmp_path / f"{c}.mp4" for c in ("cam0", "cam1")}

@@ -271,4 +271,6 @@ def render_line(good: list[Sample], defects: list[Sample], out: Path, spec: Line
 def camera_videos(line_dir: Path) -> dict[str, Path]:
     """Each camera's video in a simulated line's folder, by camera name (from its manifest)."""
     manifest = json.loads((Path(line_dir) / "manifest.json").read_text())
-    return {cam: Path(line_dir) / name for cam, name in manifest["videos"].items()}
+    # Manifests written before the codec was a setting name no videos: those lines are MP4.
+    names = manifest.get("videos") or {cam: f"{cam}.mp4" for cam in manifest["cameras"]}
+    return {cam: Path(line_dir) / name for cam, name in names.items()}
