@@ -46,9 +46,10 @@ class LineSpec:
     # Gain per colour channel (B, G, R) of the whole scene: new lamps, a warmer light, ...
     lighting: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Each view's exposure varies by a gain in [1 - j, 1 + j] and an offset of up to 64 j grey
-    # levels: what an inspection station's controlled lighting leaves. It blurs brightness
-    # defects ("uneven"), so keep it to what the line has.
-    exposure_jitter: float = 0.03
+    # levels: auto-exposure and flicker. It blurs brightness defects ("uneven"). Lines of
+    # near-identical plain products need some: at 0.03 the motion gate's background model
+    # absorbs them after a few products and miscounts (README: The whole line).
+    exposure_jitter: float = 0.15
     # A product's height as a share of the frame's, drawn per view from this range.
     product_scale: tuple[float, float] = (0.45, 0.6)
     codec: str = "mjpeg"  # a key of VIDEO_CODECS
