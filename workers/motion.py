@@ -27,6 +27,11 @@ from .matte import DeepMatter
 
 # MOG2 needs a few frames before its background plate means anything to a matting model.
 WARMUP_FRAMES = 10
+# While a product is in view the belt's model all but stops learning (MOG2's own rate is
+# 1 / history): on a line of near-identical plain products it otherwise takes them for belt
+# after five or so, and the gate misses or double-counts them. A thing that stays in view is
+# still learnt, in thousands of frames instead of hundreds.
+LEARNING_RATE_WITH_PRODUCT = 1e-4
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,8 @@ class MotionGate:
             self._work_plate = self._shrink(self.plate)
         self._frames_seen += 1
         if self._work_plate is None:
-            fg = self._subtractor.apply(work)
+            rate = LEARNING_RATE_WITH_PRODUCT if self._previous else -1  # -1: MOG2's own
+            fg = self._subtractor.apply(work, learningRate=rate)
         else:
             diff = cv2.absdiff(work, self._work_plate).max(axis=2)
             fg = (diff > self.plate_threshold).astype(np.uint8) * 255

@@ -46,9 +46,7 @@ class LineSpec:
     # Gain per colour channel (B, G, R) of the whole scene: new lamps, a warmer light, ...
     lighting: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Each view's exposure varies by a gain in [1 - j, 1 + j] and an offset of up to 64 j grey
-    # levels: auto-exposure and flicker. It blurs brightness defects ("uneven"). Lines of
-    # near-identical plain products need some: at 0.03 the motion gate's background model
-    # absorbs them after a few products and miscounts (README: The whole line).
+    # levels: auto-exposure and flicker. It blurs brightness defects ("uneven").
     exposure_jitter: float = 0.15
     # A product's height as a share of the frame's, drawn per view from this range.
     product_scale: tuple[float, float] = (0.45, 0.6)
