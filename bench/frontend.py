@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
     gate_s = detect_s = matte_s = decode_s = 0.0
     frames = triggers = 0
     detector = ContourDetector()
-    for cam in manifest["cameras"]:
+    for cam, video in camera_videos(args.out).items():
         gate = MotionGate()
         counts = dict.fromkeys(range(args.products), 0)
         t = time.perf_counter()
-        for index, frame in read_frames(camera_videos(args.out)[cam]):
+        for index, frame in read_frames(video):
             decode_s += time.perf_counter() - t
             frames += 1
             t = time.perf_counter()

@@ -68,8 +68,9 @@ def ground_truth_crops(
             best = min(boxes, key=lambda f: abs(boxes[f][0] + boxes[f][2] / 2 - width / 2))
             wanted.setdefault(cam, {})[best] = p["seq"]
     crops: dict[int, list] = {}
+    videos = camera_videos(line_dir)
     for cam, frames in wanted.items():
-        for index, frame in read_frames(camera_videos(line_dir)[cam]):
+        for index, frame in read_frames(videos[cam]):
             if index in frames:
                 seq = frames[index]
                 x, y, w, h = manifest["products"][seq]["views"][cam]["bboxes"][str(index)]

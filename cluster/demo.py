@@ -38,8 +38,6 @@ LINE = "demo"
 # the flow alone gave view AUROC 0.904 at T = 4, flow + memory 0.919 at T = 1 (product AUROC
 # 0.875 and 0.921).
 DEMO_MODEL = DifferNetConfig(image_size=224, train_transforms=4, tta=1)
-# An inspection station's controlled light: 3 % exposure jitter (the simulator's default is 15 %).
-DEMO_EXPOSURE_JITTER = 0.03
 # Matting cuts ZeroBox's 10 % per side. MTD's defects sit at the tiles' edges (for 52 % of the
 # breaks, 32 % of the blowholes and 25 % of the frays, 95 % of the defect or more lies in the
 # outer tenth), but a 3 % cut did not score the line better (README: The whole line).
@@ -66,6 +64,12 @@ class DemoSummary:
         return asdict(self)
 
 
+def demo_line_spec(products: int, defect_rate: float, seed: int) -> LineSpec:
+    """The demo's simulated lines: an inspection station's controlled light, 3 % exposure
+    jitter (the simulator's default is 15 %)."""
+    return LineSpec(products=products, defect_rate=defect_rate, seed=seed, exposure_jitter=0.03)
+
+
 def split_halves(data_dir: Path, seed: int):
     """Test images split in two: one half validates the model, the other feeds the test line."""
     halves = split_stratified(list_test_samples(data_dir), 0.5, seed)
@@ -81,12 +85,7 @@ def train_line_model(
     (val_good, val_bad), _ = split_halves(data_dir, seed)
     crops = work / "crops"
     train_line = work / "line-train"
-    spec = LineSpec(
-        products=train_products,
-        defect_rate=0.0,
-        seed=seed + 1,
-        exposure_jitter=DEMO_EXPOSURE_JITTER,
-    )
+    spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1)
     render_line(list_train_samples(data_dir), [], train_line, spec)
     harvest_crops(train_line, crops, "train", DEMO_MASK_SHRINK)
     val_line = work / "line-val"
@@ -95,12 +94,7 @@ def train_line_model(
         val_good,
         val_bad,
         val_line,
-        LineSpec(
-            products=val_products,
-            defect_rate=0.5,
-            seed=seed + 2,
-            exposure_jitter=DEMO_EXPOSURE_JITTER,
-        ),
+        demo_line_spec(val_products, defect_rate=0.5, seed=seed + 2),
     )
     harvest_crops(val_line, crops, "test", DEMO_MASK_SHRINK)
     model_dir = work / "model"
@@ -135,9 +129,7 @@ def set_product_threshold(model_dir: Path, crops: Path, target_tpr: float = 0.85
 
 def simulate_test_line(data_dir: Path, work: Path, products: int, seed: int) -> dict:
     _, (test_good, test_bad) = split_halves(data_dir, seed)
-    spec = LineSpec(
-        products=products, defect_rate=0.25, seed=seed + 3, exposure_jitter=DEMO_EXPOSURE_JITTER
-    )
+    spec = demo_line_spec(products, defect_rate=0.25, seed=seed + 3)
     return render_line(test_good, test_bad, work / "line-test", spec)
 
 
