@@ -89,6 +89,7 @@ class CameraIngestActor(_Loop):
         matting_model: str | None = None,
         background: str | None = None,
         first_product: int = 0,
+        frame_stride: int = 1,
     ):
         super().__init__(redis_url, maxlen)
         self.ingest = CameraIngest(
@@ -99,6 +100,7 @@ class CameraIngestActor(_Loop):
             matting_model=Path(matting_model) if matting_model else None,
             background=Path(background) if background else None,
             first_product=first_product,
+            frame_stride=frame_stride,
         )
         self.stream = Streams(line).frames(camera)
         self.line, self.camera = line, camera

@@ -40,6 +40,13 @@ class CameraConfig(_Strict):
         description="video file, rtsp:// URL, folder of frames, or 'sim' for the line simulator",
     )
     fps: float | None = Field(default=None, gt=0, le=1000)
+    frame_stride: int = Field(
+        default=1,
+        ge=1,
+        le=30,
+        description="the motion gate sees every n-th frame, the rest are skipped (undecoded for "
+        "MJPEG and folders): for a camera faster than the products need",
+    )
     matting_model: Path | None = Field(
         default=None, description="TorchScript background-matting model (BGMv2-style); optional"
     )

@@ -219,6 +219,7 @@ def start_ingest(
             str(cam.matting_model) if cam.matting_model else None,
             str(cam.background) if cam.background else None,
             first,
+            cam.frame_stride,
         )
         running.ingest.append(actor)
         running.runs[actor] = actor.run.remote()

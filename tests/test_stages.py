@@ -136,6 +136,55 @@ def test_ingest_from_a_folder_skips_corrupt_frames_and_fires_once_per_product(tm
     assert belt_texture(spec, 0).shape[:2] == (160, 240)
 
 
+def _one_camera_line(tmp_path, products, codec):
+    from tests.synthetic import make_dataset
+    from workers.datasets import list_train_samples
+    from workers.simulate import camera_videos, render_line
+
+    data = make_dataset(tmp_path / "tiles", n_train=6, n_good=1, n_defect=1)
+    spec = LineSpec(
+        products=products, cameras=1, defect_rate=0, width=240, height=160, seed=5, codec=codec
+    )
+    render_line(list_train_samples(data), [], tmp_path / codec, spec)
+    return camera_videos(tmp_path / codec)["cam0"]
+
+
+@pytest.mark.parametrize("codec", ["mjpeg", "mp4v"])
+def test_a_frame_stride_yields_every_nth_frame_of_a_video_as_decoded_in_full(tmp_path, codec):
+    from workers.detect import read_frames
+
+    video = _one_camera_line(tmp_path, 2, codec)
+    every = dict(read_frames(video))  # FFmpeg decodes every frame
+    strided = list(open_source(str(video), stride=3))
+    assert [i for i, _ in strided] == list(range(0, len(every), 3))
+    for index, frame in strided:
+        # MJPEG frames come as JPEG packets, decoded by OpenCV's libjpeg instead of FFmpeg.
+        assert np.abs(frame.astype(int) - every[index]).mean() < 1.0
+    with pytest.raises(ValueError, match="stride"):
+        open_source(str(video), stride=0)
+
+
+def test_a_frame_stride_skips_image_files_without_reading_them(tmp_path):
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), np.full((40, 60, 3), 20 * i, np.uint8))
+    (tmp_path / "001.png").write_bytes(b"corrupt, and skipped")
+    frames = list(open_source(str(tmp_path), stride=2))
+    assert [i for i, _ in frames] == [0, 2, 4]
+    assert [int(f[0, 0, 0]) for _, f in frames] == [0, 40, 80]
+
+
+def test_ingest_with_a_frame_stride_still_fires_once_per_product(tmp_path):
+    video = _one_camera_line(tmp_path, 6, "mjpeg")
+    ingest = CameraIngest("l", "cam0", str(video), frame_stride=2)
+    frames = list(ingest.frames())
+    assert [f.product_seq for f in frames] == list(range(6))
+    assert all(f.sequence % 2 == 0 for f in frames)
+    recorded = cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT)
+    assert ingest.stats.frames == -(-int(recorded) // 2)
+    with pytest.raises(ValueError, match="frame_stride"):
+        CameraIngest("l", "cam0", str(video), frame_stride=0)
+
+
 def test_sources_that_do_not_exist_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         open_source(str(tmp_path / "nothing.mp4"))
