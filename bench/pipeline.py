@@ -30,7 +30,7 @@ import ray
 import torch
 
 from bench.report import emit
-from cluster.config import ReplicaConfig
+from cluster.config import CameraConfig, LineConfig, ReplicaConfig
 from cluster.demo import (
     DEMO_MASK_SHRINK,
     LINE,
@@ -141,14 +141,15 @@ def standalone_scoring_s(pool: ProcessPoolExecutor, workers: int, redis_url: str
     return max(f.result() for f in shares)
 
 
-def _run_stages(cameras: list[tuple[str, str]]) -> float:
+def _run_stages(cameras: list[CameraConfig]) -> float:
     """These cameras through the line's stages in this process: ingest (decode, gate), detect +
     matte, then scoring in batches of 8. The seconds that took."""
     t0 = time.monotonic()
     views = []
-    for camera, video in cameras:
+    for camera in cameras:
         cut = DetectMatte(shrink=DEMO_MASK_SHRINK)
-        for frame in CameraIngest(LINE, camera, video).frames():
+        ingest = CameraIngest(LINE, camera.id, camera.source, frame_stride=camera.frame_stride)
+        for frame in ingest.frames():
             try:
                 views.append(cut.process(frame))
             except NoProductFound:
@@ -158,10 +159,10 @@ def _run_stages(cameras: list[tuple[str, str]]) -> float:
     return time.monotonic() - t0
 
 
-def standalone_stages_s(pool: ProcessPoolExecutor, workers: int, line_dir: Path) -> float:
+def standalone_stages_s(pool: ProcessPoolExecutor, workers: int, line: LineConfig) -> float:
     """All of the line's work but the aggregation, without Ray or Redis: ``workers`` processes,
     each taking its share of the cameras from video to scores."""
-    cameras = [(c, str(v)) for c, v in camera_videos(line_dir).items()]
+    cameras = line.cameras
     shares = [pool.submit(_run_stages, cameras[i::workers]) for i in range(workers)]
     return max(f.result() for f in shares)
 
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
                     pool, workers, server.url, s.views
                 )
                 # The same stages standalone: what Ray and Redis themselves cost.
-                stages_pps = args.products / standalone_stages_s(pool, workers, out / "line-test")
+                stages_pps = args.products / standalone_stages_s(pool, workers, line)
                 rounds.append(
                     {
                         "products_per_s": summary.products_per_s,

@@ -156,10 +156,14 @@ def test_a_frame_stride_yields_every_nth_frame_of_a_video_as_decoded_in_full(tmp
     video = _one_camera_line(tmp_path, 2, codec)
     every = dict(read_frames(video))  # FFmpeg decodes every frame
     strided = list(open_source(str(video), stride=3))
-    assert [i for i, _ in strided] == list(range(0, len(every), 3))
-    for index, frame in strided:
+    assert [f.index for f in strided] == list(range(0, len(every), 3))
+    for f in strided:
         # MJPEG frames come as JPEG packets, decoded by OpenCV's libjpeg instead of FFmpeg.
-        assert np.abs(frame.astype(int) - every[index]).mean() < 1.0
+        assert np.abs(f.image.astype(int) - every[f.index]).mean() < 1.0
+        # ... and keep them, to be sent on as they are; other codecs have nothing to keep.
+        assert (f.jpeg is not None) == (codec == "mjpeg")
+        if f.jpeg is not None:
+            assert np.array_equal(cv2.imdecode(np.frombuffer(f.jpeg, np.uint8), 1), f.image)
     with pytest.raises(ValueError, match="stride"):
         open_source(str(video), stride=0)
 
@@ -169,8 +173,26 @@ def test_a_frame_stride_skips_image_files_without_reading_them(tmp_path):
         cv2.imwrite(str(tmp_path / f"{i:03d}.png"), np.full((40, 60, 3), 20 * i, np.uint8))
     (tmp_path / "001.png").write_bytes(b"corrupt, and skipped")
     frames = list(open_source(str(tmp_path), stride=2))
-    assert [i for i, _ in frames] == [0, 2, 4]
-    assert [int(f[0, 0, 0]) for _, f in frames] == [0, 40, 80]
+    assert [f.index for f in frames] == [0, 2, 4]
+    assert [int(f.image[0, 0, 0]) for f in frames] == [0, 40, 80]
+
+
+def test_a_gated_jpeg_frame_is_sent_on_as_the_camera_encoded_it(tmp_path):
+    from tests.synthetic import make_dataset
+    from workers.datasets import list_train_samples
+    from workers.simulate import plan_line
+
+    spec = LineSpec(products=2, cameras=1, defect_rate=0, width=240, height=160, seed=2)
+    data = make_dataset(tmp_path / "tiles", n_train=4, n_good=1, n_defect=1)
+    plans = plan_line(list_train_samples(data), [], spec)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, frame in render_camera(spec, plans, 0):
+        cv2.imwrite(str(folder / f"{index:05d}.jpg"), frame, [cv2.IMWRITE_JPEG_QUALITY, 97])
+    frames = list(CameraIngest("l", "cam0", str(folder)).frames())
+    assert [f.product_seq for f in frames] == [0, 1]
+    for f in frames:  # no second, lossy encoding on the way
+        assert f.image == (folder / f"{f.sequence:05d}.jpg").read_bytes()
 
 
 def test_ingest_with_a_frame_stride_still_fires_once_per_product(tmp_path):

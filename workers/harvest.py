@@ -10,38 +10,33 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
-import numpy as np
-
-from .detect import ContourDetector, read_frames
-from .matte import matte
-from .motion import MotionGate
 from .simulate import camera_videos
+from .stages import CameraIngest, DetectMatte, NoProductFound
 
 
-def harvest_crops(line_dir: Path, out: Path, split: str, shrink: float = 0.1) -> dict[str, int]:
+def harvest_crops(
+    line_dir: Path, out: Path, split: str, shrink: float = 0.1, frame_stride: int = 1
+) -> dict[str, int]:
     """Crops of every product in ``line_dir`` (videos, manifest) into ``out/split/<category>``.
 
-    Crops are RGBA PNGs whose alpha is the product mask, shrunk by ``shrink`` per side as the
-    line's matting does. Returns counts per category.
+    The crops are cut by the line's own stages (ingest, detect + matte), so that they are what
+    its scorer will see: RGBA PNGs whose alpha is the product mask, shrunk by ``shrink`` per
+    side. Returns counts per category.
     """
     manifest = json.loads((Path(line_dir) / "manifest.json").read_text())
-    detector = ContourDetector()
+    cut = DetectMatte(shrink=shrink)
     counts: dict[str, int] = {}
     for cam, video in camera_videos(line_dir).items():
-        gate = MotionGate()
-        for index, frame in read_frames(video):
-            trigger = gate.update(index, frame)
-            if trigger is None:
+        for frame in CameraIngest("harvest", cam, str(video), frame_stride=frame_stride).frames():
+            if frame.product_seq >= len(manifest["products"]):
+                continue  # a double trigger: the simulator knows no such product
+            try:
+                view = cut.process(frame)
+            except NoProductFound:
                 continue
-            found = detector.detect(frame, trigger.composite_mask)
-            if not found or trigger.product_seq >= len(manifest["products"]):
-                continue
-            category = manifest["products"][trigger.product_seq]["views"][cam]["category"]
-            result = matte(frame, found[0].bbox, trigger.composite_mask, shrink=shrink)
+            category = manifest["products"][frame.product_seq]["views"][cam]["category"]
             folder = Path(out) / split / category
             folder.mkdir(parents=True, exist_ok=True)
-            rgba = np.dstack([result.crop, result.mask])
-            cv2.imwrite(str(folder / f"{cam}_{trigger.product_seq:05d}.png"), rgba)
+            (folder / f"{cam}_{frame.product_seq:05d}.png").write_bytes(view.image)
             counts[category] = counts.get(category, 0) + 1
     return counts

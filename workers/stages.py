@@ -31,10 +31,17 @@ from .motion import MotionGate
 # -- camera ingest ------------------------------------------------------------------------------
 
 
-def open_source(source: str, stride: int = 1) -> Iterator[tuple[int, np.ndarray | None]]:
-    """``(index, BGR frame)`` of every ``stride``-th frame of a video file, an RTSP/HTTP URL or a
-    folder of images (sorted by name); the frame is ``None`` where it does not decode. The frames
-    in between are skipped undecoded where the source allows: image files, and MJPEG video."""
+@dataclass(frozen=True)
+class SourceFrame:
+    index: int  # position in the source
+    image: np.ndarray | None  # BGR; None where the frame does not decode
+    jpeg: bytes | None = None  # the source's own JPEG (MJPEG video, .jpg files): sent on as is
+
+
+def open_source(source: str, stride: int = 1) -> Iterator[SourceFrame]:
+    """Every ``stride``-th frame of a video file, an RTSP/HTTP URL or a folder of images (sorted
+    by name). The frames in between are skipped undecoded where the source allows: image files,
+    and MJPEG video."""
     if stride < 1:
         raise ValueError(f"stride must be at least 1, got {stride}")
     path = Path(source)
@@ -55,14 +62,13 @@ def _as_jpeg_packets(capture: cv2.VideoCapture) -> bool:
     """Switch an MJPEG capture to hand over each frame's JPEG undecoded (FFmpeg's raw mode).
 
     A skipped frame then costs nothing (FFmpeg decodes every frame it grabs, 0.3 ms at 480 x 270),
-    and OpenCV's JPEG decoder is as fast as FFmpeg's on the frames that are read."""
+    OpenCV's JPEG decoder is as fast as FFmpeg's on the frames that are read, and a gated frame
+    travels in the camera's own encoding, without a second lossy one."""
     fourcc = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little")
     return fourcc == b"MJPG" and capture.set(cv2.CAP_PROP_FORMAT, -1)
 
 
-def _capture_frames(
-    capture: cv2.VideoCapture, source: str, stride: int
-) -> Iterator[tuple[int, np.ndarray | None]]:
+def _capture_frames(capture: cv2.VideoCapture, source: str, stride: int) -> Iterator[SourceFrame]:
     packets = _as_jpeg_packets(capture)
     n = 0
     try:
@@ -75,15 +81,18 @@ def _capture_frames(
             ok, frame = capture.read()
             if not ok:
                 break
-            if packets:
-                frame = cv2.imdecode(frame, cv2.IMREAD_COLOR) if frame.size else None
-                if frame is None and n == 0:
-                    # Packets without their Huffman tables (AVI1 MJPEG) need FFmpeg's decoder.
-                    capture.release()
-                    capture = cv2.VideoCapture(source)
-                    packets = False
-                    continue
-            yield n, frame
+            if not packets:
+                yield SourceFrame(n, frame)
+                n += 1
+                continue
+            image = cv2.imdecode(frame, cv2.IMREAD_COLOR) if frame.size else None
+            if image is None and n == 0:
+                # Packets without their Huffman tables (AVI1 MJPEG) need FFmpeg's decoder.
+                capture.release()
+                capture = cv2.VideoCapture(source)
+                packets = False
+                continue
+            yield SourceFrame(n, image, frame.tobytes() if image is not None else None)
             n += 1
     finally:
         capture.release()
@@ -91,13 +100,16 @@ def _capture_frames(
         raise ValueError(f"{source}: no frames (empty or unreadable video)")
 
 
-def _folder_frames(files: list[Path], stride: int) -> Iterator[tuple[int, np.ndarray | None]]:
+def _folder_frames(files: list[Path], stride: int) -> Iterator[SourceFrame]:
     for index in range(0, len(files), stride):
+        data = files[index].read_bytes()
         try:
-            rgb = decode_image(files[index].read_bytes(), str(files[index]))
-            yield index, rgb[:, :, ::-1].copy()
+            rgb = decode_image(data, str(files[index]))
         except ImageError:
-            yield index, None  # a corrupt frame: the ingest counts it and goes on
+            yield SourceFrame(index, None)  # a corrupt frame: the ingest counts it and goes on
+            continue
+        is_jpeg = files[index].suffix.lower() in (".jpg", ".jpeg")
+        yield SourceFrame(index, rgb[:, :, ::-1].copy(), data if is_jpeg else None)
 
 
 @dataclass
@@ -145,7 +157,8 @@ class CameraIngest:
         """Frame messages, one per product; ends with the source or when ``should_stop()``."""
         period = self.frame_stride / self.fps if self.fps else 0.0
         next_at = time.monotonic()
-        for index, frame in open_source(self.source, self.frame_stride):
+        for source_frame in open_source(self.source, self.frame_stride):
+            index, frame = source_frame.index, source_frame.image
             if should_stop():
                 return
             if period:  # replay at the camera's rate: a live line does not run faster than it
@@ -165,7 +178,14 @@ class CameraIngest:
             if trigger is None:
                 continue
             self.stats.triggers += 1
-            ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+            # A JPEG source's frame goes on as the camera encoded it: a second encoding at q92
+            # cost the line's model 2 points of product AUROC (0.84 -> 0.82 on true-box crops).
+            ok, jpeg = True, source_frame.jpeg
+            if jpeg is None:
+                ok, encoded = cv2.imencode(
+                    ".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality]
+                )
+                jpeg = encoded.tobytes()
             ok_mask, mask_png = cv2.imencode(".png", trigger.composite_mask)
             if not (ok and ok_mask):
                 self.stats.corrupt_frames += 1
@@ -178,7 +198,7 @@ class CameraIngest:
                 timestamp=time.time(),
                 codec="jpeg",
                 shape=frame.shape,
-                image=jpeg.tobytes(),
+                image=jpeg,
                 mask=mask_png.tobytes(),
             )
 
