@@ -321,7 +321,9 @@ def demo(
     products: int = typer.Option(24, min=1, help="products on the simulated test line"),
     out: Path = typer.Option(Path("demo-out"), help="model, videos, verdicts and summary go here"),
     epochs: int = typer.Option(30, min=1),
-    train_products: int = typer.Option(120, min=4, help="good products the line learns from"),
+    train_products: int | None = typer.Option(
+        None, min=4, help="good products the line learns from [default: every training image once]"
+    ),
     retrain: bool = typer.Option(False, help="train again even if OUT/model exists"),
     seed: int = typer.Option(0),
     dashboard_port: int | None = typer.Option(
@@ -357,8 +359,9 @@ def demo(
     try:
         if bundle is None:
             console.print(
-                f"[bold]1/3 learning the line:[/] {train_products} good products "
-                "through the front end, "
+                "[bold]1/3 learning the line:[/] "
+                + (f"{train_products}" if train_products else "every training image on")
+                + " good products through the front end, "
                 f"DifferNet on their crops ({epochs} epochs)"
             )
             with progress_bars() as progress:

@@ -82,14 +82,25 @@ def split_halves(data_dir: Path, seed: int):
 
 
 def train_line_model(
-    data_dir: Path, work: Path, *, train_products: int, epochs: int, seed: int, progress: Progress
+    data_dir: Path,
+    work: Path,
+    *,
+    train_products: int | None,
+    epochs: int,
+    seed: int,
+    progress: Progress,
 ) -> Path:
-    """Simulate, harvest and train; returns the model folder."""
+    """Simulate, harvest and train; returns the model folder. ``train_products``: by default as
+    many as show every training image once (190 on MTD; 120 gave product AUROC 0.79 through the
+    pipeline, 190 gave 0.88)."""
     (val_good, val_bad), _ = split_halves(data_dir, seed)
     crops = work / "crops"
     train_line = work / "line-train"
+    train = list_train_samples(data_dir)
+    cameras = LineSpec(products=1).cameras
+    train_products = train_products or -(-len(train) // cameras)
     spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1)
-    render_line(list_train_samples(data_dir), [], train_line, spec)
+    render_line(train, [], train_line, spec)
     harvest_crops(train_line, crops, "train", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE)
     val_line = work / "line-val"
     val_products = max(8, train_products // 3)

@@ -259,3 +259,14 @@ def test_a_long_run_of_near_identical_plain_products_is_counted_exactly(tmp_path
     for video in camera_videos(tmp_path).values():
         triggers = gate_run(video)
         assert [t.product_seq for t, _, _ in triggers] == list(range(10)), video.name
+
+
+def test_a_line_shows_every_image_once_before_it_repeats_one(line):
+    data, _, _ = line
+    good = list_train_samples(data)
+    spec = LineSpec(products=len(good) // 2, cameras=2, defect_rate=0, seed=1)
+    shown = [v.source for plan in plan_line(good, [], spec) for v in plan.views]
+    assert sorted(shown) == sorted(str(s.path) for s in good)
+    twice = LineSpec(products=len(good), cameras=2, defect_rate=0, seed=1)
+    shown = [v.source for plan in plan_line(good, [], twice) for v in plan.views]
+    assert all(shown.count(str(s.path)) == 2 for s in good)

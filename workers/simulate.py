@@ -106,6 +106,7 @@ def plan_line(good: list[Sample], defects: list[Sample], spec: LineSpec) -> list
         raise ValueError("defect_rate > 0 needs defect images (DATA_DIR/test/<defect>/)")
     rng = random.Random(spec.seed)
     cams = camera_names(spec.cameras)
+    next_good, next_defect = _shuffled_passes(good, rng), _shuffled_passes(defects, rng)
     plans = []
     for seq in range(spec.products):
         defective = rng.random() < spec.defect_rate
@@ -114,7 +115,7 @@ def plan_line(good: list[Sample], defects: list[Sample], spec: LineSpec) -> list
         )
         views = []
         for cam in cams:
-            sample = rng.choice(defects) if cam in bad_cams else rng.choice(good)
+            sample = next(next_defect) if cam in bad_cams else next(next_good)
             views.append(
                 ViewPlan(
                     camera=cam,
@@ -129,6 +130,15 @@ def plan_line(good: list[Sample], defects: list[Sample], spec: LineSpec) -> list
         start = spec.lead_frames + seq * (spec.crossing_frames + spec.gap_frames)
         plans.append(ProductPlan(seq, defective, start, views))
     return plans
+
+
+def _shuffled_passes(samples: list[Sample], rng: random.Random) -> Iterator[Sample]:
+    """Every sample once, in random order, then again: a line shows each image before it shows
+    one twice (random draws left a third of them out of a run of as many views as images)."""
+    while samples:
+        order = list(samples)
+        rng.shuffle(order)
+        yield from order
 
 
 def total_frames(spec: LineSpec) -> int:
