@@ -64,7 +64,7 @@ def _as_jpeg_packets(capture: cv2.VideoCapture) -> bool:
     A skipped frame then costs nothing (FFmpeg decodes every frame it grabs, 0.3 ms at 480 x 270),
     OpenCV's JPEG decoder is as fast as FFmpeg's on the frames that are read, and a gated frame
     travels in the camera's own encoding, without a second lossy one."""
-    fourcc = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little")
+    fourcc = (int(capture.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF).to_bytes(4, "little")
     return fourcc == b"MJPG" and capture.set(cv2.CAP_PROP_FORMAT, -1)
 
 
