@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("bench-out/pipeline"))
     p.add_argument("--products", type=int, default=60)
     p.add_argument(
-        "--train-products", type=int, help="default: every training image once (190 on MTD)"
+        "--train-products", type=int, help="default: every training image twice (380 on MTD)"
     )
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)

@@ -322,7 +322,7 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), help="model, videos, verdicts and summary go here"),
     epochs: int = typer.Option(30, min=1),
     train_products: int | None = typer.Option(
-        None, min=4, help="good products the line learns from [default: every training image once]"
+        None, min=4, help="good products the line learns from [default: every training image twice]"
     ),
     retrain: bool = typer.Option(False, help="train again even if OUT/model exists"),
     seed: int = typer.Option(0),
@@ -360,9 +360,8 @@ def demo(
         if bundle is None:
             console.print(
                 "[bold]1/3 learning the line:[/] "
-                + (f"{train_products}" if train_products else "every training image on")
-                + " good products through the front end, "
-                f"DifferNet on their crops ({epochs} epochs)"
+                + (f"{train_products} good products" if train_products else "every image twice")
+                + f" through the front end, DifferNet on their crops ({epochs} epochs)"
             )
             with progress_bars() as progress:
                 line_demo.train_line_model(
