@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
         gate = MotionGate()
         counts = dict.fromkeys(range(args.products), 0)
         t = time.perf_counter()
-        for index, frame in open_source(str(video), args.frame_stride):
+        for source_frame in open_source(str(video), args.frame_stride):
+            index, frame = source_frame.index, source_frame.image
             decode_s += time.perf_counter() - t
             frames += 1
             t = time.perf_counter()
