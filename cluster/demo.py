@@ -101,8 +101,7 @@ def train_line_model(
     crops = work / "crops"
     train_line = work / "line-train"
     train = list_train_samples(data_dir)
-    cameras = LineSpec(products=1).cameras
-    train_products = train_products or TRAIN_PASSES * -(-len(train) // cameras)
+    train_products = train_products or TRAIN_PASSES * -(-len(train) // LineSpec.cameras)
     spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1)
     render_line(train, [], train_line, spec)
     harvest_crops(train_line, crops, "train", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE)
