@@ -168,6 +168,30 @@ def test_a_frame_stride_yields_every_nth_frame_of_a_video_as_decoded_in_full(tmp
         open_source(str(video), stride=0)
 
 
+def test_mjpeg_frames_decode_scaled_down_for_the_gate_and_keep_their_full_jpeg(tmp_path):
+    video = _one_camera_line(tmp_path, 2, "mjpeg")
+    full = list(open_source(str(video)))
+    reduced = list(open_source(str(video), max_width=100))
+    assert len(reduced) == len(full)
+    for f, r in zip(full, reduced, strict=True):
+        assert f.shape == r.shape == (160, 240, 3)
+        assert r.image.shape == (40, 60, 3)  # 240 / 4: the smallest factor to 100 px or less
+        assert r.jpeg == f.jpeg  # the camera's frame travels on in full
+        area = cv2.resize(f.image, (60, 40), interpolation=cv2.INTER_AREA)
+        assert np.abs(r.image.astype(int) - area).mean() < 3.0
+
+
+def test_the_packet_decoder_follows_a_change_of_resolution():
+    from workers.stages import _PacketDecoder
+
+    decoder = _PacketDecoder(max_width=50)
+    for shape, expected in [((80, 120), (20, 30)), ((80, 120), (20, 30)), ((200, 400), (25, 50))]:
+        ok, packet = cv2.imencode(".jpg", np.full(shape + (3,), 99, np.uint8))
+        image, full = decoder.decode(packet)
+        assert image.shape[:2] == expected and full == shape + (3,)
+    assert decoder.decode(np.frombuffer(b"not a jpeg", np.uint8))[0] is None
+
+
 def test_a_frame_stride_skips_image_files_without_reading_them(tmp_path):
     for i in range(5):
         cv2.imwrite(str(tmp_path / f"{i:03d}.png"), np.full((40, 60, 3), 20 * i, np.uint8))
@@ -201,6 +225,10 @@ def test_ingest_with_a_frame_stride_still_fires_once_per_product(tmp_path):
     frames = list(ingest.frames())
     assert [f.product_seq for f in frames] == list(range(6))
     assert all(f.sequence % 2 == 0 for f in frames)
+    # The gate saw quarter-size frames; what goes on is the camera's frame and a mask to match.
+    for f in frames:
+        mask = cv2.imdecode(np.frombuffer(f.mask, np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert f.shape == (160, 240, 3) and mask.shape == (160, 240)
     recorded = cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT)
     assert ingest.stats.frames == -(-int(recorded) // 2)
     with pytest.raises(ValueError, match="frame_stride"):

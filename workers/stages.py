@@ -36,12 +36,22 @@ class SourceFrame:
     index: int  # position in the source
     image: np.ndarray | None  # BGR; None where the frame does not decode
     jpeg: bytes | None = None  # the source's own JPEG (MJPEG video, .jpg files): sent on as is
+    # The camera's frame (h, w, 3) where ``image`` is a scaled-down decoding of ``jpeg``.
+    full_shape: tuple[int, int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The camera's frame size, whatever size ``image`` was decoded at."""
+        return self.full_shape or self.image.shape
 
 
-def open_source(source: str, stride: int = 1) -> Iterator[SourceFrame]:
+def open_source(
+    source: str, stride: int = 1, max_width: int | None = None
+) -> Iterator[SourceFrame]:
     """Every ``stride``-th frame of a video file, an RTSP/HTTP URL or a folder of images (sorted
     by name). The frames in between are skipped undecoded where the source allows: image files,
-    and MJPEG video."""
+    and MJPEG video. ``max_width``: MJPEG frames are decoded scaled down (by 2, 4 or 8, the
+    smallest factor that brings them to at most this many pixels across), their JPEG kept."""
     if stride < 1:
         raise ValueError(f"stride must be at least 1, got {stride}")
     path = Path(source)
@@ -55,7 +65,7 @@ def open_source(source: str, stride: int = 1) -> Iterator[SourceFrame]:
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
         raise ValueError(f"{source}: OpenCV cannot open this source")
-    return _capture_frames(capture, source, stride)
+    return _capture_frames(capture, source, stride, max_width)
 
 
 def _as_jpeg_packets(capture: cv2.VideoCapture) -> bool:
@@ -68,8 +78,54 @@ def _as_jpeg_packets(capture: cv2.VideoCapture) -> bool:
     return fourcc == b"MJPG" and capture.set(cv2.CAP_PROP_FORMAT, -1)
 
 
-def _capture_frames(capture: cv2.VideoCapture, source: str, stride: int) -> Iterator[SourceFrame]:
+_REDUCED = {
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+class _PacketDecoder:
+    """Decodes a camera's JPEG packets for the gate, scaled down inside libjpeg (its DCT keeps
+    only the low frequencies: an area average for free). At 480 x 270 a quarter-size decode takes
+    0.20 ms, where a full one took 0.37 ms and shrinking it for the gate 0.2 ms more."""
+
+    def __init__(self, max_width: int | None):
+        self.max_width = max_width
+        self.full_shape: tuple[int, int, int] | None = None
+        self.flag = cv2.IMREAD_COLOR
+        self.reduced_shape: tuple[int, int, int] | None = None
+
+    def decode(self, packet: np.ndarray) -> tuple[np.ndarray | None, tuple[int, int, int] | None]:
+        """The frame (scaled down where it can be) and the camera's full frame shape."""
+        if self.flag != cv2.IMREAD_COLOR:
+            image = cv2.imdecode(packet, self.flag)
+            if image is None or image.shape == self.reduced_shape:
+                return image, self.full_shape
+        # The first frame, an unscaled camera, or one whose resolution changed.
+        image = cv2.imdecode(packet, cv2.IMREAD_COLOR)
+        if image is None:
+            return None, None
+        if image.shape != self.full_shape:
+            self.full_shape = image.shape
+            self.flag = self._flag_for(image.shape[1])
+            if self.flag != cv2.IMREAD_COLOR:
+                image = cv2.imdecode(packet, self.flag)
+                self.reduced_shape = image.shape
+        return image, self.full_shape
+
+    def _flag_for(self, width: int) -> int:
+        if self.max_width is None or width <= self.max_width:
+            return cv2.IMREAD_COLOR
+        factor = next((f for f in (2, 4) if -(-width // f) <= self.max_width), 8)
+        return _REDUCED[factor]
+
+
+def _capture_frames(
+    capture: cv2.VideoCapture, source: str, stride: int, max_width: int | None
+) -> Iterator[SourceFrame]:
     packets = _as_jpeg_packets(capture)
+    decoder = _PacketDecoder(max_width)
     n = 0
     try:
         while True:
@@ -85,14 +141,15 @@ def _capture_frames(capture: cv2.VideoCapture, source: str, stride: int) -> Iter
                 yield SourceFrame(n, frame)
                 n += 1
                 continue
-            image = cv2.imdecode(frame, cv2.IMREAD_COLOR) if frame.size else None
+            image, shape = decoder.decode(frame) if frame.size else (None, None)
             if image is None and n == 0:
                 # Packets without their Huffman tables (AVI1 MJPEG) need FFmpeg's decoder.
                 capture.release()
                 capture = cv2.VideoCapture(source)
                 packets = False
                 continue
-            yield SourceFrame(n, image, frame.tobytes() if image is not None else None)
+            jpeg = frame.tobytes() if image is not None else None
+            yield SourceFrame(n, image, jpeg, shape)
             n += 1
     finally:
         capture.release()
@@ -157,7 +214,9 @@ class CameraIngest:
         """Frame messages, one per product; ends with the source or when ``should_stop()``."""
         period = self.frame_stride / self.fps if self.fps else 0.0
         next_at = time.monotonic()
-        for source_frame in open_source(self.source, self.frame_stride):
+        # The gate works at a fraction of the frame: MJPEG frames are decoded at that size.
+        frames = open_source(self.source, self.frame_stride, max_width=self.gate.work_width)
+        for source_frame in frames:
             index, frame = source_frame.index, source_frame.image
             if should_stop():
                 return
@@ -168,13 +227,14 @@ class CameraIngest:
             if frame is None or frame.ndim != 3:
                 self.stats.corrupt_frames += 1
                 continue
-            if self.gate.frame_shape not in (None, frame.shape[:2]):
+            shape = source_frame.shape
+            if self.gate.frame_shape not in (None, shape[:2]):
                 # The camera changed resolution: the background model no longer fits. Start a
                 # new one, keeping the product count so that product numbers stay in step.
                 self.stats.resolution_changes += 1
                 # A given plate no longer fits either: the new model learns the belt instead.
                 self.gate = MotionGate(start_count=self.gate.products, matter=self.matter)
-            trigger = self.gate.update(index, frame)
+            trigger = self.gate.update(index, frame, shape[:2])
             if trigger is None:
                 continue
             self.stats.triggers += 1
@@ -197,7 +257,7 @@ class CameraIngest:
                 product_seq=trigger.product_seq,
                 timestamp=time.time(),
                 codec="jpeg",
-                shape=frame.shape,
+                shape=shape,
                 image=jpeg,
                 mask=mask_png.tobytes(),
             )
