@@ -46,7 +46,7 @@ from schemas import ProductView, Verdict
 from workers.detect import read_frames
 from workers.differnet.store import load_model
 from workers.images import encode_png
-from workers.matte import matte
+from workers.matte import VIEW_MAX_SIDE, matte
 from workers.simulate import camera_videos
 from workers.stages import CameraIngest, DetectMatte, NoProductFound, ViewScorer
 from workers.threshold import auroc, target_tpr_threshold
@@ -76,7 +76,9 @@ def ground_truth_crops(
                 x, y, w, h = manifest["products"][seq]["views"][cam]["bboxes"][str(index)]
                 box_mask = np.zeros(frame.shape[:2], np.uint8)
                 box_mask[y : y + h, x : x + w] = 255
-                result = matte(frame, (x, y, w, h), box_mask, shrink=DEMO_MASK_SHRINK)
+                result = matte(
+                    frame, (x, y, w, h), box_mask, shrink=DEMO_MASK_SHRINK, max_side=VIEW_MAX_SIDE
+                )
                 crops.setdefault(seq, []).append(
                     (np.ascontiguousarray(result.crop[:, :, ::-1]), result.mask)
                 )

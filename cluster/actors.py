@@ -26,6 +26,7 @@ from schemas import (
 )
 from schemas.base import SchemaError
 from workers.images import ImageError
+from workers.matte import VIEW_MAX_SIDE
 from workers.samples import SampleError, SampleStore
 from workers.stages import (
     CameraIngest,
@@ -137,6 +138,7 @@ class DetectMatteActor(_Loop):
         replica: int,
         yolo_weights: str | None = None,
         shrink: float = 0.1,
+        max_side: int = VIEW_MAX_SIDE,
     ):
         super().__init__(redis_url, maxlen)
         self.streams = Streams(line)
@@ -150,7 +152,7 @@ class DetectMatteActor(_Loop):
             detector = YoloDetector(
                 Path(yolo_weights), device="cuda" if ray.get_gpu_ids() else "cpu"
             )
-        self.stage = DetectMatte(detector, shrink=shrink)
+        self.stage = DetectMatte(detector, shrink=shrink, max_side=max_side)
         for s in self.inputs:
             self.bus.ensure_group(s, self.streams.detect_group)
 

@@ -22,6 +22,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from workers.matte import VIEW_MAX_SIDE
+
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 
 
@@ -99,6 +101,12 @@ class LineConfig(_Strict):
         description="views waiting for scorers beyond which they are shed (counted, in verdicts)",
     )
     mask_shrink: float = Field(default=0.1, ge=0.0, lt=0.5, description="matting: cut per side")
+    view_max_side: int = Field(
+        default=VIEW_MAX_SIDE,
+        ge=32,
+        le=4096,
+        description="views are scaled down to this many pixels on their longer side",
+    )
     yolo_weights: Path | None = Field(
         default=None, description="Ultralytics weights; default: the contour detector"
     )

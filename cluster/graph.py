@@ -162,6 +162,7 @@ def start_line(
                 i,
                 str(line.yolo_weights) if line.yolo_weights else None,
                 line.mask_shrink,
+                line.view_max_side,
             )
         )
     # Consumers first: their groups exist before the first frame is published.

@@ -105,6 +105,18 @@ def test_detect_matte_crops_the_product_and_sends_the_mask_as_alpha():
     assert set(view.stage_ms) == {"decode", "detect", "matte"}
 
 
+def test_a_view_larger_than_the_cap_is_scaled_down_its_box_kept_in_frame_pixels():
+    spec = LineSpec(products=1, width=240, height=160, lead_frames=1, gap_frames=0)
+    full = DetectMatte(shrink=0.1).process(_gated_frame(spec))
+    capped = DetectMatte(shrink=0.1, max_side=48).process(_gated_frame(spec))
+    assert capped.bbox == full.bbox and max(full.shape[:2]) > 48
+    assert max(capped.shape[:2]) == 48
+    assert abs(capped.shape[1] / capped.shape[0] - full.shape[1] / full.shape[0]) < 0.05
+    rgb, alpha = decode_with_alpha(capped.image)
+    assert rgb.shape[:2] == alpha.shape == capped.shape[:2]
+    assert abs(capped.mask_coverage - full.mask_coverage) < 0.05
+
+
 def test_detect_matte_refuses_corrupt_frames_and_empty_belts():
     spec = LineSpec(products=1, width=240, height=160, lead_frames=1, gap_frames=0)
     frame = _gated_frame(spec)

@@ -25,7 +25,7 @@ from .images import (
     encode_png,
     load_image,
 )
-from .matte import DeepMatter, matte
+from .matte import VIEW_MAX_SIDE, DeepMatter, matte
 from .motion import MotionGate
 
 # -- camera ingest ------------------------------------------------------------------------------
@@ -274,11 +274,17 @@ class DetectMatte:
     """Finds the product in a gated frame, crops it re-centred and takes the belt away."""
 
     def __init__(
-        self, detector: Detector | None = None, *, shrink: float = 0.1, margin: float = 0.05
+        self,
+        detector: Detector | None = None,
+        *,
+        shrink: float = 0.1,
+        margin: float = 0.05,
+        max_side: int | None = VIEW_MAX_SIDE,
     ):
         self.detector = detector or ContourDetector()
         self.shrink = shrink
         self.margin = margin
+        self.max_side = max_side
 
     def process(self, frame: CameraFrame) -> ProductView:
         t0 = time.perf_counter()
@@ -298,7 +304,9 @@ class DetectMatte:
                 f"no product in {frame.line}/{frame.camera} frame {frame.sequence}"
             )
         t2 = time.perf_counter()
-        result = matte(bgr, found[0].bbox, mask, shrink=self.shrink, margin=self.margin)
+        result = matte(
+            bgr, found[0].bbox, mask, shrink=self.shrink, margin=self.margin, max_side=self.max_side
+        )
         png = encode_png(np.ascontiguousarray(result.crop[:, :, ::-1]), result.mask)
         t3 = time.perf_counter()
         x, y, w, h = result.box
@@ -309,7 +317,7 @@ class DetectMatte:
             product_seq=frame.product_seq,
             captured_at=frame.timestamp,
             codec="png",
-            shape=(h, w, 4),
+            shape=(*result.mask.shape, 4),
             image=png,
             bbox=BBox(x=x, y=y, w=w, h=h),
             mask_coverage=min(1.0, result.coverage),
