@@ -486,7 +486,7 @@ def _parse_size(size: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
-        raise fail(f"--size must look like 960x540, got {size!r}") from None
+        raise fail(f"--size must look like 480x270, got {size!r}") from None
     return w, h
 
 
@@ -498,7 +498,7 @@ def simulate(
     cameras: int = typer.Option(4, min=1, max=16),
     defect_rate: float = typer.Option(0.2, min=0.0, max=1.0),
     fps: float = typer.Option(15.0, min=1.0, max=120.0),
-    size: str = typer.Option("960x540", help="frame size WxH"),
+    size: str = typer.Option("480x270", help="frame size WxH"),
     codec: str | None = typer.Option(
         None, help="recordings: mjpeg (AVI, quality 95) or mp4v (smaller, lossier) [simulator's]"
     ),

@@ -105,6 +105,9 @@ def train_line_model(
     spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1)
     render_line(train, [], train_line, spec)
     harvest_crops(train_line, crops, "train", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE)
+    # The crops are what the model learns from; the videos (about 0.8 GB) go.
+    for video in camera_videos(train_line).values():
+        video.unlink()
     val_line = work / "line-val"
     val_products = max(8, train_products // 3)
     render_line(

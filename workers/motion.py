@@ -9,9 +9,10 @@ The gate also builds the product's composite foreground mask: the masks of its l
 each shifted so that the blob centroids align, combined by union. One frame's mask has holes
 where the product resembles the belt; the union over frames fills them.
 
-It sees every frame of every camera, so it works on frames scaled down by a whole factor to at
-most ``work_width`` pixels across (the product still spans dozens of them) and scales its boxes
-and masks back up: at 480 x 270 this cuts its time per frame from 2.1 to 0.6 ms, time the
+It sees every gated frame of every camera, so it works at most ``work_width`` pixels across
+(the product still spans dozens of them): on frames the camera ingest decoded that small (MJPEG)
+or that it scales down by a whole factor itself, and it scales its boxes and masks back up to the
+camera's frame. At 480 x 270 scaling down cut its time per frame from 2.1 to 0.6 ms, time the
 scorers get instead, with the same crops (IoU against the true boxes 0.95 either way).
 """
 
