@@ -34,9 +34,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cameras", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frame-stride", type=int, default=1, help="the gate sees every n-th frame")
+    p.add_argument("--size", default="480x270", help="cameras' frame size WxH")
     args = p.parse_args(argv)
 
-    spec = LineSpec(products=args.products, cameras=args.cameras, seed=args.seed)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    spec = LineSpec(
+        products=args.products, cameras=args.cameras, seed=args.seed, width=width, height=height
+    )
     manifest = simulate_line(args.data, args.out, spec)
     exactly_once, ious, belt_left = [], [], []
     gate_s = detect_s = matte_s = decode_s = 0.0
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         "products": args.products,
         "cameras": args.cameras,
         "frame_stride": args.frame_stride,
+        "frame_size": [width, height],
         "frames_recorded": manifest["frames"] * args.cameras,
         "frames_gated": frames,
         "trigger_exactly_once_rate": float(np.mean(exactly_once)),

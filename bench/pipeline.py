@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--train-products", type=int, help="default: every training image twice (380 on MTD)"
     )
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--size", help="cameras' frame size WxH (default: the simulator's, 480x270)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3, help="pipeline + standalone, alternated")
     p.add_argument(
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="single-threaded scorers (default: one per core, as a CPU-only line is set up)",
     )
     args = p.parse_args(argv)
+    frame_size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "model" / "model.json").exists():
@@ -212,9 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
             epochs=args.epochs,
             seed=args.seed,
             progress=lambda *a: None,
+            frame_size=frame_size,
         )
     bundle = load_model(out / "model")
-    manifest = simulate_test_line(args.data, out, args.products, args.seed)
+    manifest = simulate_test_line(args.data, out, args.products, args.seed, frame_size)
     line = line_config(
         out / "line-test", manifest["cameras"], ReplicaConfig(score=args.score_replicas)
     )
@@ -311,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         "accuracy_gap_points": round(100 * (summary.product_accuracy - gt_accuracy), 2),
         "model_version": bundle.version,
         "score_replicas": args.score_replicas,
+        "frame_size": [manifest["spec"]["width"], manifest["spec"]["height"]],
         "note": "pipeline window: first frame published to last verdict (Redis clock); "
         "sources not paced",
     }

@@ -72,10 +72,16 @@ class DemoSummary:
         return asdict(self)
 
 
-def demo_line_spec(products: int, defect_rate: float, seed: int) -> LineSpec:
+def demo_line_spec(
+    products: int, defect_rate: float, seed: int, frame_size: tuple[int, int] | None = None
+) -> LineSpec:
     """The demo's simulated lines: an inspection station's controlled light, 3 % exposure
-    jitter (the simulator's default is 15 %)."""
-    return LineSpec(products=products, defect_rate=defect_rate, seed=seed, exposure_jitter=0.03)
+    jitter (the simulator's default is 15 %). ``frame_size``: (width, height), else the
+    simulator's."""
+    size = dict(zip(("width", "height"), frame_size, strict=True)) if frame_size else {}
+    return LineSpec(
+        products=products, defect_rate=defect_rate, seed=seed, exposure_jitter=0.03, **size
+    )
 
 
 def split_halves(data_dir: Path, seed: int):
@@ -94,6 +100,7 @@ def train_line_model(
     epochs: int,
     seed: int,
     progress: Progress,
+    frame_size: tuple[int, int] | None = None,
 ) -> Path:
     """Simulate, harvest and train; returns the model folder. ``train_products``: by default as
     many as show every training image ``TRAIN_PASSES`` times."""
@@ -102,7 +109,7 @@ def train_line_model(
     train_line = work / "line-train"
     train = list_train_samples(data_dir)
     train_products = train_products or TRAIN_PASSES * -(-len(train) // LineSpec.cameras)
-    spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1)
+    spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1, frame_size=frame_size)
     render_line(train, [], train_line, spec)
     harvest_crops(train_line, crops, "train", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE)
     # The crops are what the model learns from; the videos (about 0.8 GB) go.
@@ -114,7 +121,7 @@ def train_line_model(
         val_good,
         val_bad,
         val_line,
-        demo_line_spec(val_products, defect_rate=0.5, seed=seed + 2),
+        demo_line_spec(val_products, defect_rate=0.5, seed=seed + 2, frame_size=frame_size),
     )
     harvest_crops(val_line, crops, "test", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE)
     model_dir = work / "model"
@@ -147,9 +154,15 @@ def set_product_threshold(model_dir: Path, crops: Path, target_tpr: float = 0.85
     set_threshold(model_dir, chosen.value, chosen.to_dict() | {"source": "validation products"})
 
 
-def simulate_test_line(data_dir: Path, work: Path, products: int, seed: int) -> dict:
+def simulate_test_line(
+    data_dir: Path,
+    work: Path,
+    products: int,
+    seed: int,
+    frame_size: tuple[int, int] | None = None,
+) -> dict:
     _, (test_good, test_bad) = split_halves(data_dir, seed)
-    spec = demo_line_spec(products, defect_rate=0.25, seed=seed + 3)
+    spec = demo_line_spec(products, defect_rate=0.25, seed=seed + 3, frame_size=frame_size)
     return render_line(test_good, test_bad, work / "line-test", spec)
 
 
