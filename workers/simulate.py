@@ -40,8 +40,8 @@ class LineSpec:
     defect_rate: float = 0.2
     fps: float = 15.0
     # A product is 120 to 160 px tall here. At 960 x 540 (240 to 320 px, as MTD photographed its
-    # tiles) the line's model scored 2 points of product AUROC more, but decoding the larger
-    # frames cost the line a tenth of its throughput (bench.pipeline, README: The whole line).
+    # tiles) the line scored no better and decoding the larger frames cost it a quarter of its
+    # throughput (bench.pipeline, README: The whole line).
     width: int = 480
     height: int = 270
     seed: int = 0
