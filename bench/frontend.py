@@ -21,7 +21,7 @@ from bench.report import emit
 from workers.detect import ContourDetector, iou
 from workers.matte import matte
 from workers.motion import MotionGate
-from workers.simulate import LineSpec, camera_videos, simulate_line
+from workers.simulate import LineSpec, camera_videos, parse_frame_size, simulate_line
 from workers.stages import open_source
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", default="480x270", help="cameras' frame size WxH")
     args = p.parse_args(argv)
 
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    width, height = parse_frame_size(args.size)
     spec = LineSpec(
         products=args.products, cameras=args.cameras, seed=args.seed, width=width, height=height
     )
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
                 triggers += 1
                 t = time.perf_counter()
                 # Detect + matte decode the gated frame in full, once per product.
-                frame = cv2.imdecode(np.frombuffer(source_frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
+                if source_frame.jpeg is not None:
+                    jpeg = np.frombuffer(source_frame.jpeg, np.uint8)
+                    frame = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
                 decode_s += time.perf_counter() - t
                 t = time.perf_counter()
                 found = detector.detect(frame, trigger.composite_mask)

@@ -47,7 +47,7 @@ from workers.detect import read_frames
 from workers.differnet.store import load_model
 from workers.images import encode_png
 from workers.matte import VIEW_MAX_SIDE, matte
-from workers.simulate import camera_videos
+from workers.simulate import camera_videos, parse_frame_size
 from workers.stages import CameraIngest, DetectMatte, NoProductFound, ViewScorer
 from workers.threshold import auroc, target_tpr_threshold
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="single-threaded scorers (default: one per core, as a CPU-only line is set up)",
     )
     args = p.parse_args(argv)
-    frame_size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
+    frame_size = parse_frame_size(args.size) if args.size else None
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "model" / "model.json").exists():

@@ -482,14 +482,6 @@ def _serve_dashboard(client, samples, model_dir: Path, line_id: str, port: int |
     return thread
 
 
-def _parse_size(size: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise fail(f"--size must look like 480x270, got {size!r}") from None
-    return w, h
-
-
 @app.command()
 def simulate(
     data_dir: Path = typer.Argument(..., help="product images in MVTec AD layout"),
@@ -509,9 +501,12 @@ def simulate(
 ):
     """Simulate a multi-camera conveyor: one video per camera and a manifest of the truth."""
     from workers.datasets import DatasetError
-    from workers.simulate import LineSpec, simulate_line
+    from workers.simulate import LineSpec, parse_frame_size, simulate_line
 
-    width, height = _parse_size(size)
+    try:
+        width, height = parse_frame_size(size)
+    except ValueError as exc:
+        raise fail(f"--size: {exc}") from None
     try:
         spec = LineSpec(
             products=products,

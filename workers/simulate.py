@@ -100,6 +100,15 @@ class ProductPlan:
     views: list[ViewPlan]
 
 
+def parse_frame_size(text: str) -> tuple[int, int]:
+    """``"480x270"`` -> ``(480, 270)``: a frame size as the command line writes it."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a frame size looks like 480x270, got {text!r}") from None
+    return width, height
+
+
 def camera_names(n: int) -> list[str]:
     return [f"cam{i}" for i in range(n)]
 
