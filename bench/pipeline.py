@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latency_p99_s": summary.latency_p99_s,
         "product_accuracy": summary.product_accuracy,
         "product_auroc": summary.product_auroc,
+        "product_auroc_ci95": summary.product_auroc_ci95,
         "ground_truth_crops_product_accuracy": gt_accuracy,
         "ground_truth_crops_product_auroc": auroc(list(gt.values()), gt_truth),
         "accuracy_gap_points": round(100 * (summary.product_accuracy - gt_accuracy), 2),

@@ -28,7 +28,7 @@ from workers.differnet.store import load_model, set_threshold
 from workers.differnet.training import Progress, TrainingOptions
 from workers.harvest import harvest_crops
 from workers.simulate import LineSpec, camera_videos, render_line
-from workers.threshold import auroc, target_tpr_threshold
+from workers.threshold import auroc, auroc_interval, target_tpr_threshold
 
 from .config import CameraConfig, LineConfig, ReplicaConfig
 
@@ -62,6 +62,7 @@ class DemoSummary:
     false_alarms: int
     product_accuracy: float
     product_auroc: float | None
+    product_auroc_ci95: tuple[float, float] | None  # bootstrap over the products
     latency_p50_s: float
     latency_p99_s: float
     products_per_s: float
@@ -206,6 +207,7 @@ def summarize(
         if judged
         else 0.0,
         product_auroc=auroc(scores, labels),
+        product_auroc_ci95=auroc_interval(scores, labels),
         latency_p50_s=float(np.percentile(latencies, 50)) if latencies else 0.0,
         latency_p99_s=float(np.percentile(latencies, 99)) if latencies else 0.0,
         products_per_s=len(judged) / elapsed_s if elapsed_s > 0 else 0.0,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from workers.threshold import target_tpr_threshold
+from workers.threshold import auroc, auroc_interval, target_tpr_threshold
 
 
 def test_the_smallest_fpr_threshold_that_meets_the_target_tpr():
@@ -26,3 +26,20 @@ def test_bad_inputs_are_refused():
         target_tpr_threshold([], [], 0.85)
     with pytest.raises(ValueError, match="only defects"):
         target_tpr_threshold([1.0, 2.0], [1, 1], 0.85)
+
+
+def test_the_auroc_interval_holds_the_auroc_and_narrows_with_more_samples():
+    rng = np.random.default_rng(1)
+
+    def line(n):
+        labels = rng.random(n) < 0.25
+        return rng.normal(labels * 1.5, 1.0), labels.astype(int)
+
+    small, large = line(40), line(400)
+    low_s, high_s = auroc_interval(*small)
+    low_l, high_l = auroc_interval(*large)
+    assert low_s <= auroc(*small) <= high_s and low_l <= auroc(*large) <= high_l
+    assert high_l - low_l < high_s - low_s
+    assert low_l < 0.86 < high_l  # the AUROC of two unit normals 1.5 apart: 0.86
+    assert auroc_interval([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == (1.0, 1.0)
+    assert auroc_interval([0.1, 0.2], [0, 0]) is None
