@@ -43,3 +43,16 @@ def test_the_auroc_interval_holds_the_auroc_and_narrows_with_more_samples():
     assert low_l < 0.86 < high_l  # the AUROC of two unit normals 1.5 apart: 0.86
     assert auroc_interval([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == (1.0, 1.0)
     assert auroc_interval([0.1, 0.2], [0, 0]) is None
+
+
+def test_the_auroc_interval_is_the_percentile_interval_of_resampled_aurocs():
+    # Written out the slow way: draw the resamples, score each with scikit-learn, skip the ones
+    # holding one class only, take the percentiles. Scores are rounded so that ties occur.
+    rng = np.random.default_rng(2)
+    labels = (rng.random(30) < 0.3).astype(int)
+    scores = np.round(rng.normal(labels * 1.0, 1.0), 1)
+    draws = np.random.default_rng(7).integers(0, labels.size, (300, labels.size))
+    values = [auroc(scores[d], labels[d]) for d in draws]
+    expected = np.percentile([v for v in values if v is not None], [5, 95])
+    got = auroc_interval(scores, labels, level=0.9, resamples=300, seed=7)
+    assert np.allclose(got, expected, rtol=0, atol=1e-12)
