@@ -53,9 +53,13 @@ def target_tpr_threshold(scores, labels, target_tpr: float = 0.85) -> Threshold:
     )
 
 
+def _both_classes(labels: np.ndarray) -> bool:
+    return labels.size > 0 and labels.min() != labels.max()
+
+
 def auroc(scores, labels) -> float | None:
     labels = np.asarray(labels)
-    if labels.size == 0 or labels.min() == labels.max():
+    if not _both_classes(labels):
         return None
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
 
@@ -67,7 +71,7 @@ def auroc_interval(
     holding one class only are skipped). A test line of a hundred products, a fifth of them
     defective, spans several points: a single AUROC says little about a target one point away."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    if auroc(scores, labels) is None:
+    if not _both_classes(labels):
         return None
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, labels.size, (resamples, labels.size))
