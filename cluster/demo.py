@@ -26,7 +26,7 @@ from workers.differnet.model import DifferNetConfig
 from workers.differnet.recipes import load_samples, score_images, train_from_folder
 from workers.differnet.store import load_model, set_threshold
 from workers.differnet.training import Progress, TrainingOptions
-from workers.harvest import harvest_crops
+from workers.harvest import Boxes, harvest_crops
 from workers.simulate import LineSpec, camera_videos, render_line
 from workers.threshold import auroc, auroc_interval, target_tpr_threshold
 
@@ -102,9 +102,12 @@ def train_line_model(
     seed: int,
     progress: Progress,
     frame_size: tuple[int, int] | None = None,
+    boxes: Boxes = "detected",
 ) -> Path:
     """Simulate, harvest and train; returns the model folder. ``train_products``: by default as
-    many as show every training image ``TRAIN_PASSES`` times."""
+    many as show every training image ``TRAIN_PASSES`` times. ``boxes="true"`` harvests at the
+    simulator's boxes instead of the front end's: the reference model a front end is measured
+    against."""
     (val_good, val_bad), _ = split_halves(data_dir, seed)
     crops = work / "crops"
     train_line = work / "line-train"
@@ -112,7 +115,7 @@ def train_line_model(
     train_products = train_products or TRAIN_PASSES * -(-len(train) // LineSpec.cameras)
     spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1, frame_size=frame_size)
     render_line(train, [], train_line, spec)
-    harvest_crops(train_line, crops, "train", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE)
+    harvest_crops(train_line, crops, "train", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE, boxes)
     # The crops are what the model learns from; the videos (about 0.8 GB) go.
     for video in camera_videos(train_line).values():
         video.unlink()
@@ -124,7 +127,7 @@ def train_line_model(
         val_line,
         demo_line_spec(val_products, defect_rate=0.5, seed=seed + 2, frame_size=frame_size),
     )
-    harvest_crops(val_line, crops, "test", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE)
+    harvest_crops(val_line, crops, "test", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE, boxes)
     model_dir = work / "model"
     train_from_folder(
         crops, model_dir, DEMO_MODEL, TrainingOptions(epochs=epochs, seed=seed), progress=progress

@@ -5,12 +5,14 @@ import json
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from cluster.cli import app
 from tests.synthetic import make_dataset
 from workers.datasets import list_train_samples
 from workers.detect import ContourDetector, YoloDetector, bootstrap_yolo, iou, read_frames
+from workers.harvest import harvest_crops
 from workers.matte import matte, shrink_mask
 from workers.motion import MotionGate
 from workers.simulate import (
@@ -284,3 +286,22 @@ def test_the_front_end_benchmark_runs_and_counts_every_product_once(tmp_path, li
     per_camera = result["frames_recorded"] // result["cameras"]
     assert result["frames_gated"] == result["cameras"] * -(-per_camera // stride)
     assert json.loads(out.read_text()) == result
+
+
+def test_crops_cut_at_the_true_boxes_are_the_front_ends_views_of_the_same_products(line, tmp_path):
+    _, out, manifest = line
+    counts = harvest_crops(out, tmp_path / "detected", "test")
+    assert harvest_crops(out, tmp_path / "true", "test", boxes="true") == counts
+    assert sum(counts.values()) == len(manifest["products"]) * len(manifest["cameras"])
+    for path in sorted((tmp_path / "true").rglob("*.png")):
+        true = np.asarray(Image.open(path))
+        detected = np.asarray(
+            Image.open(tmp_path / "detected" / path.relative_to(tmp_path / "true"))
+        )
+        assert true.shape[2] == 4 and abs(true.shape[0] / detected.shape[0] - 1) < 0.15
+        assert abs(true.shape[1] / detected.shape[1] - 1) < 0.15
+        # The mask is the true box, shrunk: a filled rectangle of product pixels.
+        rows, cols = np.nonzero(true[:, :, 3])
+        kept = true[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert (kept[:, :, 3] == 255).all() and kept[:, :, :3].any(axis=2).mean() > 0.95
+        assert 0.5 < kept.shape[0] * kept.shape[1] / (true.shape[0] * true.shape[1]) < 0.8

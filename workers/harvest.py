@@ -8,35 +8,87 @@ its view (``good`` or the defect's category).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
+
+from .detect import read_frames
+from .images import encode_png
+from .matte import VIEW_MAX_SIDE, Matted, matte
 from .simulate import camera_videos
 from .stages import CameraIngest, DetectMatte, NoProductFound
 
+Boxes = Literal["detected", "true"]
+
 
 def harvest_crops(
-    line_dir: Path, out: Path, split: str, shrink: float = 0.1, frame_stride: int = 1
+    line_dir: Path,
+    out: Path,
+    split: str,
+    shrink: float = 0.1,
+    frame_stride: int = 1,
+    boxes: Boxes = "detected",
 ) -> dict[str, int]:
     """Crops of every product in ``line_dir`` (videos, manifest) into ``out/split/<category>``.
 
-    The crops are cut by the line's own stages (ingest, detect + matte), so that they are what
-    its scorer will see: RGBA PNGs whose alpha is the product mask, shrunk by ``shrink`` per
-    side. Returns counts per category.
+    ``boxes="detected"``: the crops are cut by the line's own stages (ingest, detect + matte),
+    so that they are what its scorer will see. ``boxes="true"``: cut at the simulator's boxes
+    instead (``true_box_crops``), the reference a front end is measured against. Either way,
+    RGBA PNGs whose alpha is the product mask, shrunk by ``shrink`` per side, named
+    ``<camera>_<product seq>.png``. Returns counts per category.
     """
     manifest = json.loads((Path(line_dir) / "manifest.json").read_text())
-    cut = DetectMatte(shrink=shrink)
     counts: dict[str, int] = {}
+    for cam, seq, png in _crops(line_dir, manifest, shrink, frame_stride, boxes):
+        category = manifest["products"][seq]["views"][cam]["category"]
+        folder = Path(out) / split / category
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{cam}_{seq:05d}.png").write_bytes(png)
+        counts[category] = counts.get(category, 0) + 1
+    return counts
+
+
+def _crops(
+    line_dir: Path, manifest: dict, shrink: float, frame_stride: int, boxes: Boxes
+) -> Iterator[tuple[str, int, bytes]]:
+    """(camera, product seq, RGBA PNG) of every view the chosen boxes cut."""
+    if boxes == "true":
+        for cam, seq, cut in true_box_crops(line_dir, manifest, shrink):
+            yield cam, seq, encode_png(np.ascontiguousarray(cut.crop[:, :, ::-1]), cut.mask)
+        return
+    cut = DetectMatte(shrink=shrink)
     for cam, video in camera_videos(line_dir).items():
         for frame in CameraIngest("harvest", cam, str(video), frame_stride=frame_stride).frames():
             if frame.product_seq >= len(manifest["products"]):
                 continue  # a double trigger: the simulator knows no such product
             try:
-                view = cut.process(frame)
+                yield cam, frame.product_seq, cut.process(frame).image
             except NoProductFound:
                 continue
-            category = manifest["products"][frame.product_seq]["views"][cam]["category"]
-            folder = Path(out) / split / category
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{cam}_{frame.product_seq:05d}.png").write_bytes(view.image)
-            counts[category] = counts.get(category, 0) + 1
-    return counts
+
+
+def true_box_crops(
+    line_dir: Path, manifest: dict, shrink: float = 0.1
+) -> Iterator[tuple[str, int, Matted]]:
+    """(camera, product seq, crop) of every view, cut as the front end cuts but at the
+    simulator's box: the frame nearest the product's centre crossing, the true box as the
+    mask, the front end's matting (margin, shrink, size). Only the gate and detection differ."""
+    width = manifest["spec"]["width"]
+    wanted: dict[str, dict[int, int]] = {}  # camera -> frame index -> product seq
+    for p in manifest["products"]:
+        for cam, view in p["views"].items():
+            boxes = {int(f): b for f, b in view["bboxes"].items()}
+            best = min(boxes, key=lambda f: abs(boxes[f][0] + boxes[f][2] / 2 - width / 2))
+            wanted.setdefault(cam, {})[best] = p["seq"]
+    for cam, video in camera_videos(line_dir).items():
+        frames = wanted.get(cam, {})
+        for index, frame in read_frames(video):
+            if index in frames:
+                seq = frames[index]
+                x, y, w, h = manifest["products"][seq]["views"][cam]["bboxes"][str(index)]
+                box_mask = np.zeros(frame.shape[:2], np.uint8)
+                box_mask[y : y + h, x : x + w] = 255
+                cut = matte(frame, (x, y, w, h), box_mask, shrink=shrink, max_side=VIEW_MAX_SIDE)
+                yield cam, seq, cut
