@@ -36,6 +36,7 @@ import torch
 from bench.report import emit
 from cluster.config import CameraConfig, LineConfig, ReplicaConfig
 from cluster.demo import (
+    DEMO_MASK_SHAPE,
     DEMO_MASK_SHRINK,
     LINE,
     line_config,
@@ -132,7 +133,7 @@ def _run_stages(cameras: list[CameraConfig]) -> float:
     t0 = time.monotonic()
     views = []
     for camera in cameras:
-        cut = DetectMatte(shrink=DEMO_MASK_SHRINK)
+        cut = DetectMatte(shrink=DEMO_MASK_SHRINK, mask_shape=DEMO_MASK_SHAPE)
         ingest = CameraIngest(LINE, camera.id, camera.source, frame_stride=camera.frame_stride)
         for frame in ingest.frames():
             try:

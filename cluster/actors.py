@@ -139,6 +139,7 @@ class DetectMatteActor(_Loop):
         yolo_weights: str | None = None,
         shrink: float = 0.1,
         max_side: int = VIEW_MAX_SIDE,
+        mask_shape: str = "silhouette",
     ):
         super().__init__(redis_url, maxlen)
         self.streams = Streams(line)
@@ -152,7 +153,7 @@ class DetectMatteActor(_Loop):
             detector = YoloDetector(
                 Path(yolo_weights), device="cuda" if ray.get_gpu_ids() else "cpu"
             )
-        self.stage = DetectMatte(detector, shrink=shrink, max_side=max_side)
+        self.stage = DetectMatte(detector, shrink=shrink, max_side=max_side, mask_shape=mask_shape)
         for s in self.inputs:
             self.bus.ensure_group(s, self.streams.detect_group)
 

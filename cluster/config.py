@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from workers.matte import VIEW_MAX_SIDE
+from workers.matte import VIEW_MAX_SIDE, MaskShape
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 
@@ -101,6 +101,11 @@ class LineConfig(_Strict):
         description="views waiting for scorers beyond which they are shed (counted, in verdicts)",
     )
     mask_shrink: float = Field(default=0.1, ge=0.0, lt=0.5, description="matting: cut per side")
+    mask_shape: MaskShape = Field(
+        default="silhouette",
+        description="matting: the product's mask is its silhouette, the silhouette's convex hull "
+        "(convex products) or the whole detected box (rectangular products)",
+    )
     view_max_side: int = Field(
         default=VIEW_MAX_SIDE,
         ge=32,

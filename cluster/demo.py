@@ -42,6 +42,7 @@ DEMO_MODEL = DifferNetConfig(image_size=224, train_transforms=4, tta=1)
 # breaks, 32 % of the blowholes and 25 % of the frays, 95 % of the defect or more lies in the
 # outer tenth), but a 3 % cut did not score the line better (README: The whole line).
 DEMO_MASK_SHRINK = 0.1
+DEMO_MASK_SHAPE = "silhouette"
 # A product crosses the view in 20 frames at 15 fps: the gate needs half of them (every product
 # triggered exactly once at stride 2 and 3 in bench.frontend), and the front end then costs half.
 DEMO_FRAME_STRIDE = 2
@@ -115,7 +116,9 @@ def train_line_model(
     train_products = train_products or TRAIN_PASSES * -(-len(train) // LineSpec.cameras)
     spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1, frame_size=frame_size)
     render_line(train, [], train_line, spec)
-    harvest_crops(train_line, crops, "train", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE, boxes)
+    harvest_crops(
+        train_line, crops, "train", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE, boxes, DEMO_MASK_SHAPE
+    )
     # The crops are what the model learns from; the videos (about 0.8 GB) go.
     for video in camera_videos(train_line).values():
         video.unlink()
@@ -127,7 +130,9 @@ def train_line_model(
         val_line,
         demo_line_spec(val_products, defect_rate=0.5, seed=seed + 2, frame_size=frame_size),
     )
-    harvest_crops(val_line, crops, "test", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE, boxes)
+    harvest_crops(
+        val_line, crops, "test", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE, boxes, DEMO_MASK_SHAPE
+    )
     model_dir = work / "model"
     train_from_folder(
         crops, model_dir, DEMO_MODEL, TrainingOptions(epochs=epochs, seed=seed), progress=progress
@@ -184,6 +189,7 @@ def line_config(
         replicas=replicas,
         view_timeout_s=15.0,
         mask_shrink=DEMO_MASK_SHRINK,
+        mask_shape=DEMO_MASK_SHAPE,
     )
 
 

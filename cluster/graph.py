@@ -163,6 +163,7 @@ def start_line(
                 str(line.yolo_weights) if line.yolo_weights else None,
                 line.mask_shrink,
                 line.view_max_side,
+                line.mask_shape,
             )
         )
     # Consumers first: their groups exist before the first frame is published.

@@ -1,17 +1,20 @@
 """The inspection cluster end to end: real Ray actors over a real embedded Redis."""
 
+import io
 import time
 
+import numpy as np
 import pytest
 import ray
 import redis
+from PIL import Image
 
 from cluster.config import ReplicaConfig
 from cluster.demo import line_config
 from cluster.graph import LineResources, drain_and_stop, start_line
 from cluster.redis_conn import EmbeddedRedis
 from cluster.streams import Streams
-from schemas import Verdict, ViewScore
+from schemas import ProductView, Verdict, ViewScore
 from tests.synthetic import LINE_FRAME as FRAME
 from tests.synthetic import train_line_models
 from workers.datasets import list_test_samples
@@ -48,7 +51,8 @@ def verdicts(client, line):
 
 
 def inspect(line_model, tmp_path, products: int, seed: int, **line_changes):
-    """A simulated line through the cluster, unpaced: manifest, actor stats, verdicts, scores."""
+    """A simulated line through the cluster, unpaced: manifest, actor stats, verdicts, scores,
+    views."""
     data, root = line_model
     manifest = simulate(data, tmp_path / "line", products, seed=seed)
     with EmbeddedRedis(tmp_path / "redis") as server:
@@ -58,11 +62,12 @@ def inspect(line_model, tmp_path, products: int, seed: int, **line_changes):
         running = start_line(line, server.url, root / "model", resources=SMALL)
         stats = drain_and_stop(client, [running], timeout_s=300)
         scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams("demo").scores)]
-        return manifest, stats, verdicts(client, "demo"), scores
+        views = [ProductView.from_entry(f) for _, f in client.xrange(Streams("demo").views)]
+        return manifest, stats, verdicts(client, "demo"), scores, views
 
 
 def test_every_product_gets_one_verdict_and_defects_are_found(line_model, local_ray, tmp_path):
-    manifest, stats, got, _ = inspect(line_model, tmp_path, 6, seed=5)
+    manifest, stats, got, _, _ = inspect(line_model, tmp_path, 6, seed=5)
     assert sorted(v.product_seq for v in got) == list(range(6))
     assert all(v.status == "complete" and len(v.views) == 4 for v in got)
     truth = {p["seq"]: p["defective"] for p in manifest["products"]}
@@ -95,8 +100,15 @@ def test_killing_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
 
 
 def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, local_ray, tmp_path):
-    # Unpaced cameras outrun a backlog of one view.
-    _, stats, got, scores = inspect(line_model, tmp_path, 6, seed=7, max_view_backlog=1)
+    # Unpaced cameras outrun a backlog of one view. (And the line's views are cut as whole
+    # boxes: the detect + matte actors follow the line's mask_shape.)
+    _, stats, got, scores, views = inspect(
+        line_model, tmp_path, 6, seed=7, max_view_backlog=1, mask_shape="box"
+    )
+    for view in views:
+        alpha = np.asarray(Image.open(io.BytesIO(view.image)))[:, :, 3] > 0
+        rows, cols = np.nonzero(alpha)
+        assert alpha[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
     shed = sum(s.get("shed", 0) for s in stats["demo"]["score"])
     assert shed >= 1 and sum(s.shed for s in scores) == shed
     assert sorted(v.product_seq for v in got) == list(range(6))  # still one verdict each

@@ -55,6 +55,10 @@ def test_the_environment_overrides_the_file(tmp_path, monkeypatch):
             LINE_YAML.replace("target_tpr: 0.9", "target_tpr: 0.9\n    view_max_side: 8"),
             "lines.0.view_max_side",
         ),
+        (
+            LINE_YAML.replace("target_tpr: 0.9", "target_tpr: 0.9\n    mask_shape: oval"),
+            "lines.0.mask_shape",
+        ),
         (LINE_YAML.replace("id: cam1", "id: cam0"), "lines.0"),
         (LINE_YAML.replace("model_dir", "modle_dir"), "modle_dir"),
         (LINE_YAML.replace("id: line1", "id: 'line 1'"), "lines.0.id"),

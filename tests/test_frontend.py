@@ -127,6 +127,27 @@ def test_shrink_keeps_the_centre_and_drops_the_rim():
         shrink_mask(mask, 0.6)
 
 
+def test_the_mask_shapes_follow_the_silhouette_its_hull_or_the_box():
+    frame = np.full((100, 120, 3), 200, np.uint8)
+    silhouette = np.zeros((100, 120), np.uint8)
+    silhouette[20:80, 30:90] = 255
+    silhouette[20:30, 50:60] = 0  # a bite out of the edge: a dark spot the belt model took
+    silhouette[45:50, 55:60] = 0  # a hole inside
+    box = (30, 20, 60, 60)
+
+    def kept(shape):
+        cut = matte(frame, box, silhouette, shrink=0.0, margin=0.0, shape=shape)
+        return cut.mask > 0
+
+    as_is, hull, whole = kept("silhouette"), kept("hull"), kept("box")
+    assert whole.all() and hull.sum() == whole.sum() == 60 * 60
+    assert as_is[5, 25] == 0 and as_is[27, 27] == 1  # the bite stays, the hole is filled
+    assert as_is.sum() == 60 * 60 - 100
+    # Without a composite mask the box still bounds the product; the rest of the crop is belt.
+    cut = matte(frame, box, None, shrink=0.0, margin=0.1, shape="box")
+    assert cut.mask.shape == (72, 72) and (cut.mask > 0).sum() == 60 * 60
+
+
 def test_bad_video_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such video"):
         list(read_frames(tmp_path / "absent.mp4"))

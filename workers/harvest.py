@@ -16,7 +16,7 @@ import numpy as np
 
 from .detect import read_frames
 from .images import encode_png
-from .matte import VIEW_MAX_SIDE, Matted, matte
+from .matte import VIEW_MAX_SIDE, MaskShape, Matted, matte
 from .simulate import camera_videos
 from .stages import CameraIngest, DetectMatte, NoProductFound
 
@@ -30,18 +30,19 @@ def harvest_crops(
     shrink: float = 0.1,
     frame_stride: int = 1,
     boxes: Boxes = "detected",
+    mask_shape: MaskShape = "silhouette",
 ) -> dict[str, int]:
     """Crops of every product in ``line_dir`` (videos, manifest) into ``out/split/<category>``.
 
-    ``boxes="detected"``: the crops are cut by the line's own stages (ingest, detect + matte),
-    so that they are what its scorer will see. ``boxes="true"``: cut at the simulator's boxes
-    instead (``true_box_crops``), the reference a front end is measured against. Either way,
-    RGBA PNGs whose alpha is the product mask, shrunk by ``shrink`` per side, named
-    ``<camera>_<product seq>.png``. Returns counts per category.
+    ``boxes="detected"``: the crops are cut by the line's own stages (ingest, detect + matte,
+    with the line's ``mask_shape``), so that they are what its scorer will see. ``boxes="true"``:
+    cut at the simulator's boxes instead (``true_box_crops``), the reference a front end is
+    measured against. Either way, RGBA PNGs whose alpha is the product mask, shrunk by
+    ``shrink`` per side, named ``<camera>_<product seq>.png``. Returns counts per category.
     """
     manifest = json.loads((Path(line_dir) / "manifest.json").read_text())
     counts: dict[str, int] = {}
-    for cam, seq, png in _crops(line_dir, manifest, shrink, frame_stride, boxes):
+    for cam, seq, png in _crops(line_dir, manifest, shrink, frame_stride, boxes, mask_shape):
         category = manifest["products"][seq]["views"][cam]["category"]
         folder = Path(out) / split / category
         folder.mkdir(parents=True, exist_ok=True)
@@ -51,14 +52,19 @@ def harvest_crops(
 
 
 def _crops(
-    line_dir: Path, manifest: dict, shrink: float, frame_stride: int, boxes: Boxes
+    line_dir: Path,
+    manifest: dict,
+    shrink: float,
+    frame_stride: int,
+    boxes: Boxes,
+    mask_shape: MaskShape,
 ) -> Iterator[tuple[str, int, bytes]]:
     """(camera, product seq, RGBA PNG) of every view the chosen boxes cut."""
     if boxes == "true":
         for cam, seq, cut in true_box_crops(line_dir, manifest, shrink):
             yield cam, seq, encode_png(np.ascontiguousarray(cut.crop[:, :, ::-1]), cut.mask)
         return
-    cut = DetectMatte(shrink=shrink)
+    cut = DetectMatte(shrink=shrink, mask_shape=mask_shape)
     for cam, video in camera_videos(line_dir).items():
         for frame in CameraIngest("harvest", cam, str(video), frame_stride=frame_stride).frames():
             if frame.product_seq >= len(manifest["products"]):
@@ -74,7 +80,7 @@ def true_box_crops(
 ) -> Iterator[tuple[str, int, Matted]]:
     """(camera, product seq, crop) of every view, cut as the front end cuts but at the
     simulator's box: the frame nearest the product's centre crossing, the true box as the
-    mask, the front end's matting (margin, shrink, size). Only the gate and detection differ."""
+    mask, the front end's matting (margin, shrink, size)."""
     width = manifest["spec"]["width"]
     wanted: dict[str, dict[int, int]] = {}  # camera -> frame index -> product seq
     for p in manifest["products"]:
@@ -88,7 +94,7 @@ def true_box_crops(
             if index in frames:
                 seq = frames[index]
                 x, y, w, h = manifest["products"][seq]["views"][cam]["bboxes"][str(index)]
-                box_mask = np.zeros(frame.shape[:2], np.uint8)
-                box_mask[y : y + h, x : x + w] = 255
-                cut = matte(frame, (x, y, w, h), box_mask, shrink=shrink, max_side=VIEW_MAX_SIDE)
+                cut = matte(
+                    frame, (x, y, w, h), None, shrink=shrink, max_side=VIEW_MAX_SIDE, shape="box"
+                )
                 yield cam, seq, cut

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -27,6 +28,13 @@ class Matted:
 # area), and a 960 x 540 camera's crop (up to 320 x 580 px) took 6.7 ms to encode as PNG and
 # 2.6 ms to decode, four times a 320 px one.
 VIEW_MAX_SIDE = 320
+
+# What the product's mask is cut from. "silhouette": the composite mask as it is, its holes
+# filled (any product shape). "hull": its convex hull, for convex products, whose dark edge
+# spots the belt model takes for belt and bites out of the silhouette. "box": the whole detected
+# box, for rectangular products (tiles, boards, panels): the belt then shows only where the box
+# and the product differ, and the shrink cuts that rim away.
+MaskShape = Literal["silhouette", "hull", "box"]
 
 
 def recentred_box(
@@ -64,19 +72,14 @@ def matte(
     shrink: float = 0.1,
     margin: float = 0.05,
     max_side: int | None = None,
+    shape: MaskShape = "silhouette",
 ) -> Matted:
-    """Crop the product re-centred on ``bbox`` and keep only its (shrunk) composite mask.
+    """Crop the product re-centred on ``bbox`` and keep only its (shrunk) mask, of ``shape``.
     ``max_side``: a larger crop is scaled down (area average) to this many pixels on its longer
     side; ``box`` stays in frame pixels."""
     x, y, w, h = recentred_box(bbox, frame.shape[:2], margin)
     crop = frame[y : y + h, x : x + w]
-    if composite_mask is None:
-        mask = np.full((h, w), 255, np.uint8)
-    else:
-        mask = (composite_mask[y : y + h, x : x + w] > 0).astype(np.uint8) * 255
-        # Holes inside the silhouette are product too: fill every enclosed region.
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(mask, contours, -1, 255, thickness=cv2.FILLED)
+    mask = product_mask(composite_mask, bbox, (x, y, w, h), shape)
     mask = shrink_mask(mask, shrink)
     if max_side is not None and max(h, w) > max_side:
         size = (max(1, round(w * max_side / max(h, w))), max(1, round(h * max_side / max(h, w))))
@@ -84,6 +87,30 @@ def matte(
         mask = (cv2.resize(mask, size, interpolation=cv2.INTER_AREA) > 127).astype(np.uint8) * 255
     matted = crop * (mask[:, :, None] > 0)
     return Matted(matted.astype(np.uint8), mask, (x, y, w, h), float((mask > 0).mean()))
+
+
+def product_mask(
+    composite_mask: np.ndarray | None,
+    bbox: tuple[int, int, int, int],
+    crop_box: tuple[int, int, int, int],
+    shape: MaskShape,
+) -> np.ndarray:
+    """The product's mask over the crop at ``crop_box``, 255 = product."""
+    x, y, w, h = crop_box
+    mask = np.zeros((h, w), np.uint8)
+    if shape == "box":
+        bx, by, bw, bh = bbox
+        mask[max(0, by - y) : by - y + bh, max(0, bx - x) : bx - x + bw] = 255
+        return mask
+    if composite_mask is None:
+        return np.full((h, w), 255, np.uint8)
+    silhouette = (composite_mask[y : y + h, x : x + w] > 0).astype(np.uint8) * 255
+    contours, _ = cv2.findContours(silhouette, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if shape == "hull" and contours:
+        contours = [cv2.convexHull(np.concatenate(contours))]
+    # Holes inside the silhouette are product too: every enclosed region is filled.
+    cv2.drawContours(mask, contours, -1, 255, thickness=cv2.FILLED)
+    return mask
 
 
 class DeepMatter:

@@ -25,7 +25,7 @@ from .images import (
     encode_png,
     load_image,
 )
-from .matte import VIEW_MAX_SIDE, DeepMatter, matte
+from .matte import VIEW_MAX_SIDE, DeepMatter, MaskShape, matte
 from .motion import MotionGate
 
 # -- camera ingest ------------------------------------------------------------------------------
@@ -280,11 +280,13 @@ class DetectMatte:
         shrink: float = 0.1,
         margin: float = 0.05,
         max_side: int | None = VIEW_MAX_SIDE,
+        mask_shape: MaskShape = "silhouette",
     ):
         self.detector = detector or ContourDetector()
         self.shrink = shrink
         self.margin = margin
         self.max_side = max_side
+        self.mask_shape = mask_shape
 
     def process(self, frame: CameraFrame) -> ProductView:
         t0 = time.perf_counter()
@@ -305,7 +307,13 @@ class DetectMatte:
             )
         t2 = time.perf_counter()
         result = matte(
-            bgr, found[0].bbox, mask, shrink=self.shrink, margin=self.margin, max_side=self.max_side
+            bgr,
+            found[0].bbox,
+            mask,
+            shrink=self.shrink,
+            margin=self.margin,
+            max_side=self.max_side,
+            shape=self.mask_shape,
         )
         png = encode_png(np.ascontiguousarray(result.crop[:, :, ::-1]), result.mask)
         t3 = time.perf_counter()
