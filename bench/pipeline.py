@@ -40,6 +40,7 @@ from cluster.demo import (
     DEMO_MASK_SHRINK,
     LINE,
     line_config,
+    reusable_line_model,
     simulate_test_line,
     summarize,
     train_line_model,
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     # at the simulator's boxes (same training and validation lines, same recipe).
     reference = out / "true-boxes"
     for work, boxes in ((out, "detected"), (reference, "true")):
-        if not (work / "model" / "model.json").exists():
+        if reusable_line_model(work / "model", boxes) is None:
             train_line_model(
                 args.data,
                 work,

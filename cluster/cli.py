@@ -336,7 +336,7 @@ def demo(
     from rich.table import Table
 
     from workers.datasets import DatasetError
-    from workers.differnet.store import ModelError, load_model
+    from workers.differnet.store import load_model
     from workers.samples import SampleStore
 
     from . import demo as line_demo
@@ -347,15 +347,11 @@ def demo(
         raise fail(f"{data}: no data in MVTec AD layout (train/good); pass --data DIR")
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
-    bundle = None
-    if not retrain:
-        try:
-            bundle = load_model(model_dir)
-            console.print(
-                f"reusing model {bundle.version} from {model_dir} (--retrain to train again)"
-            )
-        except ModelError:
-            bundle = None
+    bundle = None if retrain else line_demo.reusable_line_model(model_dir)
+    if bundle is not None:
+        console.print(f"reusing model {bundle.version} from {model_dir} (--retrain to train again)")
+    elif not retrain and (model_dir / "model.json").exists():
+        console.print(f"{model_dir} learned from crops cut another way: training again")
     try:
         if bundle is None:
             console.print(

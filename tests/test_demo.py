@@ -7,7 +7,9 @@ import yaml
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from cluster.demo import line_crops, reusable_line_model
 from tests.synthetic import make_dataset, make_line
+from workers.differnet.store import load_model, update_metadata
 
 
 def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path):
@@ -44,6 +46,13 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path):
     assert again.exit_code == 0, again.output
     assert "reusing model" in again.output
     assert json.loads((out / "summary.json").read_text())["verdicts"] == 3
+
+    # The model records how its crops were cut; one that learned from crops cut another way
+    # (another mask shape) would take the line's crops for defects, so it is not reused.
+    assert reusable_line_model(out / "model") is not None
+    assert load_model(out / "model").metadata["line_crops"] == line_crops()
+    update_metadata(out / "model", line_crops=line_crops() | {"mask_shape": "silhouette"})
+    assert reusable_line_model(out / "model") is None
 
 
 def test_demo_without_data_is_a_clear_error(tmp_path):
