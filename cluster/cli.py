@@ -351,7 +351,7 @@ def demo(
     if bundle is not None:
         console.print(f"reusing model {bundle.version} from {model_dir} (--retrain to train again)")
     elif not retrain and (model_dir / "model.json").exists():
-        # Unreadable, or learned from crops cut another way (reusable_line_model says which).
+        # Unreadable, or learned from crops cut another way.
         console.print(f"{model_dir} is not a usable model of this line: training again")
     try:
         if bundle is None:
