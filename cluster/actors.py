@@ -91,6 +91,7 @@ class CameraIngestActor(_Loop):
         background: str | None = None,
         first_product: int = 0,
         frame_stride: int = 1,
+        replay_epoch: float | None = None,
     ):
         super().__init__(redis_url, maxlen)
         self.ingest = CameraIngest(
@@ -102,6 +103,7 @@ class CameraIngestActor(_Loop):
             background=Path(background) if background else None,
             first_product=first_product,
             frame_stride=frame_stride,
+            replay_epoch=replay_epoch,
         )
         self.stream = Streams(line).frames(camera)
         self.line, self.camera = line, camera

@@ -210,6 +210,9 @@ def start_ingest(
         running.ingest.remove(actor)
         running.retired[actor] = running.runs.pop(actor)
     first = next_product_seq(redis.Redis.from_url(redis_url), line, [c.id for c in cameras])
+    # Replayed recordings (``fps`` set) run from one clock: a product reaches all the cameras at
+    # once, as on a live line, and the verdict's latency is the line's, not the actors' start-up.
+    epoch = time.time()
     for cam in cameras:
         actor = CameraIngestActor.options(num_cpus=res.ingest_cpus, **ACTOR_OPTIONS).remote(
             redis_url,
@@ -222,6 +225,7 @@ def start_ingest(
             str(cam.background) if cam.background else None,
             first,
             cam.frame_stride,
+            epoch,
         )
         running.ingest.append(actor)
         running.runs[actor] = actor.run.remote()

@@ -247,6 +247,36 @@ def test_ingest_with_a_frame_stride_still_fires_once_per_product(tmp_path):
         CameraIngest("l", "cam0", str(video), frame_stride=0)
 
 
+def test_cameras_replayed_from_one_epoch_show_each_product_together(tmp_path):
+    """Readers started 0.3 s apart deliver each product at the same moment: the later one reads
+    on without pausing until it is back on the shared schedule."""
+    import threading
+    import time
+
+    video = _one_camera_line(tmp_path, 2, "mjpeg")
+    fps, epoch = 100.0, time.time()
+    delivered: dict[str, dict[int, float]] = {"early": {}, "late": {}}
+    due: dict[int, float] = {}
+
+    def read(name: str, delay: float) -> None:
+        time.sleep(delay)
+        ingest = CameraIngest("l", name, str(video), fps=fps, replay_epoch=epoch)
+        for f in ingest.frames():
+            delivered[name][f.product_seq] = f.timestamp
+            due[f.product_seq] = epoch + f.sequence / fps
+
+    readers = [threading.Thread(target=read, args=a) for a in (("early", 0.0), ("late", 0.3))]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join()
+    assert sorted(delivered["early"]) == sorted(delivered["late"]) == [0, 1]
+    for seq in (0, 1):
+        assert abs(delivered["early"][seq] - delivered["late"][seq]) < 0.1
+        # Never before the frame is due: the recording still plays at the camera's rate.
+        assert min(delivered["early"][seq], delivered["late"][seq]) >= due[seq]
+
+
 def test_sources_that_do_not_exist_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         open_source(str(tmp_path / "nothing.mp4"))
