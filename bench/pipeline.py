@@ -9,7 +9,9 @@ all of the line's stages on their share of the cameras (video to scores, no Ray,
 Then the simulator's ground-truth crops (cut at its true boxes) are scored offline by a
 reference model that learned, by the same recipe, from true-box crops of the same training line:
 ``accuracy_gap_points`` = the pipeline's product accuracy minus the reference's, each at its own
-model's threshold, is what the front end (gate, detector, matting) costs or gains. The line's own
+model's threshold, is what the front end (gate, detector, matting) costs or gains;
+``*_accuracy_hindsight``, each at the best threshold for the test line's own scores, tells the
+ranking's share of it from the validation line's (where it put the threshold). The line's own
 model scores them too (``true_boxes_line_model_*``, at a threshold chosen by the line's rule on
 the validation line's true-box crops). ``throughput_ratio`` = pipeline
 products/s over standalone scoring's: what the line adds to scoring, its front end included;
@@ -40,6 +42,7 @@ from cluster.demo import (
     DEMO_MASK_SHRINK,
     LINE,
     line_config,
+    product_score,
     reusable_line_model,
     simulate_test_line,
     summarize,
@@ -54,7 +57,7 @@ from workers.harvest import true_box_crops
 from workers.images import encode_png
 from workers.simulate import parse_frame_size
 from workers.stages import CameraIngest, DetectMatte, NoProductFound, ViewScorer
-from workers.threshold import auroc, target_tpr_threshold
+from workers.threshold import auroc, best_accuracy, target_tpr_threshold
 
 
 def ground_truth_crops(line_dir: Path) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
@@ -301,7 +304,13 @@ def main(argv: list[str] | None = None) -> dict:
         "product_accuracy": summary.product_accuracy,
         "product_auroc": summary.product_auroc,
         "product_auroc_ci95": summary.product_auroc_ci95,
+        "product_accuracy_hindsight": best_accuracy(
+            [product_score(v) for v in verdicts], [truth[v.product_seq] for v in verdicts]
+        ),
         "true_boxes_product_accuracy": ref_accuracy,
+        "true_boxes_product_accuracy_hindsight": best_accuracy(
+            list(ref.values()), [truth[q] for q in ref]
+        ),
         "true_boxes_product_auroc": auroc(list(ref.values()), [truth[q] for q in ref]),
         "accuracy_gap_points": round(100 * (summary.product_accuracy - ref_accuracy), 2),
         "true_boxes_line_model_product_accuracy": gt_accuracy,

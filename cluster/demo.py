@@ -226,14 +226,18 @@ def line_config(
     )
 
 
+def product_score(verdict: Verdict) -> float:
+    """A product's score: its most anomalous view, relative to the threshold."""
+    return max((r.score - r.threshold for r in verdict.views), default=0.0)
+
+
 def summarize(
     manifest: dict, verdicts: list[Verdict], elapsed_s: float, dead_letters: int
 ) -> DemoSummary:
     truth = {p["seq"]: p["defective"] for p in manifest["products"]}
     judged = [v for v in verdicts if v.product_seq in truth]
     labels = [int(truth[v.product_seq]) for v in judged]
-    # A product's score: its most anomalous view, relative to the threshold.
-    scores = [max((r.score - r.threshold for r in v.views), default=0.0) for v in judged]
+    scores = [product_score(v) for v in judged]
     said_defect = [v.decision != "good" for v in judged]
     latencies = [v.latency_ms["frame_to_verdict"] / 1e3 for v in judged]
     return DemoSummary(

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from workers.threshold import auroc, auroc_interval, target_tpr_threshold
+from workers.threshold import auroc, auroc_interval, best_accuracy, target_tpr_threshold
 
 
 def test_the_smallest_fpr_threshold_that_meets_the_target_tpr():
@@ -12,6 +12,18 @@ def test_the_smallest_fpr_threshold_that_meets_the_target_tpr():
     assert t.value == 0.5 and t.tpr == 0.8 and t.fpr == 0.2
     assert t.accuracy == 0.8
     assert target_tpr_threshold(scores, labels, target_tpr=1.0).value == 0.35
+
+
+def test_the_best_accuracy_is_that_of_the_best_threshold_in_hindsight():
+    rng = np.random.default_rng(3)
+    labels = (rng.random(60) < 0.3).astype(int)
+    scores = np.round(rng.normal(labels, 1.0), 1)  # ties included
+    brute = max(np.mean((scores >= t) == labels) for t in [*scores, np.inf])
+    assert best_accuracy(scores, labels) == pytest.approx(brute)
+    # Above the target-TPR rule's, which must reach the target whatever it costs.
+    assert best_accuracy(scores, labels) >= target_tpr_threshold(scores, labels).accuracy
+    assert best_accuracy([0.1, 0.9], [0, 1]) == 1.0
+    assert best_accuracy([0.1, 0.9], [0, 0]) is None
 
 
 def test_without_defects_the_threshold_bounds_false_alarms_instead_of_collapsing():

@@ -53,6 +53,18 @@ def target_tpr_threshold(scores, labels, target_tpr: float = 0.85) -> Threshold:
     )
 
 
+def best_accuracy(scores, labels) -> float | None:
+    """The highest accuracy any threshold reaches on these very scores. Hindsight, never a
+    threshold to use: beside the accuracy at a threshold chosen on validation data, it tells
+    what the ranking is worth from where the validation data put the threshold."""
+    labels = np.asarray(labels)
+    if not _both_classes(labels):
+        return None
+    fpr, tpr, _ = roc_curve(labels, np.asarray(scores, dtype=np.float64), drop_intermediate=False)
+    defects = labels.astype(bool).sum()
+    return float(np.max(tpr * defects + (1 - fpr) * (labels.size - defects)) / labels.size)
+
+
 def _both_classes(labels: np.ndarray) -> bool:
     return labels.size > 0 and labels.min() != labels.max()
 
