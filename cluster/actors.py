@@ -91,7 +91,6 @@ class CameraIngestActor(_Loop):
         background: str | None = None,
         first_product: int = 0,
         frame_stride: int = 1,
-        replay_epoch: float | None = None,
     ):
         super().__init__(redis_url, maxlen)
         self.ingest = CameraIngest(
@@ -103,15 +102,16 @@ class CameraIngestActor(_Loop):
             background=Path(background) if background else None,
             first_product=first_product,
             frame_stride=frame_stride,
-            replay_epoch=replay_epoch,
         )
         self.stream = Streams(line).frames(camera)
         self.line, self.camera = line, camera
 
-    def run(self) -> dict:
+    def run(self, replay_epoch: float | None = None) -> dict:
+        """``replay_epoch``: when a replayed recording's first frame is due (see
+        ``CameraIngest.frames``); a line's cameras share it."""
         metrics, tags = LineMetrics(self.line), {"line": self.line, "camera": self.camera}
         counted = 0
-        for frame in self.ingest.frames(should_stop=self._stop.is_set):
+        for frame in self.ingest.frames(self._stop.is_set, replay_epoch):
             self.bus.publish(self.stream, frame)
             self.count("published")
             metrics.frames_in.inc(self.ingest.stats.frames - counted, tags)

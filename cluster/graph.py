@@ -210,9 +210,7 @@ def start_ingest(
         running.ingest.remove(actor)
         running.retired[actor] = running.runs.pop(actor)
     first = next_product_seq(redis.Redis.from_url(redis_url), line, [c.id for c in cameras])
-    # Replayed recordings (``fps`` set) run from one clock: a product reaches all the cameras at
-    # once, as on a live line, and the verdict's latency is the line's, not the actors' start-up.
-    epoch = time.time()
+    started = []
     for cam in cameras:
         actor = CameraIngestActor.options(num_cpus=res.ingest_cpus, **ACTOR_OPTIONS).remote(
             redis_url,
@@ -225,10 +223,16 @@ def start_ingest(
             str(cam.background) if cam.background else None,
             first,
             cam.frame_stride,
-            epoch,
         )
         running.ingest.append(actor)
-        running.runs[actor] = actor.run.remote()
+        started.append(actor)
+    # Replayed recordings (``fps`` set) run from one clock, set once every camera is up (Ray
+    # starts a line's actors up to seconds apart): a product reaches all the cameras at once, as
+    # on a live line, and a verdict's latency is the line's, not the actors' start-up.
+    ray.get([a.ping.remote() for a in started], timeout=300)
+    epoch = time.time()
+    for actor in started:
+        running.runs[actor] = actor.run.remote(epoch)
 
 
 def replay_line(

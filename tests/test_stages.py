@@ -260,8 +260,8 @@ def test_cameras_replayed_from_one_epoch_show_each_product_together(tmp_path):
 
     def read(name: str, delay: float) -> None:
         time.sleep(delay)
-        ingest = CameraIngest("l", name, str(video), fps=fps, replay_epoch=epoch)
-        for f in ingest.frames():
+        ingest = CameraIngest("l", name, str(video), fps=fps)
+        for f in ingest.frames(replay_epoch=epoch):
             delivered[name][f.product_seq] = f.timestamp
             due[f.product_seq] = epoch + f.sequence / fps
 

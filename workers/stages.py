@@ -192,19 +192,15 @@ class CameraIngest:
         background: Path | None = None,
         first_product: int = 0,
         frame_stride: int = 1,
-        replay_epoch: float | None = None,
     ):
         """``background``: an image of the empty belt, used instead of a learned one.
         ``first_product``: the number of the first product seen (a restarted line goes on
         counting where it stopped). ``frame_stride``: the gate sees every n-th frame (a camera
-        faster than the products need; each product must still cross the view in several).
-        ``replay_epoch``: with ``fps``, the wall-clock time (``time.time()``) at which the
-        recording's first frame is due (default: when reading starts); see :meth:`frames`."""
+        faster than the products need; each product must still cross the view in several)."""
         if frame_stride < 1:
             raise ValueError(f"frame_stride must be at least 1, got {frame_stride}")
         self.line, self.camera, self.source = line, camera, source
         self.fps = fps
-        self.replay_epoch = replay_epoch
         self.frame_stride = frame_stride
         self.jpeg_quality = jpeg_quality
         self.matter = DeepMatter(matting_model) if matting_model else None
@@ -214,18 +210,19 @@ class CameraIngest:
         self.gate = MotionGate(start_count=first_product, matter=self.matter, plate=self.plate)
         self.stats = IngestStats()
 
-    def frames(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[CameraFrame]:
+    def frames(
+        self, should_stop: Callable[[], bool] = lambda: False, replay_epoch: float | None = None
+    ) -> Iterator[CameraFrame]:
         """Frame messages, one per product; ends with the source or when ``should_stop()``.
 
         With ``fps``, the source is replayed at the camera's rate, frame ``i`` due at
-        ``replay_epoch + i / fps``: cameras replayed from one epoch show each product together,
-        as live cameras do, however far apart their readers started (Ray starts a line's ingest
-        actors up to a second apart). A reader behind schedule reads on without pausing until it
-        is back on it."""
+        ``replay_epoch + i / fps`` (a ``time.time()``; default: now): cameras replayed from one
+        epoch show each product together, as live cameras do. A reader behind schedule reads on
+        without pausing until it is back on it."""
         period = 1 / self.fps if self.fps else 0.0
         # Sleeps are timed by the monotonic clock; the epoch is wall-clock time, which the
         # line's cameras share whatever process or node reads them.
-        epoch = self.replay_epoch if self.replay_epoch is not None else time.time()
+        epoch = replay_epoch if replay_epoch is not None else time.time()
         start = time.monotonic() + epoch - time.time()
         # The gate works at a fraction of the frame: MJPEG frames are decoded at that size.
         frames = open_source(self.source, self.frame_stride, max_width=self.gate.work_width)
