@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         registry = Registry(client, line.id)
         before = registry.active_id()
         ray.init(
+            address="local",
             num_cpus=max(2, int(line_cpus(line) + 1)),
             include_dashboard=False,
             logging_level="WARNING",

@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
                 replay_line(client, line, out / "model")
                 # Ray is up only while the line runs: its own processes take some CPU too.
                 ray.init(
+                    address="local",
                     num_cpus=max(2, int(line_cpus(line) + 1)),
                     include_dashboard=False,
                     logging_level="WARNING",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from schemas import STREAM_MESSAGES
@@ -31,12 +32,14 @@ def main() -> None:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a clear error (no traceback) and return the exit to raise."""
-    console.print(f"[bold red]error:[/] {message}")
+    # Messages name files: printed literally (a "[" in a name is not markup) and unwrapped, so a
+    # path in an error can be copied whole.
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
 def warn_skip(path: Path, reason: str) -> None:
-    console.print(f"[yellow]skipped[/] {reason}")
+    console.print(f"[yellow]skipped[/] {escape(reason)}", soft_wrap=True)
 
 
 @contextmanager
@@ -238,7 +241,9 @@ def _start_ray(address: str | None, cpus_needed: float) -> None:
     else:
         # Logical CPUs only schedule: a laptop runs every actor of a line, however few cores.
         cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+        # "local": a fresh Ray even where `ray start` left one running (plain ray.init() would
+        # attach to it, and refuse num_cpus); attaching is what --ray-address auto is for.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
 
 
 @app.command()
