@@ -40,7 +40,7 @@ from workers.stages import (
 from .bus import StreamBus
 from .metrics import LineMetrics
 from .registry import Registry, RegistryError
-from .streams import Streams, line_groups
+from .streams import DecidedProducts, Streams, line_groups
 
 # Entries pending at one consumer for this long are taken over by another.
 RECLAIM_IDLE_MS = 15_000
@@ -361,6 +361,7 @@ class AggregatorActor(_Loop):
         self.registry = Registry(self.bus.client, line)
         self._gauged_at = 0.0
         self.join = VerdictJoin(line, cameras, timeout_s)
+        self.decided = DecidedProducts(self.bus.client, line)
         self.consumer = "aggregate-0"
         self.bus.ensure_group(self.streams.scores, self.streams.aggregate_group)
         self._entries: dict[int, list] = {}  # product seq -> deliveries to ack with its verdict
@@ -389,7 +390,7 @@ class AggregatorActor(_Loop):
 
     def _add(self, d) -> None:
         score = d.message
-        if self.bus.client.sismember(self.streams.done, score.product_seq):
+        if score.product_seq in self.decided:
             self.bus.ack(d)  # redelivered, or arrived after an incomplete verdict
             self.count("late_or_duplicate_views")
             return
@@ -409,7 +410,7 @@ class AggregatorActor(_Loop):
         pipe.xadd(
             self.streams.verdicts, verdict.to_entry(), maxlen=self.bus.maxlen, approximate=True
         )
-        pipe.sadd(self.streams.done, verdict.product_seq)
+        self.decided.mark(pipe, verdict.product_seq)
         for d in entries:
             pipe.xack(d.stream, d.group, d.entry_id)
         pipe.execute()

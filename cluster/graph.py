@@ -22,7 +22,7 @@ from .actors import (
 from .bus import StreamBus
 from .config import CameraConfig, LineConfig, SampleConfig
 from .registry import Registry
-from .streams import Streams, line_groups, reset_line
+from .streams import DecidedProducts, Streams, line_groups, reset_line
 
 # Restarted by Ray when they die, the in-flight `run` call retried on the new instance; a second
 # concurrent call (stop) reaches a running loop; replicas spread over the cluster's nodes.
@@ -181,11 +181,12 @@ def next_product_seq(client: redis.Redis, line: str, cameras: list[str]) -> int:
     for late duplicates of decided ones.
     """
     streams = Streams(line)
-    seen = [int(x) for x in client.sscan_iter(streams.done, count=1000)]
+    decided = DecidedProducts(client, line).last()
+    seen = [] if decided is None else [decided]
     for cam in cameras:
-        last = client.xrevrange(streams.frames(cam), count=1)
-        if last:
-            seen.append(json.loads(last[0][1][b"meta"])["product_seq"])
+        newest = client.xrevrange(streams.frames(cam), count=1)
+        if newest:
+            seen.append(json.loads(newest[0][1][b"meta"])["product_seq"])
     return max(seen) + 1 if seen else 0
 
 

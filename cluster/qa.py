@@ -18,7 +18,7 @@ from schemas import Label, Verdict, ViewScore
 from schemas.base import SchemaError
 from workers.samples import parse_product_id
 
-from .streams import Streams
+from .streams import DecidedProducts, Streams
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -109,7 +109,7 @@ def record_label(client: redis.Redis, label: Label, replace: bool = False) -> st
     if line != label.line:
         raise LabelError(f"product {label.product_id} is not on line {label.line}")
     streams = Streams(line)
-    if not client.sismember(streams.done, seq):
+    if seq not in DecidedProducts(client, line):
         raise LabelError(f"unknown product {label.product_id}: line {line} gave it no verdict")
     key = f"{label.product_id}/{label.camera}" if label.camera else label.product_id
     earlier = client.hget(streams.label_index, key)

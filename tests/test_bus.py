@@ -6,9 +6,13 @@ import textwrap
 import time
 
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cluster.bus import DL_ENTRY, DL_REASON, DL_STREAM, StreamBus
+from cluster.graph import next_product_seq
 from cluster.redis_conn import EmbeddedRedis
+from cluster.streams import DecidedProducts, Streams
 from schemas import CameraFrame
 from tests.messages import frame
 
@@ -121,3 +125,33 @@ def test_a_second_process_attaches_to_the_running_embedded_redis(tmp_path):
         redis.Redis.from_url(other.url).set("k", "v")
         other.stop()  # not the owner: leaves the server running
         assert redis.Redis.from_url(owner.url).get("k") == b"v"
+
+
+# The key is cleared per example: the function-scoped client is safe to share.
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.sets(st.integers(min_value=0, max_value=5_000), max_size=30))
+def test_decided_products_remember_each_number_and_the_highest(redis_client, seqs):
+    redis_client.delete(Streams("l1").decided)
+    decided = DecidedProducts(redis_client, "l1")
+    with redis_client.pipeline() as pipe:
+        for seq in seqs:
+            decided.mark(pipe, seq)
+        pipe.execute()
+    assert decided.last() == (max(seqs) if seqs else None)
+    assert all(seq in decided for seq in seqs)
+    assert not any(seq in decided for seq in range(5_010) if seq not in seqs)
+    # One bit a product: a million products take 125 kB, not the ~60 MB of a set of numbers.
+    assert redis_client.strlen(decided.key) == (max(seqs) // 8 + 1 if seqs else 0)
+
+
+def test_a_restarted_line_numbers_its_products_after_every_one_it_decided_or_saw(redis_client):
+    bus = StreamBus(redis_client, maxlen=100)
+    assert next_product_seq(redis_client, "l1", ["cam0"]) == 0
+    with redis_client.pipeline() as pipe:
+        DecidedProducts(redis_client, "l1").mark(pipe, 41)
+        pipe.execute()
+    assert next_product_seq(redis_client, "l1", ["cam0"]) == 42
+    bus.publish(Streams("l1").frames("cam0"), frame(57, line="l1"))
+    assert next_product_seq(redis_client, "l1", ["cam0"]) == 58

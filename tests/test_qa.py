@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from cluster.dashboard import _verdict_events, create_app
 from cluster.qa import LabelError, follow_verdicts, parse_since, read_verdicts, record_label
-from cluster.streams import Streams, reset_line
+from cluster.streams import DecidedProducts, Streams, reset_line
 from schemas import Label, Verdict, ViewResult
 from workers.images import encode_png
 from workers.samples import SampleError, SampleStore, parse_product_id
@@ -53,7 +53,9 @@ def decide(client, store: SampleStore, line: str, seq: int, scores: list[float],
     store.put_verdict(line, seq, verdict.model_dump_json())
     # Stream ids are publish times: this one was published when it was decided.
     client.xadd(Streams(line).verdicts, verdict.to_entry(), id=f"{int(at * 1000)}-{seq}")
-    client.sadd(Streams(line).done, seq)
+    with client.pipeline() as pipe:
+        DecidedProducts(client, line).mark(pipe, seq)
+        pipe.execute()
     return verdict
 
 
