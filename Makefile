@@ -19,9 +19,8 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(VENV)/bin/defectflow demo --data $(DATA) --out $(OUT)
 
-# Two workers: one runs the modules that start Ray, in turn; the other the rest (tests/conftest.py).
 test: $(INSTALLED)
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

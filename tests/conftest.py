@@ -6,25 +6,6 @@ import redis
 from cluster.bus import StreamBus
 from cluster.redis_conn import EmbeddedRedis
 
-# Modules that start Ray. `make test` runs two pytest workers (xdist): these share one, in turn,
-# because `ray stop --force` (test_operations) stops every Ray on the machine. Every other module
-# runs whole on either worker, so its module fixtures (trained models) are built once.
-RAY_MODULES = {
-    "test_cluster",
-    "test_dashboard_browser",
-    "test_demo",
-    "test_learning",
-    "test_operations",
-    "test_two_nodes",
-}
-
-
-def pytest_collection_modifyitems(items) -> None:
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        group = "ray" if module in RAY_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))
-
 
 @pytest.fixture(scope="session")
 def embedded_redis(tmp_path_factory) -> EmbeddedRedis:
