@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     line = line_config(
         out / "line-test", manifest["cameras"], ReplicaConfig(score=args.score_replicas)
     )
+    # The run's views (scored again offline) and first frames (the window) are read back after
+    # it: they stay in Redis for the whole bench.
+    line = line.model_copy(update={"keep_processed_images_s": 7 * 24 * 3600.0})
 
     # Rounds alternate the pipeline with standalone scoring, so that drift in the machine's speed
     # (a shared host's neighbours) falls on both sides of each ratio; the median round reports.

@@ -350,10 +350,12 @@ class AggregatorActor(_Loop):
         sample_dir: str | None = None,
         keep_products: int | None = None,
         keep_seconds: float | None = None,
+        keep_processed_images_s: float = 300.0,
     ):
         super().__init__(redis_url, maxlen)
         self.line = line
         self.cameras = cameras
+        self.keep_processed_images_s = keep_processed_images_s
         self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
         self.retention = (keep_products, keep_seconds)
         self.streams = Streams(line)
@@ -377,11 +379,13 @@ class AggregatorActor(_Loop):
             for verdict in self.join.expire():
                 self._publish(verdict)
             if time.monotonic() - self._gauged_at > GAUGE_PERIOD_S:
+                self._trim_images()
                 self._gauge_line()
             if self._stop.is_set() and not batch:
                 # Upstream has drained: a view still missing now will never come.
                 for verdict in self.join.expire(flush=True):
                     self._publish(verdict)
+                self._trim_images()
                 break
             batch = self.bus.consume(
                 stream, group, self.consumer, ViewScore, count=64, block_ms=200
@@ -434,6 +438,15 @@ class AggregatorActor(_Loop):
             == 0
         ):
             self.count("samples_pruned", self.samples.prune(self.line, *self.retention))
+
+    def _trim_images(self) -> None:
+        """Frames and views every stage has processed leave Redis after the line's grace time.
+        (Scores and verdicts are small and kept to ``maxlen``: QA and shadow reports read them.)
+        """
+        for stream in [self.streams.frames(c) for c in self.cameras] + [self.streams.views]:
+            trimmed = self.bus.trim_processed(stream, self.keep_processed_images_s)
+            if trimmed:
+                self.count("images_trimmed", trimmed)
 
     def _gauge_line(self) -> None:
         """Consumer-group lag of the line's streams and its active model, for Prometheus."""

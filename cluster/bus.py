@@ -147,6 +147,33 @@ class StreamBus:
         unread = self._count_after(keys=[stream], args=[f"({delivered}", LAG_COUNT_LIMIT])
         return groups[group]["pending"] + unread
 
+    def trim_processed(self, stream: str, older_than_s: float = 0.0) -> int:
+        """Delete the entries of ``stream`` that every consumer group has acknowledged and that
+        are older than ``older_than_s`` (Redis clock); returns how many went.
+
+        ``maxlen`` alone keeps that many entries long after they were processed: 100,000 frames
+        of a 1080p camera, at 300 kB a JPEG, are 30 GB of Redis memory. A stream no group reads
+        is left as is.
+        """
+        if not self.client.exists(stream):
+            return 0
+        groups = self.client.xinfo_groups(stream)
+        if not groups:
+            return 0
+        seconds, micros = self.client.time()
+        cutoff = (max(0, seconds * 1000 + micros // 1000 - int(older_than_s * 1000)), 0)
+        # A group's state only moves forward (later deliveries, fewer pending), so a cutoff read
+        # a moment before the trim still spares everything not yet acknowledged.
+        for group in groups:
+            if group["pending"]:
+                oldest = _entry_id(self.client.xpending(stream, group["name"])["min"])
+                cutoff = min(cutoff, oldest)
+            else:  # everything up to the last delivered entry is acknowledged
+                ms, seq = _entry_id(group["last-delivered-id"])
+                cutoff = min(cutoff, (ms, seq + 1))
+        # Exact, not "~": approximate trimming only drops whole nodes of 100 entries.
+        return self.client.xtrim(stream, minid=f"{cutoff[0]}-{cutoff[1]}", approximate=False)
+
     def ack(self, *deliveries: Delivery) -> None:
         for d in deliveries:
             self.client.xack(d.stream, d.group, d.entry_id)
@@ -185,3 +212,10 @@ class StreamBus:
                 continue
             out.append(Delivery(stream, group, entry_id, message))
         return out
+
+
+def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as (milliseconds, sequence), which orders ids as Redis does."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq)

@@ -100,6 +100,13 @@ class LineConfig(_Strict):
         ge=1,
         description="views waiting for scorers beyond which they are shed (counted, in verdicts)",
     )
+    keep_processed_images_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="frames and views stay in Redis this long once processed (QA's copies are "
+        "in the sample store)",
+    )
     mask_shrink: float = Field(default=0.1, ge=0.0, lt=0.5, description="matting: cut per side")
     mask_shape: MaskShape = Field(
         default="silhouette",

@@ -121,6 +121,7 @@ def start_line(
         samples,
         retention.max_products,
         retention.max_age_h * 3600 if retention.max_age_h else None,
+        line.keep_processed_images_s,
     )
     # The registry decides which model scores; a line's first start activates model_dir.
     Registry(redis.Redis.from_url(redis_url), line.id).ensure_active(model_dir)
@@ -183,8 +184,9 @@ def next_product_seq(client: redis.Redis, line: str, cameras: list[str]) -> int:
     streams = Streams(line)
     decided = DecidedProducts(client, line).last()
     seen = [] if decided is None else [decided]
-    for cam in cameras:
-        newest = client.xrevrange(streams.frames(cam), count=1)
+    # Processed frames and views leave Redis: a product between stages is in one of these.
+    for stream in [streams.frames(c) for c in cameras] + [streams.views, streams.scores]:
+        newest = client.xrevrange(stream, count=1)
         if newest:
             seen.append(json.loads(newest[0][1][b"meta"])["product_seq"])
     return max(seen) + 1 if seen else 0

@@ -70,6 +70,28 @@ def test_an_entry_left_pending_by_a_killed_consumer_is_reclaimed(bus, embedded_r
     assert bus.client.xpending("frames", "detect")["pending"] == 0
 
 
+def test_only_entries_every_group_has_acknowledged_are_trimmed(bus):
+    assert bus.trim_processed("frames") == 0  # no stream yet
+    for i in range(10):
+        bus.publish("frames", frame(i))
+    assert bus.trim_processed("frames") == 0  # no group reads it: nothing is known processed
+    bus.ensure_group("frames", "detect")
+    taken = bus.consume("frames", "detect", "a", CameraFrame, count=6, block_ms=None)
+    bus.ack(*taken[:4])  # 0-3 done, 4-5 pending, 6-9 unread
+    assert bus.trim_processed("frames", older_than_s=60) == 0  # processed, but too recent
+    assert bus.trim_processed("frames") == 4
+    bus.ack(*taken[4:])
+    assert bus.trim_processed("frames") == 2
+    left = bus.consume("frames", "detect", "a", CameraFrame, count=10, block_ms=None)
+    assert [d.message.sequence for d in left] == [6, 7, 8, 9]  # nothing unread was lost
+    bus.ensure_group("frames", "archive")  # a second group that has read nothing yet
+    bus.ack(*left)
+    assert bus.trim_processed("frames") == 0
+    archived = bus.consume("frames", "archive", "b", CameraFrame, count=10, block_ms=None)
+    bus.ack(*archived)
+    assert bus.trim_processed("frames") == 4 and bus.client.xlen("frames") == 0
+
+
 def test_malformed_entries_go_to_the_dead_letter_stream_and_the_rest_is_processed(bus):
     bus.ensure_group("frames", "detect")
     bus.publish("frames", frame(0))

@@ -84,19 +84,25 @@ def test_killing_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
     with EmbeddedRedis(tmp_path / "redis") as server:
         client = redis.Redis.from_url(server.url)
         line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig(detect=2, score=2))
+        # Processed frames and views leave Redis at once: never one a killed actor still held.
+        line = line.model_copy(update={"keep_processed_images_s": 0.0})
         for cam in line.cameras:
             cam.fps = 60.0  # paced, so that the kills land mid-run
         running = start_line(line, server.url, root / "model", resources=SMALL)
         deadline = time.monotonic() + 60
-        while client.xlen(Streams("demo").views) < 4 and time.monotonic() < deadline:
+        while client.xlen(Streams("demo").scores) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
         ray.kill(running.score[0], no_restart=False)
         ray.kill(running.detect[0], no_restart=False)
         stats = drain_and_stop(client, [running], timeout_s=300)
         got = verdicts(client, "demo")
+        images = [Streams("demo").frames(c.id) for c in line.cameras] + [Streams("demo").views]
+        left = {stream: client.xlen(stream) for stream in images}
     assert sorted(v.product_seq for v in got) == list(range(8))
     assert all(v.status == "complete" for v in got), [v.reason for v in got]
     assert stats["demo"]["aggregate"]["verdicts_complete"] == 8
+    # 8 products x 4 cameras: 32 frames and 32 views (more if a killed actor redid one), all gone.
+    assert stats["demo"]["aggregate"]["images_trimmed"] >= 64 and not any(left.values()), left
 
 
 def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, local_ray, tmp_path):
