@@ -76,7 +76,7 @@ def test_every_product_gets_one_verdict_and_defects_are_found(line_model, local_
     assert stats["demo"]["aggregate"]["verdicts_complete"] == 6
 
 
-def test_killing_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
+def test_killing_a_camera_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
     line_model, local_ray, tmp_path
 ):
     data, root = line_model
@@ -85,13 +85,16 @@ def test_killing_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
         client = redis.Redis.from_url(server.url)
         line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig(detect=2, score=2))
         # Processed frames and views leave Redis at once: never one a killed actor still held.
-        line = line.model_copy(update={"keep_processed_images_s": 0.0})
+        # Restarts under load take seconds: views are waited for long enough not to give up.
+        line = line.model_copy(update={"keep_processed_images_s": 0.0, "view_timeout_s": 60.0})
         for cam in line.cameras:
             cam.fps = 60.0  # paced, so that the kills land mid-run
         running = start_line(line, server.url, root / "model", resources=SMALL)
         deadline = time.monotonic() + 60
         while client.xlen(Streams("demo").scores) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
+        # The camera reads its recording again from the start: what it sends again is counted once.
+        ray.kill(running.ingest[0], no_restart=False)
         ray.kill(running.score[0], no_restart=False)
         ray.kill(running.detect[0], no_restart=False)
         stats = drain_and_stop(client, [running], timeout_s=300)
@@ -100,9 +103,11 @@ def test_killing_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
         left = {stream: client.xlen(stream) for stream in images}
     assert sorted(v.product_seq for v in got) == list(range(8))
     assert all(v.status == "complete" for v in got), [v.reason for v in got]
-    assert stats["demo"]["aggregate"]["verdicts_complete"] == 8
+    aggregate = stats["demo"]["aggregate"]
+    assert aggregate["verdicts_complete"] == 8
+    assert aggregate.get("late_or_duplicate_views", 0) + aggregate.get("duplicate_views", 0) >= 1
     # 8 products x 4 cameras: 32 frames and 32 views (more if a killed actor redid one), all gone.
-    assert stats["demo"]["aggregate"]["images_trimmed"] >= 64 and not any(left.values()), left
+    assert aggregate["images_trimmed"] >= 64 and not any(left.values()), left
 
 
 def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, local_ray, tmp_path):
