@@ -23,6 +23,35 @@ DEFAULT_MAXLEN = 100_000
 LAG_COUNT_LIMIT = 10_000
 # Entries of a stream after an id, counted by Redis itself (ids only, nothing returned).
 _COUNT_AFTER = "return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])"
+# Trims a stream to its first entry some group has not acknowledged, or younger than ARGV[1] ms.
+# A script, so that the groups' state it reads cannot move before the trim: read from the client,
+# a group's last pending entry could be acknowledged between XINFO and XPENDING.
+# Exact MINID, not "~": approximate trimming only drops whole nodes of 100 entries.
+_TRIM_PROCESSED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return 0 end
+local now = redis.call('TIME')
+local cutoff_ms = math.max(0, now[1] * 1000 + math.floor(now[2] / 1000) - ARGV[1])
+local cutoff_seq = 0
+local function lower_to(id, next_one)
+    local ms, seq = string.match(id, '(%d+)-(%d+)')
+    ms, seq = tonumber(ms), tonumber(seq) + next_one
+    if ms < cutoff_ms or (ms == cutoff_ms and seq < cutoff_seq) then
+        cutoff_ms, cutoff_seq = ms, seq
+    end
+end
+for _, fields in ipairs(groups) do
+    local group = {}
+    for i = 1, #fields, 2 do group[fields[i]] = fields[i + 1] end
+    if group['pending'] > 0 then
+        lower_to(redis.call('XPENDING', KEYS[1], group['name'])[2], 0)
+    else  -- everything up to the last delivered entry is acknowledged
+        lower_to(group['last-delivered-id'], 1)
+    end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', cutoff_ms, cutoff_seq))
+"""
 # Dead-letter bookkeeping fields; the underscore prefix keeps them apart from message fields.
 DL_REASON, DL_STREAM, DL_GROUP, DL_ENTRY = b"_dl_reason", b"_dl_stream", b"_dl_group", b"_dl_entry"
 
@@ -49,6 +78,7 @@ class StreamBus:
         self.maxlen = maxlen
         self.dead_letter_stream = dead_letter_stream
         self._count_script = None
+        self._trim_script = None
 
     def publish(self, stream: str, message: Message) -> str:
         """Append ``message``; the stream is trimmed to about ``maxlen`` entries."""
@@ -155,24 +185,9 @@ class StreamBus:
         of a 1080p camera, at 300 kB a JPEG, are 30 GB of Redis memory. A stream no group reads
         is left as is.
         """
-        if not self.client.exists(stream):
-            return 0
-        groups = self.client.xinfo_groups(stream)
-        if not groups:
-            return 0
-        seconds, micros = self.client.time()
-        cutoff = (max(0, seconds * 1000 + micros // 1000 - int(older_than_s * 1000)), 0)
-        # A group's state only moves forward (later deliveries, fewer pending), so a cutoff read
-        # a moment before the trim still spares everything not yet acknowledged.
-        for group in groups:
-            if group["pending"]:
-                oldest = _entry_id(self.client.xpending(stream, group["name"])["min"])
-                cutoff = min(cutoff, oldest)
-            else:  # everything up to the last delivered entry is acknowledged
-                ms, seq = _entry_id(group["last-delivered-id"])
-                cutoff = min(cutoff, (ms, seq + 1))
-        # Exact, not "~": approximate trimming only drops whole nodes of 100 entries.
-        return self.client.xtrim(stream, minid=f"{cutoff[0]}-{cutoff[1]}", approximate=False)
+        if self._trim_script is None:
+            self._trim_script = self.client.register_script(_TRIM_PROCESSED)
+        return self._trim_script(keys=[stream], args=[int(older_than_s * 1000)])
 
     def ack(self, *deliveries: Delivery) -> None:
         for d in deliveries:
@@ -212,10 +227,3 @@ class StreamBus:
                 continue
             out.append(Delivery(stream, group, entry_id, message))
         return out
-
-
-def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
-    """A stream entry id as (milliseconds, sequence), which orders ids as Redis does."""
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq)

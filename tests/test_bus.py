@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import redis
@@ -90,6 +91,32 @@ def test_only_entries_every_group_has_acknowledged_are_trimmed(bus):
     archived = bus.consume("frames", "archive", "b", CameraFrame, count=10, block_ms=None)
     bus.ack(*archived)
     assert bus.trim_processed("frames") == 4 and bus.client.xlen("frames") == 0
+
+
+def test_trimming_while_a_consumer_acknowledges_neither_fails_nor_loses_an_entry(bus):
+    # The aggregator trims while the detectors work: the groups' state moves under the trim.
+    bus.ensure_group("frames", "detect")
+    for i in range(400):
+        bus.publish("frames", frame(i))
+    consumer = StreamBus(redis.Redis(connection_pool=bus.client.connection_pool))
+    seen: list[int] = []
+
+    def work() -> None:
+        while batch := consumer.consume(
+            "frames", "detect", "a", CameraFrame, count=1, block_ms=None
+        ):
+            seen.extend(d.message.sequence for d in batch)
+            consumer.ack(*batch)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    trimmed = 0
+    while worker.is_alive():
+        trimmed += bus.trim_processed("frames")
+    worker.join()
+    trimmed += bus.trim_processed("frames")
+    assert seen == list(range(400))
+    assert trimmed == 400 and bus.client.xlen("frames") == 0
 
 
 def test_malformed_entries_go_to_the_dead_letter_stream_and_the_rest_is_processed(bus):
