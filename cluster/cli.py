@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -259,7 +258,7 @@ def run(
     import ray
 
     from .config import ConfigError, load_settings
-    from .graph import drain_and_stop, line_cpus, start_line
+    from .graph import StageFailed, drain_and_stop, line_cpus, start_line
     from .redis_conn import RedisUnavailable, open_redis
     from .registry import Registry
     from .streams import reset_line
@@ -313,6 +312,8 @@ def run(
         except KeyboardInterrupt:
             console.print("stopping: draining in-flight work (Ctrl-C again to abort)")
             stats = drain_and_stop(client, running, timeout_s=0)
+        except StageFailed as exc:
+            raise fail(str(exc)) from None
         typer.echo(json.dumps(stats))
     finally:
         ray.shutdown()
@@ -345,7 +346,7 @@ def demo(
     from workers.samples import SampleStore
 
     from . import demo as line_demo
-    from .graph import backlog, drain_and_stop, line_cpus, replay_line, sources_done, start_line
+    from .graph import StageFailed, drain_and_stop, line_cpus, replay_line, start_line
     from .redis_conn import EmbeddedRedis, client_from_url
 
     if not (data / "train" / "good").is_dir():
@@ -433,13 +434,17 @@ def demo(
             )
             last = "0"
             with Live(render(), console=console, refresh_per_second=4) as live:
-                while not (sources_done(running) and backlog(client, running) == 0):
+
+                def show_verdicts() -> None:
+                    nonlocal last
                     last = line_demo.watch_verdicts(client, f"verdicts:{line.id}", last, add)
                     live.update(render())
-                    time.sleep(0.25)
-                stats = drain_and_stop(client, [running])
-                line_demo.watch_verdicts(client, f"verdicts:{line.id}", last, add)
-                live.update(render())
+
+                try:
+                    stats = drain_and_stop(client, [running], while_waiting=show_verdicts)
+                except StageFailed as exc:
+                    raise fail(str(exc)) from None
+                show_verdicts()
             seconds = elapsed()
         finally:
             ray.shutdown()

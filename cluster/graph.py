@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,13 +264,58 @@ def backlog(client: redis.Redis, running: RunningLine) -> int:
     return sum(bus.lag(stream, group) for stream, group in line_groups(streams, cameras))
 
 
-def drain_and_stop(client: redis.Redis, lines: list[RunningLine], timeout_s: float = 600) -> dict:
+class StageFailed(RuntimeError):
+    """A line's detect, score, aggregate or train loop ended without being asked to stop."""
+
+
+def check_stages(running: RunningLine) -> None:
+    """Raise :class:`StageFailed` when a stage's loop has ended on its own (an error it does not
+    handle): the line would otherwise wait forever for results that stage no longer makes.
+
+    (A stage whose process dies is restarted by Ray; an exception inside its loop is not.)
+    """
+    stages = {running.runs[a]: f"detector {i}" for i, a in enumerate(running.detect)}
+    stages |= {running.runs[a]: f"scorer {i}" for i, a in enumerate(running.score)}
+    stages[running.runs[running.aggregator]] = "aggregator"
+    if running.trainer is not None:
+        stages[running.runs[running.trainer]] = "trainer"
+    ended, _ = ray.wait(list(stages), num_returns=len(stages), timeout=0)
+    for ref in ended:
+        where = f"line {running.config.id}: the {stages[ref]}"
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause
+            raise StageFailed(f"{where} failed: {type(cause).__name__}: {cause}") from cause
+        raise StageFailed(f"{where} stopped unasked")
+
+
+def drain_and_stop(
+    client: redis.Redis,
+    lines: list[RunningLine],
+    timeout_s: float = 600,
+    while_waiting: Callable[[], None] | None = None,
+) -> dict:
     """Wait until every published entry has its result, then stop every actor and release its
-    resources; return the actors' counters."""
+    resources; return the actors' counters. ``while_waiting`` is called between checks.
+
+    A stage that fails meanwhile raises :class:`StageFailed`, the lines' actors killed: what
+    they had not acknowledged stays in Redis for the next start.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        try:
+            for r in lines:
+                check_stages(r)
+        except StageFailed:
+            for r in lines:
+                for actor in r.ingest + r.workers:
+                    ray.kill(actor, no_restart=True)
+            raise
         if all(sources_done(r) for r in lines) and sum(backlog(client, r) for r in lines) == 0:
             break
+        if while_waiting is not None:
+            while_waiting()
         time.sleep(0.25)
     stats = {}
     for r in lines:

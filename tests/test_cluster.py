@@ -11,7 +11,7 @@ from PIL import Image
 
 from cluster.config import ReplicaConfig
 from cluster.demo import line_config
-from cluster.graph import LineResources, drain_and_stop, start_line
+from cluster.graph import LineResources, StageFailed, drain_and_stop, start_line
 from cluster.redis_conn import EmbeddedRedis
 from cluster.streams import Streams
 from schemas import ProductView, Verdict, ViewScore
@@ -108,6 +108,29 @@ def test_killing_a_camera_a_scorer_and_a_detector_mid_run_loses_and_repeats_noth
     assert aggregate.get("late_or_duplicate_views", 0) + aggregate.get("duplicate_views", 0) >= 1
     # 8 products x 4 cameras: 32 frames and 32 views (more if a killed actor redid one), all gone.
     assert aggregate["images_trimmed"] >= 64 and not any(left.values()), left
+
+
+def test_a_stage_that_fails_ends_the_drain_with_its_error_and_frees_the_line(
+    line_model, local_ray, tmp_path
+):
+    data, root = line_model
+    manifest = simulate(data, tmp_path / "line", 2, seed=8)
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
+        running = start_line(line, server.url, root / "model", resources=SMALL)
+        # Someone overwrites the score stream: the scorer cannot publish, nor the aggregator read.
+        client.delete(Streams("demo").scores)
+        client.set(Streams("demo").scores, "not a stream")
+        with pytest.raises(
+            StageFailed, match=r"line demo: the (scorer 0|aggregator) failed: .*WRONGTYPE"
+        ):
+            drain_and_stop(client, [running], timeout_s=120)
+    # Its actors are gone (rather than holding their CPUs, waiting for nothing).
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
 
 
 def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, local_ray, tmp_path):
