@@ -26,7 +26,6 @@ from schemas import (
 )
 from schemas.base import SchemaError
 from workers.images import ImageError
-from workers.matte import VIEW_MAX_SIDE
 from workers.samples import SampleError, SampleStore
 from workers.stages import (
     CameraIngest,
@@ -86,11 +85,11 @@ class CameraIngestActor(_Loop):
         line: str,
         camera: str,
         source: str,
-        fps: float | None = None,
-        matting_model: str | None = None,
-        background: str | None = None,
-        first_product: int = 0,
-        frame_stride: int = 1,
+        fps: float | None,
+        matting_model: str | None,
+        background: str | None,
+        first_product: int,
+        frame_stride: int,
     ):
         super().__init__(redis_url, maxlen)
         self.ingest = CameraIngest(
@@ -138,10 +137,10 @@ class DetectMatteActor(_Loop):
         line: str,
         cameras: list[str],
         replica: int,
-        yolo_weights: str | None = None,
-        shrink: float = 0.1,
-        max_side: int = VIEW_MAX_SIDE,
-        mask_shape: str = "silhouette",
+        yolo_weights: str | None,
+        shrink: float,
+        max_side: int,
+        mask_shape: str,
     ):
         super().__init__(redis_url, maxlen)
         self.streams = Streams(line)
@@ -203,10 +202,10 @@ class ScorerActor(_Loop):
         maxlen: int,
         line: str,
         replica: int,
-        threshold: float | None = None,
+        threshold: float | None,
+        sample_dir: str | None,
+        max_backlog: int,
         batch_size: int = 8,
-        sample_dir: str | None = None,
-        max_backlog: int = 2000,
     ):
         super().__init__(redis_url, maxlen)
         self.streams = Streams(line)
@@ -346,11 +345,11 @@ class AggregatorActor(_Loop):
         maxlen: int,
         line: str,
         cameras: list[str],
-        timeout_s: float = 10.0,
-        sample_dir: str | None = None,
-        keep_products: int | None = None,
-        keep_seconds: float | None = None,
-        keep_processed_images_s: float = 300.0,
+        timeout_s: float,
+        sample_dir: str | None,
+        keep_products: int | None,
+        keep_seconds: float | None,
+        keep_processed_images_s: float,
     ):
         super().__init__(redis_url, maxlen)
         self.line = line
@@ -482,7 +481,7 @@ class TrainerActor(_Loop):
         sample_dir: str,
         candidates_dir: str,
         retrain: dict,
-        target_tpr: float = 0.85,
+        target_tpr: float,
     ):
         super().__init__(redis_url, maxlen)
         from .config import RetrainConfig

@@ -441,7 +441,9 @@ def demo(
                     live.update(render())
 
                 try:
-                    stats = drain_and_stop(client, [running], while_waiting=show_verdicts)
+                    stats = drain_and_stop(
+                        client, [running], timeout_s=float("inf"), while_waiting=show_verdicts
+                    )
                 except StageFailed as exc:
                     raise fail(str(exc)) from None
                 show_verdicts()

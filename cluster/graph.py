@@ -284,8 +284,8 @@ def check_stages(running: RunningLine) -> None:
         where = f"line {running.config.id}: the {stages[ref]}"
         try:
             ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause
+        except ray.exceptions.RayError as exc:  # its error, or its actor lost for good
+            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
             raise StageFailed(f"{where} failed: {type(cause).__name__}: {cause}") from cause
         raise StageFailed(f"{where} stopped unasked")
 

@@ -258,7 +258,13 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
         )
         config = RetrainConfig(after_good_views=10_000, holdout=holdout, epochs=3)
         trainer = TrainerActor.options(max_concurrency=2).remote(
-            server.url, 10_000, "demo", str(store.root), str(tmp_path / "cand"), config.model_dump()
+            server.url,
+            10_000,
+            "demo",
+            str(store.root),
+            str(tmp_path / "cand"),
+            config.model_dump(),
+            target_tpr=0.85,
         )
         run = trainer.run.remote()
         result = CliRunner().invoke(app, ["retrain", "--line", "demo", "--redis", server.url])
