@@ -3,7 +3,7 @@
 Every consumer has a stable name (its role and replica index). A restarted actor first finishes
 the entries it had been given and not acknowledged; every actor also takes over entries left
 pending too long by consumers that never came back (XAUTOCLAIM). An entry is acknowledged only
-after its result is published, so a crash loses nothing; the aggregator's done-set makes the
+after its result is published, so a crash loses nothing; the decided products' bitmap makes the
 redelivered work produce no second verdict.
 """
 
@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import ray
-import redis
 
 from schemas import (
     CameraFrame,
@@ -38,6 +37,7 @@ from workers.stages import (
 
 from .bus import StreamBus
 from .metrics import LineMetrics
+from .redis_conn import reconnecting_client
 from .registry import Registry, RegistryError
 from .streams import DecidedProducts, Streams, line_groups
 
@@ -53,7 +53,7 @@ class _Loop:
     """Shared plumbing: Redis bus, a stop flag, counters."""
 
     def __init__(self, redis_url: str, maxlen: int):
-        self.bus = StreamBus(redis.Redis.from_url(redis_url), maxlen=maxlen)
+        self.bus = StreamBus(reconnecting_client(redis_url), maxlen=maxlen)
         self._stop = threading.Event()
         self.counters: dict[str, int] = {}
 
@@ -409,14 +409,13 @@ class AggregatorActor(_Loop):
         entries = self._entries.pop(verdict.product_seq, [])
         if self.samples is not None:
             self.samples.put_verdict(self.line, verdict.product_seq, verdict.model_dump_json())
-        pipe = self.bus.client.pipeline(transaction=True)
-        pipe.xadd(
-            self.streams.verdicts, verdict.to_entry(), maxlen=self.bus.maxlen, approximate=True
+        self.decided.publish(
+            verdict.product_seq,
+            verdict.to_entry(),
+            self.streams.verdicts,
+            self.bus.maxlen,
+            (self.streams.scores, self.streams.aggregate_group, [d.entry_id for d in entries]),
         )
-        self.decided.mark(pipe, verdict.product_seq)
-        for d in entries:
-            pipe.xack(d.stream, d.group, d.entry_id)
-        pipe.execute()
         self.count(f"verdicts_{verdict.status}")
         tags = {"line": self.line}
         self.metrics.verdicts.inc(

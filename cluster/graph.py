@@ -84,6 +84,7 @@ class RunningLine:
     aggregator: object = None
     trainer: object = None
     runs: dict = field(default_factory=dict)  # actor handle -> ObjectRef of its run()
+    cameras: dict = field(default_factory=dict)  # ingest actor -> its camera's id
     retired: dict = field(default_factory=dict)  # finished ingest actors -> their run()
 
     @property
@@ -212,6 +213,7 @@ def start_ingest(
     for actor in [a for a in running.ingest if running.runs[a] in finished]:
         ray.kill(actor, no_restart=True)
         running.ingest.remove(actor)
+        running.cameras.pop(actor)
         running.retired[actor] = running.runs.pop(actor)
     first = next_product_seq(redis.Redis.from_url(redis_url), line, [c.id for c in cameras])
     started = []
@@ -229,6 +231,7 @@ def start_ingest(
             cam.frame_stride,
         )
         running.ingest.append(actor)
+        running.cameras[actor] = cam.id
         started.append(actor)
     # Replayed recordings (``fps`` set) run from one clock, set once every camera is up (Ray
     # starts a line's actors up to seconds apart): a product reaches all the cameras at once, as
@@ -270,10 +273,15 @@ class StageFailed(RuntimeError):
 
 def check_stages(running: RunningLine) -> None:
     """Raise :class:`StageFailed` when a stage's loop has ended on its own (an error it does not
-    handle): the line would otherwise wait forever for results that stage no longer makes.
+    handle, Redis away for longer than the clients wait): the line would otherwise wait forever
+    for results that stage no longer makes. A camera may end: its source did.
 
     (A stage whose process dies is restarted by Ray; an exception inside its loop is not.)
     """
+    cameras = {running.runs[a]: f"camera {running.cameras[a]}" for a in running.ingest}
+    ended, _ = ray.wait(list(cameras), num_returns=len(cameras), timeout=0)
+    for ref in ended:
+        _raise_if_failed(running, cameras[ref], ref)
     stages = {running.runs[a]: f"detector {i}" for i, a in enumerate(running.detect)}
     stages |= {running.runs[a]: f"scorer {i}" for i, a in enumerate(running.score)}
     stages[running.runs[running.aggregator]] = "aggregator"
@@ -281,13 +289,18 @@ def check_stages(running: RunningLine) -> None:
         stages[running.runs[running.trainer]] = "trainer"
     ended, _ = ray.wait(list(stages), num_returns=len(stages), timeout=0)
     for ref in ended:
-        where = f"line {running.config.id}: the {stages[ref]}"
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayError as exc:  # its error, or its actor lost for good
-            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
-            raise StageFailed(f"{where} failed: {type(cause).__name__}: {cause}") from cause
-        raise StageFailed(f"{where} stopped unasked")
+        _raise_if_failed(running, stages[ref], ref)
+        raise StageFailed(f"line {running.config.id}: the {stages[ref]} stopped unasked")
+
+
+def _raise_if_failed(running: RunningLine, stage: str, run) -> None:
+    try:
+        ray.get(run)
+    except ray.exceptions.RayError as exc:  # its error, or its actor lost for good
+        cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+        raise StageFailed(
+            f"line {running.config.id}: the {stage} failed: {type(cause).__name__}: {cause}"
+        ) from cause
 
 
 def drain_and_stop(

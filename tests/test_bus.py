@@ -198,10 +198,8 @@ def test_a_second_process_attaches_to_the_running_embedded_redis(tmp_path):
 def test_decided_products_remember_each_number_and_the_highest(redis_client, seqs):
     redis_client.delete(Streams("l1").decided)
     decided = DecidedProducts(redis_client, "l1")
-    with redis_client.pipeline() as pipe:
-        for seq in seqs:
-            decided.mark(pipe, seq)
-        pipe.execute()
+    for seq in seqs:
+        decided.publish(seq, {b"seq": str(seq).encode()}, Streams("l1").verdicts, 100_000)
     assert decided.last() == (max(seqs) if seqs else None)
     assert all(seq in decided for seq in seqs)
     neighbours = {n for seq in seqs for n in (seq - 1, seq + 1, 0) if n >= 0} - seqs
@@ -210,12 +208,26 @@ def test_decided_products_remember_each_number_and_the_highest(redis_client, seq
     assert redis_client.strlen(decided.key) == (max(seqs) // 8 + 1 if seqs else 0)
 
 
+def test_a_verdict_published_again_is_not_published_twice_but_its_views_are_acknowledged(bus):
+    # A retried call: Redis ran the first, and the reply was lost with the connection.
+    streams = Streams("l1")
+    bus.ensure_group(streams.scores, streams.aggregate_group)
+    first = bus.client.xadd(streams.scores, {b"v": b"0"}).decode()
+    second = bus.client.xadd(streams.scores, {b"v": b"1"}).decode()
+    bus.client.xreadgroup(streams.aggregate_group, "a", {streams.scores: ">"})
+    decided = DecidedProducts(bus.client, "l1")
+    acks = (streams.scores, streams.aggregate_group, [first])
+    assert decided.publish(7, {b"seq": b"7"}, streams.verdicts, 100, acks)
+    acks = (streams.scores, streams.aggregate_group, [first, second])
+    assert not decided.publish(7, {b"seq": b"7"}, streams.verdicts, 100, acks)
+    assert [f for _, f in bus.client.xrange(streams.verdicts)] == [{b"seq": b"7"}]
+    assert 7 in decided and bus.lag(streams.scores, streams.aggregate_group) == 0
+
+
 def test_a_restarted_line_numbers_its_products_after_every_one_it_decided_or_saw(redis_client):
     bus = StreamBus(redis_client, maxlen=100)
     assert next_product_seq(redis_client, "l1", ["cam0"]) == 0
-    with redis_client.pipeline() as pipe:
-        DecidedProducts(redis_client, "l1").mark(pipe, 41)
-        pipe.execute()
+    DecidedProducts(redis_client, "l1").publish(41, {b"seq": b"41"}, Streams("l1").verdicts, 100)
     assert next_product_seq(redis_client, "l1", ["cam0"]) == 42
     bus.publish(Streams("l1").frames("cam0"), frame(57, line="l1"))
     assert next_product_seq(redis_client, "l1", ["cam0"]) == 58

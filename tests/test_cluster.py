@@ -12,7 +12,7 @@ from PIL import Image
 from cluster.config import ReplicaConfig
 from cluster.demo import line_config
 from cluster.graph import LineResources, StageFailed, drain_and_stop, start_line
-from cluster.redis_conn import EmbeddedRedis
+from cluster.redis_conn import EmbeddedRedis, reconnecting_client
 from cluster.streams import Streams
 from schemas import ProductView, Verdict, ViewScore
 from tests.synthetic import LINE_FRAME as FRAME
@@ -76,13 +76,13 @@ def test_every_product_gets_one_verdict_and_defects_are_found(line_model, local_
     assert stats["demo"]["aggregate"]["verdicts_complete"] == 6
 
 
-def test_killing_a_camera_a_scorer_and_a_detector_mid_run_loses_and_repeats_nothing(
+def test_killing_a_camera_a_scorer_and_a_detector_and_restarting_redis_mid_run_loses_and_repeats_nothing(
     line_model, local_ray, tmp_path
 ):
     data, root = line_model
     manifest = simulate(data, tmp_path / "line", 8, seed=6)
     with EmbeddedRedis(tmp_path / "redis") as server:
-        client = redis.Redis.from_url(server.url)
+        client = reconnecting_client(server.url)
         line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig(detect=2, score=2))
         # Processed frames and views leave Redis at once: never one a killed actor still held.
         # Restarts under load take seconds: views are waited for long enough not to give up.
@@ -97,6 +97,10 @@ def test_killing_a_camera_a_scorer_and_a_detector_mid_run_loses_and_repeats_noth
         ray.kill(running.ingest[0], no_restart=False)
         ray.kill(running.score[0], no_restart=False)
         ray.kill(running.detect[0], no_restart=False)
+        # Redis goes away for seconds (a restart, a failover): every stage waits for it.
+        server.stop()
+        time.sleep(3)
+        server.start()
         stats = drain_and_stop(client, [running], timeout_s=300)
         got = verdicts(client, "demo")
         images = [Streams("demo").frames(c.id) for c in line.cameras] + [Streams("demo").views]

@@ -53,9 +53,7 @@ def decide(client, store: SampleStore, line: str, seq: int, scores: list[float],
     store.put_verdict(line, seq, verdict.model_dump_json())
     # Stream ids are publish times: this one was published when it was decided.
     client.xadd(Streams(line).verdicts, verdict.to_entry(), id=f"{int(at * 1000)}-{seq}")
-    with client.pipeline() as pipe:
-        DecidedProducts(client, line).mark(pipe, seq)
-        pipe.execute()
+    client.setbit(DecidedProducts(client, line).key, seq, 1)
     return verdict
 
 
