@@ -346,6 +346,7 @@ class AggregatorActor(_Loop):
         line: str,
         cameras: list[str],
         timeout_s: float,
+        max_camera_spread_s: float | None,
         sample_dir: str | None,
         keep_products: int | None,
         keep_seconds: float | None,
@@ -361,7 +362,7 @@ class AggregatorActor(_Loop):
         self.metrics = LineMetrics(line)
         self.registry = Registry(self.bus.client, line)
         self._gauged_at = 0.0
-        self.join = VerdictJoin(line, cameras, timeout_s)
+        self.join = VerdictJoin(line, cameras, timeout_s, max_spread_s=max_camera_spread_s)
         self.decided = DecidedProducts(self.bus.client, line)
         self.consumer = "aggregate-0"
         self.bus.ensure_group(self.streams.scores, self.streams.aggregate_group)
@@ -389,7 +390,10 @@ class AggregatorActor(_Loop):
             batch = self.bus.consume(
                 stream, group, self.consumer, ViewScore, count=64, block_ms=200
             )
-        return self.stats() | {"pending_products": len(self.join.pending_products)}
+        return self.stats() | {
+            "pending_products": len(self.join.pending_products),
+            "out_of_step_views": self.join.out_of_step,
+        }
 
     def _add(self, d) -> None:
         score = d.message

@@ -95,6 +95,14 @@ class LineConfig(_Strict):
     target_tpr: float = Field(default=0.85, gt=0.0, le=1.0)
     threshold: float | None = Field(default=None, description="overrides the model's threshold")
     view_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    max_camera_spread_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=60,
+        description="a view captured further than this from its product's other views is left "
+        "out of the verdict and named (a camera counting out of step); set it under half the "
+        "time between two products, for live cameras or paced replays",
+    )
     max_view_backlog: int = Field(
         default=2000,
         ge=1,

@@ -56,6 +56,9 @@ DEMO_MASK_SHAPE = "box"
 # A product crosses the view in 20 frames at 15 fps: the gate needs half of them (every product
 # triggered exactly once at stride 2 and 3 in bench.frontend), and the front end then costs half.
 DEMO_FRAME_STRIDE = 2
+# Products follow each other every 1.7 s (26 frames at 15 fps): a view captured 0.5 s from its
+# product's others is a neighbour's, its camera counting out of step.
+DEMO_MAX_CAMERA_SPREAD_S = 0.5
 # The training line shows every training image this many times, each time at another scale,
 # place and exposure. Product AUROC through the pipeline (bench.pipeline, 120-product test line):
 # 120 products drawn at random (about 360 of MTD's 761 images) 0.79, every image once 0.886,
@@ -221,6 +224,9 @@ def line_config(
         ],
         replicas=replicas,
         view_timeout_s=15.0,
+        # Replayed at the cameras' rate, the views of a product are captured together (within
+        # a frame); unpaced, each camera stamps when it read, which says nothing of the product.
+        max_camera_spread_s=DEMO_MAX_CAMERA_SPREAD_S if fps else None,
         mask_shrink=DEMO_MASK_SHRINK,
         mask_shape=DEMO_MASK_SHAPE,
     )

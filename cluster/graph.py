@@ -120,6 +120,7 @@ def start_line(
         line.id,
         cams,
         line.view_timeout_s,
+        line.max_camera_spread_s,
         samples,
         retention.max_products,
         retention.max_age_h * 3600 if retention.max_age_h else None,

@@ -12,13 +12,13 @@ from workers.stages import CameraIngest, DetectMatte, NoProductFound, VerdictJoi
 CAMS = ["cam0", "cam1", "cam2", "cam3"]
 
 
-def score(seq, camera, value=0.1, threshold=1.0):
+def score(seq, camera, value=0.1, threshold=1.0, captured_at=None):
     return ViewScore(
         product_id=f"l:{seq}",
         line="l",
         camera=camera,
         product_seq=seq,
-        captured_at=100.0 + seq,
+        captured_at=100.0 + seq if captured_at is None else captured_at,
         score=value,
         threshold=threshold,
         is_defect=value >= threshold,
@@ -68,6 +68,23 @@ def test_a_backlog_does_not_expire_products_but_a_skipped_product_does():
     verdicts = {v.product_seq: v for v in join.expire(now=15.0)}
     assert verdicts[1].missing_cameras == ["cam3"]
     assert verdicts[5].missing_cameras == ["cam0", "cam1", "cam2"]  # silent since t = 10
+
+
+def test_a_camera_counting_out_of_step_is_left_out_and_named():
+    # cam3 missed a product: its "product 1" is the line's product 2, a second later.
+    join = VerdictJoin("l", CAMS, max_spread_s=0.3)
+    for c in CAMS[:3]:
+        join.add(score(1, c, captured_at=101.0 + 0.1 * (c == "cam1")), now=0)
+    verdict = join.add(score(1, "cam3", value=5.0, captured_at=102.0), now=0)
+    assert verdict.status == "incomplete" and verdict.missing_cameras == ["cam3"]
+    assert verdict.decision == "unknown"  # the defect cam3 saw is another product's
+    assert "cam3 out of step (+0.95 s)" in verdict.reason and join.out_of_step == 1
+    assert verdict.latency_ms["camera_spread"] == pytest.approx(100.0)  # of the views kept
+    # Without a tolerance the four views join, as before.
+    join = VerdictJoin("l", CAMS)
+    for c in CAMS[:3]:
+        join.add(score(1, c, captured_at=101.0), now=0)
+    assert join.add(score(1, "cam3", captured_at=102.0), now=0).status == "complete"
 
 
 def test_views_from_an_unknown_camera_are_counted_and_ignored():
@@ -256,13 +273,15 @@ def test_cameras_replayed_from_one_epoch_show_each_product_together(tmp_path):
     video = _one_camera_line(tmp_path, 2, "mjpeg")
     fps, epoch = 100.0, time.time()
     delivered: dict[str, dict[int, float]] = {"early": {}, "late": {}}
+    stamped: dict[str, dict[int, float]] = {"early": {}, "late": {}}
     due: dict[int, float] = {}
 
     def read(name: str, delay: float) -> None:
         time.sleep(delay)
         ingest = CameraIngest("l", name, str(video), fps=fps)
         for f in ingest.frames(replay_epoch=epoch):
-            delivered[name][f.product_seq] = f.timestamp
+            delivered[name][f.product_seq] = time.time()
+            stamped[name][f.product_seq] = f.timestamp
             due[f.product_seq] = epoch + f.sequence / fps
 
     readers = [threading.Thread(target=read, args=a) for a in (("early", 0.0), ("late", 0.3))]
@@ -275,6 +294,8 @@ def test_cameras_replayed_from_one_epoch_show_each_product_together(tmp_path):
         assert abs(delivered["early"][seq] - delivered["late"][seq]) < 0.1
         # Never before the frame is due: the recording still plays at the camera's rate.
         assert min(delivered["early"][seq], delivered["late"][seq]) >= due[seq]
+        # Each frame is stamped with when it was due (the line's clock), by either reader.
+        assert stamped["early"][seq] == stamped["late"][seq] == pytest.approx(due[seq])
 
 
 def test_sources_that_do_not_exist_are_clear_errors(tmp_path):

@@ -218,7 +218,11 @@ class CameraIngest:
         With ``fps``, the source is replayed at the camera's rate, frame ``i`` due at
         ``replay_epoch + i / fps`` (a ``time.time()``; default: now): cameras replayed from one
         epoch show each product together, as live cameras do. A reader behind schedule reads on
-        without pausing until it is back on it."""
+        without pausing until it is back on it.
+
+        A frame's ``timestamp`` is when it was captured: a replayed frame's is when it was due,
+        so a camera restarted mid-replay stamps its frames as before; otherwise the time it was
+        read."""
         period = 1 / self.fps if self.fps else 0.0
         # Sleeps are timed by the monotonic clock; the epoch is wall-clock time, which the
         # line's cameras share whatever process or node reads them.
@@ -264,7 +268,7 @@ class CameraIngest:
                 camera=self.camera,
                 sequence=index,
                 product_seq=trigger.product_seq,
-                timestamp=time.time(),
+                timestamp=epoch + index * period if period else time.time(),
                 codec="jpeg",
                 shape=shape,
                 image=jpeg,
@@ -424,20 +428,32 @@ class VerdictJoin:
     that camera has either fallen silent for ``timeout_s`` or already delivered a view of a
     product ``reorder_window`` places later. A backlog upstream (views late but coming, in order)
     therefore never expires a product; a dead camera or a product it missed does.
+
+    Each camera numbers the products it sees itself, so a camera that misses one, or sees one
+    twice, numbers every later product out of step with the others. With ``max_spread_s``, a
+    view captured further than that from the median of its product's views is left out and
+    named (the verdict is ``incomplete``): views of two products are never joined silently.
     """
 
     def __init__(
-        self, line: str, cameras: list[str], timeout_s: float = 10.0, reorder_window: int = 8
+        self,
+        line: str,
+        cameras: list[str],
+        timeout_s: float = 10.0,
+        reorder_window: int = 8,
+        max_spread_s: float | None = None,
     ):
         self.line = line
         self.cameras = list(cameras)
         self.timeout_s = timeout_s
         self.reorder_window = reorder_window
+        self.max_spread_s = max_spread_s
         self._pending: dict[int, _Pending] = {}
         self._last_seen: dict[str, float] = {}
         self._max_seq: dict[str, int] = {}
         self.duplicates = 0
         self.unknown_camera = 0
+        self.out_of_step = 0
 
     @property
     def pending_products(self) -> list[int]:
@@ -481,10 +497,25 @@ class VerdictJoin:
                 return False
         return True
 
+    def _out_of_step(self, views: list[ViewScore]) -> dict[str, float]:
+        """Cameras whose view lies further than ``max_spread_s`` from the views' median capture
+        time, with how far."""
+        if self.max_spread_s is None or len(views) < 2:
+            return {}
+        median = float(np.median([v.captured_at for v in views]))
+        gaps = {v.camera: v.captured_at - median for v in views}
+        return {c: gap for c, gap in gaps.items() if abs(gap) > self.max_spread_s}
+
     def _emit(self, seq: int, now: float, status: str) -> Verdict:
         entry = self._pending.pop(seq)
         views = [entry.scores[c] for c in self.cameras if c in entry.scores]
-        missing = [c for c in self.cameras if c not in entry.scores]
+        out_of_step = self._out_of_step(views)
+        if out_of_step:
+            self.out_of_step += len(out_of_step)
+            status = "incomplete"
+            views = [v for v in views if v.camera not in out_of_step]
+            entry.captured_at = min((v.captured_at for v in views), default=entry.captured_at)
+        missing = [c for c in self.cameras if c not in entry.scores or c in out_of_step]
         if any(v.is_defect for v in views):
             decision = "defect"
         elif missing:
@@ -497,7 +528,12 @@ class VerdictJoin:
         reasons = []
         if entry.shed:
             reasons.append(f"{', '.join(sorted(entry.shed))} shed: scorers too far behind")
-        late = [c for c in missing if c not in entry.shed]
+        if out_of_step:
+            reasons.append(
+                ", ".join(f"{c} out of step ({gap:+.2f} s)" for c, gap in out_of_step.items())
+                + f": captured more than {self.max_spread_s:g} s from the product's other views"
+            )
+        late = [c for c in missing if c not in entry.shed and c not in out_of_step]
         if late:
             reasons.append(f"no view from {', '.join(late)} within {self.timeout_s:g} s")
         return Verdict(
