@@ -9,6 +9,7 @@ redelivered work produce no second verdict.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -41,6 +42,8 @@ from .redis_conn import reconnecting_client
 from .registry import Registry, RegistryError
 from .streams import DecidedProducts, Streams, line_groups
 
+log = logging.getLogger(__name__)
+
 # Entries pending at one consumer for this long are taken over by another.
 RECLAIM_IDLE_MS = 15_000
 # The aggregator applies the sample store's retention once per this many verdicts.
@@ -53,6 +56,9 @@ class _Loop:
     """Shared plumbing: Redis bus, a stop flag, counters."""
 
     def __init__(self, redis_url: str, maxlen: int):
+        # Each actor is a process of its own; Ray keeps its output in the node's logs and shows
+        # it on the driver's console.
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.bus = StreamBus(reconnecting_client(redis_url), maxlen=maxlen)
         self._stop = threading.Event()
         self.counters: dict[str, int] = {}
@@ -240,6 +246,7 @@ class ScorerActor(_Loop):
                 self._refused = active  # not tried again until another version is activated
             else:
                 self.count("model_swaps" if self.scorer else "model_loads")
+                log.info("%s: %s scores with model %s", self.streams.line, self.consumer, active)
                 self.scorer = loaded
         if shadow is None:
             self.shadow = None
@@ -253,8 +260,9 @@ class ScorerActor(_Loop):
 
         try:
             bundle = load_model(Path(self.registry.get(version_id).path))
-        except (ModelError, RegistryError):
+        except (ModelError, RegistryError) as exc:
             self.count("model_load_failures")
+            log.warning("%s: model %s refused: %s", self.streams.line, version_id, exc)
             return None
         return ViewScorer(bundle, self.threshold)
 
@@ -290,6 +298,12 @@ class ScorerActor(_Loop):
                 self._publish(d, shed)
             self.count("shed", len(batch))
             self.metrics.shed.inc(len(batch), {"line": self.streams.line})
+            log.warning(
+                "%s: more than %d views wait for the scorers: %d passed on unscored (shed)",
+                self.streams.line,
+                self.max_backlog,
+                len(batch),
+            )
             return
         try:
             scores = self.scorer.score([d.message for d in batch])
@@ -400,6 +414,12 @@ class AggregatorActor(_Loop):
         if score.product_seq in self.decided:
             self.bus.ack(d)  # redelivered, or arrived after an incomplete verdict
             self.count("late_or_duplicate_views")
+            log.info(
+                "%s: view of product %d from %s after its verdict: counted, not used",
+                self.line,
+                score.product_seq,
+                score.camera,
+            )
             return
         self._entries.setdefault(score.product_seq, []).append(d)
         before = self.join.duplicates

@@ -8,6 +8,7 @@ and acknowledged, so one bad message never blocks a stream.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -16,6 +17,8 @@ import redis
 from schemas import Message, SchemaError
 
 M = TypeVar("M", bound=Message)
+
+log = logging.getLogger(__name__)
 
 DEAD_LETTER_STREAM = "deadletter"
 DEFAULT_MAXLEN = 100_000
@@ -150,8 +153,7 @@ class StreamBus:
                 count=count - len(claimed),
             )
             cursor, entries = reply[0], reply[1]
-            gone = [e for e in entries if e is None or e[1] is None]
-            if gone:
+            if any(e is None or e[1] is None for e in entries):
                 self._ack_trimmed(stream, group, consumer)
             claimed.extend(e for e in entries if e is not None and e[1] is not None)
             if cursor in (b"0-0", "0-0"):
@@ -166,10 +168,18 @@ class StreamBus:
         back as the consumer's own history, they come with their ids.
         """
         reply = self.client.xreadgroup(group, consumer, {stream: "0"}, count=LAG_COUNT_LIMIT)
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                if not fields:
-                    self.client.xack(stream, group, entry_id)
+        gone = [
+            entry_id for _, entries in reply or [] for entry_id, fields in entries if not fields
+        ]
+        if gone:
+            self.client.xack(stream, group, *gone)
+            log.warning(
+                "%s: %d entries pending in group %s were trimmed before anyone processed them "
+                "(the stream reached its maxlen): acknowledged, lost",
+                stream,
+                len(gone),
+                group,
+            )
 
     @property
     def _count_after(self):
@@ -225,6 +235,7 @@ class StreamBus:
         pipe.xadd(self.dead_letter_stream, record, maxlen=self.maxlen, approximate=True)
         pipe.xack(stream, group, entry_id)
         pipe.execute()
+        log.warning("%s entry %s (group %s) dead-lettered: %s", stream, entry_id, group, reason)
 
     def _decode(
         self, stream: str, group: str, message_type: type[M], entries: list

@@ -93,7 +93,7 @@ def test_only_entries_every_group_has_acknowledged_are_trimmed(bus):
     assert bus.trim_processed("frames") == 4 and bus.client.xlen("frames") == 0
 
 
-def test_pending_entries_trimmed_away_are_acknowledged_when_claimed(bus):
+def test_pending_entries_trimmed_away_are_acknowledged_when_claimed(bus, caplog):
     # A stage far behind: publishing trims entries a dead consumer still held.
     bus.ensure_group("frames", "detect")
     for i in range(6):
@@ -105,6 +105,7 @@ def test_pending_entries_trimmed_away_are_acknowledged_when_claimed(bus):
     # Only the two still to process are pending: the group can drain.
     assert bus.client.xpending("frames", "detect")["pending"] == 2
     assert bus.lag("frames", "detect") == 2
+    assert "frames: 4 entries pending in group detect were trimmed" in caplog.text
 
 
 def test_trimming_while_a_consumer_acknowledges_neither_fails_nor_loses_an_entry(bus):
@@ -133,7 +134,7 @@ def test_trimming_while_a_consumer_acknowledges_neither_fails_nor_loses_an_entry
     assert trimmed == 400 and bus.client.xlen("frames") == 0
 
 
-def test_malformed_entries_go_to_the_dead_letter_stream_and_the_rest_is_processed(bus):
+def test_malformed_entries_go_to_the_dead_letter_stream_and_the_rest_is_processed(bus, caplog):
     bus.ensure_group("frames", "detect")
     bus.publish("frames", frame(0))
     bus.client.xadd("frames", {b"kind": b"frame", b"v": b"1", b"meta": b"{broken"})
@@ -150,6 +151,8 @@ def test_malformed_entries_go_to_the_dead_letter_stream_and_the_rest_is_processe
     assert first[DL_STREAM] == b"frames" and first[DL_ENTRY]
     # The bad entries are acknowledged: only the good ones still wait for their ack.
     assert bus.client.xpending("frames", "detect")["pending"] == 2
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(logged) == 2 and all("frames entry" in m and "dead-lettered" in m for m in logged)
 
 
 def test_publish_bounds_the_stream(redis_client):

@@ -44,7 +44,7 @@ def test_a_view_delivered_twice_counts_once():
     assert join.duplicates == 1 and join.pending_products == [0]
 
 
-def test_a_silent_camera_makes_an_incomplete_verdict_naming_it():
+def test_a_silent_camera_makes_an_incomplete_verdict_naming_it(caplog):
     join = VerdictJoin("l", CAMS, timeout_s=5)
     for c in CAMS[:3]:
         join.add(score(0, c), now=0)
@@ -52,6 +52,7 @@ def test_a_silent_camera_makes_an_incomplete_verdict_naming_it():
     [verdict] = join.expire(now=5.0)
     assert verdict.status == "incomplete" and verdict.missing_cameras == ["cam3"]
     assert verdict.decision == "unknown" and "cam3" in verdict.reason
+    assert "l: product 0 incomplete: no view from cam3 within 5 s" in caplog.text
 
 
 def test_a_backlog_does_not_expire_products_but_a_skipped_product_does():
@@ -87,9 +88,10 @@ def test_a_camera_counting_out_of_step_is_left_out_and_named():
     assert join.add(score(1, "cam3", captured_at=102.0), now=0).status == "complete"
 
 
-def test_views_from_an_unknown_camera_are_counted_and_ignored():
+def test_views_from_an_unknown_camera_are_counted_logged_and_ignored(caplog):
     join = VerdictJoin("l", CAMS)
     assert join.add(score(0, "cam9"), now=0) is None and join.unknown_camera == 1
+    assert "from camera cam9, not one of the line's" in caplog.text
 
 
 def _gated_frame(spec) -> CameraFrame:

@@ -5,6 +5,7 @@ No Redis and no Ray here: ``cluster/`` moves the messages. Every class is testab
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from .images import (
 )
 from .matte import VIEW_MAX_SIDE, DeepMatter, MaskShape, matte
 from .motion import MotionGate
+
+log = logging.getLogger(__name__)
 
 # -- camera ingest ------------------------------------------------------------------------------
 
@@ -463,12 +466,25 @@ class VerdictJoin:
         now = time.time() if now is None else now
         if score.camera not in self.cameras:
             self.unknown_camera += 1
+            log.warning(
+                "%s: view of product %d from camera %s, not one of the line's (%s): ignored",
+                self.line,
+                score.product_seq,
+                score.camera,
+                ", ".join(self.cameras),
+            )
             return None
         self._last_seen[score.camera] = now
         self._max_seq[score.camera] = max(self._max_seq.get(score.camera, -1), score.product_seq)
         entry = self._pending.setdefault(score.product_seq, _Pending(now, score.captured_at))
         if score.camera in entry.scores or score.camera in entry.shed:
             self.duplicates += 1
+            log.info(
+                "%s: view of product %d from %s again: counted once",
+                self.line,
+                score.product_seq,
+                score.camera,
+            )
             return None
         if score.shed:
             entry.shed.add(score.camera)
@@ -536,6 +552,8 @@ class VerdictJoin:
         late = [c for c in missing if c not in entry.shed and c not in out_of_step]
         if late:
             reasons.append(f"no view from {', '.join(late)} within {self.timeout_s:g} s")
+        if status == "incomplete":
+            log.warning("%s: product %d incomplete: %s", self.line, seq, "; ".join(reasons))
         return Verdict(
             product_id=make_product_id(self.line, seq),
             line=self.line,
