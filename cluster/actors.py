@@ -52,13 +52,24 @@ PRUNE_EVERY = 256
 GAUGE_PERIOD_S = 5.0
 
 
+def _log_to_stderr() -> None:
+    """defectflow's own INFO lines and above on stderr (not every library's: Ultralytics and
+    torch log too). Each actor is a process of its own; Ray keeps its output in the node's logs
+    and shows it on the driver's console."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("cluster", "workers"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.setLevel(logging.INFO)
+            logger.addHandler(handler)
+
+
 class _Loop:
     """Shared plumbing: Redis bus, a stop flag, counters."""
 
     def __init__(self, redis_url: str, maxlen: int):
-        # Each actor is a process of its own; Ray keeps its output in the node's logs and shows
-        # it on the driver's console.
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        _log_to_stderr()
         self.bus = StreamBus(reconnecting_client(redis_url), maxlen=maxlen)
         self._stop = threading.Event()
         self.counters: dict[str, int] = {}
