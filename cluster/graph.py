@@ -269,7 +269,7 @@ def backlog(client: redis.Redis, running: RunningLine) -> int:
 
 
 class StageFailed(RuntimeError):
-    """A line's detect, score, aggregate or train loop ended without being asked to stop."""
+    """A stage of a line ended on an error, or (but for a camera) without being asked to."""
 
 
 def check_stages(running: RunningLine) -> None:
