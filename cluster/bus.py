@@ -80,8 +80,9 @@ class StreamBus:
         self.client = client
         self.maxlen = maxlen
         self.dead_letter_stream = dead_letter_stream
-        self._count_script = None
-        self._trim_script = None
+        # Registered once, run by hash (EVALSHA); reloaded by redis-py when Redis has lost them.
+        self._count_after = client.register_script(_COUNT_AFTER)
+        self._trim_processed = client.register_script(_TRIM_PROCESSED)
 
     def publish(self, stream: str, message: Message) -> str:
         """Append ``message``; the stream is trimmed to about ``maxlen`` entries."""
@@ -168,24 +169,22 @@ class StreamBus:
         back as the consumer's own history, they come with their ids.
         """
         reply = self.client.xreadgroup(group, consumer, {stream: "0"}, count=LAG_COUNT_LIMIT)
-        gone = [
-            entry_id for _, entries in reply or [] for entry_id, fields in entries if not fields
-        ]
-        if gone:
-            self.client.xack(stream, group, *gone)
-            log.warning(
-                "%s: %d entries pending in group %s were trimmed before anyone processed them "
-                "(the stream reached its maxlen): acknowledged, lost",
-                stream,
-                len(gone),
-                group,
-            )
+        self._ack_lost(
+            stream, group, [i for _, entries in reply or [] for i, f in entries if not f]
+        )
 
-    @property
-    def _count_after(self):
-        if self._count_script is None:
-            self._count_script = self.client.register_script(_COUNT_AFTER)
-        return self._count_script
+    def _ack_lost(self, stream: str, group: str, entry_ids: list) -> None:
+        """Acknowledge pending entries whose content was trimmed away: nothing left to process."""
+        if not entry_ids:
+            return
+        self.client.xack(stream, group, *entry_ids)
+        log.warning(
+            "%s: %d entries pending in group %s were trimmed before anyone processed them "
+            "(the stream reached its maxlen): acknowledged, lost",
+            stream,
+            len(entry_ids),
+            group,
+        )
 
     def lag(self, stream: str, group: str) -> int:
         """Entries of ``stream`` that ``group`` has not acknowledged: pending + not yet read.
@@ -210,9 +209,7 @@ class StreamBus:
         of a 1080p camera, at 300 kB a JPEG, are 30 GB of Redis memory. A stream no group reads
         is left as is.
         """
-        if self._trim_script is None:
-            self._trim_script = self.client.register_script(_TRIM_PROCESSED)
-        return self._trim_script(keys=[stream], args=[int(older_than_s * 1000)])
+        return self._trim_processed(keys=[stream], args=[int(older_than_s * 1000)])
 
     def ack(self, *deliveries: Delivery) -> None:
         for d in deliveries:
@@ -240,12 +237,12 @@ class StreamBus:
     def _decode(
         self, stream: str, group: str, message_type: type[M], entries: list
     ) -> list[Delivery[M]]:
+        self._ack_lost(stream, group, [entry_id for entry_id, fields in entries if not fields])
         out: list[Delivery[M]] = []
         for raw_id, fields in entries:
-            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            if not fields:  # trimmed away while pending: nothing left to process
-                self.client.xack(stream, group, entry_id)
+            if not fields:
                 continue
+            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
             try:
                 message = message_type.from_entry(fields)
             except SchemaError as exc:
