@@ -26,12 +26,12 @@ from schemas import (
 )
 from schemas.base import SchemaError
 from workers.images import ImageError
+from workers.join import Settled, VerdictJoin
 from workers.samples import SampleError, SampleStore
 from workers.stages import (
     CameraIngest,
     DetectMatte,
     NoProductFound,
-    VerdictJoin,
     ViewScorer,
     shed_score,
 )
@@ -391,7 +391,6 @@ class AggregatorActor(_Loop):
         self.decided = DecidedProducts(self.bus.client, line)
         self.consumer = "aggregate-0"
         self.bus.ensure_group(self.streams.scores, self.streams.aggregate_group)
-        self._entries: dict[int, list] = {}  # product seq -> deliveries to ack with its verdict
 
     def run(self) -> dict:
         stream, group = self.streams.scores, self.streams.aggregate_group
@@ -401,15 +400,15 @@ class AggregatorActor(_Loop):
         while True:
             for d in batch:
                 self._add(d)
-            for verdict in self.join.expire():
-                self._publish(verdict)
+            for settled in self.join.expire():
+                self._publish(settled)
             if time.monotonic() - self._gauged_at > GAUGE_PERIOD_S:
                 self._trim_images()
                 self._gauge_line()
             if self._stop.is_set() and not batch:
                 # Upstream has drained: a view still missing now will never come.
-                for verdict in self.join.expire(flush=True):
-                    self._publish(verdict)
+                for settled in self.join.expire(flush=True):
+                    self._publish(settled)
                 self._trim_images()
                 break
             batch = self.bus.consume(
@@ -418,30 +417,34 @@ class AggregatorActor(_Loop):
         return self.stats() | {
             "pending_products": len(self.join.pending_products),
             "out_of_step_views": self.join.out_of_step,
+            "cameras_resynchronised": self.join.resynchronised,
         }
 
     def _add(self, d) -> None:
         score = d.message
-        if score.product_seq in self.decided:
+        seq = self.join.line_seq(score.camera, score.product_seq)
+        if seq in self.decided:
             self.bus.ack(d)  # redelivered, or arrived after an incomplete verdict
             self.count("late_or_duplicate_views")
             log.info(
                 "%s: view of product %d from %s after its verdict: counted, not used",
                 self.line,
-                score.product_seq,
+                seq,
                 score.camera,
             )
             return
-        self._entries.setdefault(score.product_seq, []).append(d)
         before = self.join.duplicates
-        verdict = self.join.add(score)
+        settled = self.join.add(score, receipt=d)
         if self.join.duplicates > before:
-            self.count("duplicate_views")
-        if verdict is not None:
-            self._publish(verdict)
+            self.count("duplicate_views", self.join.duplicates - before)
+        for s in settled:
+            self._publish(s)
 
-    def _publish(self, verdict) -> None:
-        entries = self._entries.pop(verdict.product_seq, [])
+    def _publish(self, settled: Settled) -> None:
+        verdict, entries = settled.verdict, settled.receipts
+        if verdict is None:  # views of no product (a camera the line does not have)
+            self.bus.ack(*entries)
+            return
         if self.samples is not None:
             self.samples.put_verdict(self.line, verdict.product_seq, verdict.model_dump_json())
         self.decided.publish(

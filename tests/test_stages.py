@@ -1,97 +1,13 @@
-"""Stage logic without Redis or Ray: ingest from a folder, detect+matte, the verdict join."""
+"""Stage logic without Redis or Ray: ingest from a folder, detect+matte."""
 
 import cv2
 import numpy as np
 import pytest
 
-from schemas import CameraFrame, ViewScore
+from schemas import CameraFrame
 from workers.images import ImageError, decode_with_alpha
 from workers.simulate import LineSpec, belt_texture, render_camera
-from workers.stages import CameraIngest, DetectMatte, NoProductFound, VerdictJoin, open_source
-
-CAMS = ["cam0", "cam1", "cam2", "cam3"]
-
-
-def score(seq, camera, value=0.1, threshold=1.0, captured_at=None):
-    return ViewScore(
-        product_id=f"l:{seq}",
-        line="l",
-        camera=camera,
-        product_seq=seq,
-        captured_at=100.0 + seq if captured_at is None else captured_at,
-        score=value,
-        threshold=threshold,
-        is_defect=value >= threshold,
-        model_version="m",
-    )
-
-
-def test_a_product_is_defective_if_any_view_is_and_good_only_if_all_are_good():
-    join = VerdictJoin("l", CAMS)
-    assert [join.add(score(0, c), now=1.0) for c in CAMS[:3]] == [None, None, None]
-    good = join.add(score(0, "cam3"), now=1.0)
-    assert good.decision == "good" and good.status == "complete" and len(good.views) == 4
-    for c in CAMS[:3]:
-        join.add(score(1, c), now=2.0)
-    bad = join.add(score(1, "cam3", value=5.0), now=2.0)
-    assert bad.decision == "defect" and bad.product_id == "l:1"
-
-
-def test_a_view_delivered_twice_counts_once():
-    join = VerdictJoin("l", CAMS)
-    join.add(score(0, "cam0"), now=0)
-    assert join.add(score(0, "cam0"), now=0) is None
-    assert join.duplicates == 1 and join.pending_products == [0]
-
-
-def test_a_silent_camera_makes_an_incomplete_verdict_naming_it(caplog):
-    join = VerdictJoin("l", CAMS, timeout_s=5)
-    for c in CAMS[:3]:
-        join.add(score(0, c), now=0)
-    assert join.expire(now=4.9) == []
-    [verdict] = join.expire(now=5.0)
-    assert verdict.status == "incomplete" and verdict.missing_cameras == ["cam3"]
-    assert verdict.decision == "unknown" and "cam3" in verdict.reason
-    assert "l: product 0 incomplete: no view from cam3 within 5 s" in caplog.text
-
-
-def test_a_backlog_does_not_expire_products_but_a_skipped_product_does():
-    join = VerdictJoin("l", CAMS, timeout_s=5, reorder_window=2)
-    for c in CAMS[:3]:
-        join.add(score(0, c), now=0)
-    join.add(score(5, "cam3"), now=0.5)  # cam3 is alive, merely late for product 0 ...
-    join.add(score(0, "cam3"), now=9.0)  # ... and its view comes: complete
-    assert join.pending_products == [5]
-    for c in CAMS[:3]:
-        join.add(score(1, c), now=10)
-    join.add(score(3, "cam3"), now=14)  # cam3 delivers later products, never product 1
-    assert join.expire(now=14.9) == []
-    verdicts = {v.product_seq: v for v in join.expire(now=15.0)}
-    assert verdicts[1].missing_cameras == ["cam3"]
-    assert verdicts[5].missing_cameras == ["cam0", "cam1", "cam2"]  # silent since t = 10
-
-
-def test_a_camera_counting_out_of_step_is_left_out_and_named():
-    # cam3 missed a product: its "product 1" is the line's product 2, a second later.
-    join = VerdictJoin("l", CAMS, max_spread_s=0.3)
-    for c in CAMS[:3]:
-        join.add(score(1, c, captured_at=101.0 + 0.1 * (c == "cam1")), now=0)
-    verdict = join.add(score(1, "cam3", value=5.0, captured_at=102.0), now=0)
-    assert verdict.status == "incomplete" and verdict.missing_cameras == ["cam3"]
-    assert verdict.decision == "unknown"  # the defect cam3 saw is another product's
-    assert "cam3 out of step (+0.95 s)" in verdict.reason and join.out_of_step == 1
-    assert verdict.latency_ms["camera_spread"] == pytest.approx(100.0)  # of the views kept
-    # Without a tolerance the four views join, as before.
-    join = VerdictJoin("l", CAMS)
-    for c in CAMS[:3]:
-        join.add(score(1, c, captured_at=101.0), now=0)
-    assert join.add(score(1, "cam3", captured_at=102.0), now=0).status == "complete"
-
-
-def test_views_from_an_unknown_camera_are_counted_logged_and_ignored(caplog):
-    join = VerdictJoin("l", CAMS)
-    assert join.add(score(0, "cam9"), now=0) is None and join.unknown_camera == 1
-    assert "from camera cam9, not one of the line's" in caplog.text
+from workers.stages import CameraIngest, DetectMatte, NoProductFound, open_source
 
 
 def _gated_frame(spec) -> CameraFrame:
