@@ -22,7 +22,7 @@ from workers.detect import ContourDetector, iou
 from workers.matte import matte
 from workers.motion import MotionGate
 from workers.simulate import LineSpec, camera_videos, parse_frame_size, simulate_line
-from workers.stages import open_source
+from workers.sources import open_source
 
 
 def main(argv: list[str] | None = None) -> dict:

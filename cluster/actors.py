@@ -28,6 +28,7 @@ from schemas.base import SchemaError
 from workers.images import ImageError
 from workers.join import Settled, VerdictJoin
 from workers.samples import SampleError, SampleStore
+from workers.sources import is_live
 from workers.stages import (
     CameraIngest,
     DetectMatte,
@@ -40,7 +41,7 @@ from .bus import StreamBus
 from .metrics import LineMetrics
 from .redis_conn import reconnecting_client
 from .registry import Registry, RegistryError
-from .streams import DecidedProducts, Streams, line_groups
+from .streams import DecidedProducts, Streams, line_groups, next_product_seq
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,11 @@ class CameraIngestActor(_Loop):
         frame_stride: int,
     ):
         super().__init__(redis_url, maxlen)
+        if is_live(source) and ray.get_runtime_context().was_current_actor_reconstructed:
+            # A live camera restarted by Ray has missed what passed meanwhile: it numbers on
+            # from the line's newest product (the aggregator re-synchronises the rest by capture
+            # time). A recording replays from its start and numbers its products as before.
+            first_product = max(first_product, next_product_seq(self.bus.client, line, [camera]))
         self.ingest = CameraIngest(
             line,
             camera,
@@ -139,6 +145,7 @@ class CameraIngestActor(_Loop):
             "frames": stats.frames,
             "corrupt_frames": stats.corrupt_frames,
             "resolution_changes": stats.resolution_changes,
+            "reconnects": stats.reconnects,
         }
         return self.stats()
 

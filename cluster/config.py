@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from workers.matte import VIEW_MAX_SIDE, MaskShape
+from workers.sources import is_live
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 
@@ -41,7 +42,13 @@ class CameraConfig(_Strict):
         min_length=1,
         description="video file, rtsp:// URL, folder of frames, or 'sim' for the line simulator",
     )
-    fps: float | None = Field(default=None, gt=0, le=1000)
+    fps: float | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description="replay a recording (file or folder) at this rate, as its camera filmed it; "
+        "a live stream comes at its own",
+    )
     frame_stride: int = Field(
         default=1,
         ge=1,
@@ -55,6 +62,15 @@ class CameraConfig(_Strict):
     background: Path | None = Field(
         default=None, description="image of the empty belt; default: learned from the video"
     )
+
+    @model_validator(mode="after")
+    def _fps_paces_recordings_only(self) -> CameraConfig:
+        if self.fps is not None and is_live(self.source):
+            raise ValueError(
+                f"fps paces the replay of a recording; {self.source} is a live stream, which "
+                "comes at its own rate: leave fps out"
+            )
+        return self
 
 
 class ReplicaConfig(_Strict):

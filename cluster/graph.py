@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from .actors import (
 from .bus import StreamBus
 from .config import CameraConfig, LineConfig, SampleConfig
 from .registry import Registry
-from .streams import DecidedProducts, Streams, line_groups, reset_line
+from .streams import Streams, line_groups, next_product_seq, reset_line
 
 # Restarted by Ray when they die, the in-flight `run` call retried on the new instance; a second
 # concurrent call (stop) reaches a running loop; replicas spread over the cluster's nodes.
@@ -176,23 +175,6 @@ def start_line(
         running.runs[actor] = actor.run.remote()
     start_ingest(running, redis_url, line.cameras, maxlen=maxlen, resources=res)
     return running
-
-
-def next_product_seq(client: redis.Redis, line: str, cameras: list[str]) -> int:
-    """The number the line's next product gets: one past every product it has seen.
-
-    A restarted line must not reuse numbers: the aggregator would take the new products' views
-    for late duplicates of decided ones.
-    """
-    streams = Streams(line)
-    decided = DecidedProducts(client, line).last()
-    seen = [] if decided is None else [decided]
-    # Processed frames and views leave Redis: a product between stages is in one of these.
-    for stream in [streams.frames(c) for c in cameras] + [streams.views, streams.scores]:
-        newest = client.xrevrange(stream, count=1)
-        if newest:
-            seen.append(json.loads(newest[0][1][b"meta"])["product_seq"])
-    return max(seen) + 1 if seen else 0
 
 
 def start_ingest(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from workers.samples import SampleStore
@@ -131,6 +132,23 @@ class DecidedProducts:
         # the highest set bit is in the last byte; Redis counts bits from each byte's top bit.
         last = self.client.getrange(self.key, -1, -1)[0]
         return (size - 1) * 8 + 8 - (last & -last).bit_length()
+
+
+def next_product_seq(client, line: str, cameras: list[str]) -> int:
+    """The number the line's next product gets: one past every product it has seen.
+
+    A restarted line must not reuse numbers: the aggregator would take the new products' views
+    for late duplicates of decided ones.
+    """
+    streams = Streams(line)
+    decided = DecidedProducts(client, line).last()
+    seen = [] if decided is None else [decided]
+    # Processed frames and views leave Redis: a product between stages is in one of these.
+    for stream in [streams.frames(c) for c in cameras] + [streams.views, streams.scores]:
+        newest = client.xrevrange(stream, count=1)
+        if newest:
+            seen.append(json.loads(newest[0][1][b"meta"])["product_seq"])
+    return max(seen) + 1 if seen else 0
 
 
 def line_groups(streams: Streams, cameras: list[str]) -> list[tuple[str, str]]:

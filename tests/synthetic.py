@@ -108,3 +108,14 @@ def make_line(root: Path, products: int, seed: int = 4) -> tuple[Path, list[Path
         LineSpec(products=products, defect_rate=0.5, seed=seed, **LINE_FRAME),
     )
     return root / "model", list(camera_videos(root / "line").values())
+
+
+def one_camera_video(root: Path, products: int, codec: str = "mjpeg") -> Path:
+    """The video of one camera on a simulated line of ``products`` good products."""
+    from workers.datasets import list_train_samples
+    from workers.simulate import LineSpec, camera_videos, render_line
+
+    data = make_dataset(root / "tiles", n_train=6, n_good=1, n_defect=1)
+    spec = LineSpec(products=products, cameras=1, defect_rate=0, seed=5, codec=codec, **LINE_FRAME)
+    render_line(list_train_samples(data), [], root / codec, spec)
+    return camera_videos(root / codec)["cam0"]

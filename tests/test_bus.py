@@ -11,9 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.bus import DL_ENTRY, DL_REASON, DL_STREAM, StreamBus
-from cluster.graph import next_product_seq
 from cluster.redis_conn import EmbeddedRedis
-from cluster.streams import DecidedProducts, Streams
+from cluster.streams import DecidedProducts, Streams, next_product_seq
 from schemas import CameraFrame
 from tests.messages import frame
 

@@ -9,14 +9,15 @@ import ray
 import redis
 from PIL import Image
 
+from cluster.actors import CameraIngestActor
 from cluster.config import ReplicaConfig
 from cluster.demo import line_config
-from cluster.graph import LineResources, StageFailed, drain_and_stop, start_line
+from cluster.graph import ACTOR_OPTIONS, LineResources, StageFailed, drain_and_stop, start_line
 from cluster.redis_conn import EmbeddedRedis, reconnecting_client
 from cluster.streams import Streams
-from schemas import ProductView, Verdict, ViewScore
+from schemas import CameraFrame, ProductView, Verdict, ViewScore
 from tests.synthetic import LINE_FRAME as FRAME
-from tests.synthetic import train_line_models
+from tests.synthetic import one_camera_video, train_line_models
 from workers.datasets import list_test_samples
 from workers.simulate import LineSpec, render_line
 
@@ -112,6 +113,38 @@ def test_killing_a_camera_a_scorer_and_a_detector_and_restarting_redis_mid_run_l
     assert aggregate.get("late_or_duplicate_views", 0) + aggregate.get("duplicate_views", 0) >= 1
     # 8 products x 4 cameras: 32 frames and 32 views (more if a killed actor redid one), all gone.
     assert aggregate["images_trimmed"] >= 64 and not any(left.values()), left
+
+
+def test_a_restarted_live_camera_numbers_on_from_the_line_not_from_its_first_product(
+    local_ray, embedded_redis, redis_client, http_server, tmp_path
+):
+    # A recording served over HTTP is a live stream to the camera (it drops at its end and
+    # comes back): products 0, 1, 2, ... at about two a second.
+    video = one_camera_video(tmp_path, 2)
+    url = f"http://127.0.0.1:{http_server.server_port}/{video.relative_to(tmp_path)}"
+    camera = CameraIngestActor.options(num_cpus=0.1, **ACTOR_OPTIONS).remote(
+        embedded_redis.url, 1000, "live", "cam0", url, None, None, None, 0, 1
+    )
+    run = camera.run.remote()
+    stream = Streams("live").frames("cam0")
+
+    def numbers() -> list[int]:
+        return [CameraFrame.from_entry(f).product_seq for _, f in redis_client.xrange(stream)]
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(numbers()) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    wait_for(3)
+    ray.kill(camera, no_restart=False)  # Ray restarts it and runs `run` again
+    before = len(numbers())
+    wait_for(before + 3)
+    camera.stop.remote()
+    ray.get(run, timeout=60)
+    seen = numbers()
+    assert len(seen) >= before + 3
+    assert seen == sorted(set(seen)), seen  # no number given twice: none taken for a late view
 
 
 def test_a_stage_that_fails_ends_the_drain_with_its_error_and_frees_the_line(

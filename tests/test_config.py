@@ -60,6 +60,10 @@ def test_the_environment_overrides_the_file(tmp_path, monkeypatch):
             "lines.0.mask_shape",
         ),
         (LINE_YAML.replace("id: cam1", "id: cam0"), "lines.0"),
+        (
+            LINE_YAML.replace("/videos/cam1.mp4", "rtsp://cam1.line/stream"),
+            "lines.0.cameras.1",
+        ),
         (LINE_YAML.replace("model_dir", "modle_dir"), "modle_dir"),
         (LINE_YAML.replace("id: line1", "id: 'line 1'"), "lines.0.id"),
     ],

@@ -46,7 +46,13 @@ def test_a_view_delivered_twice_counts_once_and_both_deliveries_come_back_with_t
     for i, c in enumerate(CAMS[1:]):
         settled = join.add(score(0, c), now=0, receipt=i)
     [done] = settled
-    assert len(done.verdict.views) == 4 and sorted(map(str, done.receipts)) == ["0", "1", "2", "a", "b"]
+    assert len(done.verdict.views) == 4 and sorted(map(str, done.receipts)) == [
+        "0",
+        "1",
+        "2",
+        "a",
+        "b",
+    ]
 
 
 def test_a_silent_camera_makes_an_incomplete_verdict_naming_it(caplog):

@@ -1,13 +1,17 @@
 """Stage logic without Redis or Ray: ingest from a folder, detect+matte."""
 
+import time
+
 import cv2
 import numpy as np
 import pytest
 
 from schemas import CameraFrame
+from tests.synthetic import one_camera_video
 from workers.images import ImageError, decode_with_alpha
 from workers.simulate import LineSpec, belt_texture, render_camera
-from workers.stages import CameraIngest, DetectMatte, NoProductFound, open_source
+from workers.sources import is_live, open_source
+from workers.stages import CameraIngest, DetectMatte, NoProductFound
 
 
 def _gated_frame(spec) -> CameraFrame:
@@ -83,24 +87,11 @@ def test_ingest_from_a_folder_skips_corrupt_frames_and_fires_once_per_product(tm
     assert belt_texture(spec, 0).shape[:2] == (160, 240)
 
 
-def _one_camera_line(tmp_path, products, codec):
-    from tests.synthetic import make_dataset
-    from workers.datasets import list_train_samples
-    from workers.simulate import camera_videos, render_line
-
-    data = make_dataset(tmp_path / "tiles", n_train=6, n_good=1, n_defect=1)
-    spec = LineSpec(
-        products=products, cameras=1, defect_rate=0, width=240, height=160, seed=5, codec=codec
-    )
-    render_line(list_train_samples(data), [], tmp_path / codec, spec)
-    return camera_videos(tmp_path / codec)["cam0"]
-
-
 @pytest.mark.parametrize("codec", ["mjpeg", "mp4v"])
 def test_a_frame_stride_yields_every_nth_frame_of_a_video_as_decoded_in_full(tmp_path, codec):
     from workers.detect import read_frames
 
-    video = _one_camera_line(tmp_path, 2, codec)
+    video = one_camera_video(tmp_path, 2, codec)
     every = dict(read_frames(video))  # FFmpeg decodes every frame
     strided = list(open_source(str(video), stride=3))
     assert [f.index for f in strided] == list(range(0, len(every), 3))
@@ -116,7 +107,7 @@ def test_a_frame_stride_yields_every_nth_frame_of_a_video_as_decoded_in_full(tmp
 
 
 def test_mjpeg_frames_decode_scaled_down_for_the_gate_and_keep_their_full_jpeg(tmp_path):
-    video = _one_camera_line(tmp_path, 2, "mjpeg")
+    video = one_camera_video(tmp_path, 2, "mjpeg")
     full = list(open_source(str(video)))
     reduced = list(open_source(str(video), max_width=100))
     assert len(reduced) == len(full)
@@ -129,7 +120,7 @@ def test_mjpeg_frames_decode_scaled_down_for_the_gate_and_keep_their_full_jpeg(t
 
 
 def test_the_packet_decoder_follows_a_change_of_resolution():
-    from workers.stages import _PacketDecoder
+    from workers.sources import _PacketDecoder
 
     decoder = _PacketDecoder(max_width=50)
     for shape, expected in [((80, 120), (20, 30)), ((80, 120), (20, 30)), ((200, 400), (25, 50))]:
@@ -167,7 +158,7 @@ def test_a_gated_jpeg_frame_is_sent_on_as_the_camera_encoded_it(tmp_path):
 
 
 def test_ingest_with_a_frame_stride_still_fires_once_per_product(tmp_path):
-    video = _one_camera_line(tmp_path, 6, "mjpeg")
+    video = one_camera_video(tmp_path, 6, "mjpeg")
     ingest = CameraIngest("l", "cam0", str(video), frame_stride=2)
     frames = list(ingest.frames())
     assert [f.product_seq for f in frames] == list(range(6))
@@ -182,13 +173,37 @@ def test_ingest_with_a_frame_stride_still_fires_once_per_product(tmp_path):
         CameraIngest("l", "cam0", str(video), frame_stride=0)
 
 
+def test_a_live_stream_that_drops_is_reopened_and_numbers_its_products_on(
+    tmp_path, http_server, caplog
+):
+    video = one_camera_video(tmp_path, 2, "mjpeg")
+    url = f"http://127.0.0.1:{http_server.server_port}/{video.relative_to(tmp_path)}"
+    assert is_live(url) and not is_live(str(video)) and not is_live(f"file://{video}")
+    ingest = CameraIngest("l", "cam0", url)
+    stopping_at = [float("inf")]
+    frames = ingest.frames(should_stop=lambda: time.monotonic() > stopping_at[0])
+    products = [next(frames) for _ in range(6)]  # the recording's 2 products, 3 times over
+    assert [f.product_seq for f in products] == list(range(6))
+    sequences = [f.sequence for f in products]
+    assert sequences == sorted(set(sequences))  # frames numbered on, not from 0 again
+    assert ingest.stats.reconnects == 2
+    assert "l: camera cam0 dropped (the stream ended): reopening in 0.5 s" in caplog.text
+    # The server goes away: the camera keeps trying, and stops when told to.
+    http_server.shutdown()
+    http_server.server_close()
+    stopping_at[0] = time.monotonic() + 2.0
+    assert list(frames) == []
+    assert time.monotonic() - stopping_at[0] < 0.5
+    assert ingest.stats.reconnects >= 4 and "cannot open this source" in caplog.text
+
+
 def test_cameras_replayed_from_one_epoch_show_each_product_together(tmp_path):
     """Readers started 0.3 s apart deliver each product at the same moment: the later one reads
     on without pausing until it is back on the shared schedule."""
     import threading
     import time
 
-    video = _one_camera_line(tmp_path, 2, "mjpeg")
+    video = one_camera_video(tmp_path, 2, "mjpeg")
     fps, epoch = 100.0, time.time()
     delivered: dict[str, dict[int, float]] = {"early": {}, "late": {}}
     stamped: dict[str, dict[int, float]] = {"early": {}, "late": {}}

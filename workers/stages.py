@@ -19,7 +19,6 @@ from schemas import BBox, CameraFrame, ProductView, ViewScore, make_product_id
 from .detect import ContourDetector, Detector
 from .differnet.store import ModelBundle
 from .images import (
-    IMAGE_SUFFIXES,
     ImageError,
     decode_image,
     decode_with_alpha,
@@ -28,148 +27,11 @@ from .images import (
 )
 from .matte import VIEW_MAX_SIDE, DeepMatter, MaskShape, matte
 from .motion import MotionGate
+from .sources import RECONNECT_WAITS_S, SourceFrame, is_live, open_source
 
 log = logging.getLogger(__name__)
 
 # -- camera ingest ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SourceFrame:
-    index: int  # position in the source
-    image: np.ndarray | None  # BGR; None where the frame does not decode
-    jpeg: bytes | None = None  # the source's own JPEG (MJPEG video, .jpg files): sent on as is
-    # The camera's frame (h, w, 3) where ``image`` is a scaled-down decoding of ``jpeg``.
-    full_shape: tuple[int, int, int] | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The camera's frame size, whatever size ``image`` was decoded at."""
-        return self.full_shape or self.image.shape
-
-
-def open_source(
-    source: str, stride: int = 1, max_width: int | None = None
-) -> Iterator[SourceFrame]:
-    """Every ``stride``-th frame of a video file, an RTSP/HTTP URL or a folder of images (sorted
-    by name). The frames in between are skipped undecoded where the source allows: image files,
-    and MJPEG video. ``max_width``: MJPEG frames are decoded scaled down (by 2, 4 or 8, the
-    smallest factor that brings them to at most this many pixels across), their JPEG kept."""
-    if stride < 1:
-        raise ValueError(f"stride must be at least 1, got {stride}")
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"{source}: folder holds no images")
-        return _folder_frames(files, stride)
-    if "://" not in source and not path.exists():
-        raise FileNotFoundError(f"{source}: no such video file or folder")
-    capture = cv2.VideoCapture(source)
-    if not capture.isOpened():
-        raise ValueError(f"{source}: OpenCV cannot open this source")
-    return _capture_frames(capture, source, stride, max_width)
-
-
-def _as_jpeg_packets(capture: cv2.VideoCapture) -> bool:
-    """Switch an MJPEG capture to hand over each frame's JPEG undecoded (FFmpeg's raw mode).
-
-    A skipped frame then costs nothing (FFmpeg decodes every frame it grabs, 0.3 ms at 480 x 270),
-    OpenCV's JPEG decoder is as fast as FFmpeg's on the frames that are read, and a gated frame
-    travels in the camera's own encoding, without a second lossy one."""
-    fourcc = (int(capture.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF).to_bytes(4, "little")
-    return fourcc == b"MJPG" and capture.set(cv2.CAP_PROP_FORMAT, -1)
-
-
-_REDUCED = {
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
-}
-
-
-class _PacketDecoder:
-    """Decodes a camera's JPEG packets for the gate, scaled down inside libjpeg (its DCT keeps
-    only the low frequencies: an area average for free). At 480 x 270 a quarter-size decode takes
-    0.20 ms, where a full one took 0.37 ms and shrinking it for the gate 0.2 ms more."""
-
-    def __init__(self, max_width: int | None):
-        self.max_width = max_width
-        self.full_shape: tuple[int, int, int] | None = None
-        self.flag = cv2.IMREAD_COLOR
-        self.reduced_shape: tuple[int, int, int] | None = None
-
-    def decode(self, packet: np.ndarray) -> tuple[np.ndarray | None, tuple[int, int, int] | None]:
-        """The frame (scaled down where it can be) and the camera's full frame shape."""
-        if self.flag != cv2.IMREAD_COLOR:
-            image = cv2.imdecode(packet, self.flag)
-            if image is None or image.shape == self.reduced_shape:
-                return image, self.full_shape
-        # The first frame, an unscaled camera, or one whose resolution changed.
-        image = cv2.imdecode(packet, cv2.IMREAD_COLOR)
-        if image is None:
-            return None, None
-        if image.shape != self.full_shape:
-            self.full_shape = image.shape
-            self.flag = self._flag_for(image.shape[1])
-            if self.flag != cv2.IMREAD_COLOR:
-                image = cv2.imdecode(packet, self.flag)
-                self.reduced_shape = image.shape
-        return image, self.full_shape
-
-    def _flag_for(self, width: int) -> int:
-        if self.max_width is None or width <= self.max_width:
-            return cv2.IMREAD_COLOR
-        factor = next((f for f in (2, 4) if -(-width // f) <= self.max_width), 8)
-        return _REDUCED[factor]
-
-
-def _capture_frames(
-    capture: cv2.VideoCapture, source: str, stride: int, max_width: int | None
-) -> Iterator[SourceFrame]:
-    packets = _as_jpeg_packets(capture)
-    decoder = _PacketDecoder(max_width)
-    n = 0
-    try:
-        while True:
-            if n % stride:
-                if not capture.grab():
-                    break
-                n += 1
-                continue
-            ok, frame = capture.read()
-            if not ok:
-                break
-            if not packets:
-                yield SourceFrame(n, frame)
-                n += 1
-                continue
-            image, shape = decoder.decode(frame) if frame.size else (None, None)
-            if image is None and n == 0:
-                # Packets without their Huffman tables (AVI1 MJPEG) need FFmpeg's decoder.
-                capture.release()
-                capture = cv2.VideoCapture(source)
-                packets = False
-                continue
-            jpeg = frame.tobytes() if image is not None else None
-            yield SourceFrame(n, image, jpeg, shape)
-            n += 1
-    finally:
-        capture.release()
-    if n == 0:
-        raise ValueError(f"{source}: no frames (empty or unreadable video)")
-
-
-def _folder_frames(files: list[Path], stride: int) -> Iterator[SourceFrame]:
-    for index in range(0, len(files), stride):
-        data = files[index].read_bytes()
-        try:
-            rgb = decode_image(data, str(files[index]))
-        except ImageError:
-            yield SourceFrame(index, None)  # a corrupt frame: the ingest counts it and goes on
-            continue
-        is_jpeg = files[index].suffix.lower() in (".jpg", ".jpeg")
-        yield SourceFrame(index, rgb[:, :, ::-1].copy(), data if is_jpeg else None)
 
 
 @dataclass
@@ -178,6 +40,7 @@ class IngestStats:
     corrupt_frames: int = 0
     triggers: int = 0
     resolution_changes: int = 0
+    reconnects: int = 0  # a live stream reopened after it dropped
 
 
 class CameraIngest:
@@ -213,6 +76,33 @@ class CameraIngest:
         self.gate = MotionGate(start_count=first_product, matter=self.matter, plate=self.plate)
         self.stats = IngestStats()
 
+    def _source_frames(self, should_stop: Callable[[], bool]) -> Iterator[SourceFrame]:
+        # The gate works at a fraction of the frame: MJPEG frames are decoded at that size.
+        width, next_index, failures = self.gate.work_width, 0, 0
+        while True:
+            try:
+                for frame in open_source(self.source, self.frame_stride, width, next_index):
+                    next_index, failures = frame.index + 1, 0
+                    yield frame
+                error = "the stream ended"
+            except (OSError, ValueError) as e:
+                if next_index == 0 or not is_live(self.source):
+                    raise
+                error = str(e)
+            if not is_live(self.source) or should_stop():
+                return
+            wait = RECONNECT_WAITS_S[min(failures, len(RECONNECT_WAITS_S) - 1)]
+            failures += 1
+            self.stats.reconnects += 1
+            log.warning(
+                "%s: camera %s dropped (%s): reopening in %g s", self.line, self.camera, error, wait
+            )
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if should_stop():
+                    return
+                time.sleep(0.05)
+
     def frames(
         self, should_stop: Callable[[], bool] = lambda: False, replay_epoch: float | None = None
     ) -> Iterator[CameraFrame]:
@@ -225,15 +115,17 @@ class CameraIngest:
 
         A frame's ``timestamp`` is when it was captured: a replayed frame's is when it was due,
         so a camera restarted mid-replay stamps its frames as before; otherwise the time it was
-        read."""
+        read.
+
+        A live stream (``is_live``) that drops is reopened, after 0.5, 1 and 2 s, then every 5 s
+        until it is back or ``should_stop()``; its frames are numbered on. One that cannot be
+        opened at all is an error, as a missing file is."""
         period = 1 / self.fps if self.fps else 0.0
         # Sleeps are timed by the monotonic clock; the epoch is wall-clock time, which the
         # line's cameras share whatever process or node reads them.
         epoch = replay_epoch if replay_epoch is not None else time.time()
         start = time.monotonic() + epoch - time.time()
-        # The gate works at a fraction of the frame: MJPEG frames are decoded at that size.
-        frames = open_source(self.source, self.frame_stride, max_width=self.gate.work_width)
-        for source_frame in frames:
+        for source_frame in self._source_frames(should_stop):
             index, frame = source_frame.index, source_frame.image
             if should_stop():
                 return
