@@ -2,7 +2,9 @@
 
 import io
 import time
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import ray
@@ -19,7 +21,7 @@ from schemas import CameraFrame, ProductView, Verdict, ViewScore
 from tests.synthetic import LINE_FRAME as FRAME
 from tests.synthetic import one_camera_video, train_line_models
 from workers.datasets import list_test_samples
-from workers.simulate import LineSpec, render_line
+from workers.simulate import LineSpec, camera_videos, render_line
 
 SMALL = LineResources(ingest_cpus=0.1, detect_cpus=0.1, score_cpus=0.1, aggregate_cpus=0.1)
 
@@ -113,6 +115,49 @@ def test_killing_a_camera_a_scorer_and_a_detector_and_restarting_redis_mid_run_l
     assert aggregate.get("late_or_duplicate_views", 0) + aggregate.get("duplicate_views", 0) >= 1
     # 8 products x 4 cameras: 32 frames and 32 views (more if a killed actor redid one), all gone.
     assert aggregate["images_trimmed"] >= 64 and not any(left.values()), left
+
+
+def blank_product(video: Path, frames: list[int]) -> None:
+    """Show the empty belt in ``frames`` of an MJPEG recording: its camera misses that product."""
+    capture = cv2.VideoCapture(str(video))
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    recorded = []
+    while (frame := capture.read()[1]) is not None:
+        recorded.append(frame)
+    capture.release()
+    h, w = recorded[0].shape[:2]
+    writer = cv2.VideoWriter(
+        str(video), cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h)
+    )
+    for i, frame in enumerate(recorded):
+        writer.write(recorded[0] if i in frames else frame)  # frame 0: the belt, empty
+    writer.release()
+
+
+def test_a_camera_that_missed_a_product_is_re_synchronised_by_capture_time(
+    line_model, local_ray, tmp_path
+):
+    data, root = line_model
+    manifest = simulate(data, tmp_path / "line", 8, seed=7)
+    missed = manifest["products"][3]["views"]["cam3"]["bboxes"]
+    blank_product(camera_videos(tmp_path / "line")["cam3"], [int(f) for f in missed])
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
+        # Paced at 60 frames a second, a product every 0.43 s: views of one product within 0.15 s.
+        line = line.model_copy(update={"max_camera_spread_s": 0.15, "view_timeout_s": 60.0})
+        for cam in line.cameras:
+            cam.fps = 60.0
+        running = start_line(line, server.url, root / "model", resources=SMALL)
+        stats = drain_and_stop(client, [running], timeout_s=300)
+        got = {v.product_seq: v for v in verdicts(client, "demo")}
+    # cam3 numbered product 4 as its 3rd, and so on: without re-synchronising, every verdict
+    # from product 3 on would join (or leave out) another product's view.
+    assert sorted(got) == list(range(8))
+    assert got[3].status == "incomplete" and got[3].missing_cameras == ["cam3"]
+    assert "cam3 did not see it" in got[3].reason
+    assert all(got[q].status == "complete" for q in got if q != 3), [v.reason for v in got.values()]
+    assert stats["demo"]["aggregate"]["cameras_resynchronised"] == 1
 
 
 def test_a_restarted_live_camera_numbers_on_from_the_line_not_from_its_first_product(
