@@ -40,7 +40,8 @@ class CameraConfig(_Strict):
     id: Name
     source: str = Field(
         min_length=1,
-        description="video file, rtsp:// URL, folder of frames, or 'sim' for the line simulator",
+        description="video file, folder of frames, or live stream URL (rtsp://, http://); "
+        "`defectflow simulate` records a simulated line's videos",
     )
     fps: float | None = Field(
         default=None,
