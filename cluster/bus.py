@@ -55,6 +55,16 @@ for _, fields in ipairs(groups) do
 end
 return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', cutoff_ms, cutoff_seq))
 """
+# Acknowledges an entry of KEYS[1] (group ARGV[1], id ARGV[2]) and, if it was still pending, adds
+# it to the dead-letter stream KEYS[2] (MAXLEN ~ ARGV[3]; fields ARGV[4...]). Run again (a retry
+# after a lost connection), it finds the entry acknowledged and adds nothing.
+_DEAD_LETTER = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local xadd = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*'}
+for i = 4, #ARGV do xadd[#xadd + 1] = ARGV[i] end
+redis.call(unpack(xadd))
+return 1
+"""
 # Dead-letter bookkeeping fields; the underscore prefix keeps them apart from message fields.
 DL_REASON, DL_STREAM, DL_GROUP, DL_ENTRY = b"_dl_reason", b"_dl_stream", b"_dl_group", b"_dl_entry"
 
@@ -83,6 +93,7 @@ class StreamBus:
         # Registered once, run by hash (EVALSHA); reloaded by redis-py when Redis has lost them.
         self._count_after = client.register_script(_COUNT_AFTER)
         self._trim_processed = client.register_script(_TRIM_PROCESSED)
+        self._dead_letter = client.register_script(_DEAD_LETTER)
 
     def publish(self, stream: str, message: Message) -> str:
         """Append ``message``; the stream is trimmed to about ``maxlen`` entries."""
@@ -218,7 +229,8 @@ class StreamBus:
     def dead_letter(
         self, stream: str, group: str, entry_id: str, fields: dict[bytes, bytes], reason: str
     ) -> None:
-        """Move an entry that cannot be processed to the dead-letter stream and acknowledge it."""
+        """Move an entry that cannot be processed to the dead-letter stream and acknowledge it,
+        in one step (once: an entry no longer pending is not added again)."""
         record = dict(fields)
         record.update(
             {
@@ -228,10 +240,11 @@ class StreamBus:
                 DL_ENTRY: entry_id.encode(),
             }
         )
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.dead_letter_stream, record, maxlen=self.maxlen, approximate=True)
-        pipe.xack(stream, group, entry_id)
-        pipe.execute()
+        fields_and_values = [part for item in record.items() for part in item]
+        self._dead_letter(
+            keys=[stream, self.dead_letter_stream],
+            args=[group, entry_id, self.maxlen, *fields_and_values],
+        )
         log.warning("%s entry %s (group %s) dead-lettered: %s", stream, entry_id, group, reason)
 
     def _decode(

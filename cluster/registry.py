@@ -103,6 +103,9 @@ class Registry:
         if previous is not None:
             old = self.get(previous).model_copy(update={"status": "retired"})
             pipe.hset(self.versions_key, previous, old.model_dump_json())
+            # Each version once, most recently left first: the transaction, run again after a
+            # lost connection, leaves the history as it was.
+            pipe.lrem(self.history_key, 0, previous)
             pipe.lpush(self.history_key, previous)
         active = version.model_copy(update={"status": "active"})
         pipe.hset(self.versions_key, version_id, active.model_dump_json())

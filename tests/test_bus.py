@@ -154,6 +154,17 @@ def test_malformed_entries_go_to_the_dead_letter_stream_and_the_rest_is_processe
     assert len(logged) == 2 and all("frames entry" in m and "dead-lettered" in m for m in logged)
 
 
+def test_dead_lettering_an_entry_again_adds_nothing(bus):
+    # A client retries a command whose reply a broken connection lost: it may have run.
+    bus.ensure_group("frames", "detect")
+    bus.publish("frames", frame(0))
+    [d] = bus.consume("frames", "detect", "c", CameraFrame, count=1, block_ms=None)
+    for _ in range(2):
+        bus.dead_letter(d.stream, d.group, d.entry_id, d.message.to_entry(), "corrupt")
+    assert bus.client.xlen("deadletter") == 1
+    assert bus.client.xpending("frames", "detect")["pending"] == 0
+
+
 def test_publish_bounds_the_stream(redis_client):
     small = StreamBus(redis_client, maxlen=100)
     for i in range(1000):

@@ -70,6 +70,10 @@ def test_registry_promotes_rolls_back_and_refuses_broken_versions(models, redis_
         registry.rollback()
     with pytest.raises(RegistryError, match="no model version"):
         registry.promote("feedface00000000")
+    # The history holds each version once, the one most recently left first.
+    for version in (b, a, b, a):
+        registry.promote(version.id)
+    assert [v.decode() for v in redis_client.lrange(registry.history_key, 0, -1)] == [b.id, a.id]
 
     # A tampered weights file, then a missing one: refused, the active version stays.
     import shutil
