@@ -54,13 +54,16 @@ class VerdictJoin:
 
     Each camera numbers the products its own motion gate sees, so a camera that misses one, sees
     one twice, or restarts, numbers every later product out of step with the others. With
-    ``max_spread_s`` the join checks the numbers against capture times. Where most of a product's
-    views (at least two) agree and a camera's view lies further than ``max_spread_s`` from their
-    median, that camera is *re-synchronised*: its view moves to the product the other cameras
-    captured at that time, and from that view on its numbers are shifted as much (its *steps*,
-    learned again from capture times after a restart). A view that matches no product (a camera
-    whose clock is off) is left out of its product's verdict and named: views of two products
-    are never joined silently.
+    ``max_spread_s`` (under half the time between two products) the join checks the numbers
+    against capture times. A view captured further than that from every other view of its
+    product, but within it of the views two other cameras (on a two-camera line, the other one)
+    gave another product, belongs to that product: its camera is *re-synchronised*. The view
+    moves there, and from it on the camera's numbers are shifted as much (its *steps*, learned
+    again from capture times after a restart); a product it skipped is decided without it at
+    once. A view that matches no product (a camera whose clock is off) is left out of its
+    product's verdict and named, the product waiting for it only while it may still find its
+    own (another camera has not yet delivered anything captured after it). Views of two
+    products are never joined silently.
     """
 
     def __init__(
