@@ -9,7 +9,9 @@ all of the line's stages on their share of the cameras (video to scores, no Ray,
 Then the simulator's ground-truth crops (cut at its true boxes) are scored offline by a
 reference model that learned, by the same recipe, from true-box crops of the same training line:
 ``accuracy_gap_points`` = the pipeline's product accuracy minus the reference's, each at its own
-model's threshold, is what the front end (gate, detector, matting) costs or gains;
+model's threshold, is what the front end (gate, detector, matting) costs or gains, and
+``accuracy_gap_points_ci95`` how far it moves with the products drawn (a bootstrap over the
+validation line's products, where both thresholds are chosen again, and the test line's);
 ``*_accuracy_hindsight``, each at the best threshold for the test line's own scores, tells the
 ranking's share of it from the validation line's (where it put the threshold). The line's own
 model scores them too (``true_boxes_line_model_*``, at a threshold chosen by the line's rule on
@@ -47,6 +49,7 @@ from cluster.demo import (
     simulate_test_line,
     summarize,
     train_line_model,
+    validation_products,
 )
 from cluster.graph import drain_and_stop, line_cpus, replay_line, start_line
 from cluster.redis_conn import EmbeddedRedis, client_from_url
@@ -57,7 +60,7 @@ from workers.harvest import true_box_crops
 from workers.images import encode_png
 from workers.simulate import parse_frame_size
 from workers.stages import CameraIngest, DetectMatte, NoProductFound, ViewScorer
-from workers.threshold import auroc, best_accuracy, target_tpr_threshold
+from workers.threshold import accuracy_gap_interval, auroc, best_accuracy, target_tpr_threshold
 
 
 def ground_truth_crops(line_dir: Path) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
@@ -290,6 +293,16 @@ def main(argv: list[str] | None = None) -> dict:
     reference_bundle = load_model(reference / "model")
     ref = product_scores(ViewScorer(reference_bundle), test_crops)
     ref_accuracy = accuracy_at(ref, truth, reference_bundle.threshold)
+    # How far the gap moves with the validation and test products drawn: both models' thresholds
+    # chosen again on each draw of the validation line's products, by the line's rule.
+    line_val = validation_products(bundle, out / "crops")
+    ref_val = validation_products(reference_bundle, reference / "crops")
+    gap_low, gap_high = accuracy_gap_interval(
+        ({q: s for q, (s, _) in line_val.items()}, {q: s for q, (s, _) in ref_val.items()}),
+        {q: int(bad) for q, (_, bad) in ref_val.items()},
+        ({v.product_seq: max(r.score for r in v.views) for v in verdicts if v.views}, ref),
+        truth,
+    )
 
     result = {
         "products": args.products,
@@ -317,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "true_boxes_product_auroc": auroc(list(ref.values()), [truth[q] for q in ref]),
         "accuracy_gap_points": round(100 * (summary.product_accuracy - ref_accuracy), 2),
+        "accuracy_gap_points_ci95": [round(100 * gap_low, 2), round(100 * gap_high, 2)],
         "true_boxes_line_model_product_accuracy": gt_accuracy,
         "true_boxes_line_model_product_auroc": auroc(list(gt.values()), [truth[q] for q in gt]),
         "model_version": bundle.version,

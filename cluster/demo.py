@@ -185,18 +185,24 @@ def set_product_threshold(model_dir: Path, crops: Path, target_tpr: float = 0.85
     chances to raise a false alarm. Here the ZeroBox rule runs on each validation product's
     highest view score instead. Harvested crops are named ``<camera>_<product seq>.png``.
     """
-    bundle = load_model(model_dir)
-    loaded = load_samples(list_test_samples(crops))
-    scored = score_images(bundle.model, loaded.prepared(bundle.model))
-    products: dict[str, tuple[float, bool]] = {}
-    for sample, result in zip(loaded.samples, scored, strict=True):
-        seq = sample.path.stem.split("_")[-1]
-        best, bad = products.get(seq, (float("-inf"), False))
-        products[seq] = (max(best, result.score), bad or sample.is_defect)
+    products = validation_products(load_model(model_dir), crops)
     scores = [v[0] for v in products.values()]
     labels = [int(v[1]) for v in products.values()]
     chosen = target_tpr_threshold(scores, labels, target_tpr)
     set_threshold(model_dir, chosen.value, chosen.to_dict() | {"source": "validation products"})
+
+
+def validation_products(bundle: ModelBundle, crops: Path) -> dict[int, tuple[float, bool]]:
+    """Each validation product's highest view score and whether it is defective, by product
+    number, from crops harvested as ``<camera>_<product seq>.png`` under ``crops/test``."""
+    loaded = load_samples(list_test_samples(crops))
+    scored = score_images(bundle.model, loaded.prepared(bundle.model))
+    products: dict[int, tuple[float, bool]] = {}
+    for sample, result in zip(loaded.samples, scored, strict=True):
+        seq = int(sample.path.stem.split("_")[-1])
+        best, bad = products.get(seq, (float("-inf"), False))
+        products[seq] = (max(best, result.score), bad or sample.is_defect)
+    return products
 
 
 def simulate_test_line(

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from workers.threshold import auroc, auroc_interval, best_accuracy, target_tpr_threshold
+from workers.threshold import (
+    accuracy_gap_interval,
+    auroc,
+    auroc_interval,
+    best_accuracy,
+    target_tpr_threshold,
+)
 
 
 def test_the_smallest_fpr_threshold_that_meets_the_target_tpr():
@@ -68,3 +74,35 @@ def test_the_auroc_interval_is_the_percentile_interval_of_resampled_aurocs():
     expected = np.percentile([v for v in values if v is not None], [5, 95])
     got = auroc_interval(scores, labels, level=0.9, resamples=300, seed=7)
     assert np.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_the_accuracy_gap_interval_covers_where_validation_puts_the_thresholds():
+    rng = np.random.default_rng(0)
+
+    def scored(n, separation):
+        labels = rng.random(n) < 0.4
+        return labels, rng.normal(size=n) + separation * labels
+
+    val_y, val_a = scored(120, 4.0)
+    test_y, test_a = scored(120, 4.0)
+    val_b, test_b = val_a + rng.normal(0, 2.0, 120), test_a + rng.normal(0, 2.0, 120)
+    val_labels, test_labels = dict(enumerate(val_y.astype(int))), dict(enumerate(test_y))
+    as_dict = lambda scores: dict(enumerate(scores))  # noqa: E731
+    same = accuracy_gap_interval(
+        (as_dict(val_a), as_dict(val_a)),
+        val_labels,
+        (as_dict(test_a), as_dict(test_a)),
+        test_labels,
+    )
+    assert same == (0.0, 0.0)
+    low, high = accuracy_gap_interval(
+        (as_dict(val_a), as_dict(val_b)),
+        val_labels,
+        (as_dict(test_a), as_dict(test_b)),
+        test_labels,
+    )
+    # A ranks far better than its noisy copy B: the gap is positive, by points, not by one.
+    assert 0 < low < high and high - low > 0.03
+    # Only the samples both scored count; one class alone in validation is refused.
+    with pytest.raises(ValueError, match="both classes"):
+        accuracy_gap_interval(({0: 1.0}, {0: 1.0}), {0: 0}, ({0: 1.0}, {0: 1.0}), {0: False})

@@ -103,3 +103,49 @@ def auroc_interval(
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def accuracy_gap_interval(
+    validation: tuple[dict, dict],
+    validation_labels: dict,
+    test: tuple[dict, dict],
+    test_labels: dict,
+    *,
+    target_tpr: float = 0.85,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of accuracy(A) - accuracy(B) on a test set, where each
+    scorer's threshold is chosen by the target-TPR rule on a validation set, as deployed.
+
+    ``validation`` and ``test`` hold each scorer's scores by sample key (A's, then B's); samples
+    both scored are paired. Each resample draws the validation samples, chooses both thresholds
+    on them, and draws the test samples: the interval covers where the validation set put the
+    thresholds as well as which test samples came (a line of a hundred products moves a
+    threshold-dependent accuracy by points)."""
+    val_keys = sorted(set(validation[0]) & set(validation[1]))
+    test_keys = sorted(set(test[0]) & set(test[1]))
+    val_a, val_b = (np.array([v[k] for k in val_keys], np.float64) for v in validation)
+    test_a, test_b = (np.array([t[k] for k in test_keys], np.float64) for t in test)
+    val_y = np.array([validation_labels[k] for k in val_keys])
+    test_y = np.array([test_labels[k] for k in test_keys]).astype(bool)
+    if not _both_classes(val_y) or not test_keys:
+        raise ValueError("need validation samples of both classes and test samples both scored")
+    rng = np.random.default_rng(seed)
+    gaps = []
+    for _ in range(resamples):
+        v = rng.integers(0, len(val_keys), len(val_keys))
+        if not _both_classes(val_y[v]):
+            continue
+        t = rng.integers(0, len(test_keys), len(test_keys))
+        accuracies = [
+            np.mean(
+                (scores[t] >= target_tpr_threshold(val[v], val_y[v], target_tpr).value) == test_y[t]
+            )
+            for val, scores in ((val_a, test_a), (val_b, test_b))
+        ]
+        gaps.append(accuracies[0] - accuracies[1])
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(gaps, [tail, 100 - tail])
+    return float(low), float(high)
