@@ -449,7 +449,7 @@ class AggregatorActor(_Loop):
 
     def _publish(self, settled: Settled) -> None:
         verdict, entries = settled.verdict, settled.receipts
-        if verdict is None:  # views of no product (a camera the line does not have)
+        if verdict is None:  # views dropped: a camera the line lacks, a decided product seen again
             self.bus.ack(*entries)
             return
         if self.samples is not None:
