@@ -26,6 +26,17 @@ def make_product_id(line: str, product_seq: int) -> str:
     return f"{line}:{product_seq}"
 
 
+def _names_its_product(message):
+    """A message's ``product_id`` must be its line and product number: a stage joins by those,
+    QA finds the product by the id."""
+    expected = make_product_id(message.line, message.product_seq)
+    if message.product_id != expected:
+        raise ValueError(
+            f"product_id {message.product_id!r} does not match line and product_seq ({expected!r})"
+        )
+    return message
+
+
 class BBox(Part):
     """Axis-aligned box in frame pixels."""
 
@@ -93,6 +104,8 @@ class ProductView(_ImageMessage):
     mask_shrink: float = Field(ge=0.0, lt=0.5, description="fraction shrunk off each side")
     stage_ms: Milliseconds = Field(default_factory=dict)
 
+    _product_id = model_validator(mode="after")(_names_its_product)
+
 
 class ViewScore(Message):
     """A scorer's result for one view."""
@@ -113,6 +126,8 @@ class ViewScore(Message):
         default=False,
         description="not scored: scorers too far behind (score and is_defect mean nothing)",
     )
+
+    _product_id = model_validator(mode="after")(_names_its_product)
 
 
 class ViewResult(Part):
@@ -140,6 +155,8 @@ class Verdict(Message):
     captured_at: Timestamp
     decided_at: Timestamp
     latency_ms: Milliseconds = Field(default_factory=dict)
+
+    _product_id = model_validator(mode="after")(_names_its_product)
 
 
 class Label(Message):

@@ -17,6 +17,7 @@ from schemas import (
     Verdict,
     ViewResult,
     ViewScore,
+    make_product_id,
 )
 
 names = st.from_regex(r"[A-Za-z0-9_.\-]{1,20}", fullmatch=True)
@@ -45,6 +46,12 @@ encoded_images = st.fixed_dictionaries(
     }
 )
 images = st.one_of(raw_images(), encoded_images)
+# A product: its line, number and the id they make.
+products = st.builds(
+    lambda line, seq: {"line": line, "product_seq": seq, "product_id": make_product_id(line, seq)},
+    names,
+    st.integers(0, 2**40),
+)
 bboxes = st.builds(
     BBox,
     x=st.integers(0, 5000),
@@ -72,12 +79,10 @@ frames = st.builds(
     timestamp=stamps,
 )
 views = st.builds(
-    lambda img, **kw: ProductView(**img, **kw),
+    lambda img, product, **kw: ProductView(**img, **product, **kw),
     images,
-    product_id=texts,
-    line=names,
+    products,
     camera=names,
-    product_seq=st.integers(0, 2**40),
     captured_at=stamps,
     bbox=bboxes,
     mask_coverage=st.floats(0, 1),
@@ -85,11 +90,9 @@ views = st.builds(
     stage_ms=millis,
 )
 scores = st.builds(
-    ViewScore,
-    product_id=texts,
-    line=names,
+    lambda product, **kw: ViewScore(**product, **kw),
+    products,
     camera=names,
-    product_seq=st.integers(0, 2**40),
     captured_at=stamps,
     score=finite,
     threshold=finite,
@@ -99,10 +102,8 @@ scores = st.builds(
     stage_ms=millis,
 )
 verdicts = st.builds(
-    Verdict,
-    product_id=texts,
-    line=names,
-    product_seq=st.integers(0, 2**40),
+    lambda product, **kw: Verdict(**product, **kw),
+    products,
     decision=st.sampled_from(["good", "defect", "unknown"]),
     status=st.sampled_from(["complete", "incomplete", "error"]),
     views=st.lists(view_results, max_size=4),

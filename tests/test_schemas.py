@@ -80,6 +80,21 @@ def test_build_reports_the_bad_field():
         )
 
 
+def test_a_product_id_other_than_its_line_and_number_is_refused():
+    # The aggregator joins by line and number, QA finds products by id: they must agree.
+    with pytest.raises(SchemaError, match="product_id 'l:2' does not match line and product_seq"):
+        Verdict.build(
+            product_id="l:2",
+            line="l",
+            product_seq=1,
+            decision="good",
+            status="complete",
+            views=[],
+            captured_at=0,
+            decided_at=0,
+        )
+
+
 def test_non_finite_scores_are_rejected():
     with pytest.raises(SchemaError, match="score"):
         Verdict.build(
