@@ -132,15 +132,26 @@ class CameraIngestActor(_Loop):
         """``replay_epoch``: when a replayed recording's first frame is due (see
         ``CameraIngest.frames``); a line's cameras share it."""
         metrics, tags = LineMetrics(self.line), {"line": self.line, "camera": self.camera}
-        counted = 0
+        exported = {"frames": 0, "reconnects": 0}
+
+        def export() -> None:
+            # Ray's counters take positive increments: what is new since the last export.
+            stats = self.ingest.stats
+            for name, counter in (
+                ("frames", metrics.frames_in),
+                ("reconnects", metrics.camera_reconnects),
+            ):
+                new = getattr(stats, name) - exported[name]
+                if new > 0:
+                    counter.inc(new, tags)
+                    exported[name] += new
+
         for frame in self.ingest.frames(self._stop.is_set, replay_epoch):
             self.bus.publish(self.stream, frame)
             self.count("published")
-            metrics.frames_in.inc(self.ingest.stats.frames - counted, tags)
-            counted = self.ingest.stats.frames
+            export()
+        export()
         stats = self.ingest.stats
-        if stats.frames > counted:
-            metrics.frames_in.inc(stats.frames - counted, tags)
         self.counters |= {
             "frames": stats.frames,
             "corrupt_frames": stats.corrupt_frames,
@@ -396,6 +407,7 @@ class AggregatorActor(_Loop):
         self._gauged_at = 0.0
         self.join = VerdictJoin(line, cameras, timeout_s, max_spread_s=max_camera_spread_s)
         self.decided = DecidedProducts(self.bus.client, line)
+        self._resyncs_exported: dict[str, int] = {}
         self.consumer = "aggregate-0"
         self.bus.ensure_group(self.streams.scores, self.streams.aggregate_group)
 
@@ -409,6 +421,7 @@ class AggregatorActor(_Loop):
                 self._add(d)
             for settled in self.join.expire():
                 self._publish(settled)
+            self._export_resyncs()
             if time.monotonic() - self._gauged_at > GAUGE_PERIOD_S:
                 self._trim_images()
                 self._gauge_line()
@@ -424,7 +437,7 @@ class AggregatorActor(_Loop):
         return self.stats() | {
             "pending_products": len(self.join.pending_products),
             "out_of_step_views": self.join.out_of_step,
-            "cameras_resynchronised": self.join.resynchronised,
+            "cameras_resynchronised": dict(self.join.resynchronised),
         }
 
     def _add(self, d) -> None:
@@ -481,6 +494,13 @@ class AggregatorActor(_Loop):
             == 0
         ):
             self.count("samples_pruned", self.samples.prune(self.line, *self.retention))
+
+    def _export_resyncs(self) -> None:
+        for camera, n in self.join.resynchronised.items():
+            new = n - self._resyncs_exported.get(camera, 0)
+            if new > 0:
+                self.metrics.camera_resyncs.inc(new, {"line": self.line, "camera": camera})
+                self._resyncs_exported[camera] = n
 
     def _trim_images(self) -> None:
         """Frames and views every stage has processed leave Redis after the line's grace time.

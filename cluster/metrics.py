@@ -32,6 +32,16 @@ class LineMetrics:
         self.shed = Counter(
             "defectflow_shed", "Views not scored: scorers too far behind", tag_keys=("line",)
         )
+        self.camera_reconnects = Counter(
+            "defectflow_camera_reconnects",
+            "Times a live camera stream dropped and was reopened",
+            tag_keys=("line", "camera"),
+        )
+        self.camera_resyncs = Counter(
+            "defectflow_camera_resyncs",
+            "Times the aggregator re-synchronised a camera's product numbers by capture time",
+            tag_keys=("line", "camera"),
+        )
         self.dead_letters = Counter(
             "defectflow_dead_letters",
             "Entries moved to the dead letters",

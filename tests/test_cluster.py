@@ -157,7 +157,7 @@ def test_a_camera_that_missed_a_product_is_re_synchronised_by_capture_time(
     assert got[3].status == "incomplete" and got[3].missing_cameras == ["cam3"]
     assert "cam3 did not see it" in got[3].reason
     assert all(got[q].status == "complete" for q in got if q != 3), [v.reason for v in got.values()]
-    assert stats["demo"]["aggregate"]["cameras_resynchronised"] == 1
+    assert stats["demo"]["aggregate"]["cameras_resynchronised"] == {"cam3": 1}
 
 
 def test_a_restarted_live_camera_numbers_on_from_the_line_not_from_its_first_product(

@@ -97,7 +97,7 @@ def test_a_view_matching_no_product_in_time_is_left_out_and_named():
     assert verdict.missing_cameras == ["cam3"]
     assert verdict.decision == "unknown"  # the defect cam3 saw is not this product's
     assert "cam3 out of step (+0.45 s)" in verdict.reason and join.out_of_step == 1
-    assert join.resynchronised == 0
+    assert join.resynchronised == {}
     assert verdict.latency_ms["camera_spread"] == pytest.approx(100.0)  # of the views kept
     # Without a tolerance the four views join, as before.
     join = VerdictJoin("l", CAMS)
@@ -145,7 +145,7 @@ def test_a_camera_that_missed_a_product_is_re_synchronised_by_capture_time(order
     for q in (0, 1, 3, 4, 5, 6):
         assert out[q].status == "complete", out[q].reason
     assert [q for q, v in out.items() if v.decision == "defect"] == [4]
-    assert join.resynchronised == 1 and join.line_seq("cam3", 5) == 6
+    assert join.resynchronised == {"cam3": 1} and join.line_seq("cam3", 5) == 6
     assert "cam3 re-synchronised by capture time: its product 2 is the line's 3 (+1)" in caplog.text
 
 
@@ -159,7 +159,7 @@ def test_a_camera_that_saw_a_product_twice_is_re_synchronised_and_its_second_vie
     assert sorted(out) == list(range(6))
     assert all(v.status == "complete" for v in out.values())
     assert [q for q, v in out.items() if v.decision == "defect"] == []
-    assert join.resynchronised == 1 and join.duplicates == 1
+    assert join.resynchronised == {"cam3": 1} and join.duplicates == 1
 
 
 def test_a_restarted_camera_numbering_anew_is_re_synchronised_by_capture_time():

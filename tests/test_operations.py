@@ -84,7 +84,15 @@ def test_kuberay_manifests_and_dockerfile_are_complete():
             assert (ROOT / part).exists(), part
     grafana = json.loads((ROOT / "deploy/grafana/defectflow.json").read_text())
     exprs = " ".join(t["expr"] for p in grafana["panels"] for t in p["targets"])
-    for metric in ("frames_in", "verdicts", "stage_seconds", "stream_lag", "active_model"):
+    for metric in (
+        "frames_in",
+        "verdicts",
+        "stage_seconds",
+        "stream_lag",
+        "active_model",
+        "camera_reconnects",
+        "camera_resyncs",
+    ):
         assert f"ray_defectflow_{metric}" in exprs
 
 

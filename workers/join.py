@@ -91,7 +91,7 @@ class VerdictJoin:
         self.duplicates = 0
         self.unknown_camera = 0
         self.out_of_step = 0
-        self.resynchronised = 0
+        self.resynchronised: dict[str, int] = {}  # by camera
 
     @property
     def pending_products(self) -> list[int]:
@@ -255,7 +255,7 @@ class VerdictJoin:
             # Numbers before the oldest step remembered are taken as shifted like it.
             del steps[: len(steps) - STEPS_REMEMBERED]
             steps[0] = (0, steps[0][1])
-        self.resynchronised += 1
+        self.resynchronised[camera] = self.resynchronised.get(camera, 0) + 1
         log.warning(
             "%s: %s re-synchronised by capture time: its product %d is the line's %d (%+d)",
             self.line,
