@@ -180,3 +180,21 @@ def test_views_from_an_unknown_camera_are_counted_logged_and_dropped(caplog):
     [dropped] = join.add(score(0, "cam9"), now=0, receipt="x")
     assert dropped.verdict is None and dropped.receipts == ["x"] and join.unknown_camera == 1
     assert "from camera cam9, not one of the line's" in caplog.text
+
+
+def test_a_tolerance_not_under_half_the_time_between_products_is_warned_of(caplog):
+    join = VerdictJoin("l", CAMS, max_spread_s=0.3)
+    for q in range(33):  # products every 0.5 s: a view could be within 0.3 s of two
+        for c in CAMS:
+            join.add(score(q, c, captured_at=100.0 + 0.5 * q), now=q)
+    warnings = [r.getMessage() for r in caplog.records if "max_camera_spread_s" in r.getMessage()]
+    assert warnings == [
+        "l: max_camera_spread_s 0.3 s is not under half the time between products (median "
+        "0.50 s): a view may be joined to the wrong product"
+    ]
+    caplog.clear()
+    join = VerdictJoin("l", CAMS, max_spread_s=0.3)
+    for q in range(33):  # every 1.7 s: fine
+        for c in CAMS:
+            join.add(score(q, c, captured_at=100.0 + 1.7 * q), now=q)
+    assert "max_camera_spread_s" not in caplog.text

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 DECIDED_REMEMBERED = 256
 # Re-synchronisations remembered per camera (older views are long decided).
 STEPS_REMEMBERED = 32
+# The tolerance is checked against the time between products at every this many products.
+PERIOD_CHECKED_EVERY = 32
 
 
 @dataclass
@@ -88,6 +90,7 @@ class VerdictJoin:
         self._decided: OrderedDict[int, float] = OrderedDict()  # seq -> its views' capture time
         self._waiting: set[int] = set()  # full products holding a view that may belong elsewhere
         self._skipped: dict[int, set[str]] = {}  # seq -> cameras re-synchronised past it
+        self._tolerance_warned = False
         self.duplicates = 0
         self.unknown_camera = 0
         self.out_of_step = 0
@@ -312,6 +315,23 @@ class VerdictJoin:
         gaps = {v.camera: v.captured_at - median for v in views}
         return {c: gap for c, gap in gaps.items() if abs(gap) > self.max_spread_s}
 
+    def _check_tolerance(self) -> None:
+        """Warn (once) when ``max_spread_s`` is not under half the time between two products:
+        a view could then be within the tolerance of two products."""
+        if self.max_spread_s is None or self._tolerance_warned:
+            return
+        times = sorted(self._decided.values())
+        period = float(np.median(np.diff(times)))
+        if 2 * self.max_spread_s >= period:
+            self._tolerance_warned = True
+            log.warning(
+                "%s: max_camera_spread_s %g s is not under half the time between products "
+                "(median %.2f s): a view may be joined to the wrong product",
+                self.line,
+                self.max_spread_s,
+                period,
+            )
+
     def _emit(self, seq: int, now: float) -> Settled:
         entry = self._pending.pop(seq)
         present = [entry.views[c] for c in self.cameras if c in entry.views]
@@ -332,6 +352,8 @@ class VerdictJoin:
             self._decided[seq] = float(np.median(captured))
             while len(self._decided) > DECIDED_REMEMBERED:
                 self._decided.popitem(last=False)
+            if len(self._decided) >= 2 and seq % PERIOD_CHECKED_EVERY == 0:
+                self._check_tolerance()
         reasons = []
         if shed:
             reasons.append(f"{', '.join(sorted(shed))} shed: scorers too far behind")
