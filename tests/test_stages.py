@@ -1,5 +1,7 @@
 """Stage logic without Redis or Ray: ingest from a folder, detect+matte."""
 
+import http.server
+import threading
 import time
 
 import cv2
@@ -8,6 +10,7 @@ import pytest
 
 from schemas import CameraFrame
 from tests.synthetic import one_camera_video
+from workers import sources
 from workers.images import ImageError, decode_with_alpha
 from workers.simulate import LineSpec, belt_texture, render_camera
 from workers.sources import is_live, open_source
@@ -195,6 +198,30 @@ def test_a_live_stream_that_drops_is_reopened_and_numbers_its_products_on(
     assert list(frames) == []
     assert time.monotonic() - stopping_at[0] < 0.5
     assert ingest.stats.reconnects >= 4 and "cannot open this source" in caplog.text
+
+
+def test_a_live_stream_that_stalls_is_given_up_on_not_waited_for(monkeypatch):
+    # A server that answers, sends four bytes and then nothing: FFmpeg alone waits for ever.
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "video/x-msvideo")
+            self.end_headers()
+            self.wfile.write(b"RIFF")
+            self.wfile.flush()
+            time.sleep(10)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(sources, "LIVE_TIMEOUT_MS", 1000)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="cannot open"):
+        open_source(f"http://127.0.0.1:{server.server_port}/belt.avi")
+    assert time.monotonic() - start < 3
+    server.shutdown()
 
 
 def test_cameras_replayed_from_one_epoch_show_each_product_together(tmp_path):

@@ -30,6 +30,19 @@ class SourceFrame:
 RECONNECT_WAITS_S = (0.5, 1.0, 2.0, 5.0)
 
 
+# A live stream that stalls without closing (a camera hung, a link half down) counts as dropped
+# after this long: FFmpeg would otherwise wait on it for ever, and the camera with it.
+LIVE_TIMEOUT_MS = 5000
+
+
+def _open_capture(source: str) -> cv2.VideoCapture:
+    if not is_live(source):
+        return cv2.VideoCapture(source)
+    timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, LIVE_TIMEOUT_MS]
+    timeouts += [cv2.CAP_PROP_READ_TIMEOUT_MSEC, LIVE_TIMEOUT_MS]
+    return cv2.VideoCapture(source, cv2.CAP_FFMPEG, timeouts)
+
+
 def is_live(source: str) -> bool:
     """A network stream (RTSP, HTTP, ...): it may drop and come back, where a recording ends."""
     return "://" in source and not source.lower().startswith("file:")
@@ -53,7 +66,7 @@ def open_source(
         return _folder_frames(files, stride)
     if "://" not in source and not path.exists():
         raise FileNotFoundError(f"{source}: no such video file or folder")
-    capture = cv2.VideoCapture(source)
+    capture = _open_capture(source)
     if not capture.isOpened():
         raise ValueError(f"{source}: OpenCV cannot open this source")
     return _capture_frames(capture, source, stride, max_width, first_index)
@@ -136,7 +149,7 @@ def _capture_frames(
             if image is None and n == first_index:
                 # Packets without their Huffman tables (AVI1 MJPEG) need FFmpeg's decoder.
                 capture.release()
-                capture = cv2.VideoCapture(source)
+                capture = _open_capture(source)
                 packets = False
                 continue
             jpeg = frame.tobytes() if image is not None else None
