@@ -38,7 +38,7 @@ from workers.stages import (
 )
 
 from .bus import StreamBus
-from .metrics import LineMetrics
+from .metrics import LineMetrics, count_new
 from .redis_conn import reconnecting_client
 from .registry import Registry, RegistryError
 from .streams import DecidedProducts, Streams, line_groups, next_product_seq
@@ -132,19 +132,12 @@ class CameraIngestActor(_Loop):
         """``replay_epoch``: when a replayed recording's first frame is due (see
         ``CameraIngest.frames``); a line's cameras share it."""
         metrics, tags = LineMetrics(self.line), {"line": self.line, "camera": self.camera}
-        exported = {"frames": 0, "reconnects": 0}
+        counted: dict[str, int] = {}
 
         def export() -> None:
-            # Ray's counters take positive increments: what is new since the last export.
             stats = self.ingest.stats
-            for name, counter in (
-                ("frames", metrics.frames_in),
-                ("reconnects", metrics.camera_reconnects),
-            ):
-                new = getattr(stats, name) - exported[name]
-                if new > 0:
-                    counter.inc(new, tags)
-                    exported[name] += new
+            count_new(metrics.frames_in, stats.frames, counted, "frames", tags)
+            count_new(metrics.camera_reconnects, stats.reconnects, counted, "reconnects", tags)
 
         for frame in self.ingest.frames(self._stop.is_set, replay_epoch):
             self.bus.publish(self.stream, frame)
@@ -497,10 +490,8 @@ class AggregatorActor(_Loop):
 
     def _export_resyncs(self) -> None:
         for camera, n in self.join.resynchronised.items():
-            new = n - self._resyncs_exported.get(camera, 0)
-            if new > 0:
-                self.metrics.camera_resyncs.inc(new, {"line": self.line, "camera": camera})
-                self._resyncs_exported[camera] = n
+            tags = {"line": self.line, "camera": camera}
+            count_new(self.metrics.camera_resyncs, n, self._resyncs_exported, camera, tags)
 
     def _trim_images(self) -> None:
         """Frames and views every stage has processed leave Redis after the line's grace time.

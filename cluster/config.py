@@ -116,9 +116,10 @@ class LineConfig(_Strict):
         default=None,
         gt=0,
         le=60,
-        description="a view captured further than this from its product's other views is left "
-        "out of the verdict and named (a camera counting out of step); set it under half the "
-        "time between two products, for live cameras or paced replays",
+        description="a view captured further than this from its product's other views belongs "
+        "to another product: its camera is re-synchronised by capture time, or the view left "
+        "out and named; set it under half the time between two products, for live cameras or "
+        "paced replays",
     )
     max_view_backlog: int = Field(
         default=2000,

@@ -14,6 +14,15 @@ from ray.util.metrics import Counter, Gauge, Histogram
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300]
 
 
+def count_new(counter: Counter, total: int, counted: dict, key: str, tags: dict) -> None:
+    """Add to ``counter`` what ``total`` (a running count kept elsewhere) gained since the last
+    call for ``key``: Ray's counters take positive increments only."""
+    new = total - counted.get(key, 0)
+    if new > 0:
+        counter.inc(new, tags)
+        counted[key] = total
+
+
 class LineMetrics:
     """The metrics of one line, tagged with its id (and camera, stage, ... where they apply)."""
 
