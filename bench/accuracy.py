@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         **score_parts_auroc(bundle, full["images"]),
         "product_auroc_4_views": products_auroc(full["images"], seed=args.seed),
         "torch_threads": torch.get_num_threads(),
+        "device": str(bundle.model.device),
     }
     return emit(result, args.json)
 

@@ -72,6 +72,9 @@ def schemas(out: Path = typer.Option(..., "--out", help="folder for the JSON Sch
         console.print(f"wrote {path}")
 
 
+DEVICE = typer.Option("auto", help="auto (CUDA when there is a GPU) | cpu | cuda | cuda:N")
+
+
 @app.command()
 def train(
     data_dir: Path = typer.Argument(..., help="folder in MVTec AD layout (train/good/*)"),
@@ -95,6 +98,7 @@ def train(
     ),
     target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
     seed: int = typer.Option(0),
+    device: str = DEVICE,
 ):
     """Train a DifferNet model on good images; validate on DATA_DIR/test when present."""
     from pydantic import ValidationError
@@ -127,7 +131,7 @@ def train(
                 data_dir,
                 out,
                 config,
-                TrainingOptions(epochs=epochs, seed=seed),
+                TrainingOptions(epochs=epochs, seed=seed, device=device),
                 backbone_weights=backbone_weights,
                 shots=shots,
                 target_tpr=target_tpr,
@@ -153,13 +157,14 @@ def evaluate(
     json_out: Path = typer.Option(..., "--json", help="metrics file to write"),
     target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
     worst: int = typer.Option(8, min=0, help="defect-map overlays of the worst-scored images"),
+    device: str = DEVICE,
 ):
     """Evaluate a model on DATA_DIR/test: AUROC, per-defect AUROC, threshold, speed."""
     from workers.differnet.recipes import evaluate_folder
     from workers.differnet.store import ModelError, load_model
 
     try:
-        bundle = load_model(model_dir)
+        bundle = load_model(model_dir, device)
         with progress_bars() as progress:
             report = evaluate_folder(
                 bundle,
@@ -182,15 +187,16 @@ def score(
     model_dir: Path = typer.Argument(...),
     images: list[Path] = typer.Argument(..., help="image files"),
     maps: Path | None = typer.Option(None, "--maps", help="write defect-map overlays here"),
+    device: str = DEVICE,
 ):
     """Score images: one JSON line each (path, score, threshold, is_defect)."""
     from workers.differnet.reports import overlay_png
-    from workers.differnet.store import ModelError, load_model
+    from workers.differnet.store import load_model
     from workers.images import ImageError, load_with_alpha
 
     try:
-        bundle = load_model(model_dir)
-    except ModelError as exc:
+        bundle = load_model(model_dir, device)
+    except ValueError as exc:  # a ModelError too
         raise fail(str(exc)) from None
     if maps is not None:
         maps.mkdir(parents=True, exist_ok=True)

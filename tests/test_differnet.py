@@ -152,6 +152,17 @@ def test_a_bad_option_value_is_a_clear_error(data, tmp_path):
     assert result.exit_code == 1 and "--image-size" in result.output and "32" in result.output
 
 
+def test_a_device_this_machine_lacks_is_a_clear_error(data, tmp_path):
+    import torch
+
+    result = invoke("train", data, "--out", tmp_path / "m", "--device", "tpu")
+    assert result.exit_code == 1 and "expected auto, cpu, cuda or cuda:N" in result.output
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or the first of none
+    result = invoke("train", data, "--out", tmp_path / "m", "--device", missing)
+    assert result.exit_code == 1 and "CUDA device(s)" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_grey_rgba_and_16_bit_images_load_as_rgb(tmp_path):
     grey = np.arange(48, dtype=np.uint8).reshape(6, 8)
     Image.fromarray(grey).save(tmp_path / "grey.png")

@@ -22,7 +22,14 @@ from ..samples import SampleError, SampleStore
 from ..threshold import auroc, target_tpr_threshold
 from .model import DifferNet
 from .recipes import OnSkip, _ignore, load_samples
-from .store import ModelBundle, load_feature_cache, load_model, save_feature_cache, save_model
+from .store import (
+    ModelBundle,
+    choose_device,
+    load_feature_cache,
+    load_model,
+    save_feature_cache,
+    save_model,
+)
 from .training import (
     Progress,
     TrainingOptions,
@@ -212,12 +219,13 @@ def retrain(
             "validation needs labelled good and labelled defective products held out from "
             f"training (have {labels.count(0)} good, {labels.count(1)} defective)"
         )
-    parent = load_model(parent_dir, device="cpu")
+    device = choose_device(options.device)
+    parent = load_model(parent_dir, device=device)
     if parent.model.config.head != "differnet":
         raise RetrainError("retraining supports the pooled (differnet) head")
     old = parent_features(parent_dir, parent, options, progress)
 
-    model = DifferNet(parent.model.config, _backbone_weights(parent))
+    model = DifferNet(parent.model.config, _backbone_weights(parent)).to(device)
     if mode == "finetune":
         model.load_trainable_state(parent.model.trainable_state())
     loaded = load_samples([Sample(p, "good") for p in new_good], on_skip)

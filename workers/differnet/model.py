@@ -194,7 +194,9 @@ class DifferNet(nn.Module):
         if bank.dim() != 2 or bank.shape[1] != width:
             raise ValueError(f"patch memory of shape {tuple(bank.shape)}, expected (n, {width})")
         for name in self.memory.SIZED_BY_TRAINING:  # their lengths are whatever training made
-            setattr(self.memory, name, torch.empty_like(state[f"memory.{name}"]))
+            setattr(
+                self.memory, name, torch.empty_like(state[f"memory.{name}"], device=self.device)
+            )
         self.load_state_dict(state, strict=False)
 
     # -- features ---------------------------------------------------------------------------

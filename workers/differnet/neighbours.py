@@ -134,7 +134,7 @@ class PatchMemory(nn.Module):
     def adopt(self, other: PatchMemory) -> None:
         """Take ``other``'s subspace, lists and positions (a retrained model starts from them)."""
         for name in ("center", "basis", *self.SIZED_BY_TRAINING):
-            setattr(self, name, getattr(other, name).clone())
+            setattr(self, name, getattr(other, name).to(self.center.device, copy=True))
         self.owner = None
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from ..datasets import Sample, fingerprint, list_test_samples, list_train_sample
 from ..images import ImageError, load_with_alpha
 from ..threshold import auroc, target_tpr_threshold
 from .model import DifferNet, DifferNetConfig, PreparedImage, ScoredImage
-from .store import ModelBundle, save_feature_cache, save_model
+from .store import ModelBundle, choose_device, save_feature_cache, save_model
 from .training import (
     Progress,
     TrainingOptions,
@@ -74,7 +74,7 @@ def train_from_folder(
     ``validation`` defaults to DATA_DIR/test when it exists. Returns the saved metadata.
     """
     torch.manual_seed(options.seed)
-    model = DifferNet(config, backbone_weights)
+    model = DifferNet(config, backbone_weights).to(choose_device(options.device))
     train = load_samples(list_train_samples(data_dir, shots, options.seed), on_skip)
     if not train.rgb:
         raise ValueError(f"{data_dir}: no readable training image")

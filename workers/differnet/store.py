@@ -56,7 +56,8 @@ def save_model(
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    torch.save(model.trainable_state(), buf)
+    # CPU tensors: the file (and its sha256) does not depend on where the model trained.
+    torch.save({k: v.cpu() for k, v in model.trainable_state().items()}, buf)
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     weights_file = f"weights-{sha[:16]}.pt"
@@ -116,8 +117,28 @@ def check_model(model_dir: Path) -> tuple[dict, DifferNetConfig, bytes]:
     return metadata, config, data
 
 
+def choose_device(requested: str | None = None) -> torch.device:
+    """``requested`` ("cpu", "cuda", "cuda:1"), or CUDA when this process sees a GPU.
+
+    Under Ray an actor sees a GPU only when it was given a share of one.
+    """
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= visible:
+            raise ValueError(f"device {requested!r}: this process sees {visible} CUDA device(s)")
+    return device
+
+
 def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
-    """Load and check a model folder; ``device`` defaults to CUDA when there is one."""
+    """Load and check a model folder onto ``device`` (see :func:`choose_device`)."""
     metadata, config, data = check_model(model_dir)
     weights_path = Path(model_dir) / metadata["weights_file"]
     threshold = float(metadata["threshold"])
@@ -129,8 +150,7 @@ def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
     except Exception as exc:  # unpickling and shape errors come in many types
         raise ModelError(f"{weights_path}: weights do not load ({exc})") from None
     model.eval()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return ModelBundle(model.to(device), threshold, metadata)
+    return ModelBundle(model.to(choose_device(device)), threshold, metadata)
 
 
 FEATURE_CACHE = "features.pt"

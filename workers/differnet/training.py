@@ -44,6 +44,8 @@ class TrainingOptions:
     # The patch memory takes an image under one more training transform for every this many
     # positions it needs from each image: 761 MTD tiles are seen as they are, 16 shots under all 8.
     memory_positions_per_view: int = 256
+    # Where the backbones and the flow run: None picks CUDA when this process sees a GPU.
+    device: str | None = None
 
 
 @dataclass
