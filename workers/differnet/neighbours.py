@@ -156,7 +156,7 @@ class PatchMemory(nn.Module):
         counts = torch.bincount(assign, minlength=len(self.centroids))
         self.bank = rows[order].half()
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        self.owner = None if owner is None else owner[order]
+        self.owner = None if owner is None else owner.to(order.device)[order]
 
     def distances(self, queries: torch.Tensor, leave_out: int | None = None) -> torch.Tensor:
         """``(n,)`` distance of each projected query to its nearest remembered position, among
