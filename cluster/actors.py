@@ -53,6 +53,12 @@ PRUNE_EVERY = 256
 GAUGE_PERIOD_S = 5.0
 
 
+def granted_device() -> str:
+    """The GPU Ray gave this actor, else the CPU. Ray leaves CUDA_VISIBLE_DEVICES as it is for an
+    actor given no GPU: asked for "auto", such an actor would use its node's GPUs unaccounted."""
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
 def _log_to_stderr() -> None:
     """defectflow's own INFO lines and above on stderr (not every library's: Ultralytics and
     torch log too). Each actor is a process of its own; Ray keeps its output in the node's logs
@@ -121,6 +127,7 @@ class CameraIngestActor(_Loop):
             source,
             fps=fps,
             matting_model=Path(matting_model) if matting_model else None,
+            device=granted_device(),
             background=Path(background) if background else None,
             first_product=first_product,
             frame_stride=frame_stride,
@@ -178,10 +185,7 @@ class DetectMatteActor(_Loop):
         if yolo_weights:
             from workers.detect import YoloDetector
 
-            # The GPU share Ray gave this actor, if any (a YOLO line on a GPU cluster).
-            detector = YoloDetector(
-                Path(yolo_weights), device="cuda" if ray.get_gpu_ids() else "cpu"
-            )
+            detector = YoloDetector(Path(yolo_weights), device=granted_device())
         self.stage = DetectMatte(detector, shrink=shrink, max_side=max_side, mask_shape=mask_shape)
         for s in self.inputs:
             self.bus.ensure_group(s, self.streams.detect_group)
@@ -281,7 +285,7 @@ class ScorerActor(_Loop):
         from workers.differnet.store import ModelError, load_model
 
         try:
-            bundle = load_model(Path(self.registry.get(version_id).path))
+            bundle = load_model(Path(self.registry.get(version_id).path), granted_device())
         except (ModelError, RegistryError) as exc:
             self.count("model_load_failures")
             log.warning("%s: model %s refused: %s", self.streams.line, version_id, exc)
@@ -614,7 +618,7 @@ class TrainerActor(_Loop):
                 [p for views in pool.train_views.values() for p in views],
                 pool.validation,
                 mode=self.config.mode,
-                options=TrainingOptions(epochs=epochs),
+                options=TrainingOptions(epochs=epochs, device=granted_device()),
                 target_tpr=self.target_tpr,
             )
         except (RetrainError, ModelError) as exc:

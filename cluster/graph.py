@@ -39,6 +39,7 @@ class LineResources:
     """Ray resources per actor (see :func:`line_resources` for where they come from)."""
 
     ingest_cpus: float = 0.25
+    ingest_gpus: float = 0.0  # asked by the cameras that run a matting network only
     detect_cpus: float = 0.5
     detect_gpus: float = 0.0
     score_cpus: float = 1.0
@@ -56,6 +57,8 @@ def line_resources(line: LineConfig, cluster_gpus: float) -> LineResources:
         res.score_gpus, res.train_gpus = 0.5, 1.0
         # The contour detector has nothing to run on a GPU; a YOLO model has.
         res.detect_gpus = 0.25 if line.yolo_weights else 0.0
+        # Likewise for the cameras: a matting network has, the motion gate alone not.
+        res.ingest_gpus = 0.25 if any(c.matting_model for c in line.cameras) else 0.0
     for name, value in line.resources.model_dump().items():
         if value is not None:
             setattr(res, name, value)
@@ -201,7 +204,10 @@ def start_ingest(
     first = next_product_seq(redis.Redis.from_url(redis_url), line, [c.id for c in cameras])
     started = []
     for cam in cameras:
-        actor = CameraIngestActor.options(num_cpus=res.ingest_cpus, **ACTOR_OPTIONS).remote(
+        gpus = res.ingest_gpus if cam.matting_model else 0.0
+        actor = CameraIngestActor.options(
+            num_cpus=res.ingest_cpus, num_gpus=gpus, **ACTOR_OPTIONS
+        ).remote(
             redis_url,
             maxlen,
             line,

@@ -113,7 +113,9 @@ def test_line_resources_take_gpus_where_the_cluster_has_them_and_obey_the_line()
     assert (gpu.score_gpus, gpu.detect_gpus, gpu.train_gpus) == (0.5, 0, 1.0)
     yolo = LineConfig(id="b", cameras=cams, yolo_weights="w.pt", resources={"score_gpus": 1})
     res = line_resources(yolo, cluster_gpus=1)
-    assert (res.score_gpus, res.detect_gpus) == (1, 0.25)
+    assert (res.score_gpus, res.detect_gpus, res.ingest_gpus) == (1, 0.25, 0)
+    matted = [{"id": "c0", "source": "sim", "matting_model": "bgm.pt"}]
+    assert line_resources(LineConfig(id="m", cameras=matted), cluster_gpus=1).ingest_gpus == 0.25
     tuned = LineConfig(id="c", cameras=cams, resources={"score_cpus": 2, "ingest_cpus": 0.5})
     assert line_cpus(tuned) == 4 * 0.5 + 0.5 + 2 + 0.1 + 0.5
     with pytest.raises(ValueError, match="score_cpus"):

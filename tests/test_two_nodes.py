@@ -16,7 +16,7 @@ from tests.test_cluster import SMALL, line_model, simulate  # noqa: F401  (fixtu
 @pytest.fixture(scope="module")
 def two_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1, num_gpus=1)  # declared: Ray schedules by what nodes declare
     ray.init(address=cluster.address, logging_level="WARNING")
     yield cluster
     ray.shutdown()
@@ -37,3 +37,17 @@ def test_a_line_spreads_over_two_nodes_and_inspects_every_product(line_model, tw
         got = [Verdict.from_entry(f) for _, f in client.xrange("verdicts:demo")]
     assert len(nodes) == 2
     assert sorted(v.product_seq for v in got) == list(range(4))
+
+
+def test_an_actor_runs_its_models_on_the_gpu_ray_gave_it_else_on_the_cpu(two_nodes):
+    @ray.remote
+    def where() -> tuple[str, str | None]:
+        import os
+
+        from cluster.actors import granted_device
+
+        return granted_device(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    assert ray.get(where.options(num_cpus=0.1, num_gpus=0.5).remote()) == ("cuda", "0")
+    # Given no GPU it keeps to the CPU, even where CUDA_VISIBLE_DEVICES would show it one.
+    assert ray.get(where.options(num_cpus=0.1, num_gpus=0).remote())[0] == "cpu"

@@ -87,6 +87,8 @@ class YoloDetector:
     ):
         from ultralytics import YOLO
 
+        from .devices import choose_device
+
         weights = Path(weights)
         if not weights.exists():
             raise FileNotFoundError(f"{weights}: YOLO weights file not found")
@@ -94,7 +96,7 @@ class YoloDetector:
         self.classes = classes
         self.confidence = confidence
         self.image_size = image_size
-        self.device = device or "cpu"
+        self.device = str(choose_device(device))
 
     def detect(self, frame: np.ndarray, foreground: np.ndarray | None = None) -> list[Detection]:
         result = self.model.predict(

@@ -123,10 +123,12 @@ class DeepMatter:
     def __init__(self, path: Path, device: str | None = None):
         import torch
 
+        from .devices import choose_device
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: matting model file not found")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = choose_device(device)
         try:
             self.model = torch.jit.load(str(path), map_location=self.device).eval()
         except RuntimeError as exc:

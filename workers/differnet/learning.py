@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from ..datasets import Sample, list_train_samples
+from ..devices import choose_device
 from ..samples import SampleError, SampleStore
 from ..threshold import auroc, target_tpr_threshold
 from .model import DifferNet
 from .recipes import OnSkip, _ignore, load_samples
 from .store import (
     ModelBundle,
-    choose_device,
     load_feature_cache,
     load_model,
     save_feature_cache,

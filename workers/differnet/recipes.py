@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from ..datasets import Sample, fingerprint, list_test_samples, list_train_samples
+from ..devices import choose_device
 from ..images import ImageError, load_with_alpha
 from ..threshold import auroc, target_tpr_threshold
 from .model import DifferNet, DifferNetConfig, PreparedImage, ScoredImage
-from .store import ModelBundle, choose_device, save_feature_cache, save_model
+from .store import ModelBundle, save_feature_cache, save_model
 from .training import (
     Progress,
     TrainingOptions,

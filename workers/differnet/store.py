@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from ..devices import choose_device
 from .model import DifferNet, DifferNetConfig
 
 # 2: patch memory and score calibration in the weights; 3: the memory compares products at one
@@ -115,26 +116,6 @@ def check_model(model_dir: Path) -> tuple[dict, DifferNetConfig, bytes]:
             f"{expected[:16]}...; the file was changed or damaged"
         )
     return metadata, config, data
-
-
-def choose_device(requested: str | None = None) -> torch.device:
-    """``requested`` ("cpu", "cuda", "cuda:1"), or CUDA when this process sees a GPU.
-
-    Under Ray an actor sees a GPU only when it was given a share of one.
-    """
-    if requested in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= visible:
-            raise ValueError(f"device {requested!r}: this process sees {visible} CUDA device(s)")
-    return device
 
 
 def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
