@@ -119,3 +119,18 @@ def one_camera_video(root: Path, products: int, codec: str = "mjpeg") -> Path:
     spec = LineSpec(products=products, cameras=1, defect_rate=0, seed=5, codec=codec, **LINE_FRAME)
     render_line(list_train_samples(data), [], root / codec, spec)
     return camera_videos(root / codec)["cam0"]
+
+
+def difference_matting_model(path: Path) -> Path:
+    """A TorchScript matting network with BGMv2's interface, ``(src, bgr) -> (alpha, fg)``:
+    alpha marks where the frame differs from the background plate."""
+    import torch
+    from torch import nn
+
+    class DifferenceMatte(nn.Module):
+        def forward(self, src: torch.Tensor, bgr: torch.Tensor):
+            pha = ((src - bgr).abs().amax(1, keepdim=True) > 0.12).float()
+            return pha, src * pha
+
+    torch.jit.script(DifferenceMatte()).save(str(path))
+    return path

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.synthetic import add_defect, make_dataset, textured_tile
+from tests.synthetic import add_defect, difference_matting_model, make_dataset, textured_tile
 from workers.datasets import list_test_samples
 from workers.differnet.learning import LabelledProduct, retrain
 from workers.differnet.model import DifferNetConfig
@@ -20,6 +20,7 @@ from workers.differnet.recipes import load_samples, score_images, train_from_fol
 from workers.differnet.store import FEATURE_CACHE, load_model
 from workers.differnet.training import TrainingOptions
 from workers.images import encode_png
+from workers.matte import DeepMatter
 from workers.threshold import auroc
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -101,3 +102,15 @@ def test_a_cpu_trained_parent_is_retrained_on_the_gpu(tmp_path):
     candidate = load_model(tmp_path / "cand", "cpu")
     assert candidate.threshold == result.judgement.candidate["threshold"]
     assert result.metadata["training"]["n_new_good"] == 6 and candidate.model.memory.size > 0
+
+
+def test_a_matting_network_runs_on_the_gpu_as_on_the_cpu(tmp_path):
+    path = difference_matting_model(tmp_path / "matte.pt")
+    plate = np.full((90, 160, 3), 40, np.uint8)
+    frame = plate.copy()
+    frame[20:70, 50:120] = 200
+    on_gpu = DeepMatter(path)
+    assert on_gpu.device.type == "cuda"
+    alpha = on_gpu.alpha(frame, plate)
+    np.testing.assert_array_equal(alpha, DeepMatter(path, "cpu").alpha(frame, plate))
+    assert alpha.sum() == 50 * 70

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from tests.synthetic import make_dataset
+from tests.synthetic import difference_matting_model, make_dataset
 from workers.datasets import list_train_samples
 from workers.detect import ContourDetector, YoloDetector, bootstrap_yolo, iou, read_frames
 from workers.harvest import harvest_crops
@@ -203,18 +203,9 @@ def test_yolo_bootstrap_trains_on_auto_labels_and_then_predicts(line, tmp_path):
 
 
 def test_a_torchscript_matting_model_replaces_the_per_frame_mask(line, tmp_path):
-    import torch
-    from torch import nn
-
     from workers.matte import DeepMatter
 
-    class DifferenceMatte(nn.Module):  # BGMv2's interface: (src, bgr) -> (alpha, foreground)
-        def forward(self, src: torch.Tensor, bgr: torch.Tensor):
-            pha = ((src - bgr).abs().amax(1, keepdim=True) > 0.12).float()
-            return pha, src * pha
-
-    path = tmp_path / "matte.pt"
-    torch.jit.script(DifferenceMatte()).save(str(path))
+    path = difference_matting_model(tmp_path / "matte.pt")
     _, out, manifest = line
     matter = DeepMatter(path, device="cpu")
     gate, detector, triggers = MotionGate(matter=matter), ContourDetector(), []
