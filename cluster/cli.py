@@ -264,7 +264,7 @@ def run(
     import ray
 
     from .config import ConfigError, load_settings
-    from .graph import StageFailed, drain_and_stop, line_cpus, start_line
+    from .graph import StageFailed, drain_and_stop, line_cpus, lines_resources, start_line
     from .redis_conn import RedisUnavailable, open_redis
     from .registry import Registry
     from .streams import reset_line
@@ -283,9 +283,11 @@ def run(
         raise fail(str(exc)) from None
     redis_for_actors = url or embedded.url
     _start_ray(ray_address or settings.ray_address, sum(line_cpus(x) for x in settings.lines))
+    # The lines share the cluster's GPUs: their default shares shrink together until all fit.
+    resources = lines_resources(settings.lines, ray.cluster_resources().get("GPU", 0))
     running = []
     try:
-        for line in settings.lines:
+        for line, line_res in zip(settings.lines, resources, strict=True):
             if replay:
                 reset_line(client, line.id, [c.id for c in line.cameras])
             model_dir = line.model_dir or settings.model_dir / line.id
@@ -304,6 +306,7 @@ def run(
                     sample_dir=settings.sample_dir.resolve(),
                     retention=settings.samples,
                     candidates_dir=(settings.model_dir / line.id / "candidates").resolve(),
+                    resources=line_res,
                 )
             )
             version = Registry(client, line.id).active()

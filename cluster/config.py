@@ -95,7 +95,7 @@ class RetrainConfig(_Strict):
 class ResourceConfig(_Strict):
     """Ray resources per actor of the line. Unset GPU shares follow the cluster: where it has
     GPUs, a scorer takes half of one, a YOLO detect+matte a quarter, a camera with a matting
-    network a quarter, the trainer a whole one."""
+    network a quarter, the trainer a whole one, all shrunk alike where the lines would not fit."""
 
     ingest_cpus: float | None = Field(default=None, gt=0, le=64)
     ingest_gpus: float | None = Field(default=None, ge=0, le=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,19 +51,73 @@ class LineResources:
     train_gpus: float = 0.0
 
 
+def lines_resources(lines: list[LineConfig], cluster_gpus: float) -> list[LineResources]:
+    """Each line's resources: defaults, GPU shares where the cluster has GPUs, then the line's
+    own settings. The shares shrink alike until the lines' actors fit in ``cluster_gpus``
+    (a scorer and a trainer on one GPU get a third and two thirds of it): Ray would leave an
+    actor that does not fit waiting for a GPU that is not there."""
+    shares = [_gpu_shares(line) for line in lines] if cluster_gpus else [{} for _ in lines]
+    demand = sum(_gpu_demand(line, s) for line, s in zip(lines, shares, strict=True))
+    asked = sum(_gpus_asked(line) for line in lines)  # what the lines' own settings ask for
+    scale = min(1.0, max(0.0, cluster_gpus - asked) / demand) if demand else 1.0
+    out = []
+    for line, line_shares in zip(lines, shares, strict=True):
+        res = LineResources()
+        for name, share in line_shares.items():
+            # Ray counts GPU fractions to 4 decimals: rounded down, the shares still fit.
+            setattr(res, name, math.floor(share * scale * 1e4) / 1e4)
+        for name, value in line.resources.model_dump().items():
+            if value is not None:
+                setattr(res, name, value)
+        out.append(res)
+    return out
+
+
 def line_resources(line: LineConfig, cluster_gpus: float) -> LineResources:
-    """Defaults, GPU shares where the cluster has GPUs, then the line's own settings."""
-    res = LineResources()
-    if cluster_gpus:
-        res.score_gpus, res.train_gpus = 0.5, 1.0
-        # The contour detector has nothing to run on a GPU; a YOLO model has.
-        res.detect_gpus = 0.25 if line.yolo_weights else 0.0
-        # Likewise for the cameras: a matting network has, the motion gate alone not.
-        res.ingest_gpus = 0.25 if any(c.matting_model for c in line.cameras) else 0.0
-    for name, value in line.resources.model_dump().items():
-        if value is not None:
-            setattr(res, name, value)
-    return res
+    """One line's resources, as :func:`lines_resources` gives them to a line alone."""
+    return lines_resources([line], cluster_gpus)[0]
+
+
+def _gpu_shares(line: LineConfig) -> dict[str, float]:
+    """Where the cluster has GPUs: a scorer half of one, the trainer a whole one; a YOLO
+    detector and a camera's matting network a quarter (contours and the motion gate alone
+    have nothing to run on a GPU)."""
+    return {
+        "score_gpus": 0.5,
+        "train_gpus": 1.0,
+        "detect_gpus": 0.25 if line.yolo_weights else 0.0,
+        "ingest_gpus": 0.25 if any(c.matting_model for c in line.cameras) else 0.0,
+    }
+
+
+def _actor_counts(line: LineConfig) -> dict[str, int]:
+    """How many actors of the line each GPU setting applies to."""
+    return {
+        "score_gpus": line.replicas.score,
+        "train_gpus": 1 if line.retrain.enabled else 0,
+        "detect_gpus": line.replicas.detect,
+        "ingest_gpus": sum(1 for c in line.cameras if c.matting_model),
+    }
+
+
+def _gpu_demand(line: LineConfig, shares: dict[str, float]) -> float:
+    """GPUs the line's actors ask for at these shares, where the line leaves them unset."""
+    counts = _actor_counts(line)
+    return sum(
+        counts[name] * share
+        for name, share in shares.items()
+        if getattr(line.resources, name) is None
+    )
+
+
+def _gpus_asked(line: LineConfig) -> float:
+    """GPUs the line's own settings ask for."""
+    counts = _actor_counts(line)
+    return sum(
+        counts[name] * value
+        for name in counts
+        if (value := getattr(line.resources, name)) is not None
+    )
 
 
 def line_cpus(line: LineConfig, res: LineResources | None = None) -> float:
@@ -88,6 +143,7 @@ class RunningLine:
     runs: dict = field(default_factory=dict)  # actor handle -> ObjectRef of its run()
     cameras: dict = field(default_factory=dict)  # ingest actor -> its camera's id
     retired: dict = field(default_factory=dict)  # finished ingest actors -> their run()
+    resources: LineResources = field(default_factory=LineResources)
 
     @property
     def workers(self) -> list:
@@ -113,7 +169,7 @@ def start_line(
     retention = retention or SampleConfig()
     samples = str(sample_dir) if sample_dir else None
     cams = [c.id for c in line.cameras]
-    running = RunningLine(line)
+    running = RunningLine(line, resources=res)
     running.aggregator = AggregatorActor.options(
         num_cpus=res.aggregate_cpus, **ACTOR_OPTIONS
     ).remote(
@@ -176,7 +232,7 @@ def start_line(
     ray.get([a.ping.remote() for a in running.workers], timeout=300)
     for actor in running.workers:
         running.runs[actor] = actor.run.remote()
-    start_ingest(running, redis_url, line.cameras, maxlen=maxlen, resources=res)
+    start_ingest(running, redis_url, line.cameras, maxlen=maxlen)
     return running
 
 
@@ -186,13 +242,13 @@ def start_ingest(
     cameras: list[CameraConfig],
     *,
     maxlen: int = 100_000,
-    resources: LineResources | None = None,
 ) -> None:
-    """Start ingest actors for ``cameras`` (the line's, or new sources that continue it).
+    """Start ingest actors for ``cameras`` (the line's, or new sources that continue it), with
+    the line's resources.
 
     Ingest actors whose source has ended are retired first: they would hold their CPUs.
     """
-    res = resources or line_resources(running.config, ray.cluster_resources().get("GPU", 0))
+    res = running.resources
     line = running.config.id
     refs = [running.runs[a] for a in running.ingest]
     finished = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []

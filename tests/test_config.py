@@ -112,11 +112,46 @@ def test_line_resources_take_gpus_where_the_cluster_has_them_and_obey_the_line()
     gpu = line_resources(plain, cluster_gpus=2)
     assert (gpu.score_gpus, gpu.detect_gpus, gpu.train_gpus) == (0.5, 0, 1.0)
     yolo = LineConfig(id="b", cameras=cams, yolo_weights="w.pt", resources={"score_gpus": 1})
-    res = line_resources(yolo, cluster_gpus=1)
+    res = line_resources(yolo, cluster_gpus=4)
     assert (res.score_gpus, res.detect_gpus, res.ingest_gpus) == (1, 0.25, 0)
     matted = [{"id": "c0", "source": "sim", "matting_model": "bgm.pt"}]
-    assert line_resources(LineConfig(id="m", cameras=matted), cluster_gpus=1).ingest_gpus == 0.25
+    assert line_resources(LineConfig(id="m", cameras=matted), cluster_gpus=4).ingest_gpus == 0.25
     tuned = LineConfig(id="c", cameras=cams, resources={"score_cpus": 2, "ingest_cpus": 0.5})
     assert line_cpus(tuned) == 4 * 0.5 + 0.5 + 2 + 0.1 + 0.5
     with pytest.raises(ValueError, match="score_cpus"):
         LineConfig(id="d", cameras=cams, resources={"score_cpus": 0})
+
+
+def test_on_fewer_gpus_than_the_lines_ask_for_every_default_share_shrinks_until_all_fit():
+    from cluster.config import LineConfig
+    from cluster.graph import line_resources, lines_resources
+
+    cams = [{"id": f"c{i}", "source": "sim", "matting_model": "bgm.pt"} for i in range(4)]
+
+    def make(**settings) -> LineConfig:
+        base = {"id": "a", "cameras": cams, "yolo_weights": "w.pt", "replicas": {"score": 2}}
+        return LineConfig(**(base | settings))
+
+    line = make()
+    # 2 scorers x 0.5 + a detector 0.25 + 4 matting cameras x 0.25 + the trainer 1 = 3.25 GPUs
+    assert line_resources(line, cluster_gpus=4).train_gpus == 1.0
+
+    def used(lines, resources) -> float:
+        return sum(
+            x.replicas.score * r.score_gpus
+            + x.replicas.detect * r.detect_gpus
+            + len(x.cameras) * r.ingest_gpus
+            + r.train_gpus
+            for x, r in zip(lines, resources, strict=True)
+        )
+
+    for lines, gpus in (([line], 1), ([line, make(id="b")], 1), ([line], 2)):
+        resources = lines_resources(lines, gpus)
+        assert gpus - 0.001 * len(lines) <= used(lines, resources) <= gpus
+        assert resources[0].score_gpus == pytest.approx(resources[0].train_gpus / 2, abs=1e-3)
+    # A line's own setting stands, and the defaults share what it leaves.
+    fixed = make(resources={"train_gpus": 0.5})
+    res = line_resources(fixed, cluster_gpus=1)
+    assert res.train_gpus == 0.5 and 0.99 <= used([fixed], [res]) <= 1
+    # A line without a trainer leaves its share to the others.
+    assert line_resources(make(retrain={"enabled": False}), cluster_gpus=2.25).score_gpus == 0.5
