@@ -9,6 +9,7 @@ redelivered work produce no second verdict.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -403,6 +404,14 @@ class AggregatorActor(_Loop):
         self.registry = Registry(self.bus.client, line)
         self._gauged_at = 0.0
         self.join = VerdictJoin(line, cameras, timeout_s, max_spread_s=max_camera_spread_s)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Restarted by Ray: the cameras number as before, some of them re-synchronised.
+            saved = self.bus.client.hgetall(self.streams.join_steps)
+            self.join.restore_steps({c.decode(): json.loads(v) for c, v in saved.items()})
+        else:
+            # A line (re)started: every camera numbers from the line's next product again.
+            self.bus.client.delete(self.streams.join_steps)
+        self._steps_saved = self.join.steps
         self.decided = DecidedProducts(self.bus.client, line)
         self._resyncs_exported: dict[str, int] = {}
         self.consumer = "aggregate-0"
@@ -454,6 +463,7 @@ class AggregatorActor(_Loop):
         settled = self.join.add(score, receipt=d)
         if self.join.duplicates > before:
             self.count("duplicate_views", self.join.duplicates - before)
+        self._save_steps()  # before the verdicts that use the re-synchronised views
         for s in settled:
             self._publish(s)
 
@@ -491,6 +501,13 @@ class AggregatorActor(_Loop):
             == 0
         ):
             self.count("samples_pruned", self.samples.prune(self.line, *self.retention))
+
+    def _save_steps(self) -> None:
+        steps = self.join.steps
+        changed = {c: json.dumps(s) for c, s in steps.items() if s != self._steps_saved.get(c)}
+        if changed:
+            self.bus.client.hset(self.streams.join_steps, mapping=changed)
+            self._steps_saved = steps
 
     def _export_resyncs(self) -> None:
         for camera, n in self.join.resynchronised.items():

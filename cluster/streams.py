@@ -73,6 +73,11 @@ class Streams:
         return f"retrain-pending:{self.line}"
 
     @property
+    def join_steps(self) -> str:
+        """Hash: camera -> its re-synchronisation steps (JSON), for a restarted aggregator."""
+        return f"join-steps:{self.line}"
+
+    @property
     def label_index(self) -> str:
         """Hash: ``product_id`` or ``product_id/camera`` -> the label QA gave it."""
         return f"labels-latest:{self.line}"
@@ -178,6 +183,7 @@ def reset_line(client, line: str, cameras: list[str], samples: SampleStore | Non
         s.retrain_used,
         s.retrain_pending,
         s.retrain_requests,
+        s.join_steps,
     )
     if samples is not None:
         samples.forget_line(line)

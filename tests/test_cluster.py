@@ -236,3 +236,57 @@ def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, loc
     ]
     assert len(named) == shed  # every shed view is named in its product's verdict
     assert all(v.status == "incomplete" for v in got if v.reason and "shed" in v.reason)
+
+
+def test_a_restarted_aggregator_numbers_a_re_synchronised_camera_as_before(local_ray, tmp_path):
+    """cam3 missed product 1, so its n-th view is of product n + 1 from then on. The aggregator,
+    killed and restarted by Ray after re-synchronising it, must still know that."""
+    from cluster.actors import AggregatorActor
+
+    cams = ["cam0", "cam1", "cam2", "cam3"]
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        aggregator = AggregatorActor.options(num_cpus=0.1, **ACTOR_OPTIONS).remote(
+            server.url, 10_000, "l", cams, 30.0, 0.1, None, None, None, 3600.0
+        )
+        run = aggregator.run.remote()
+
+        def product(seq: int) -> None:  # one a second; cam3's numbers one behind from 2 on
+            for cam in cams:
+                number = seq - 1 if cam == "cam3" and seq >= 2 else seq
+                if cam == "cam3" and seq == 1:
+                    continue
+                score = ViewScore(
+                    product_id=f"l:{number}",
+                    line="l",
+                    camera=cam,
+                    product_seq=number,
+                    captured_at=1000.0 + seq,
+                    score=0.0,
+                    threshold=1.0,
+                    is_defect=False,
+                    model_version="v1",
+                )
+                client.xadd(Streams("l").scores, score.to_entry())
+
+        def wait_for(n: int) -> dict[int, Verdict]:
+            deadline = time.monotonic() + 60
+            while len(got := verdicts(client, "l")) < n and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return {v.product_seq: v for v in got}
+
+        for seq in range(4):
+            product(seq)
+        assert sorted(wait_for(4)) == [0, 1, 2, 3]
+        ray.kill(aggregator, no_restart=False)
+        time.sleep(1.0)  # the kill is asynchronous: the old instance must not see what follows
+        ray.get(aggregator.ping.remote(), timeout=60)  # answered by the restarted instance
+        for seq in range(4, 7):
+            product(seq)
+        got = wait_for(7)
+        aggregator.stop.remote()
+        ray.get(run, timeout=60)
+        published = len(verdicts(client, "l"))
+    assert sorted(got) == list(range(7)) and published == 7
+    assert got[1].status == "incomplete" and got[1].missing_cameras == ["cam3"]
+    assert all(got[q].status == "complete" for q in got if q != 1), [v.reason for v in got.values()]

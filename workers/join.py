@@ -60,12 +60,12 @@ class VerdictJoin:
     against capture times. A view captured further than that from every other view of its
     product, but within it of the views two other cameras (on a two-camera line, the other one)
     gave another product, belongs to that product: its camera is *re-synchronised*. The view
-    moves there, and from it on the camera's numbers are shifted as much (its *steps*, learned
-    again from capture times after a restart); a product it skipped is decided without it at
-    once. A view that matches no product (a camera whose clock is off) is left out of its
-    product's verdict and named, the product waiting for it only while it may still find its
-    own (another camera has not yet delivered anything captured after it). Views of two
-    products are never joined silently.
+    moves there, and from it on the camera's numbers are shifted as much (its *steps*, which
+    the caller may keep and :meth:`restore_steps` after a restart); a product it skipped is
+    decided without it at once. A view that matches no product (a camera whose clock is off)
+    is left out of its product's verdict and named, the product waiting for it only while it
+    may still find its own (another camera has not yet delivered anything captured after it).
+    Views of two products are never joined silently.
     """
 
     def __init__(
@@ -99,6 +99,20 @@ class VerdictJoin:
     @property
     def pending_products(self) -> list[int]:
         return sorted(self._pending)
+
+    @property
+    def steps(self) -> dict[str, list[tuple[int, int]]]:
+        """Each re-synchronised camera's steps: (its first number, shift to the line's), sorted.
+        Kept outside the join (Redis), they let a restarted join number the cameras as before."""
+        return {camera: list(steps) for camera, steps in self._steps.items()}
+
+    def restore_steps(self, steps: dict[str, list[tuple[int, int]]]) -> None:
+        """Number the cameras as a join whose :attr:`steps` these were did."""
+        self._steps = {
+            camera: sorted((int(raw), int(shift)) for raw, shift in camera_steps)
+            for camera, camera_steps in steps.items()
+            if camera in self.cameras
+        }
 
     def line_seq(self, camera: str, product_seq: int) -> int:
         """The line's number for the product a camera numbered ``product_seq``."""
