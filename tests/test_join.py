@@ -149,6 +149,22 @@ def test_a_camera_that_missed_a_product_is_re_synchronised_by_capture_time(order
     assert "cam3 re-synchronised by capture time: its product 2 is the line's 3 (+1)" in caplog.text
 
 
+def test_a_join_restored_from_anothers_steps_numbers_the_cameras_as_it_did():
+    products = {q: 100.0 + 1.7 * q for q in range(7)}
+    cam3 = [(0, products[0], 0.1), (1, products[1], 0.1)]
+    cam3 += [(q - 1, products[q], 0.1) for q in range(3, 7)]
+    first = VerdictJoin("l", CAMS, max_spread_s=0.5)
+    run_line(first, cam3, products)
+    assert first.steps == {"cam3": [(2, 1)]}
+    # As kept in Redis (JSON), with a camera the restarted line no longer has.
+    kept = {"cam3": [[2, 1]], "cam9": [[0, 5]]}
+    restarted = VerdictJoin("l", CAMS, max_spread_s=0.5)
+    restarted.restore_steps(kept)
+    assert restarted.steps == first.steps
+    assert [restarted.line_seq("cam3", n) for n in (1, 2, 5)] == [1, 3, 6]
+    assert restarted.line_seq("cam0", 5) == 5
+
+
 def test_a_camera_that_saw_a_product_twice_is_re_synchronised_and_its_second_view_dropped():
     products = {q: 100.0 + 1.7 * q for q in range(6)}
     cam3 = [(0, products[0], 0.1), (1, products[1], 0.1), (2, products[2], 0.1)]
