@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def choose_device(requested: str | None = None) -> torch.device:
+def choose_device(requested: str | torch.device | None = None) -> torch.device:
     """``requested`` ("cpu", "cuda", "cuda:1"), or CUDA when this process sees a GPU.
 
-    Under Ray an actor sees a GPU only when it was given a share of one.
+    Ray actors ask for the device Ray granted them (``cluster.actors.granted_device``): Ray
+    leaves an actor given no GPU seeing every GPU of its node.
     """
     if requested in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

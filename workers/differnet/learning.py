@@ -23,13 +23,7 @@ from ..samples import SampleError, SampleStore
 from ..threshold import auroc, target_tpr_threshold
 from .model import DifferNet
 from .recipes import OnSkip, _ignore, load_samples
-from .store import (
-    ModelBundle,
-    load_feature_cache,
-    load_model,
-    save_feature_cache,
-    save_model,
-)
+from .store import ModelBundle, load_feature_cache, load_model, save_feature_cache, save_model
 from .training import (
     Progress,
     TrainingOptions,

@@ -118,7 +118,7 @@ def check_model(model_dir: Path) -> tuple[dict, DifferNetConfig, bytes]:
     return metadata, config, data
 
 
-def load_model(model_dir: Path, device: str | None = None) -> ModelBundle:
+def load_model(model_dir: Path, device: str | torch.device | None = None) -> ModelBundle:
     """Load and check a model folder onto ``device`` (see :func:`choose_device`)."""
     metadata, config, data = check_model(model_dir)
     weights_path = Path(model_dir) / metadata["weights_file"]
