@@ -18,6 +18,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -104,6 +105,15 @@ class ResourceConfig(_Strict):
     score_cpus: float | None = Field(default=None, gt=0, le=64)
     score_gpus: float | None = Field(default=None, ge=0, le=8)
     train_gpus: float | None = Field(default=None, ge=0, le=8)
+
+    @field_validator("ingest_gpus", "detect_gpus", "score_gpus", "train_gpus")
+    @classmethod
+    def _whole_above_one(cls, v: float | None) -> float | None:
+        # Ray gives an actor part of one GPU or whole GPUs: it refuses 1.5 only when the actor
+        # is started; the config says so at once.
+        if v is not None and v > 1 and not float(v).is_integer():
+            raise ValueError(f"a GPU share above 1 must be a whole number of GPUs, got {v}")
+        return v
 
 
 class LineConfig(_Strict):

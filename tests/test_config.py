@@ -120,6 +120,9 @@ def test_line_resources_take_gpus_where_the_cluster_has_them_and_obey_the_line()
     assert line_cpus(tuned) == 4 * 0.5 + 0.5 + 2 + 0.1 + 0.5
     with pytest.raises(ValueError, match="score_cpus"):
         LineConfig(id="d", cameras=cams, resources={"score_cpus": 0})
+    with pytest.raises(ValueError, match="whole number of GPUs"):
+        LineConfig(id="e", cameras=cams, resources={"train_gpus": 1.5})
+    assert LineConfig(id="f", cameras=cams, resources={"train_gpus": 2}).resources.train_gpus == 2
 
 
 def test_on_fewer_gpus_than_the_lines_ask_for_every_default_share_shrinks_until_all_fit():
