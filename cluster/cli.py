@@ -264,7 +264,14 @@ def run(
     import ray
 
     from .config import ConfigError, load_settings
-    from .graph import StageFailed, drain_and_stop, line_cpus, lines_resources, start_line
+    from .graph import (
+        StageFailed,
+        drain_and_stop,
+        line_cpus,
+        line_gpus,
+        lines_resources,
+        start_line,
+    )
     from .redis_conn import RedisUnavailable, open_redis
     from .registry import Registry
     from .streams import reset_line
@@ -284,7 +291,14 @@ def run(
     redis_for_actors = url or embedded.url
     _start_ray(ray_address or settings.ray_address, sum(line_cpus(x) for x in settings.lines))
     # The lines share the cluster's GPUs: their default shares shrink together until all fit.
-    resources = lines_resources(settings.lines, ray.cluster_resources().get("GPU", 0))
+    have_gpus = ray.cluster_resources().get("GPU", 0)
+    resources = lines_resources(settings.lines, have_gpus)
+    gpus_needed = sum(line_gpus(x, r) for x, r in zip(settings.lines, resources, strict=True))
+    if gpus_needed > have_gpus:
+        console.print(
+            f"[yellow]warning:[/] the lines' own settings ask for {gpus_needed:g} GPUs, the "
+            f"cluster has {have_gpus:g}: actors that do not fit wait for a GPU node"
+        )
     running = []
     try:
         for line, line_res in zip(settings.lines, resources, strict=True):
@@ -297,8 +311,8 @@ def run(
                     f"line {line.id}: no model in {model_dir} "
                     f"(train one: defectflow train DATA --out {model_dir})"
                 )
-            running.append(
-                start_line(
+            try:
+                started = start_line(
                     line,
                     redis_for_actors,
                     Path(model_dir),
@@ -308,7 +322,9 @@ def run(
                     candidates_dir=(settings.model_dir / line.id / "candidates").resolve(),
                     resources=line_res,
                 )
-            )
+            except StageFailed as exc:  # its actors could not be placed
+                raise fail(str(exc)) from None
+            running.append(started)
             version = Registry(client, line.id).active()
             console.print(
                 f"line [bold]{line.id}[/]: {len(line.cameras)} cameras, "

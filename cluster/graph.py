@@ -57,8 +57,12 @@ def lines_resources(lines: list[LineConfig], cluster_gpus: float) -> list[LineRe
     (a scorer and a trainer on one GPU get a third and two thirds of it): Ray would leave an
     actor that does not fit waiting for a GPU that is not there."""
     shares = [_gpu_shares(line) for line in lines] if cluster_gpus else [{} for _ in lines]
-    demand = sum(_gpu_demand(line, s) for line, s in zip(lines, shares, strict=True))
-    asked = sum(_gpus_asked(line) for line in lines)  # what the lines' own settings ask for
+    unset = [
+        {name: share for name, share in line_shares.items() if _own(line, name) is None}
+        for line, line_shares in zip(lines, shares, strict=True)
+    ]
+    demand = sum(_gpus(line, u) for line, u in zip(lines, unset, strict=True))
+    asked = sum(_gpus(line, _own_gpu_settings(line)) for line in lines)
     scale = min(1.0, max(0.0, cluster_gpus - asked) / demand) if demand else 1.0
     out = []
     for line, line_shares in zip(lines, shares, strict=True):
@@ -78,6 +82,9 @@ def line_resources(line: LineConfig, cluster_gpus: float) -> LineResources:
     return lines_resources([line], cluster_gpus)[0]
 
 
+GPU_SETTINGS = ("score_gpus", "train_gpus", "detect_gpus", "ingest_gpus")
+
+
 def _gpu_shares(line: LineConfig) -> dict[str, float]:
     """Where the cluster has GPUs: a scorer half of one, the trainer a whole one; a YOLO
     detector and a camera's matting network a quarter (contours and the motion gate alone
@@ -90,34 +97,28 @@ def _gpu_shares(line: LineConfig) -> dict[str, float]:
     }
 
 
-def _actor_counts(line: LineConfig) -> dict[str, int]:
-    """How many actors of the line each GPU setting applies to."""
-    return {
+def _own(line: LineConfig, name: str) -> float | None:
+    return getattr(line.resources, name)
+
+
+def _own_gpu_settings(line: LineConfig) -> dict[str, float]:
+    return {name: v for name in GPU_SETTINGS if (v := _own(line, name)) is not None}
+
+
+def _gpus(line: LineConfig, per_actor: dict[str, float]) -> float:
+    """GPUs the line's actors ask for at these shares (by setting name)."""
+    counts = {
         "score_gpus": line.replicas.score,
         "train_gpus": 1 if line.retrain.enabled else 0,
         "detect_gpus": line.replicas.detect,
         "ingest_gpus": sum(1 for c in line.cameras if c.matting_model),
     }
+    return sum(counts[name] * share for name, share in per_actor.items())
 
 
-def _gpu_demand(line: LineConfig, shares: dict[str, float]) -> float:
-    """GPUs the line's actors ask for at these shares, where the line leaves them unset."""
-    counts = _actor_counts(line)
-    return sum(
-        counts[name] * share
-        for name, share in shares.items()
-        if getattr(line.resources, name) is None
-    )
-
-
-def _gpus_asked(line: LineConfig) -> float:
-    """GPUs the line's own settings ask for."""
-    counts = _actor_counts(line)
-    return sum(
-        counts[name] * value
-        for name in counts
-        if (value := getattr(line.resources, name)) is not None
-    )
+def line_gpus(line: LineConfig, res: LineResources) -> float:
+    """GPUs the actors of ``line`` ask for."""
+    return _gpus(line, {name: getattr(res, name) for name in GPU_SETTINGS})
 
 
 def line_cpus(line: LineConfig, res: LineResources | None = None) -> float:
@@ -162,9 +163,12 @@ def start_line(
     sample_dir: Path | None = None,
     retention: SampleConfig | None = None,
     candidates_dir: Path | None = None,
+    start_timeout_s: float = 300.0,
 ) -> RunningLine:
     """Start one line's actors. With ``sample_dir``, every view and verdict is kept there;
-    with ``candidates_dir`` too, a trainer retrains from QA's labels and writes models there."""
+    with ``candidates_dir`` too, a trainer retrains from QA's labels and writes models there.
+    Actors still unplaced after ``start_timeout_s`` (the cluster lacks what they ask for) end
+    the start with :class:`StageFailed`, the line's actors released."""
     res = resources or line_resources(line, ray.cluster_resources().get("GPU", 0))
     retention = retention or SampleConfig()
     samples = str(sample_dir) if sample_dir else None
@@ -229,11 +233,25 @@ def start_line(
             )
         )
     # Consumers first: their groups exist before the first frame is published.
-    ray.get([a.ping.remote() for a in running.workers], timeout=300)
+    try:
+        ray.get([a.ping.remote() for a in running.workers], timeout=start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        for actor in running.workers:  # those that did start would hold their resources
+            ray.kill(actor, no_restart=True)
+        raise StageFailed(
+            f"line {line.id}: its actors did not all start within {start_timeout_s:g} s; they "
+            f"ask for {line_cpus(line, res):g} CPUs and {line_gpus(line, res):g} GPUs, the "
+            f"cluster has {_have('CPU'):g} and {_have('GPU'):g} (add nodes, or lower the "
+            "line's replicas or resources)"
+        ) from None
     for actor in running.workers:
         running.runs[actor] = actor.run.remote()
     start_ingest(running, redis_url, line.cameras, maxlen=maxlen)
     return running
+
+
+def _have(resource: str) -> float:
+    return ray.cluster_resources().get(resource, 0.0)
 
 
 def start_ingest(

@@ -215,6 +215,23 @@ def test_a_stage_that_fails_ends_the_drain_with_its_error_and_frees_the_line(
     assert ray.available_resources().get("CPU", 0) == 2
 
 
+def test_a_line_whose_actors_cannot_be_placed_fails_to_start_saying_what_they_ask(
+    line_model, local_ray, tmp_path
+):
+    data, root = line_model
+    manifest = simulate(data, tmp_path / "line", 1, seed=8)
+    line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
+    no_gpu_here = LineResources(**{**SMALL.__dict__, "score_gpus": 0.5})
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        with pytest.raises(StageFailed, match=r"did not all start within 3 s.* 0.5 GPUs"):
+            start_line(line, server.url, root / "model", resources=no_gpu_here, start_timeout_s=3)
+    # The actors that did start are gone again.
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
+
+
 def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, local_ray, tmp_path):
     # Unpaced cameras outrun a backlog of one view. (And the line's views are cut as whole
     # boxes: the detect + matte actors follow the line's mask_shape.)

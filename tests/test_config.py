@@ -127,7 +127,7 @@ def test_line_resources_take_gpus_where_the_cluster_has_them_and_obey_the_line()
 
 def test_on_fewer_gpus_than_the_lines_ask_for_every_default_share_shrinks_until_all_fit():
     from cluster.config import LineConfig
-    from cluster.graph import line_resources, lines_resources
+    from cluster.graph import line_gpus, line_resources, lines_resources
 
     cams = [{"id": f"c{i}", "source": "sim", "matting_model": "bgm.pt"} for i in range(4)]
 
@@ -140,13 +140,7 @@ def test_on_fewer_gpus_than_the_lines_ask_for_every_default_share_shrinks_until_
     assert line_resources(line, cluster_gpus=4).train_gpus == 1.0
 
     def used(lines, resources) -> float:
-        return sum(
-            x.replicas.score * r.score_gpus
-            + x.replicas.detect * r.detect_gpus
-            + len(x.cameras) * r.ingest_gpus
-            + r.train_gpus
-            for x, r in zip(lines, resources, strict=True)
-        )
+        return sum(line_gpus(x, r) for x, r in zip(lines, resources, strict=True))
 
     for lines, gpus in (([line], 1), ([line, make(id="b")], 1), ([line], 2)):
         resources = lines_resources(lines, gpus)
