@@ -404,13 +404,10 @@ class AggregatorActor(_Loop):
         self.registry = Registry(self.bus.client, line)
         self._gauged_at = 0.0
         self.join = VerdictJoin(line, cameras, timeout_s, max_spread_s=max_camera_spread_s)
-        if ray.get_runtime_context().was_current_actor_reconstructed:
-            # Restarted by Ray: the cameras number as before, some of them re-synchronised.
-            saved = self.bus.client.hgetall(self.streams.join_steps)
-            self.join.restore_steps({c.decode(): json.loads(v) for c, v in saved.items()})
-        else:
-            # A line (re)started: every camera numbers from the line's next product again.
-            self.bus.client.delete(self.streams.join_steps)
+        # Restarted by Ray, the aggregator numbers the cameras as before (start_line clears
+        # them when the line starts).
+        saved = self.bus.client.hgetall(self.streams.join_steps)
+        self.join.restore_steps({c.decode(): json.loads(v) for c, v in saved.items()})
         self._steps_saved = self.join.steps
         self.decided = DecidedProducts(self.bus.client, line)
         self._resyncs_exported: dict[str, int] = {}

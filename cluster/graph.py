@@ -174,6 +174,10 @@ def start_line(
     samples = str(sample_dir) if sample_dir else None
     cams = [c.id for c in line.cameras]
     running = RunningLine(line, resources=res)
+    client = redis.Redis.from_url(redis_url)
+    # Every camera numbers from the line's next product again: earlier re-synchronisations are
+    # void. (An aggregator Ray restarts later finds the ones made since in Redis.)
+    client.delete(Streams(line.id).join_steps)
     running.aggregator = AggregatorActor.options(
         num_cpus=res.aggregate_cpus, **ACTOR_OPTIONS
     ).remote(
@@ -189,7 +193,7 @@ def start_line(
         line.keep_processed_images_s,
     )
     # The registry decides which model scores; a line's first start activates model_dir.
-    Registry(redis.Redis.from_url(redis_url), line.id).ensure_active(model_dir)
+    Registry(client, line.id).ensure_active(model_dir)
     for i in range(line.replicas.score):
         running.score.append(
             ScorerActor.options(
