@@ -408,7 +408,7 @@ class AggregatorActor(_Loop):
         # them when the line starts).
         saved = self.bus.client.hgetall(self.streams.join_steps)
         self.join.restore_steps({c.decode(): json.loads(v) for c, v in saved.items()})
-        self._steps_saved = self.join.steps
+        self._resyncs_saved: dict[str, int] = {}
         self.decided = DecidedProducts(self.bus.client, line)
         self._resyncs_exported: dict[str, int] = {}
         self.consumer = "aggregate-0"
@@ -500,11 +500,12 @@ class AggregatorActor(_Loop):
             self.count("samples_pruned", self.samples.prune(self.line, *self.retention))
 
     def _save_steps(self) -> None:
-        steps = self.join.steps
-        changed = {c: json.dumps(s) for c, s in steps.items() if s != self._steps_saved.get(c)}
-        if changed:
-            self.bus.client.hset(self.streams.join_steps, mapping=changed)
-            self._steps_saved = steps
+        """Keep the cameras' steps in Redis, once a re-synchronisation has changed them."""
+        if self.join.resynchronised == self._resyncs_saved:
+            return
+        steps = {camera: json.dumps(s) for camera, s in self.join.steps.items()}
+        self.bus.client.hset(self.streams.join_steps, mapping=steps)
+        self._resyncs_saved = dict(self.join.resynchronised)
 
     def _export_resyncs(self) -> None:
         for camera, n in self.join.resynchronised.items():

@@ -51,18 +51,25 @@ class LineResources:
     train_gpus: float = 0.0
 
 
+GPU_SETTINGS = ("score_gpus", "train_gpus", "detect_gpus", "ingest_gpus")
+
+
 def lines_resources(lines: list[LineConfig], cluster_gpus: float) -> list[LineResources]:
     """Each line's resources: defaults, GPU shares where the cluster has GPUs, then the line's
     own settings. The shares shrink alike until the lines' actors fit in ``cluster_gpus``
     (a scorer and a trainer on one GPU get a third and two thirds of it): Ray would leave an
     actor that does not fit waiting for a GPU that is not there."""
     shares = [_gpu_shares(line) for line in lines] if cluster_gpus else [{} for _ in lines]
+    own = [{n: getattr(line.resources, n) for n in GPU_SETTINGS} for line in lines]
     unset = [
-        {name: share for name, share in line_shares.items() if _own(line, name) is None}
-        for line, line_shares in zip(lines, shares, strict=True)
+        {name: share for name, share in line_shares.items() if line_own[name] is None}
+        for line_shares, line_own in zip(shares, own, strict=True)
     ]
     demand = sum(_gpus(line, u) for line, u in zip(lines, unset, strict=True))
-    asked = sum(_gpus(line, _own_gpu_settings(line)) for line in lines)
+    asked = sum(
+        _gpus(line, {n: v for n, v in line_own.items() if v is not None})
+        for line, line_own in zip(lines, own, strict=True)
+    )
     scale = min(1.0, max(0.0, cluster_gpus - asked) / demand) if demand else 1.0
     out = []
     for line, line_shares in zip(lines, shares, strict=True):
@@ -82,9 +89,6 @@ def line_resources(line: LineConfig, cluster_gpus: float) -> LineResources:
     return lines_resources([line], cluster_gpus)[0]
 
 
-GPU_SETTINGS = ("score_gpus", "train_gpus", "detect_gpus", "ingest_gpus")
-
-
 def _gpu_shares(line: LineConfig) -> dict[str, float]:
     """Where the cluster has GPUs: a scorer half of one, the trainer a whole one; a YOLO
     detector and a camera's matting network a quarter (contours and the motion gate alone
@@ -95,14 +99,6 @@ def _gpu_shares(line: LineConfig) -> dict[str, float]:
         "detect_gpus": 0.25 if line.yolo_weights else 0.0,
         "ingest_gpus": 0.25 if any(c.matting_model for c in line.cameras) else 0.0,
     }
-
-
-def _own(line: LineConfig, name: str) -> float | None:
-    return getattr(line.resources, name)
-
-
-def _own_gpu_settings(line: LineConfig) -> dict[str, float]:
-    return {name: v for name in GPU_SETTINGS if (v := _own(line, name)) is not None}
 
 
 def _gpus(line: LineConfig, per_actor: dict[str, float]) -> float:
@@ -169,7 +165,7 @@ def start_line(
     with ``candidates_dir`` too, a trainer retrains from QA's labels and writes models there.
     Actors still unplaced after ``start_timeout_s`` (the cluster lacks what they ask for) end
     the start with :class:`StageFailed`, the line's actors released."""
-    res = resources or line_resources(line, ray.cluster_resources().get("GPU", 0))
+    res = resources or line_resources(line, _have("GPU"))
     retention = retention or SampleConfig()
     samples = str(sample_dir) if sample_dir else None
     cams = [c.id for c in line.cameras]
