@@ -106,3 +106,33 @@ def test_the_accuracy_gap_interval_covers_where_validation_puts_the_thresholds()
     # Only the samples both scored count; one class alone in validation is refused.
     with pytest.raises(ValueError, match="both classes"):
         accuracy_gap_interval(({0: 1.0}, {0: 1.0}), {0: 0}, ({0: 1.0}, {0: 1.0}), {0: False})
+
+
+def test_a_gap_with_the_threshold_held_moves_only_with_the_verdicts_that_flip():
+    # One model scoring the same products cut two ways (scores a little apart): its threshold,
+    # chosen again on each validation draw, judges both sides, so only products whose verdict
+    # flips move the gap. Two validation runs (each side's threshold on its own scores) add
+    # where each put its threshold.
+    rng = np.random.default_rng(1)
+    val_y = rng.random(120) < 0.3
+    test_y = rng.random(120) < 0.3
+    val_a = rng.normal(size=120) + 2.0 * val_y
+    test_a = rng.normal(size=120) + 2.0 * test_y
+    test_b = test_a + rng.normal(0, 0.05, 120)
+    val_b = val_a + rng.normal(0, 0.5, 120)
+    val_labels, test_labels = dict(enumerate(val_y.astype(int))), dict(enumerate(test_y))
+    as_dict = lambda scores: dict(enumerate(scores))  # noqa: E731
+    held = accuracy_gap_interval(
+        (as_dict(val_a), as_dict(val_a)),
+        val_labels,
+        (as_dict(test_a), as_dict(test_b)),
+        test_labels,
+    )
+    apart = accuracy_gap_interval(
+        (as_dict(val_a), as_dict(val_b)),
+        val_labels,
+        (as_dict(test_a), as_dict(test_b)),
+        test_labels,
+    )
+    assert held[0] <= 0 <= held[1]
+    assert held[1] - held[0] < 0.07 and apart[1] - apart[0] > 0.15
