@@ -76,6 +76,17 @@ def test_the_auroc_interval_is_the_percentile_interval_of_resampled_aurocs():
     assert np.allclose(got, expected, rtol=0, atol=1e-12)
 
 
+def gap_interval(validation, validation_labels, test, test_labels):
+    """``accuracy_gap_interval`` on score arrays: samples keyed by their position."""
+    as_dict = lambda scores: dict(enumerate(scores))  # noqa: E731
+    return accuracy_gap_interval(
+        tuple(map(as_dict, validation)),
+        as_dict(validation_labels.astype(int)),
+        tuple(map(as_dict, test)),
+        as_dict(test_labels),
+    )
+
+
 def test_the_accuracy_gap_interval_covers_where_validation_puts_the_thresholds():
     rng = np.random.default_rng(0)
 
@@ -86,21 +97,8 @@ def test_the_accuracy_gap_interval_covers_where_validation_puts_the_thresholds()
     val_y, val_a = scored(120, 4.0)
     test_y, test_a = scored(120, 4.0)
     val_b, test_b = val_a + rng.normal(0, 2.0, 120), test_a + rng.normal(0, 2.0, 120)
-    val_labels, test_labels = dict(enumerate(val_y.astype(int))), dict(enumerate(test_y))
-    as_dict = lambda scores: dict(enumerate(scores))  # noqa: E731
-    same = accuracy_gap_interval(
-        (as_dict(val_a), as_dict(val_a)),
-        val_labels,
-        (as_dict(test_a), as_dict(test_a)),
-        test_labels,
-    )
-    assert same == (0.0, 0.0)
-    low, high = accuracy_gap_interval(
-        (as_dict(val_a), as_dict(val_b)),
-        val_labels,
-        (as_dict(test_a), as_dict(test_b)),
-        test_labels,
-    )
+    assert gap_interval((val_a, val_a), val_y, (test_a, test_a), test_y) == (0.0, 0.0)
+    low, high = gap_interval((val_a, val_b), val_y, (test_a, test_b), test_y)
     # A ranks far better than its noisy copy B: the gap is positive, by points, not by one.
     assert 0 < low < high and high - low > 0.03
     # Only the samples both scored count; one class alone in validation is refused.
@@ -120,19 +118,7 @@ def test_a_gap_with_the_threshold_held_moves_only_with_the_verdicts_that_flip():
     test_a = rng.normal(size=120) + 2.0 * test_y
     test_b = test_a + rng.normal(0, 0.05, 120)
     val_b = val_a + rng.normal(0, 0.5, 120)
-    val_labels, test_labels = dict(enumerate(val_y.astype(int))), dict(enumerate(test_y))
-    as_dict = lambda scores: dict(enumerate(scores))  # noqa: E731
-    held = accuracy_gap_interval(
-        (as_dict(val_a), as_dict(val_a)),
-        val_labels,
-        (as_dict(test_a), as_dict(test_b)),
-        test_labels,
-    )
-    apart = accuracy_gap_interval(
-        (as_dict(val_a), as_dict(val_b)),
-        val_labels,
-        (as_dict(test_a), as_dict(test_b)),
-        test_labels,
-    )
+    held = gap_interval((val_a, val_a), val_y, (test_a, test_b), test_y)
+    apart = gap_interval((val_a, val_b), val_y, (test_a, test_b), test_y)
     assert held[0] <= 0 <= held[1]
     assert held[1] - held[0] < 0.07 and apart[1] - apart[0] > 0.15
