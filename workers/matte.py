@@ -32,9 +32,19 @@ VIEW_MAX_SIDE = 320
 # What the product's mask is cut from. "silhouette": the composite mask as it is, its holes
 # filled (any product shape). "hull": its convex hull, for convex products, whose dark edge
 # spots the belt model takes for belt and bites out of the silhouette. "box": the whole detected
-# box, for rectangular products (tiles, boards, panels): the belt then shows only where the box
-# and the product differ, and the shrink cuts that rim away.
+# box, its sides moved to the product's edges (``snap_to_edges``), for rectangular products
+# (tiles, boards, panels): the belt then shows only where the box and the product differ, and
+# the shrink cuts that rim away.
 MaskShape = Literal["silhouette", "hull", "box"]
+
+# How far a rectangular product's box may move to the product's edges, as a share of the frame's
+# width: the detector's box comes from the gate's mask, one working cell (about 1/120 of the
+# frame's width) coarse, so each side may be off by a cell.
+SNAP_REACH = 0.01
+# An edge counts if it is at least this share of the strongest one within reach; the outermost
+# such edge is the product's (on MTD tiles, a rim or a crack near the border can step more
+# than the tile against the belt; taking the strongest edge alone left crops 2 px too small).
+SNAP_STRENGTH = 0.7
 
 
 def recentred_box(
@@ -48,6 +58,49 @@ def recentred_box(
     x0, y0 = int(max(0, round(cx - w2 / 2))), int(max(0, round(cy - h2 / 2)))
     x1, y1 = int(min(fw, round(cx + w2 / 2))), int(min(fh, round(cy + h2 / 2)))
     return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+
+def snap_to_edges(
+    frame: np.ndarray, bbox: tuple[int, int, int, int], reach: int
+) -> tuple[int, int, int, int]:
+    """A rectangular product's ``bbox`` with each side moved, by at most ``reach`` pixels, to the
+    product's edge in ``frame`` (full resolution).
+
+    The edge of a side is a step across it, summed over the colour channels and averaged along
+    the middle half of the side (so that a defect at a corner does not move it). A side at the
+    frame's border stays: the product goes on beyond it.
+    """
+    fh, fw = frame.shape[:2]
+    x, y, w, h = bbox
+    if reach < 1 or w < 4 or h < 4:
+        return bbox
+    x0, y0 = max(0, x - reach), max(0, y - reach)
+    region = frame[y0 : y + h + reach, x0 : x + w + reach].astype(np.float32)
+    rows = region[y - y0 + h // 4 : y - y0 + h - h // 4]
+    columns = region[:, x - x0 + w // 4 : x - x0 + w - w // 4]
+    across = np.abs(np.diff(rows, axis=1)).sum(2).mean(0)
+    down = np.abs(np.diff(columns, axis=0)).sum(2).mean(1)
+    # The step into the product from the left is steps[x - 1], out of it on the right
+    # steps[x + w - 1]: each side's pixel is its step's index + 1.
+    left = x if x == 0 else x0 + _outer_edge(across, x - 1 - x0, reach, last=False)
+    right = fw if x + w == fw else x0 + _outer_edge(across, x + w - 1 - x0, reach, last=True)
+    top = y if y == 0 else y0 + _outer_edge(down, y - 1 - y0, reach, last=False)
+    bottom = fh if y + h == fh else y0 + _outer_edge(down, y + h - 1 - y0, reach, last=True)
+    if right - left < 2 or bottom - top < 2:
+        return bbox
+    return left, top, right - left, bottom - top
+
+
+def _outer_edge(steps: np.ndarray, edge: int, reach: int, *, last: bool) -> int:
+    """The product's side along a profile of ``steps`` (``steps[i]``: from pixel i to i + 1),
+    within ``reach`` steps of ``edge``: the first (``last=False``) or last strong step, + 1.
+    A flat window keeps ``edge``."""
+    lo, hi = max(0, edge - reach), min(len(steps), edge + reach + 1)
+    window = steps[lo:hi]
+    if hi <= lo or window.max() <= 0:
+        return edge + 1
+    strong = np.flatnonzero(window >= SNAP_STRENGTH * window.max())
+    return lo + int(strong[-1] if last else strong[0]) + 1
 
 
 def shrink_mask(mask: np.ndarray, fraction: float) -> np.ndarray:
