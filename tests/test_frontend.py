@@ -137,7 +137,7 @@ def test_a_rectangular_products_box_snaps_to_its_edges(line):
 def test_snapping_moves_each_side_at_most_its_reach_and_keeps_the_frames_border():
     frame = np.full((100, 160, 3), 40, np.uint8)
     frame[30:70, 50:110] = 180  # the product
-    frame[30:70, 52] = 120  # a weaker line just inside: not the product's edge
+    frame[30:70, [52, 107]] = 50  # dark lines just inside (a rim, a crack): not its edges
     assert snap_to_edges(frame, (47, 27, 66, 46), 4) == (50, 30, 60, 40)
     assert snap_to_edges(frame, (53, 33, 54, 34), 4) == (50, 30, 60, 40)
     # An edge out of reach is not looked for: with nothing within reach, the side stays.
@@ -145,8 +145,9 @@ def test_snapping_moves_each_side_at_most_its_reach_and_keeps_the_frames_border(
     # A product cut off by the frame's edge keeps that side; a flat frame keeps the box.
     frame[:, :50] = 180
     assert snap_to_edges(frame, (0, 30, 108, 40), 4)[:1] == (0,)
-    flat = np.full((100, 160, 3), 90, np.uint8)
-    assert snap_to_edges(flat, (47, 27, 66, 46), 4) == (47, 27, 66, 46)
+    faint = np.full((100, 160, 3), 90, np.uint8)
+    faint[30:70, 50:110] = 96  # a product the belt's colour: nothing to tell them apart by
+    assert snap_to_edges(faint, (47, 27, 66, 46), 4) == (47, 27, 66, 46)
 
 
 def test_shrink_keeps_the_centre_and_drops_the_rim():

@@ -41,10 +41,8 @@ MaskShape = Literal["silhouette", "hull", "box"]
 # width: the detector's box comes from the gate's mask, one working cell (about 1/120 of the
 # frame's width) coarse, so each side may be off by a cell.
 SNAP_REACH = 0.01
-# An edge counts if it is at least this share of the strongest one within reach; the outermost
-# such edge is the product's (on MTD tiles, a rim or a crack near the border can step more
-# than the tile against the belt; taking the strongest edge alone left crops 2 px too small).
-SNAP_STRENGTH = 0.7
+# Below this colour distance (0-255 per channel) between belt and product, a side stays put.
+SNAP_MIN_CONTRAST = 15.0
 
 
 def recentred_box(
@@ -66,41 +64,47 @@ def snap_to_edges(
     """A rectangular product's ``bbox`` with each side moved, by at most ``reach`` pixels, to the
     product's edge in ``frame`` (full resolution).
 
-    The edge of a side is a step across it, summed over the colour channels and averaged along
-    the middle half of the side (so that a defect at a corner does not move it). A side at the
-    frame's border stays: the product goes on beyond it.
+    Across each side, the colour of every column (row), averaged along the middle half of the
+    side so that a defect at a corner does not move it, is placed between the belt's (outside,
+    ``reach`` pixels out) and the product's (``reach`` pixels in); the product starts where it is
+    half-way. Unlike the strongest step, this is not drawn to edges inside the product (a tile's
+    rim, a crack near the border): on MTD tiles those stopped the side 3 to 6 pixels inside now
+    and then. A side at the frame's border stays: the product goes on beyond it.
     """
     fh, fw = frame.shape[:2]
     x, y, w, h = bbox
-    if reach < 1 or w < 4 or h < 4:
+    if reach < 2 or w < 4 or h < 4:
         return bbox
     x0, y0 = max(0, x - reach), max(0, y - reach)
     region = frame[y0 : y + h + reach, x0 : x + w + reach].astype(np.float32)
-    rows = region[y - y0 + h // 4 : y - y0 + h - h // 4]
-    columns = region[:, x - x0 + w // 4 : x - x0 + w - w // 4]
-    across = np.abs(np.diff(rows, axis=1)).sum(2).mean(0)
-    down = np.abs(np.diff(columns, axis=0)).sum(2).mean(1)
-    # The step into the product from the left is steps[x - 1], out of it on the right
-    # steps[x + w - 1]: each side's pixel is its step's index + 1.
-    left = x if x == 0 else x0 + _outer_edge(across, x - 1 - x0, reach, last=False)
-    right = fw if x + w == fw else x0 + _outer_edge(across, x + w - 1 - x0, reach, last=True)
-    top = y if y == 0 else y0 + _outer_edge(down, y - 1 - y0, reach, last=False)
-    bottom = fh if y + h == fh else y0 + _outer_edge(down, y + h - 1 - y0, reach, last=True)
+    across = region[y - y0 + h // 4 : y - y0 + h - h // 4].mean(0)  # (columns, 3)
+    down = region[:, x - x0 + w // 4 : x - x0 + w - w // 4].mean(1)  # (rows, 3)
+    left = x if x == 0 else x0 + _side(across, x - x0, reach, starts=True)
+    right = fw if x + w == fw else x0 + _side(across, x + w - x0, reach, starts=False)
+    top = y if y == 0 else y0 + _side(down, y - y0, reach, starts=True)
+    bottom = fh if y + h == fh else y0 + _side(down, y + h - y0, reach, starts=False)
     if right - left < 2 or bottom - top < 2:
         return bbox
     return left, top, right - left, bottom - top
 
 
-def _outer_edge(steps: np.ndarray, edge: int, reach: int, *, last: bool) -> int:
-    """The product's side along a profile of ``steps`` (``steps[i]``: from pixel i to i + 1),
-    within ``reach`` steps of ``edge``: the first (``last=False``) or last strong step, + 1.
-    A flat window keeps ``edge``."""
-    lo, hi = max(0, edge - reach), min(len(steps), edge + reach + 1)
-    window = steps[lo:hi]
-    if hi <= lo or window.max() <= 0:
-        return edge + 1
-    strong = np.flatnonzero(window >= SNAP_STRENGTH * window.max())
-    return lo + int(strong[-1] if last else strong[0]) + 1
+def _side(profile: np.ndarray, at: int, reach: int, *, starts: bool) -> int:
+    """Where the product starts (its first pixel, ``starts``) or ends (one past its last) in a
+    ``profile`` of colours, within ``reach`` of ``at``; ``at`` where belt and product do not
+    differ enough to tell."""
+    lo, hi = max(0, at - reach), min(len(profile), at + reach)
+    window = profile[lo:hi]
+    if len(window) < 4:
+        return at
+    outside, inside = (window[:2], window[-2:]) if starts else (window[-2:], window[:2])
+    belt, product = outside.mean(0), inside.mean(0)
+    contrast = product - belt
+    if float(contrast @ contrast) < SNAP_MIN_CONTRAST**2:
+        return at
+    on_product = np.flatnonzero((window - belt) @ contrast >= 0.5 * float(contrast @ contrast))
+    if not len(on_product):
+        return at
+    return lo + int(on_product[0] if starts else on_product[-1] + 1)
 
 
 def shrink_mask(mask: np.ndarray, fraction: float) -> np.ndarray:
