@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -20,7 +19,7 @@ import numpy as np
 
 from bench.report import emit
 from workers.detect import ContourDetector, iou
-from workers.matte import SNAP_REACH, matte, snap_to_edges
+from workers.matte import matte
 from workers.motion import MotionGate
 from workers.simulate import LineSpec, camera_videos, parse_frame_size, simulate_line
 from workers.sources import open_source
@@ -36,12 +35,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frame-stride", type=int, default=1, help="the gate sees every n-th frame")
     p.add_argument("--size", default="480x270", help="cameras' frame size WxH")
-    p.add_argument(
-        "--mask-shape",
-        choices=["silhouette", "hull", "box"],
-        default="box",
-        help="as the line's matting (box: the demo line's, its box snapped to the product's edges)",
-    )
     args = p.parse_args(argv)
 
     width, height = parse_frame_size(args.size)
@@ -75,9 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
                 decode_s += time.perf_counter() - t
                 t = time.perf_counter()
                 found = detector.detect(frame, trigger.composite_mask)
-                if found and args.mask_shape == "box":
-                    reach = int(np.ceil(SNAP_REACH * frame.shape[1]))
-                    found = [replace(found[0], bbox=snap_to_edges(frame, found[0].bbox, reach))]
                 detect_s += time.perf_counter() - t
                 # Which product is it? The one whose true box is in this frame.
                 truth = [
@@ -90,9 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
                     counts[seq] += 1
                     ious.append(iou(found[0].bbox, tuple(box)))
                     t = time.perf_counter()
-                    result = matte(
-                        frame, found[0].bbox, trigger.composite_mask, shape=args.mask_shape
-                    )
+                    result = matte(frame, found[0].bbox, trigger.composite_mask)
                     matte_s += time.perf_counter() - t
                     x, y, w, h = result.box
                     inside = np.zeros((h, w), bool)
@@ -108,7 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
         "products": args.products,
         "cameras": args.cameras,
         "frame_stride": args.frame_stride,
-        "mask_shape": args.mask_shape,
         "frame_size": [width, height],
         "frames_recorded": manifest["frames"] * args.cameras,
         "frames_gated": frames,

@@ -149,8 +149,7 @@ class LineConfig(_Strict):
     mask_shape: MaskShape = Field(
         default="silhouette",
         description="matting: the product's mask is its silhouette, the silhouette's convex hull "
-        "(convex products) or the whole detected box, snapped to the product's edges "
-        "(rectangular products)",
+        "(convex products) or the whole detected box (rectangular products)",
     )
     view_max_side: int = Field(
         default=VIEW_MAX_SIDE,

@@ -33,7 +33,6 @@ from workers.differnet.store import (
 )
 from workers.differnet.training import Progress, TrainingOptions
 from workers.harvest import Boxes, harvest_crops
-from workers.matte import SNAP_REACH
 from workers.simulate import LineSpec, camera_videos, render_line
 from workers.threshold import auroc, auroc_interval, target_tpr_threshold
 
@@ -159,12 +158,9 @@ def train_line_model(
 def line_crops(boxes: Boxes = "detected") -> dict:
     """How the line's crops are cut, recorded in the metadata of a model that learned from them
     (true-box crops are always masked by the whole box)."""
-    mask_shape = DEMO_MASK_SHAPE if boxes == "detected" else "box"
     return {
         "boxes": boxes,
-        "mask_shape": mask_shape,
-        # Detected boxes of rectangular products are snapped to the product's edges.
-        "snap_reach": SNAP_REACH if boxes == "detected" and mask_shape == "box" else 0.0,
+        "mask_shape": DEMO_MASK_SHAPE if boxes == "detected" else "box",
         "mask_shrink": DEMO_MASK_SHRINK,
         "frame_stride": DEMO_FRAME_STRIDE,
     }

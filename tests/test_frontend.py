@@ -13,7 +13,7 @@ from tests.synthetic import difference_matting_model, make_dataset
 from workers.datasets import list_train_samples
 from workers.detect import ContourDetector, YoloDetector, bootstrap_yolo, iou, read_frames
 from workers.harvest import harvest_crops
-from workers.matte import SNAP_REACH, matte, shrink_mask, snap_to_edges
+from workers.matte import matte, shrink_mask
 from workers.motion import MotionGate
 from workers.simulate import (
     LineSpec,
@@ -116,38 +116,6 @@ def test_matting_removes_the_conveyor(line):
         assert 0.3 < result.coverage < 0.9
         assert not result.crop[~kept].any()
         assert belt.shape[:2] == frame.shape[:2]
-
-
-def test_a_rectangular_products_box_snaps_to_its_edges(line):
-    _, out, manifest = line
-    for cam in manifest["cameras"]:
-        for trigger, frame, detections in gate_run(camera_videos(out)[cam]):
-            truth = tuple(
-                manifest["products"][trigger.product_seq]["views"][cam]["bboxes"][
-                    str(trigger.frame_index)
-                ]
-            )
-            reach = int(np.ceil(SNAP_REACH * frame.shape[1]))
-            snapped = snap_to_edges(frame, detections[0].bbox, reach)
-            # Each side within a pixel of the truth (the gate's box: a working cell coarse).
-            assert np.abs(np.subtract(snapped, truth)).max() <= 1, (snapped, truth)
-            assert iou(snapped, truth) >= iou(detections[0].bbox, truth)
-
-
-def test_snapping_moves_each_side_at_most_its_reach_and_keeps_the_frames_border():
-    frame = np.full((100, 160, 3), 40, np.uint8)
-    frame[30:70, 50:110] = 180  # the product
-    frame[30:70, [52, 107]] = 50  # dark lines just inside (a rim, a crack): not its edges
-    assert snap_to_edges(frame, (47, 27, 66, 46), 4) == (50, 30, 60, 40)
-    assert snap_to_edges(frame, (53, 33, 54, 34), 4) == (50, 30, 60, 40)
-    # An edge out of reach is not looked for: with nothing within reach, the side stays.
-    assert snap_to_edges(frame, (40, 30, 70, 40), 4) == (40, 30, 70, 40)
-    # A product cut off by the frame's edge keeps that side; a flat frame keeps the box.
-    frame[:, :50] = 180
-    assert snap_to_edges(frame, (0, 30, 108, 40), 4)[:1] == (0,)
-    faint = np.full((100, 160, 3), 90, np.uint8)
-    faint[30:70, 50:110] = 96  # a product the belt's colour: nothing to tell them apart by
-    assert snap_to_edges(faint, (47, 27, 66, 46), 4) == (47, 27, 66, 46)
 
 
 def test_shrink_keeps_the_centre_and_drops_the_rim():

@@ -32,17 +32,9 @@ VIEW_MAX_SIDE = 320
 # What the product's mask is cut from. "silhouette": the composite mask as it is, its holes
 # filled (any product shape). "hull": its convex hull, for convex products, whose dark edge
 # spots the belt model takes for belt and bites out of the silhouette. "box": the whole detected
-# box, its sides moved to the product's edges (``snap_to_edges``), for rectangular products
-# (tiles, boards, panels): the belt then shows only where the box and the product differ, and
-# the shrink cuts that rim away.
+# box, for rectangular products (tiles, boards, panels): the belt then shows only where the box
+# and the product differ, and the shrink cuts that rim away.
 MaskShape = Literal["silhouette", "hull", "box"]
-
-# How far a rectangular product's box may move to the product's edges, as a share of the frame's
-# width: the detector's box comes from the gate's mask, one working cell (about 1/120 of the
-# frame's width) coarse, so each side may be off by a cell.
-SNAP_REACH = 0.01
-# Below this colour distance (0-255 per channel) between belt and product, a side stays put.
-SNAP_MIN_CONTRAST = 15.0
 
 
 def recentred_box(
@@ -56,55 +48,6 @@ def recentred_box(
     x0, y0 = int(max(0, round(cx - w2 / 2))), int(max(0, round(cy - h2 / 2)))
     x1, y1 = int(min(fw, round(cx + w2 / 2))), int(min(fh, round(cy + h2 / 2)))
     return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
-
-
-def snap_to_edges(
-    frame: np.ndarray, bbox: tuple[int, int, int, int], reach: int
-) -> tuple[int, int, int, int]:
-    """A rectangular product's ``bbox`` with each side moved, by at most ``reach`` pixels, to the
-    product's edge in ``frame`` (full resolution).
-
-    Across each side, the colour of every column (row), averaged along the middle half of the
-    side so that a defect at a corner does not move it, is placed between the belt's (outside,
-    ``reach`` pixels out) and the product's (``reach`` pixels in); the product starts where it is
-    half-way. Unlike the strongest step, this is not drawn to edges inside the product (a tile's
-    rim, a crack near the border): on MTD tiles those stopped the side 3 to 6 pixels inside now
-    and then. A side at the frame's border stays: the product goes on beyond it.
-    """
-    fh, fw = frame.shape[:2]
-    x, y, w, h = bbox
-    if reach < 2 or w < 4 or h < 4:
-        return bbox
-    x0, y0 = max(0, x - reach), max(0, y - reach)
-    region = frame[y0 : y + h + reach, x0 : x + w + reach].astype(np.float32)
-    across = region[y - y0 + h // 4 : y - y0 + h - h // 4].mean(0)  # (columns, 3)
-    down = region[:, x - x0 + w // 4 : x - x0 + w - w // 4].mean(1)  # (rows, 3)
-    left = x if x == 0 else x0 + _side(across, x - x0, reach, starts=True)
-    right = fw if x + w == fw else x0 + _side(across, x + w - x0, reach, starts=False)
-    top = y if y == 0 else y0 + _side(down, y - y0, reach, starts=True)
-    bottom = fh if y + h == fh else y0 + _side(down, y + h - y0, reach, starts=False)
-    if right - left < 2 or bottom - top < 2:
-        return bbox
-    return left, top, right - left, bottom - top
-
-
-def _side(profile: np.ndarray, at: int, reach: int, *, starts: bool) -> int:
-    """Where the product starts (its first pixel, ``starts``) or ends (one past its last) in a
-    ``profile`` of colours, within ``reach`` of ``at``; ``at`` where belt and product do not
-    differ enough to tell."""
-    lo, hi = max(0, at - reach), min(len(profile), at + reach)
-    window = profile[lo:hi]
-    if len(window) < 4:
-        return at
-    outside, inside = (window[:2], window[-2:]) if starts else (window[-2:], window[:2])
-    belt, product = outside.mean(0), inside.mean(0)
-    contrast = product - belt
-    if float(contrast @ contrast) < SNAP_MIN_CONTRAST**2:
-        return at
-    on_product = np.flatnonzero((window - belt) @ contrast >= 0.5 * float(contrast @ contrast))
-    if not len(on_product):
-        return at
-    return lo + int(on_product[0] if starts else on_product[-1] + 1)
 
 
 def shrink_mask(mask: np.ndarray, fraction: float) -> np.ndarray:

@@ -6,7 +6,6 @@ No Redis and no Ray here: ``cluster/`` moves the messages. Every class is testab
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .images import (
     encode_png,
     load_image,
 )
-from .matte import SNAP_REACH, VIEW_MAX_SIDE, DeepMatter, MaskShape, matte, snap_to_edges
+from .matte import VIEW_MAX_SIDE, DeepMatter, MaskShape, matte
 from .motion import MotionGate
 from .sources import RECONNECT_WAITS_S, SourceFrame, is_live, open_source
 
@@ -216,13 +215,10 @@ class DetectMatte:
             raise NoProductFound(
                 f"no product in {frame.line}/{frame.camera} frame {frame.sequence}"
             )
-        bbox = found[0].bbox
-        if self.mask_shape == "box":
-            bbox = snap_to_edges(bgr, bbox, math.ceil(SNAP_REACH * bgr.shape[1]))
         t2 = time.perf_counter()
         result = matte(
             bgr,
-            bbox,
+            found[0].bbox,
             mask,
             shrink=self.shrink,
             margin=self.margin,
