@@ -64,6 +64,9 @@ DEMO_MAX_CAMERA_SPREAD_S = 0.5
 # 120 products drawn at random (about 360 of MTD's 761 images) 0.79, every image once 0.886,
 # twice 0.929 (0.964 with the gate on quarter-size frames).
 TRAIN_PASSES = 2
+# Each side of a training crop's box moves by up to this share of the frame's width (3 px at
+# 480 x 270), so that the line's model forgives a border a few pixels off.
+TRAIN_BOX_JITTER = 0.006
 
 
 @dataclass
@@ -130,7 +133,14 @@ def train_line_model(
     spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1, frame_size=frame_size)
     render_line(train, [], train_line, spec)
     harvest_crops(
-        train_line, crops, "train", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE, boxes, DEMO_MASK_SHAPE
+        train_line,
+        crops,
+        "train",
+        DEMO_MASK_SHRINK,
+        DEMO_FRAME_STRIDE,
+        boxes,
+        DEMO_MASK_SHAPE,
+        TRAIN_BOX_JITTER if boxes == "detected" else 0.0,
     )
     # The crops are what the model learns from; the videos (about 0.8 GB) go.
     for video in camera_videos(train_line).values():
@@ -161,6 +171,7 @@ def line_crops(boxes: Boxes = "detected") -> dict:
     return {
         "boxes": boxes,
         "mask_shape": DEMO_MASK_SHAPE if boxes == "detected" else "box",
+        "train_box_jitter": TRAIN_BOX_JITTER if boxes == "detected" else 0.0,
         "mask_shrink": DEMO_MASK_SHRINK,
         "frame_stride": DEMO_FRAME_STRIDE,
     }

@@ -11,8 +11,15 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from tests.synthetic import difference_matting_model, make_dataset
 from workers.datasets import list_train_samples
-from workers.detect import ContourDetector, YoloDetector, bootstrap_yolo, iou, read_frames
-from workers.harvest import harvest_crops
+from workers.detect import (
+    ContourDetector,
+    Detection,
+    YoloDetector,
+    bootstrap_yolo,
+    iou,
+    read_frames,
+)
+from workers.harvest import JitteredDetector, harvest_crops
 from workers.matte import matte, shrink_mask
 from workers.motion import MotionGate
 from workers.simulate import (
@@ -317,3 +324,28 @@ def test_crops_cut_at_the_true_boxes_are_the_front_ends_views_of_the_same_produc
         kept = true[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
         assert (kept[:, :, 3] == 255).all() and kept[:, :, :3].any(axis=2).mean() > 0.95
         assert 0.5 < kept.shape[0] * kept.shape[1] / (true.shape[0] * true.shape[1]) < 0.8
+
+
+def test_training_crops_boxes_move_by_at_most_their_jitter_and_stay_in_the_frame(line, tmp_path):
+    class Fixed:
+        def detect(self, frame, foreground=None):
+            return [Detection((0, 50, 80, 120), 0.9), Detection((300, 10, 20, 20), 0.1)]
+
+    jittered = JitteredDetector(Fixed(), 0.01, seed=1)  # 5 px at 480 px across
+    frame = np.zeros((270, 480, 3), np.uint8)
+    found = [jittered.detect(frame) for _ in range(500)]
+    assert all(f[1] == Detection((300, 10, 20, 20), 0.1) for f in found)
+    sides = np.array([(x, y, x + w, y + h) for (x, y, w, h) in (f[0].bbox for f in found)])
+    moved = sides - np.array((0, 50, 80, 170))
+    assert sides[:, 0].min() == 0 and np.abs(moved).max() == 5  # kept inside the frame
+    assert len({tuple(m) for m in moved}) > 100  # every side moves, independently
+    # Harvested with jitter, the same views are cut, their sizes a few pixels apart.
+    _, out, _ = line
+    plain = harvest_crops(out, tmp_path / "plain", "train")
+    assert harvest_crops(out, tmp_path / "jittered", "train", box_jitter=0.02) == plain
+    sizes = {p.name: Image.open(p).size for p in (tmp_path / "plain").rglob("*.png")}
+    moved = [
+        np.subtract(Image.open(p).size, sizes[p.name])
+        for p in (tmp_path / "jittered").rglob("*.png")
+    ]
+    assert any(np.abs(m).max() > 0 for m in moved) and all(np.abs(m).max() <= 12 for m in moved)

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from .detect import read_frames
+from .detect import ContourDetector, Detection, Detector, read_frames
 from .images import encode_png
 from .matte import VIEW_MAX_SIDE, MaskShape, Matted, matte
 from .simulate import camera_videos
@@ -31,6 +31,7 @@ def harvest_crops(
     frame_stride: int = 1,
     boxes: Boxes = "detected",
     mask_shape: MaskShape = "silhouette",
+    box_jitter: float = 0.0,
 ) -> dict[str, int]:
     """Crops of every product in ``line_dir`` (videos, manifest) into ``out/split/<category>``.
 
@@ -39,10 +40,13 @@ def harvest_crops(
     cut at the simulator's boxes instead (``true_box_crops``), the reference a front end is
     measured against. Either way, RGBA PNGs whose alpha is the product mask, shrunk by
     ``shrink`` per side, named ``<camera>_<product seq>.png``. Returns counts per category.
+    ``box_jitter``: each side of a detected box moves by up to this share of the frame's width
+    at random (``JitteredDetector``), for crops a model learns from.
     """
     manifest = json.loads((Path(line_dir) / "manifest.json").read_text())
     counts: dict[str, int] = {}
-    for cam, seq, png in _crops(line_dir, manifest, shrink, frame_stride, boxes, mask_shape):
+    crops = _crops(line_dir, manifest, shrink, frame_stride, boxes, mask_shape, box_jitter)
+    for cam, seq, png in crops:
         category = manifest["products"][seq]["views"][cam]["category"]
         folder = Path(out) / split / category
         folder.mkdir(parents=True, exist_ok=True)
@@ -58,13 +62,17 @@ def _crops(
     frame_stride: int,
     boxes: Boxes,
     mask_shape: MaskShape,
+    box_jitter: float,
 ) -> Iterator[tuple[str, int, bytes]]:
     """(camera, product seq, RGBA PNG) of every view the chosen boxes cut."""
     if boxes == "true":
         for cam, seq, cut in true_box_crops(line_dir, manifest, shrink):
             yield cam, seq, encode_png(np.ascontiguousarray(cut.crop[:, :, ::-1]), cut.mask)
         return
-    cut = DetectMatte(shrink=shrink, mask_shape=mask_shape)
+    detector = ContourDetector()
+    if box_jitter:
+        detector = JitteredDetector(detector, box_jitter, seed=manifest["spec"]["seed"])
+    cut = DetectMatte(detector, shrink=shrink, mask_shape=mask_shape)
     for cam, video in camera_videos(line_dir).items():
         for frame in CameraIngest("harvest", cam, str(video), frame_stride=frame_stride).frames():
             if frame.product_seq >= len(manifest["products"]):
@@ -73,6 +81,30 @@ def _crops(
                 yield cam, frame.product_seq, cut.process(frame).image
             except NoProductFound:
                 continue
+
+
+class JitteredDetector:
+    """Another detector's best box with each side moved by up to ``share`` of the frame's width,
+    at random: crops whose borders vary as much as the front end's boxes do between products,
+    so that a model does not learn one product's border to the pixel (README: The whole line)."""
+
+    def __init__(self, detector: Detector, share: float, seed: int):
+        self.detector = detector
+        self.share = share
+        self.rng = np.random.default_rng(seed)
+
+    def detect(self, frame: np.ndarray, foreground: np.ndarray | None = None) -> list[Detection]:
+        found = self.detector.detect(frame, foreground)
+        if not found:
+            return found
+        fh, fw = frame.shape[:2]
+        reach = max(1, round(self.share * fw))
+        x, y, w, h = found[0].bbox
+        dx0, dy0, dx1, dy1 = self.rng.integers(-reach, reach + 1, size=4)
+        x0, y0 = min(max(0, x + dx0), x + w - 2), min(max(0, y + dy0), y + h - 2)
+        x1, y1 = max(min(fw, x + w + dx1), x0 + 2), max(min(fh, y + h + dy1), y0 + 2)
+        moved = Detection((int(x0), int(y0), int(x1 - x0), int(y1 - y0)), found[0].confidence)
+        return [moved, *found[1:]]
 
 
 def true_box_crops(
