@@ -142,7 +142,7 @@ def train_line_model(
         DEMO_FRAME_STRIDE,
         boxes,
         DEMO_MASK_SHAPE,
-        TRAIN_BOX_JITTER if boxes == "detected" else 0.0,
+        line_crops(boxes)["train_box_jitter"],
     )
     # The crops are what the model learns from; the videos (about 0.8 GB) go.
     for video in camera_videos(train_line).values():

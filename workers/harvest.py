@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -103,7 +104,7 @@ class JitteredDetector:
         dx0, dy0, dx1, dy1 = self.rng.integers(-reach, reach + 1, size=4)
         x0, y0 = min(max(0, x + dx0), x + w - 2), min(max(0, y + dy0), y + h - 2)
         x1, y1 = max(min(fw, x + w + dx1), x0 + 2), max(min(fh, y + h + dy1), y0 + 2)
-        moved = Detection((int(x0), int(y0), int(x1 - x0), int(y1 - y0)), found[0].confidence)
+        moved = replace(found[0], bbox=(int(x0), int(y0), int(x1 - x0), int(y1 - y0)))
         return [moved, *found[1:]]
 
 
