@@ -143,7 +143,7 @@ def train_line_model(
         DEMO_FRAME_STRIDE,
         boxes,
         DEMO_MASK_SHAPE,
-        line_crops(boxes)["train_box_jitter"],
+        box_jitter=line_crops(boxes)["train_box_jitter"],
     )
     # The crops are what the model learns from; the videos (about 0.8 GB) go.
     for video in camera_videos(train_line).values():
