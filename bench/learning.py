@@ -27,11 +27,11 @@ import ray
 from bench.report import emit
 from cluster.config import ReplicaConfig, RetrainConfig
 from cluster.demo import line_config, split_halves, train_line_model
-from cluster.graph import drain_and_stop, line_cpus, replay_line, start_ingest, start_line
+from cluster.graph import drain_and_stop, line_cpus, start_ingest, start_line
 from cluster.qa import record_label
-from cluster.redis_conn import EmbeddedRedis, client_from_url
+from cluster.redis_conn import EmbeddedRedis
 from cluster.registry import Registry
-from cluster.streams import Streams
+from cluster.streams import Streams, reset_line
 from schemas import Label, RetrainOutcome, RetrainRequest, Verdict, ViewScore
 from workers.samples import SampleStore
 from workers.simulate import LineSpec, render_line
@@ -101,14 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     samples = SampleStore(out / "samples")
 
     with EmbeddedRedis(out / "redis") as server:
-        client = client_from_url(server.url)
-        replay_line(client, line, model_dir, samples)
-        client.delete(
-            f"models:{line.id}", f"model-history:{line.id}", Streams(line.id).model_events
-        )
-        replay_line(client, line, model_dir, samples)
-        registry = Registry(client, line.id)
-        before = registry.active_id()
+        client = server.access.connect()
+        streams = Streams(line.id)
+        reset_line(client, line.id, [c.id for c in line.cameras], samples)
+        client.delete(streams.models, streams.model_history, streams.model_events)
         ray.init(
             address="local",
             num_cpus=max(2, int(line_cpus(line) + 1)),
@@ -118,11 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             running = start_line(
                 line,
-                server.url,
+                server.access,
                 model_dir,
                 sample_dir=samples.root.resolve(),
                 candidates_dir=(out / "candidates").resolve(),
+                activate=True,
             )
+            before = Registry(client, line.id).active_id()
             got = wait_verdicts(client, line.id, args.products_a, timeout_s=1800)
             truth = {p["seq"]: p["defective"] for p in lines["a"]["products"]}
             for v in got:
@@ -148,9 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
                 reply = client.xread({Streams(line.id).model_events: "0"}, block=1000, count=1)
                 if reply:
                     outcome = RetrainOutcome.from_entry(reply[0][1][0][1])
-            start_ingest(running, server.url, phase_b)
+            start_ingest(running, server.access, phase_b)
             got = wait_verdicts(client, line.id, args.products_a + args.products_b, timeout_s=1800)
-            stats = drain_and_stop(client, [running], timeout_s=600)
+            stats = drain_and_stop([running], timeout_s=600)
         finally:
             ray.shutdown()
         scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams(line.id).scores)]

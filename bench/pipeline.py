@@ -42,8 +42,7 @@ import torch
 from bench.report import emit
 from cluster.config import CameraConfig, LineConfig, ReplicaConfig
 from cluster.demo import (
-    DEMO_MASK_SHAPE,
-    DEMO_MASK_SHRINK,
+    DEMO_CROPS,
     LINE,
     line_config,
     product_score,
@@ -53,9 +52,9 @@ from cluster.demo import (
     train_line_model,
     validation_products,
 )
-from cluster.graph import drain_and_stop, line_cpus, replay_line, start_line
-from cluster.redis_conn import EmbeddedRedis, client_from_url
-from cluster.streams import Streams
+from cluster.graph import drain_and_stop, line_cpus, start_line
+from cluster.redis_conn import EmbeddedRedis, RedisAccess
+from cluster.streams import Streams, reset_line
 from schemas import ProductView, Verdict
 from workers.differnet.store import load_model
 from workers.harvest import true_box_crops
@@ -69,7 +68,7 @@ def ground_truth_crops(line_dir: Path) -> dict[int, list[tuple[np.ndarray, np.nd
     """Per product, each camera's (RGB crop, mask) cut at the simulator's box."""
     manifest = json.loads((line_dir / "manifest.json").read_text())
     crops: dict[int, list] = {}
-    for _, seq, cut in true_box_crops(line_dir, manifest, DEMO_MASK_SHRINK):
+    for _, seq, cut in true_box_crops(line_dir, manifest, DEMO_CROPS):
         crops.setdefault(seq, []).append((np.ascontiguousarray(cut.crop[:, :, ::-1]), cut.mask))
     return crops
 
@@ -103,7 +102,7 @@ def as_views(crops: dict[int, list]) -> list[ProductView]:
                     image=encode_png(rgb, mask),
                     bbox={"x": 0, "y": 0, "w": w, "h": h},
                     mask_coverage=float((mask > 0).mean()),
-                    mask_shrink=DEMO_MASK_SHRINK,
+                    mask_shrink=DEMO_CROPS.mask_shrink,
                 )
             )
     return views
@@ -119,9 +118,9 @@ def _load_scorer(model_dir: str) -> None:
     _standalone = ViewScorer(load_model(Path(model_dir)))
 
 
-def _score_share(redis_url: str, stream: str, share: int, shares: int) -> float:
+def _score_share(access: RedisAccess, stream: str, share: int, shares: int) -> float:
     """Score every ``shares``-th view from ``share`` on; the seconds that took."""
-    client = client_from_url(redis_url)
+    client = access.connect()
     views = [ProductView.from_entry(f) for _, f in client.xrange(stream)][share::shares]
     t0 = time.monotonic()
     for i in range(0, len(views), 8):
@@ -129,10 +128,12 @@ def _score_share(redis_url: str, stream: str, share: int, shares: int) -> float:
     return time.monotonic() - t0
 
 
-def standalone_scoring_s(pool: ProcessPoolExecutor, workers: int, redis_url: str, stream: str):
+def standalone_scoring_s(
+    pool: ProcessPoolExecutor, workers: int, access: RedisAccess, stream: str
+) -> float:
     """The line's views scored by ``workers`` processes as the line's scorers are set up (one
     thread each, batches of 8), side by side, without Ray or streams in between."""
-    shares = [pool.submit(_score_share, redis_url, stream, i, workers) for i in range(workers)]
+    shares = [pool.submit(_score_share, access, stream, i, workers) for i in range(workers)]
     return max(f.result() for f in shares)
 
 
@@ -142,7 +143,7 @@ def _run_stages(cameras: list[CameraConfig]) -> float:
     t0 = time.monotonic()
     views = []
     for camera in cameras:
-        cut = DetectMatte(shrink=DEMO_MASK_SHRINK, mask_shape=DEMO_MASK_SHAPE)
+        cut = DetectMatte(crops=DEMO_CROPS)
         ingest = CameraIngest(LINE, camera.id, camera.source, frame_stride=camera.frame_stride)
         for frame in ingest.frames():
             try:
@@ -237,11 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
     list(pool.map(time.sleep, [1.0] * workers))
     rounds = []
     with EmbeddedRedis(out / "redis") as server:
-        client = client_from_url(server.url)
+        client = server.access.connect()
         s = Streams(line.id)
         try:
             for _ in range(args.rounds):
-                replay_line(client, line, out / "model")
+                reset_line(client, line.id, [c.id for c in line.cameras])
                 # Ray is up only while the line runs: its own processes take some CPU too.
                 ray.init(
                     address="local",
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
                     logging_level="WARNING",
                 )
                 try:
-                    running = start_line(line, server.url, out / "model")
-                    drain_and_stop(client, [running], timeout_s=3600)
+                    running = start_line(line, server.access, out / "model", activate=True)
+                    drain_and_stop([running], timeout_s=3600)
                 finally:
                     ray.shutdown()
                 pipeline_s = steady_window_s(client, s, manifest["cameras"])
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
                 summary = summarize(manifest, verdicts, pipeline_s, 0)
                 # The same model on the same views, standalone: the cost of scoring alone.
                 standalone_pps = (len(views) / len(manifest["cameras"])) / standalone_scoring_s(
-                    pool, workers, server.url, s.views
+                    pool, workers, server.access, s.views
                 )
                 # The same stages standalone: what Ray and Redis themselves cost.
                 stages_pps = args.products / standalone_stages_s(pool, workers, line)

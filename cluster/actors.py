@@ -26,6 +26,7 @@ from schemas import (
     ViewScore,
 )
 from schemas.base import SchemaError
+from workers.contract import ContractConflict, InputContract, resolve_crops
 from workers.images import ImageError
 from workers.join import Settled, VerdictJoin
 from workers.samples import SampleError, SampleStore
@@ -39,8 +40,9 @@ from workers.stages import (
 )
 
 from .bus import StreamBus
+from .config import LineConfig
 from .metrics import LineMetrics, count_new
-from .redis_conn import reconnecting_client
+from .redis_conn import RedisAccess
 from .registry import Registry, RegistryError
 from .streams import DecidedProducts, Streams, line_groups, next_product_seq
 
@@ -74,11 +76,14 @@ def _log_to_stderr() -> None:
 
 
 class _Loop:
-    """Shared plumbing: Redis bus, a stop flag, counters."""
+    """Shared plumbing: Redis bus (dead letters to the line's own stream), a stop flag,
+    counters."""
 
-    def __init__(self, redis_url: str, maxlen: int):
+    def __init__(self, access: RedisAccess, maxlen: int, line: str):
         _log_to_stderr()
-        self.bus = StreamBus(reconnecting_client(redis_url), maxlen=maxlen)
+        self.bus = StreamBus(
+            access.client(), maxlen=maxlen, dead_letter_stream=Streams(line).dead_letters
+        )
         self._stop = threading.Event()
         self.counters: dict[str, int] = {}
 
@@ -105,7 +110,7 @@ class CameraIngestActor(_Loop):
 
     def __init__(
         self,
-        redis_url: str,
+        access: RedisAccess,
         maxlen: int,
         line: str,
         camera: str,
@@ -116,7 +121,7 @@ class CameraIngestActor(_Loop):
         first_product: int,
         frame_stride: int,
     ):
-        super().__init__(redis_url, maxlen)
+        super().__init__(access, maxlen, line)
         if is_live(source) and ray.get_runtime_context().was_current_actor_reconstructed:
             # A live camera restarted by Ray has missed what passed meanwhile: it numbers on
             # from the line's newest product (the aggregator re-synchronises the rest by capture
@@ -166,28 +171,17 @@ class CameraIngestActor(_Loop):
 class DetectMatteActor(_Loop):
     """Gated frames of every camera of a line -> matted product views."""
 
-    def __init__(
-        self,
-        redis_url: str,
-        maxlen: int,
-        line: str,
-        cameras: list[str],
-        replica: int,
-        yolo_weights: str | None,
-        shrink: float,
-        max_side: int,
-        mask_shape: str,
-    ):
-        super().__init__(redis_url, maxlen)
-        self.streams = Streams(line)
-        self.inputs = [self.streams.frames(c) for c in cameras]
+    def __init__(self, access: RedisAccess, maxlen: int, line: LineConfig, replica: int):
+        super().__init__(access, maxlen, line.id)
+        self.streams = Streams(line.id)
+        self.inputs = [self.streams.frames(c.id) for c in line.cameras]
         self.consumer = f"detect-{replica}"
         detector = None
-        if yolo_weights:
+        if line.yolo_weights:
             from workers.detect import YoloDetector
 
-            detector = YoloDetector(Path(yolo_weights), device=granted_device())
-        self.stage = DetectMatte(detector, shrink=shrink, max_side=max_side, mask_shape=mask_shape)
+            detector = YoloDetector(line.yolo_weights, device=granted_device())
+        self.stage = DetectMatte(detector, line.crops)
         for s in self.inputs:
             self.bus.ensure_group(s, self.streams.detect_group)
 
@@ -231,30 +225,30 @@ class ScorerActor(_Loop):
 
     def __init__(
         self,
-        redis_url: str,
+        access: RedisAccess,
         maxlen: int,
-        line: str,
+        line: LineConfig,
         replica: int,
-        threshold: float | None,
         sample_dir: str | None,
-        max_backlog: int,
         batch_size: int = 8,
     ):
-        super().__init__(redis_url, maxlen)
-        self.streams = Streams(line)
+        super().__init__(access, maxlen, line.id)
+        self.streams = Streams(line.id)
         self.consumer = f"score-{replica}"
-        self.max_backlog = max_backlog
+        self.max_backlog = line.max_view_backlog
         self.batch_size = batch_size
-        self.threshold = threshold
+        self.threshold = line.threshold
+        # A version that learned from crops cut otherwise is refused, however it was activated.
+        self.crops = line.crops
         self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
-        self.metrics = LineMetrics(line)
-        self.registry = Registry(self.bus.client, line)
+        self.metrics = LineMetrics(line.id)
+        self.registry = Registry(self.bus.client, line.id)
         self.scorer: ViewScorer | None = None
         self.shadow: ViewScorer | None = None
         self._refused: str | None = None
         self._follow_registry()
         if self.scorer is None:
-            raise RuntimeError(f"line {line}: no usable active model in the registry")
+            raise RuntimeError(f"line {line.id}: no usable active model in the registry")
         self.bus.ensure_group(self.streams.views, self.streams.score_group)
 
     def model_version(self) -> str:
@@ -286,8 +280,10 @@ class ScorerActor(_Loop):
         from workers.differnet.store import ModelError, load_model
 
         try:
-            bundle = load_model(Path(self.registry.get(version_id).path), granted_device())
-        except (ModelError, RegistryError) as exc:
+            path = Path(self.registry.get(version_id).path)
+            bundle = load_model(path, granted_device())
+            resolve_crops(self.crops.model_dump(), InputContract.of(bundle.metadata), version_id)
+        except (ModelError, RegistryError, ContractConflict) as exc:
             self.count("model_load_failures")
             log.warning("%s: model %s refused: %s", self.streams.line, version_id, exc)
             return None
@@ -382,7 +378,7 @@ class AggregatorActor(_Loop):
 
     def __init__(
         self,
-        redis_url: str,
+        access: RedisAccess,
         maxlen: int,
         line: str,
         cameras: list[str],
@@ -393,7 +389,7 @@ class AggregatorActor(_Loop):
         keep_seconds: float | None,
         keep_processed_images_s: float,
     ):
-        super().__init__(redis_url, maxlen)
+        super().__init__(access, maxlen, line)
         self.line = line
         self.cameras = cameras
         self.keep_processed_images_s = keep_processed_images_s
@@ -549,7 +545,7 @@ class TrainerActor(_Loop):
 
     def __init__(
         self,
-        redis_url: str,
+        access: RedisAccess,
         maxlen: int,
         line: str,
         sample_dir: str,
@@ -557,7 +553,7 @@ class TrainerActor(_Loop):
         retrain: dict,
         target_tpr: float,
     ):
-        super().__init__(redis_url, maxlen)
+        super().__init__(access, maxlen, line)
         from .config import RetrainConfig
 
         self.line = line

@@ -14,8 +14,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from schemas import STREAM_MESSAGES
 
-from .config import ReplicaConfig
-
 app = typer.Typer(
     help="defectflow: streaming visual defect inspection (DifferNet on Ray + Redis streams).",
     no_args_is_help=True,
@@ -99,10 +97,20 @@ def train(
     target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
     seed: int = typer.Option(0),
     device: str = DEVICE,
+    box_source: str = typer.Option(
+        "contour", help="input contract: the crops' boxes came from contour | yolo"
+    ),
+    box_margin: float = typer.Option(0.05, help="input contract: box grown by this per side"),
+    mask_shape: str = typer.Option("silhouette", help="input contract: silhouette | hull | box"),
+    mask_shrink: float = typer.Option(0.1, help="input contract: mask shrunk by this per side"),
+    view_max_side: int = typer.Option(320, help="input contract: longer side of a view, at most"),
 ):
-    """Train a DifferNet model on good images; validate on DATA_DIR/test when present."""
+    """Train a DifferNet model on good images; validate on DATA_DIR/test when present.
+
+    The crops' settings are the model's input contract: a line that runs it cuts its crops so."""
     from pydantic import ValidationError
 
+    from workers.contract import CropSpec
     from workers.datasets import DatasetError
     from workers.differnet.backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, BackboneError
     from workers.differnet.model import DifferNetConfig
@@ -120,6 +128,13 @@ def train(
             tta=tta,
             jitter=jitter,
         )
+        crops = CropSpec(
+            box_source=box_source,
+            box_margin=box_margin,
+            mask_shape=mask_shape,
+            mask_shrink=mask_shrink,
+            view_max_side=view_max_side,
+        )
     except ValidationError as exc:
         err = exc.errors()[0]
         raise fail(
@@ -132,6 +147,7 @@ def train(
                 out,
                 config,
                 TrainingOptions(epochs=epochs, seed=seed, device=device),
+                crops=crops,
                 backbone_weights=backbone_weights,
                 shots=shots,
                 target_tpr=target_tpr,
@@ -229,121 +245,87 @@ def score(
         raise fail(f"{failed} of {len(images)} images could not be read", code=2)
 
 
-def _start_ray(address: str | None, cpus_needed: float) -> None:
-    import math
-    import os
-
-    import ray
-
-    if address:
-        ray.init(address=address, logging_level="WARNING")
-        have = ray.cluster_resources().get("CPU", 0)
-        if have < cpus_needed:
-            console.print(
-                f"[yellow]warning:[/] the lines ask for {cpus_needed:g} CPUs, the cluster has "
-                f"{have:g}: actors that do not fit wait for a node (add nodes or --num-cpus)"
-            )
-    else:
-        # Logical CPUs only schedule: a laptop runs every actor of a line, however few cores.
-        cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-        # "local": a fresh Ray even where `ray start` left one running (plain ray.init() would
-        # attach to it, and refuse num_cpus); attaching is what --ray-address auto is for.
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+REDIS_URL = typer.Option(
+    None,
+    "--redis",
+    help="redis://, rediss:// or unix:// URL [default: DEFECTFLOW_REDIS_URL, else embedded]",
+)
+RAY_ADDRESS = typer.Option(
+    None, help="existing Ray cluster, e.g. auto [default: DEFECTFLOW_RAY_ADDRESS, else a local Ray]"
+)
 
 
-@app.command()
-def run(
-    config: Path = typer.Option(..., "--config", help="YAML line file"),
-    ray_address: str | None = typer.Option(None, help="existing Ray cluster (default: local Ray)"),
-    redis_url: str | None = typer.Option(None, "--redis", help="redis:// URL (default: embedded)"),
-    replay: bool = typer.Option(False, help="clear the lines' streams first (replayed videos)"),
-):
-    """Start the actors of every line in CONFIG; Ctrl-C drains in-flight work and exits."""
-    import signal
-
-    import ray
-
+def load_cli_settings(config: Path | None, **overrides):
+    """Settings from ``config`` and the environment, the options given on the command line
+    (those not None) on top; a wrong value is a clear error."""
     from .config import ConfigError, load_settings
-    from .graph import (
-        StageFailed,
-        drain_and_stop,
-        line_cpus,
-        line_gpus,
-        lines_resources,
-        start_line,
-    )
-    from .redis_conn import RedisUnavailable, open_redis
-    from .registry import Registry
-    from .streams import reset_line
 
     try:
         settings = load_settings(config)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    return settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
+@contextmanager
+def started_lines(settings, *, replay: bool, activate: bool = False):
+    """The lines of ``settings`` running (see ``cluster.launcher``); every way a start fails is
+    one clear line and exit 1. Ctrl-C and SIGTERM then drain, as in ``finish_lines``."""
+    import signal
+
+    from .launcher import LaunchError, Lines
+    from .redis_conn import RedisUnavailable
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+    try:
+        with Lines(settings, on_warning=warn) as lines:
+            lines.start(replay=replay, activate=activate)
+            for running in lines.running:
+                line = running.config
+                version = _active_model(lines.redis(line.id), line.id)
+                console.print(
+                    f"line [bold]{line.id}[/]: {len(line.cameras)} cameras, model {version}, "
+                    f"Redis {lines.redis.access(line.id).url}"
+                )
+            # SIGTERM (Kubernetes, systemd, `ray up` restarts) stops the lines as Ctrl-C does.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            yield lines
+    except (LaunchError, RedisUnavailable) as exc:
+        raise fail(str(exc)) from None
+
+
+def _active_model(client, line_id: str) -> str:
+    from .registry import Registry
+
+    active = Registry(client, line_id).active()
+    return f"{active.id} ({active.path})" if active else "-"
+
+
+def finish_lines(lines, while_waiting=None) -> dict:
+    """Drain the started lines; Ctrl-C stops them sooner, draining only what is in flight."""
+    try:
+        return lines.drain(while_waiting=while_waiting)
+    except KeyboardInterrupt:
+        console.print("stopping: draining in-flight work (Ctrl-C again to abort)")
+        return lines.drain(timeout_s=0)
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", help="YAML line file"),
+    ray_address: str | None = RAY_ADDRESS,
+    redis_url: str | None = REDIS_URL,
+    replay: bool = typer.Option(False, help="clear the lines' streams first (replayed videos)"),
+):
+    """Start the actors of every line in CONFIG; Ctrl-C drains in-flight work and exits."""
+    settings = load_cli_settings(config, redis_url=redis_url, ray_address=ray_address)
     if not settings.lines:
         raise fail(f"{config}: no lines configured")
-    url = redis_url or settings.redis_url
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    try:
-        client, embedded = open_redis(url, password, settings.data_dir)
-    except RedisUnavailable as exc:
-        raise fail(str(exc)) from None
-    redis_for_actors = url or embedded.url
-    _start_ray(ray_address or settings.ray_address, sum(line_cpus(x) for x in settings.lines))
-    # The lines share the cluster's GPUs: their default shares shrink together until all fit.
-    have_gpus = ray.cluster_resources().get("GPU", 0)
-    resources = lines_resources(settings.lines, have_gpus)
-    gpus_needed = sum(line_gpus(x, r) for x, r in zip(settings.lines, resources, strict=True))
-    if gpus_needed > have_gpus:
-        console.print(
-            f"[yellow]warning:[/] the lines' own settings ask for {gpus_needed:g} GPUs, the "
-            f"cluster has {have_gpus:g}: actors that do not fit wait for a GPU node"
-        )
-    running = []
-    try:
-        for line, line_res in zip(settings.lines, resources, strict=True):
-            if replay:
-                reset_line(client, line.id, [c.id for c in line.cameras])
-            model_dir = line.model_dir or settings.model_dir / line.id
-            active = Registry(client, line.id).active()
-            if active is None and not (Path(model_dir) / "model.json").exists():
-                raise fail(
-                    f"line {line.id}: no model in {model_dir} "
-                    f"(train one: defectflow train DATA --out {model_dir})"
-                )
-            try:
-                started = start_line(
-                    line,
-                    redis_for_actors,
-                    Path(model_dir),
-                    maxlen=settings.stream_maxlen,
-                    sample_dir=settings.sample_dir.resolve(),
-                    retention=settings.samples,
-                    candidates_dir=(settings.model_dir / line.id / "candidates").resolve(),
-                    resources=line_res,
-                )
-            except StageFailed as exc:  # its actors could not be placed
-                raise fail(str(exc)) from None
-            running.append(started)
-            version = Registry(client, line.id).active()
-            console.print(
-                f"line [bold]{line.id}[/]: {len(line.cameras)} cameras, "
-                f"model {version.id} ({version.path})"
-            )
-        # SIGTERM (Kubernetes, systemd, `ray up` restarts) stops the lines as Ctrl-C does.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        try:
-            stats = drain_and_stop(client, running, timeout_s=float("inf"))
-        except KeyboardInterrupt:
-            console.print("stopping: draining in-flight work (Ctrl-C again to abort)")
-            stats = drain_and_stop(client, running, timeout_s=0)
-        except StageFailed as exc:
-            raise fail(str(exc)) from None
-        typer.echo(json.dumps(stats))
-    finally:
-        ray.shutdown()
-        if embedded is not None:
-            embedded.stop()
+    with started_lines(settings, replay=replay) as lines:
+        stats = finish_lines(lines)
+    typer.echo(json.dumps(stats))
 
 
 @app.command()
@@ -357,12 +339,14 @@ def demo(
     ),
     retrain: bool = typer.Option(False, help="train again even if OUT/model exists"),
     seed: int = typer.Option(0),
+    redis_url: str | None = REDIS_URL,
+    ray_address: str | None = RAY_ADDRESS,
     dashboard_port: int | None = typer.Option(
         None, help="also serve the QA dashboard on this port, until Ctrl-C after the run"
     ),
 ):
-    """The main job on the embedded defaults: train, simulate a 4-camera line, inspect it live."""
-    import ray
+    """The main job on the embedded defaults: train, simulate a 4-camera line, inspect it live
+    (as `defectflow run` does: the same settings, the same start)."""
     from rich.live import Live
     from rich.table import Table
 
@@ -371,8 +355,7 @@ def demo(
     from workers.samples import SampleStore
 
     from . import demo as line_demo
-    from .graph import StageFailed, drain_and_stop, line_cpus, replay_line, start_line
-    from .redis_conn import EmbeddedRedis, client_from_url
+    from .streams import Streams
 
     if not (data / "train" / "good").is_dir():
         raise fail(f"{data}: no data in MVTec AD layout (train/good); pass --data DIR")
@@ -406,10 +389,10 @@ def demo(
     except (DatasetError, ValueError) as exc:
         raise fail(str(exc)) from None
 
-    # Replayed at the cameras' frame rate, as a live line delivers its products.
-    line = line_demo.line_config(
-        out / "line-test", manifest["cameras"], ReplicaConfig(), fps=manifest["spec"]["fps"]
+    settings = load_cli_settings(None, redis_url=redis_url, ray_address=ray_address).model_copy(
+        update=line_demo.demo_settings(out, model_dir, manifest["cameras"], manifest["spec"]["fps"])
     )
+    line = settings.lines[0]
     console.print(f"[bold]3/3 inspecting:[/] Ray actors over Redis streams, model {bundle.version}")
     recent: deque = deque(maxlen=16)
     verdicts = []
@@ -442,41 +425,27 @@ def demo(
             table.add_row(*row)
         return table
 
-    samples = SampleStore(out / "samples")
-    with EmbeddedRedis(out / "redis") as server:
-        client = client_from_url(server.url)
-        replay_line(client, line, model_dir, samples)
+    streams = Streams(line.id)
+    # Replayed: the demo's recordings number their products from 0 again; its model is active.
+    with started_lines(settings, replay=True, activate=True) as lines:
+        client = lines.redis(line.id)
+        samples = SampleStore(settings.sample_dir)
         web = _serve_dashboard(client, samples, model_dir, line.id, dashboard_port)
-        _start_ray(None, line_cpus(line))
-        try:
-            elapsed = line_demo.timer()
-            running = start_line(
-                line,
-                server.url,
-                model_dir,
-                sample_dir=samples.root.resolve(),
-                candidates_dir=(out / "candidates").resolve(),
-            )
-            last = "0"
-            with Live(render(), console=console, refresh_per_second=4) as live:
+        elapsed = line_demo.timer()
+        last = "0"
+        with Live(render(), console=console, refresh_per_second=4) as live:
 
-                def show_verdicts() -> None:
-                    nonlocal last
-                    last = line_demo.watch_verdicts(client, f"verdicts:{line.id}", last, add)
-                    live.update(render())
+            def show_verdicts() -> None:
+                nonlocal last
+                last = line_demo.watch_verdicts(client, streams.verdicts, last, add)
+                live.update(render())
 
-                try:
-                    stats = drain_and_stop(
-                        client, [running], timeout_s=float("inf"), while_waiting=show_verdicts
-                    )
-                except StageFailed as exc:
-                    raise fail(str(exc)) from None
-                show_verdicts()
-            seconds = elapsed()
-        finally:
-            ray.shutdown()
-        dead = client.xlen("deadletter")
-        summary = line_demo.summarize(manifest, verdicts, seconds, dead)
+            stats = finish_lines(lines, while_waiting=show_verdicts)
+            show_verdicts()
+        seconds = elapsed()
+        summary = line_demo.summarize(
+            manifest, verdicts, seconds, client.xlen(streams.dead_letters)
+        )
         line_demo.write_outputs(out, out / "line-test", manifest, verdicts, manifest["spec"]["fps"])
         (out / "summary.json").write_text(
             json.dumps(summary.to_dict() | {"actors": stats}, indent=2) + "\n"
@@ -508,7 +477,7 @@ def _serve_dashboard(client, samples, model_dir: Path, line_id: str, port: int |
 
     token = os.environ.get("DEFECTFLOW_DASHBOARD_TOKEN") or secrets.token_urlsafe(18)
     bundle = load_model(model_dir)
-    web = create_app(client, samples, token, lambda line: bundle, [line_id])
+    web = create_app(lambda line: client, samples, token, lambda line: bundle, [line_id])
     server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
     thread.start()

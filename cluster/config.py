@@ -7,6 +7,7 @@ checked-in line file at another Redis without editing it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,8 +24,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from workers.matte import VIEW_MAX_SIDE, MaskShape
+from workers.contract import BoxSource, CropSpec, InputContract, MaskShape, resolve_crops
 from workers.sources import is_live
+
+from .redis_conn import RedisAccess, line_password_env, split_credentials
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 
@@ -145,20 +148,36 @@ class LineConfig(_Strict):
         description="frames and views stay in Redis this long once processed (QA's copies are "
         "in the sample store)",
     )
-    mask_shrink: float = Field(default=0.1, ge=0.0, lt=0.5, description="matting: cut per side")
-    mask_shape: MaskShape = Field(
-        default="silhouette",
+    # How the front end cuts crops: by default as the line's model learned them (its input
+    # contract, workers/contract.py); a value set here must agree with the model's.
+    box_margin: float | None = Field(
+        default=None, ge=0.0, le=0.5, description="crop: the box grows by this share per side"
+    )
+    mask_shrink: float | None = Field(
+        default=None, ge=0.0, lt=0.5, description="matting: the mask is cut by this share per side"
+    )
+    mask_shape: MaskShape | None = Field(
+        default=None,
         description="matting: the product's mask is its silhouette, the silhouette's convex hull "
         "(convex products) or the whole detected box (rectangular products)",
     )
-    view_max_side: int = Field(
-        default=VIEW_MAX_SIDE,
+    view_max_side: int | None = Field(
+        default=None,
         ge=32,
         le=4096,
         description="views are scaled down to this many pixels on their longer side",
     )
     yolo_weights: Path | None = Field(
         default=None, description="Ultralytics weights; default: the contour detector"
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="this line's own Redis (redis://, rediss://, unix://) [default: the top "
+        "level's]",
+    )
+    redis_username: str | None = Field(default=None, description="ACL user on the line's Redis")
+    redis_password_file: Path | None = Field(
+        default=None, description="file holding the password of the line's Redis"
     )
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     resources: ResourceConfig = Field(default_factory=ResourceConfig)
@@ -169,6 +188,32 @@ class LineConfig(_Strict):
         if len(set(ids)) != len(ids):
             raise ValueError(f"camera ids must be unique, got {ids}")
         return self
+
+    @property
+    def box_source(self) -> BoxSource:
+        return "yolo" if self.yolo_weights else "contour"
+
+    def following(self, contract: InputContract | None, model: str) -> LineConfig:
+        """This line with its crop settings resolved against its model's input contract: the
+        ones left out taken from the model, the ones set checked against it (a
+        ``ContractConflict`` names each that differs)."""
+        asked = {
+            name: getattr(self, name) for name in CropSpec.model_fields if name != "box_source"
+        }
+        crops = resolve_crops(asked | {"box_source": self.box_source}, contract, model)
+        return self.model_copy(
+            update={k: v for k, v in crops.model_dump().items() if k != "box_source"}
+        )
+
+    @property
+    def crops(self) -> CropSpec:
+        """How this line cuts its crops (its settings resolved by :meth:`following`)."""
+        values = {
+            name: getattr(self, name) for name in CropSpec.model_fields if name != "box_source"
+        }
+        if None in values.values():
+            raise RuntimeError(f"line {self.id}: crop settings not resolved against a model")
+        return CropSpec(box_source=self.box_source, **values)
 
 
 class SampleConfig(_Strict):
@@ -187,7 +232,16 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="redis://, rediss:// or unix:// URL; none starts an embedded one"
     )
-    redis_password: SecretStr | None = None
+    redis_username: str | None = Field(default=None, description="ACL user (Redis 6+)")
+    redis_password: SecretStr | None = Field(
+        default=None, description="better given as DEFECTFLOW_REDIS_PASSWORD or a password file"
+    )
+    redis_password_file: Path | None = Field(
+        default=None, description="file holding the password (a container secret)"
+    )
+    redis_tls_ca_file: Path | None = Field(default=None, description="rediss://: CA bundle")
+    redis_tls_cert_file: Path | None = Field(default=None, description="rediss://: client cert")
+    redis_tls_key_file: Path | None = Field(default=None, description="rediss://: client key")
     ray_address: str | None = Field(default=None, description="none starts a local Ray")
     data_dir: Path = Path(".defectflow")
     model_dir: Path = Path(".defectflow/models")
@@ -205,6 +259,33 @@ class Settings(BaseSettings):
     @property
     def sample_dir(self) -> Path:
         return self.samples.dir or self.data_dir / "samples"
+
+    def redis_access(self, line: LineConfig | None = None) -> RedisAccess | None:
+        """How to reach the Redis of ``line`` (its own, else the top level's), None for the
+        embedded one. A password written inline (in the URL or as ``redis_password``) is moved
+        into this process's environment, where the access reads it, and where the actors of a
+        local Ray started afterwards find it: it never travels as an actor's argument."""
+        own = line is not None and line.redis_url is not None
+        url = line.redis_url if own else self.redis_url
+        if url is None:
+            return None
+        url, url_user, url_password = split_credentials(url)
+        envs = (line_password_env(line.id),) if own else ()
+        access = RedisAccess(
+            url=url,
+            username=url_user or (line.redis_username if own else None) or self.redis_username,
+            password_file=(line.redis_password_file if own else None) or self.redis_password_file,
+            password_envs=envs + (RedisAccess.model_fields["password_envs"].default),
+            tls_ca_file=self.redis_tls_ca_file,
+            tls_cert_file=self.redis_tls_cert_file,
+            tls_key_file=self.redis_tls_key_file,
+        )
+        inline = url_password or (
+            None if own or self.redis_password is None else self.redis_password.get_secret_value()
+        )
+        if inline:
+            os.environ[access.password_envs[0]] = inline
+        return access
 
     @classmethod
     def settings_customise_sources(

@@ -49,13 +49,14 @@ class LabelRequest(BaseModel):
 
 
 def create_app(
-    client: redis.Redis,
+    redis_of: Callable[[str | None], redis.Redis],
     samples: SampleStore,
     token: str,
     model_for: ModelFor = lambda line: None,
     lines: list[str] | None = None,
 ) -> FastAPI:
-    """The dashboard over ``client`` (verdict and label streams) and ``samples`` (crops)."""
+    """The dashboard over each line's Redis, ``redis_of(line)`` (verdict and label streams; None:
+    the top level's), and ``samples`` (crops)."""
     app = FastAPI(title="defectflow QA dashboard", docs_url="/api/docs", redoc_url=None)
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     configured = list(lines or [])
@@ -79,11 +80,11 @@ def create_app(
 
     @app.get("/api/lines")
     def get_lines() -> dict:
-        return {"lines": sorted(set(configured) | set(line_ids(client)))}
+        return {"lines": sorted(set(configured) | set(line_ids(redis_of(None))))}
 
     @app.get("/api/lines/{line}/verdicts")
     def get_verdicts(line: str, limit: int = 50) -> dict:
-        entries = client.xrevrange(Streams(line).verdicts, count=max(1, min(limit, 1000)))
+        entries = redis_of(line).xrevrange(Streams(line).verdicts, count=max(1, min(limit, 1000)))
         out = []
         for entry_id, fields in entries:
             try:
@@ -100,7 +101,7 @@ def create_app(
         since = now - window_s
         buckets: dict[int, dict] = {}
         total = defects = incomplete = 0
-        for entry in read_verdicts(client, line, since):
+        for entry in read_verdicts(redis_of(line), line, since):
             if entry.verdict is None:
                 continue
             v = entry.verdict
@@ -133,7 +134,7 @@ def create_app(
         if start != "$" and not _ENTRY_ID.match(start):
             raise HTTPException(422, f"not a stream entry id: {start!r}")
         return StreamingResponse(
-            _verdict_events(client, Streams(line).verdicts, start),
+            _verdict_events(redis_of(line), Streams(line).verdicts, start),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -142,7 +143,7 @@ def create_app(
     def get_product(product_id: str) -> dict:
         product = stored(product_id)
         verdict = product.verdict()
-        labels = labels_of(client, product.line)
+        labels = labels_of(redis_of(product.line), product.line)
         by_camera = {v["camera"]: v for v in (verdict or {}).get("views", [])}
         base = f"/api/products/{product_id}/views"
         return {
@@ -208,7 +209,7 @@ def create_app(
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         try:
-            entry_id = record_label(client, label, replace=body.replace)
+            entry_id = record_label(redis_of(line), label, replace=body.replace)
         except LabelError as exc:
             raise HTTPException(409 if "already" in str(exc) else 404, str(exc)) from None
         return {"entry_id": entry_id, "stream": Streams(line).labels, **label.model_dump()}

@@ -21,6 +21,7 @@ import numpy as np
 
 from schemas import Verdict
 from workers.annotate import annotate_video
+from workers.contract import CropSpec, InputContract
 from workers.datasets import list_test_samples, list_train_samples, split_stratified
 from workers.differnet.model import DifferNetConfig
 from workers.differnet.recipes import load_samples, score_images, train_from_folder
@@ -36,7 +37,7 @@ from workers.harvest import Boxes, harvest_crops
 from workers.simulate import LineSpec, camera_videos, render_line
 from workers.threshold import auroc, auroc_interval, target_tpr_threshold
 
-from .config import CameraConfig, LineConfig, ReplicaConfig
+from .config import CameraConfig, LineConfig, ReplicaConfig, SampleConfig
 
 LINE = "demo"
 # The demo's crops are small (about 130 px tall): a 224 px input keeps their detail, and is fast.
@@ -44,15 +45,11 @@ LINE = "demo"
 # the flow alone gave view AUROC 0.904 at T = 4, flow + memory 0.919 at T = 1 (product AUROC
 # 0.875 and 0.921).
 DEMO_MODEL = DifferNetConfig(image_size=224, train_transforms=4, tta=1)
-# Matting cuts ZeroBox's 10 % per side. MTD's defects sit at the tiles' edges (for 52 % of the
-# breaks, 32 % of the blowholes and 25 % of the frays, 95 % of the defect or more lies in the
-# outer tenth), but a 3 % cut did not score the line better (README: The whole line).
-DEMO_MASK_SHRINK = 0.1
-# MTD tiles are rectangles: whole-box masks give every crop the same clean border, where the
-# silhouette's corners and notches vary from product to product (and the patch memory learns to
-# forgive whatever happens at the border, where breaks and frays sit). Product AUROC / accuracy
-# over five splits (README: The whole line): 0.976 / 0.940 against 0.971 / 0.923.
-DEMO_MASK_SHAPE = "box"
+# How the demo line cuts its crops, written into its model's input contract (the line then
+# follows the model). ZeroBox's 10 % shrink per side. Whole-box masks: MTD tiles are rectangles,
+# and the box gives every crop the same clean border where the silhouette's corners and notches
+# vary from product to product (docs/benchmarks.md).
+DEMO_CROPS = CropSpec(mask_shape="box", mask_shrink=0.1)
 # A product crosses the view in 20 frames at 15 fps: the gate needs half of them (every product
 # triggered exactly once at stride 2 and 3 in bench.frontend), and the front end then costs half.
 DEMO_FRAME_STRIDE = 2
@@ -135,16 +132,8 @@ def train_line_model(
     train_products = train_products or TRAIN_PASSES * -(-len(train) // LineSpec.cameras)
     spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1, frame_size=frame_size)
     render_line(train, [], train_line, spec)
-    harvest_crops(
-        train_line,
-        crops,
-        "train",
-        DEMO_MASK_SHRINK,
-        DEMO_FRAME_STRIDE,
-        boxes,
-        DEMO_MASK_SHAPE,
-        box_jitter=line_crops(boxes)["train_box_jitter"],
-    )
+    jitter = TRAIN_BOX_JITTER if boxes == "detected" else 0.0
+    harvest_crops(train_line, crops, "train", DEMO_CROPS, DEMO_FRAME_STRIDE, boxes, jitter)
     # The crops are what the model learns from; the videos (about 0.8 GB) go.
     for video in camera_videos(train_line).values():
         video.unlink()
@@ -156,39 +145,37 @@ def train_line_model(
         val_line,
         demo_line_spec(val_products, defect_rate=0.5, seed=seed + 2, frame_size=frame_size),
     )
-    harvest_crops(
-        val_line, crops, "test", DEMO_MASK_SHRINK, DEMO_FRAME_STRIDE, boxes, DEMO_MASK_SHAPE
-    )
+    harvest_crops(val_line, crops, "test", DEMO_CROPS, DEMO_FRAME_STRIDE, boxes)
     model_dir = work / "model"
     train_from_folder(
-        crops, model_dir, DEMO_MODEL, TrainingOptions(epochs=epochs, seed=seed), progress=progress
+        crops,
+        model_dir,
+        DEMO_MODEL,
+        TrainingOptions(epochs=epochs, seed=seed),
+        crops=DEMO_CROPS,
+        progress=progress,
     )
     set_product_threshold(model_dir, crops)
-    update_metadata(model_dir, line_crops=line_crops(boxes))
+    update_metadata(model_dir, harvest=harvest_record(boxes))
     return model_dir
 
 
-def line_crops(boxes: Boxes = "detected") -> dict:
-    """How the line's crops are cut, recorded in the metadata of a model that learned from them
-    (true-box crops are always masked by the whole box)."""
-    return {
-        "boxes": boxes,
-        "mask_shape": DEMO_MASK_SHAPE if boxes == "detected" else "box",
-        "train_box_jitter": TRAIN_BOX_JITTER if boxes == "detected" else 0.0,
-        "mask_shrink": DEMO_MASK_SHRINK,
-        "frame_stride": DEMO_FRAME_STRIDE,
-    }
+def harvest_record(boxes: Boxes = "detected") -> dict:
+    """How the training crops were harvested beyond the input contract: whose boxes, jittered
+    by how much (recorded in the model's metadata)."""
+    return {"boxes": boxes, "train_box_jitter": TRAIN_BOX_JITTER if boxes == "detected" else 0.0}
 
 
 def reusable_line_model(model_dir: Path, boxes: Boxes = "detected") -> ModelBundle | None:
-    """The model in ``model_dir`` if it learned from crops cut as the line cuts them now, else
-    None. A model sees the product's border in every crop: one that learned from other masks
-    takes the line's own crops for defects (README: The whole line)."""
+    """The model in ``model_dir`` if it learned from crops cut and harvested as the demo cuts
+    and harvests them now, else None."""
     try:
         bundle = load_model(model_dir)
     except ModelError:
         return None
-    return bundle if bundle.metadata.get("line_crops") == line_crops(boxes) else None
+    contract = InputContract.of(bundle.metadata)
+    same = contract is not None and contract.crops == DEMO_CROPS
+    return bundle if same and bundle.metadata.get("harvest") == harvest_record(boxes) else None
 
 
 def set_product_threshold(model_dir: Path, crops: Path, target_tpr: float = 0.85) -> None:
@@ -234,7 +221,8 @@ def simulate_test_line(
 def line_config(
     line_dir: Path, cameras: list[str], replicas: ReplicaConfig, fps: float | None = None
 ) -> LineConfig:
-    """The simulated line's config; ``fps`` replays the videos at the cameras' rate."""
+    """The simulated line's config; ``fps`` replays the videos at the cameras' rate. Its crops
+    are cut as its model says (the model's input contract)."""
     videos = camera_videos(line_dir)
     return LineConfig(
         id=LINE,
@@ -247,9 +235,19 @@ def line_config(
         # Replayed at the cameras' rate, the views of a product are captured together (within
         # a frame); unpaced, each camera stamps when it read, which says nothing of the product.
         max_camera_spread_s=DEMO_MAX_CAMERA_SPREAD_S if fps else None,
-        mask_shrink=DEMO_MASK_SHRINK,
-        mask_shape=DEMO_MASK_SHAPE,
     )
+
+
+def demo_settings(out: Path, model_dir: Path, cameras: list[str], fps: float) -> dict:
+    """What the demo sets on top of the settings every command reads: its state under ``out``
+    and its one line, replayed at the cameras' rate, inspected with ``model_dir``."""
+    line = line_config(out / "line-test", cameras, ReplicaConfig(), fps=fps)
+    return {
+        "data_dir": out,
+        "model_dir": out,  # the trainer's candidates: OUT/demo/candidates
+        "samples": SampleConfig(dir=out / "samples"),
+        "lines": [line.model_copy(update={"model_dir": model_dir})],
+    }
 
 
 def product_score(verdict: Verdict) -> float:

@@ -11,7 +11,8 @@ from pathlib import Path
 import ray
 import redis
 
-from workers.samples import SampleStore
+from workers.contract import InputContract
+from workers.differnet.store import ModelError, check_model
 
 from .actors import (
     AggregatorActor,
@@ -22,8 +23,9 @@ from .actors import (
 )
 from .bus import StreamBus
 from .config import CameraConfig, LineConfig, SampleConfig
-from .registry import Registry
-from .streams import Streams, line_groups, next_product_seq, reset_line
+from .redis_conn import RedisAccess
+from .registry import Registry, RegistryError
+from .streams import Streams, line_groups, next_product_seq
 
 # Restarted by Ray when they die, the in-flight `run` call retried on the new instance; a second
 # concurrent call (stop) reaches a running loop; replicas spread over the cluster's nodes.
@@ -131,7 +133,8 @@ def line_cpus(line: LineConfig, res: LineResources | None = None) -> float:
 
 @dataclass
 class RunningLine:
-    config: LineConfig
+    config: LineConfig  # its crop settings resolved against its model
+    client: redis.Redis  # to the line's Redis, for the driver
     ingest: list = field(default_factory=list)
     detect: list = field(default_factory=list)
     score: list = field(default_factory=list)
@@ -149,9 +152,30 @@ class RunningLine:
         )
 
 
+def resolve_line(
+    client: redis.Redis, line: LineConfig, model_dir: Path, *, activate: bool = False
+) -> tuple[LineConfig, InputContract | None]:
+    """``line`` with its crop settings taken from the model it will inspect with (the registry's
+    active version, else ``model_dir``; ``model_dir`` itself with ``activate``), and that model's
+    input contract (None: a model from before contracts, whose crops nobody can check).
+
+    Raises ``ContractConflict`` (a setting of the line contradicts the model) or
+    :class:`StageFailed` (no usable model) before anything starts.
+    """
+    registry = Registry(client, line.id)
+    active = None if activate else registry.active()
+    where, name = (Path(active.path), active.id) if active else (Path(model_dir), str(model_dir))
+    try:
+        metadata, _, _ = check_model(where)
+    except ModelError as exc:
+        raise StageFailed(f"line {line.id}: {exc}") from None
+    contract = InputContract.of(metadata)
+    return line.following(contract, f"{name} ({metadata['sha256'][:16]})"), contract
+
+
 def start_line(
     line: LineConfig,
-    redis_url: str,
+    access: RedisAccess,
     model_dir: Path,
     *,
     maxlen: int = 100_000,
@@ -160,24 +184,38 @@ def start_line(
     retention: SampleConfig | None = None,
     candidates_dir: Path | None = None,
     start_timeout_s: float = 300.0,
+    activate: bool = False,
 ) -> RunningLine:
-    """Start one line's actors. With ``sample_dir``, every view and verdict is kept there;
-    with ``candidates_dir`` too, a trainer retrains from QA's labels and writes models there.
+    """Start one line's actors, its crops cut as its model learned them (:func:`resolve_line`).
+    With ``sample_dir``, every view and verdict is kept there; with ``candidates_dir`` too, a
+    trainer retrains from QA's labels and writes models there. ``activate``: inspect with
+    ``model_dir`` even where the registry has another active version.
     Actors still unplaced after ``start_timeout_s`` (the cluster lacks what they ask for) end
     the start with :class:`StageFailed`, the line's actors released."""
+    client = access.connect()
+    line, _ = resolve_line(client, line, model_dir, activate=activate)
+    registry = Registry(client, line.id)
+    # Recorded before a version is activated: a model promoted later must match these crops.
+    registry.set_line_crops(line.crops)
+    try:
+        if activate:
+            registry.promote(registry.register(model_dir).id)
+        else:
+            registry.ensure_active(model_dir)
+    except RegistryError as exc:
+        raise StageFailed(str(exc)) from None
     res = resources or line_resources(line, _have("GPU"))
     retention = retention or SampleConfig()
     samples = str(sample_dir) if sample_dir else None
     cams = [c.id for c in line.cameras]
-    running = RunningLine(line, resources=res)
-    client = redis.Redis.from_url(redis_url)
+    running = RunningLine(line, client, resources=res)
     # Every camera numbers from the line's next product again: earlier re-synchronisations are
     # void. (An aggregator Ray restarts later finds the ones made since in Redis.)
     client.delete(Streams(line.id).join_steps)
     running.aggregator = AggregatorActor.options(
         num_cpus=res.aggregate_cpus, **ACTOR_OPTIONS
     ).remote(
-        redis_url,
+        access,
         maxlen,
         line.id,
         cams,
@@ -188,27 +226,17 @@ def start_line(
         retention.max_age_h * 3600 if retention.max_age_h else None,
         line.keep_processed_images_s,
     )
-    # The registry decides which model scores; a line's first start activates model_dir.
-    Registry(client, line.id).ensure_active(model_dir)
     for i in range(line.replicas.score):
         running.score.append(
             ScorerActor.options(
                 num_cpus=res.score_cpus, num_gpus=res.score_gpus, **ACTOR_OPTIONS
-            ).remote(
-                redis_url,
-                maxlen,
-                line.id,
-                i,
-                line.threshold,
-                sample_dir=samples,
-                max_backlog=line.max_view_backlog,
-            )
+            ).remote(access, maxlen, line, i, sample_dir=samples)
         )
     if samples and candidates_dir and line.retrain.enabled:
         running.trainer = TrainerActor.options(
             num_cpus=res.train_cpus, num_gpus=res.train_gpus, **ACTOR_OPTIONS
         ).remote(
-            redis_url,
+            access,
             maxlen,
             line.id,
             samples,
@@ -220,21 +248,15 @@ def start_line(
         running.detect.append(
             DetectMatteActor.options(
                 num_cpus=res.detect_cpus, num_gpus=res.detect_gpus, **ACTOR_OPTIONS
-            ).remote(
-                redis_url,
-                maxlen,
-                line.id,
-                cams,
-                i,
-                str(line.yolo_weights) if line.yolo_weights else None,
-                line.mask_shrink,
-                line.view_max_side,
-                line.mask_shape,
-            )
+            ).remote(access, maxlen, line, i)
         )
     # Consumers first: their groups exist before the first frame is published.
     try:
         ray.get([a.ping.remote() for a in running.workers], timeout=start_timeout_s)
+    except ray.exceptions.RayActorError as exc:  # its constructor failed (no Redis, no model)
+        for actor in running.workers:
+            ray.kill(actor, no_restart=True)
+        raise StageFailed(f"line {line.id}: an actor could not start: {_cause(exc)}") from None
     except ray.exceptions.GetTimeoutError:
         for actor in running.workers:  # those that did start would hold their resources
             ray.kill(actor, no_restart=True)
@@ -246,8 +268,14 @@ def start_line(
         ) from None
     for actor in running.workers:
         running.runs[actor] = actor.run.remote()
-    start_ingest(running, redis_url, line.cameras, maxlen=maxlen)
+    start_ingest(running, access, line.cameras, maxlen=maxlen)
     return running
+
+
+def _cause(exc: ray.exceptions.RayError) -> str:
+    """The error an actor's constructor raised: the last line of Ray's report of it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _have(resource: str) -> float:
@@ -256,7 +284,7 @@ def _have(resource: str) -> float:
 
 def start_ingest(
     running: RunningLine,
-    redis_url: str,
+    access: RedisAccess,
     cameras: list[CameraConfig],
     *,
     maxlen: int = 100_000,
@@ -275,14 +303,14 @@ def start_ingest(
         running.ingest.remove(actor)
         running.cameras.pop(actor)
         running.retired[actor] = running.runs.pop(actor)
-    first = next_product_seq(redis.Redis.from_url(redis_url), line, [c.id for c in cameras])
+    first = next_product_seq(access.connect(), line, [c.id for c in cameras])
     started = []
     for cam in cameras:
         gpus = res.ingest_gpus if cam.matting_model else 0.0
         actor = CameraIngestActor.options(
             num_cpus=res.ingest_cpus, num_gpus=gpus, **ACTOR_OPTIONS
         ).remote(
-            redis_url,
+            access,
             maxlen,
             line,
             cam.id,
@@ -305,16 +333,6 @@ def start_ingest(
         running.runs[actor] = actor.run.remote(epoch)
 
 
-def replay_line(
-    client: redis.Redis, line: LineConfig, model_dir: Path, samples: SampleStore | None = None
-) -> None:
-    """Start a replayed line afresh (see :func:`reset_line`), inspecting with ``model_dir``
-    whatever the registry held from earlier runs."""
-    reset_line(client, line.id, [c.id for c in line.cameras], samples)
-    registry = Registry(client, line.id)
-    registry.promote(registry.register(model_dir).id)
-
-
 def sources_done(running: RunningLine) -> bool:
     ready, _ = ray.wait(
         [running.runs[a] for a in running.ingest], num_returns=len(running.ingest), timeout=0
@@ -322,9 +340,9 @@ def sources_done(running: RunningLine) -> bool:
     return len(ready) == len(running.ingest)
 
 
-def backlog(client: redis.Redis, running: RunningLine) -> int:
+def backlog(running: RunningLine) -> int:
     """Entries published but not yet acknowledged by the detect, score and aggregate stages."""
-    bus = StreamBus(client)
+    bus = StreamBus(running.client)
     streams = Streams(running.config.id)
     cameras = [c.id for c in running.config.cameras]
     return sum(bus.lag(stream, group) for stream, group in line_groups(streams, cameras))
@@ -367,7 +385,6 @@ def _raise_if_failed(running: RunningLine, stage: str, run) -> None:
 
 
 def drain_and_stop(
-    client: redis.Redis,
     lines: list[RunningLine],
     timeout_s: float = 600,
     while_waiting: Callable[[], None] | None = None,
@@ -388,7 +405,7 @@ def drain_and_stop(
                 for actor in r.ingest + r.workers:
                     ray.kill(actor, no_restart=True)
             raise
-        if all(sources_done(r) for r in lines) and sum(backlog(client, r) for r in lines) == 0:
+        if all(sources_done(r) for r in lines) and sum(backlog(r) for r in lines) == 0:
             break
         if while_waiting is not None:
             while_waiting()
@@ -417,4 +434,7 @@ def drain_and_stop(
         # same cluster could not be placed.
         for actor in r.ingest + r.workers:
             ray.kill(actor, no_restart=True)
+        # Stopped, the line cuts no crops: a model it will follow at its next start may be
+        # promoted meanwhile.
+        Registry(r.client, r.config.id).set_line_crops(None)
     return stats

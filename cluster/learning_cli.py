@@ -29,7 +29,8 @@ def _on_registry(line: str, config, redis_url, data_dir, change, keeps_active: b
     """Run ``change(registry)``; a refusal is a clear error (and says the active model stays)."""
     from .registry import RegistryError
 
-    with qa_session(config, redis_url, data_dir) as (_, client):
+    with qa_session(config, redis_url, data_dir) as (_, redis_of):
+        client = redis_of(line)
         try:
             return change(_registry(client, line))
         except RegistryError as exc:
@@ -47,7 +48,8 @@ def models_list(
     data_dir: Path | None = DATA_DIR,
 ):
     """Versions of a line's model: id, status, parent, metrics, threshold."""
-    with qa_session(config, redis_url, data_dir) as (_, client):
+    with qa_session(config, redis_url, data_dir) as (_, redis_of):
+        client = redis_of(line)
         registry = _registry(client, line)
         versions = registry.versions()
         shadow = registry.shadow_id()
@@ -146,7 +148,8 @@ def models_compare(
     from .qa import labels_of, read_scores
     from .streams import Streams
 
-    with qa_session(config, redis_url, data_dir) as (_, client):
+    with qa_session(config, redis_url, data_dir) as (_, redis_of):
+        client = redis_of(line)
         streams = Streams(line)
         active = read_scores(client, streams.scores)
         shadow = read_scores(client, streams.shadow_scores)
@@ -172,7 +175,8 @@ def retrain(
     from .streams import Streams
 
     streams = Streams(line)
-    with qa_session(config, redis_url, data_dir) as (_, client):
+    with qa_session(config, redis_url, data_dir) as (_, redis_of):
+        client = redis_of(line)
         last = client.xrevrange(streams.model_events, count=1)
         after = last[0][0].decode() if last else "0"
         bus = StreamBus(client)

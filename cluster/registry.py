@@ -5,9 +5,12 @@
     model-shadow:{line}    optional candidate id scored beside the active one (shadow mode)
     model-history:{line}   list: ids that were active before, newest first (for rollback)
 
+(the braces are literal: the line is each key's Redis Cluster hash tag, see ``Streams``.)
+
 A version id is the first 16 hex digits of its weights' sha256 (the version every view score
-names). Activating a version first checks its files (sha256); a failing one is refused and the
-active version stays active.
+names). Activating a version first checks its files (sha256) and its input contract against
+the crops the running line's front end cuts (``crops:{line}``, written when the line starts,
+removed when it stops); a failing one is refused and the active version stays active.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from pathlib import Path
 import redis
 
 from schemas import ModelVersion
+from workers.contract import ContractConflict, CropSpec, InputContract, resolve_crops
 from workers.differnet.store import ModelError, check_model
+
+from .streams import Streams
 
 
 class RegistryError(ValueError):
@@ -29,10 +35,12 @@ class Registry:
     def __init__(self, client: redis.Redis, line: str):
         self.client = client
         self.line = line
-        self.versions_key = f"models:{line}"
-        self.active_key = f"model-active:{line}"
-        self.shadow_key = f"model-shadow:{line}"
-        self.history_key = f"model-history:{line}"
+        streams = Streams(line)
+        self.versions_key = streams.models
+        self.active_key = streams.model_active
+        self.shadow_key = streams.model_shadow
+        self.history_key = streams.model_history
+        self.crops_key = streams.crops
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -89,13 +97,37 @@ class Registry:
         self.client.hset(self.versions_key, version_id, version.model_dump_json())
         return version
 
+    def line_crops(self) -> CropSpec | None:
+        """How the line's front end cuts crops, as its last start recorded it."""
+        raw = self.client.get(self.crops_key)
+        return CropSpec.model_validate_json(raw) if raw else None
+
+    def set_line_crops(self, crops: CropSpec | None) -> None:
+        """Record how the running line cuts crops (None: the line stopped, nothing to check)."""
+        if crops is None:
+            self.client.delete(self.crops_key)
+        else:
+            self.client.set(self.crops_key, crops.model_dump_json())
+
+    def check(self, version: ModelVersion) -> None:
+        """Refuse (:class:`RegistryError`) a version whose files fail their sha256 check, or
+        that learned from crops other than those the line cuts. (A model from before input
+        contracts states none and is taken as it is.)"""
+        try:
+            metadata, _, _ = check_model(Path(version.path))
+            contract = InputContract.of(metadata)
+            crops = self.line_crops()
+            if crops is not None and contract is not None:
+                resolve_crops(crops.model_dump(), contract, version.id)
+        except (ModelError, ContractConflict) as exc:
+            raise RegistryError(
+                f"version {version.id} refused for line {self.line}: {exc}"
+            ) from None
+
     def promote(self, version_id: str) -> ModelVersion:
         """Make ``version_id`` the active version; the one it replaces is retired."""
         version = self.get(version_id)
-        try:
-            check_model(Path(version.path))
-        except ModelError as exc:
-            raise RegistryError(f"version {version_id} refused: {exc}") from None
+        self.check(version)
         previous = self.active_id()
         if previous == version_id:
             return version
@@ -136,10 +168,7 @@ class Registry:
         version = self.get(version_id)
         if version_id == self.active_id():
             raise RegistryError(f"version {version_id} is already active")
-        try:
-            check_model(Path(version.path))
-        except ModelError as exc:
-            raise RegistryError(f"version {version_id} refused: {exc}") from None
+        self.check(version)
         self.client.set(self.shadow_key, version_id)
 
     def ensure_active(self, model_dir: Path) -> ModelVersion:

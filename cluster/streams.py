@@ -27,65 +27,105 @@ return fresh and 1 or 0
 
 @dataclass(frozen=True)
 class Streams:
+    """Every key of a line carries the line as a Redis Cluster hash tag (``frames:{line1}:cam0``):
+    a line's keys share one slot, so its scripts may touch several of them and its streams may
+    live on a Redis Cluster, each line on its own shard."""
+
     line: str
 
+    def _key(self, kind: str) -> str:
+        return f"{kind}:{{{self.line}}}"
+
     def frames(self, camera: str) -> str:
-        return f"frames:{self.line}:{camera}"
+        return f"{self._key('frames')}:{camera}"
 
     @property
     def views(self) -> str:
-        return f"views:{self.line}"
+        return self._key("views")
 
     @property
     def scores(self) -> str:
-        return f"scores:{self.line}"
+        return self._key("scores")
 
     @property
     def verdicts(self) -> str:
-        return f"verdicts:{self.line}"
+        return self._key("verdicts")
 
     @property
     def labels(self) -> str:
-        return f"labels:{self.line}"
+        return self._key("labels")
 
     @property
     def shadow_scores(self) -> str:
         """Scores of the shadow (candidate) model, beside the active one's."""
-        return f"shadow-scores:{self.line}"
+        return self._key("shadow-scores")
 
     @property
     def retrain_requests(self) -> str:
-        return f"retrain-requests:{self.line}"
+        return self._key("retrain-requests")
 
     @property
     def model_events(self) -> str:
         """What the trainer did: each retraining's candidate, judgement and promotion."""
-        return f"model-events:{self.line}"
+        return self._key("model-events")
 
     @property
     def retrain_used(self) -> str:
         """Set of products whose views a promoted model has learned (never learned twice)."""
-        return f"retrain-used:{self.line}"
+        return self._key("retrain-used")
 
     @property
     def retrain_pending(self) -> str:
         """Good views labelled since the last retraining."""
-        return f"retrain-pending:{self.line}"
+        return self._key("retrain-pending")
 
     @property
     def join_steps(self) -> str:
         """Hash: camera -> its re-synchronisation steps (JSON), for a restarted aggregator."""
-        return f"join-steps:{self.line}"
+        return self._key("join-steps")
 
     @property
     def label_index(self) -> str:
         """Hash: ``product_id`` or ``product_id/camera`` -> the label QA gave it."""
-        return f"labels-latest:{self.line}"
+        return self._key("labels-latest")
 
     @property
     def decided(self) -> str:
         """Bitmap of the products that have their verdict (see `DecidedProducts`)."""
-        return f"verdicts-decided:{self.line}"
+        return self._key("verdicts-decided")
+
+    @property
+    def dead_letters(self) -> str:
+        """Entries a stage could not process, with the reason (see ``StreamBus.dead_letter``)."""
+        return self._key("deadletter")
+
+    @property
+    def models(self) -> str:
+        """Hash: model version id -> ModelVersion (JSON); see ``Registry``."""
+        return self._key("models")
+
+    @property
+    def model_active(self) -> str:
+        return self._key("model-active")
+
+    @property
+    def model_shadow(self) -> str:
+        return self._key("model-shadow")
+
+    @property
+    def model_history(self) -> str:
+        return self._key("model-history")
+
+    @property
+    def crops(self) -> str:
+        """How the running line's front end cuts crops (CropSpec JSON): a model promoted while
+        it runs must have learned from such crops."""
+        return self._key("crops")
+
+    @staticmethod
+    def line_of(key: str) -> str:
+        """The line a key belongs to (its hash tag)."""
+        return key[key.index("{") + 1 : key.index("}")]
 
     detect_group = "detect"
     score_group = "score"
@@ -184,6 +224,7 @@ def reset_line(client, line: str, cameras: list[str], samples: SampleStore | Non
         s.retrain_pending,
         s.retrain_requests,
         s.join_steps,
+        s.dead_letters,
     )
     if samples is not None:
         samples.forget_line(line)

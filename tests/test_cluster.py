@@ -1,6 +1,7 @@
 """The inspection cluster end to end: real Ray actors over a real embedded Redis."""
 
 import io
+import shutil
 import time
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from cluster.actors import CameraIngestActor
 from cluster.config import ReplicaConfig
 from cluster.demo import line_config
 from cluster.graph import ACTOR_OPTIONS, LineResources, StageFailed, drain_and_stop, start_line
-from cluster.redis_conn import EmbeddedRedis, reconnecting_client
+from cluster.redis_conn import EmbeddedRedis
 from cluster.streams import Streams
 from schemas import CameraFrame, ProductView, Verdict, ViewScore
 from tests.synthetic import LINE_FRAME as FRAME
 from tests.synthetic import one_camera_video, train_line_models
 from workers.datasets import list_test_samples
+from workers.differnet.store import load_model, update_metadata
 from workers.simulate import LineSpec, camera_videos, render_line
 
 SMALL = LineResources(ingest_cpus=0.1, detect_cpus=0.1, score_cpus=0.1, aggregate_cpus=0.1)
@@ -53,17 +55,18 @@ def verdicts(client, line):
     return [Verdict.from_entry(f) for _, f in client.xrange(Streams(line).verdicts)]
 
 
-def inspect(line_model, tmp_path, products: int, seed: int, **line_changes):
+def inspect(line_model, tmp_path, products: int, seed: int, model_dir=None, **line_changes):
     """A simulated line through the cluster, unpaced: manifest, actor stats, verdicts, scores,
     views."""
     data, root = line_model
+    model_dir = model_dir or root / "model"
     manifest = simulate(data, tmp_path / "line", products, seed=seed)
     with EmbeddedRedis(tmp_path / "redis") as server:
         client = redis.Redis.from_url(server.url)
         line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
         line = line.model_copy(update=line_changes)
-        running = start_line(line, server.url, root / "model", resources=SMALL)
-        stats = drain_and_stop(client, [running], timeout_s=300)
+        running = start_line(line, server.access, model_dir, resources=SMALL)
+        stats = drain_and_stop([running], timeout_s=300)
         scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams("demo").scores)]
         views = [ProductView.from_entry(f) for _, f in client.xrange(Streams("demo").views)]
         return manifest, stats, verdicts(client, "demo"), scores, views
@@ -85,14 +88,14 @@ def test_killing_a_camera_a_scorer_and_a_detector_and_restarting_redis_mid_run_l
     data, root = line_model
     manifest = simulate(data, tmp_path / "line", 8, seed=6)
     with EmbeddedRedis(tmp_path / "redis") as server:
-        client = reconnecting_client(server.url)
+        client = server.access.connect()
         line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig(detect=2, score=2))
         # Processed frames and views leave Redis at once: never one a killed actor still held.
         # Restarts under load take seconds: views are waited for long enough not to give up.
         line = line.model_copy(update={"keep_processed_images_s": 0.0, "view_timeout_s": 60.0})
         for cam in line.cameras:
             cam.fps = 60.0  # paced, so that the kills land mid-run
-        running = start_line(line, server.url, root / "model", resources=SMALL)
+        running = start_line(line, server.access, root / "model", resources=SMALL)
         deadline = time.monotonic() + 60
         while client.xlen(Streams("demo").scores) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -104,7 +107,7 @@ def test_killing_a_camera_a_scorer_and_a_detector_and_restarting_redis_mid_run_l
         server.stop()
         time.sleep(3)
         server.start()
-        stats = drain_and_stop(client, [running], timeout_s=300)
+        stats = drain_and_stop([running], timeout_s=300)
         got = verdicts(client, "demo")
         images = [Streams("demo").frames(c.id) for c in line.cameras] + [Streams("demo").views]
         left = {stream: client.xlen(stream) for stream in images}
@@ -148,8 +151,8 @@ def test_a_camera_that_missed_a_product_is_re_synchronised_by_capture_time(
         line = line.model_copy(update={"max_camera_spread_s": 0.15, "view_timeout_s": 60.0})
         for cam in line.cameras:
             cam.fps = 60.0
-        running = start_line(line, server.url, root / "model", resources=SMALL)
-        stats = drain_and_stop(client, [running], timeout_s=300)
+        running = start_line(line, server.access, root / "model", resources=SMALL)
+        stats = drain_and_stop([running], timeout_s=300)
         got = {v.product_seq: v for v in verdicts(client, "demo")}
     # cam3 numbered product 4 as its 3rd, and so on: without re-synchronising, every verdict
     # from product 3 on would join (or leave out) another product's view.
@@ -168,7 +171,7 @@ def test_a_restarted_live_camera_numbers_on_from_the_line_not_from_its_first_pro
     video = one_camera_video(tmp_path, 2)
     url = f"http://127.0.0.1:{http_server.server_port}/{video.relative_to(tmp_path)}"
     camera = CameraIngestActor.options(num_cpus=0.1, **ACTOR_OPTIONS).remote(
-        embedded_redis.url, 1000, "live", "cam0", url, None, None, None, 0, 1
+        embedded_redis.access, 1000, "live", "cam0", url, None, None, None, 0, 1
     )
     run = camera.run.remote()
     stream = Streams("live").frames("cam0")
@@ -200,14 +203,14 @@ def test_a_stage_that_fails_ends_the_drain_with_its_error_and_frees_the_line(
     with EmbeddedRedis(tmp_path / "redis") as server:
         client = redis.Redis.from_url(server.url)
         line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
-        running = start_line(line, server.url, root / "model", resources=SMALL)
+        running = start_line(line, server.access, root / "model", resources=SMALL)
         # Someone overwrites the score stream: the scorer cannot publish, nor the aggregator read.
         client.delete(Streams("demo").scores)
         client.set(Streams("demo").scores, "not a stream")
         with pytest.raises(
             StageFailed, match=r"line demo: the (scorer 0|aggregator) failed: .*WRONGTYPE"
         ):
-            drain_and_stop(client, [running], timeout_s=120)
+            drain_and_stop([running], timeout_s=120)
     # Its actors are gone (rather than holding their CPUs, waiting for nothing).
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
@@ -224,7 +227,9 @@ def test_a_line_whose_actors_cannot_be_placed_fails_to_start_saying_what_they_as
     no_gpu_here = LineResources(**{**SMALL.__dict__, "score_gpus": 0.5})
     with EmbeddedRedis(tmp_path / "redis") as server:
         with pytest.raises(StageFailed, match=r"did not all start within 3 s.* 0.5 GPUs"):
-            start_line(line, server.url, root / "model", resources=no_gpu_here, start_timeout_s=3)
+            start_line(
+                line, server.access, root / "model", resources=no_gpu_here, start_timeout_s=3
+            )
     # The actors that did start are gone again.
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
@@ -234,9 +239,15 @@ def test_a_line_whose_actors_cannot_be_placed_fails_to_start_saying_what_they_as
 
 def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, local_ray, tmp_path):
     # Unpaced cameras outrun a backlog of one view. (And the line's views are cut as whole
-    # boxes: the detect + matte actors follow the line's mask_shape.)
+    # boxes: the line sets no mask_shape, and the detect + matte actors follow its model's.)
+    boxed = tmp_path / "box-model"
+    shutil.copytree(line_model[1] / "model", boxed)
+    contract = load_model(boxed).metadata["input_contract"]
+    update_metadata(
+        boxed, input_contract=contract | {"crops": contract["crops"] | {"mask_shape": "box"}}
+    )
     _, stats, got, scores, views = inspect(
-        line_model, tmp_path, 6, seed=7, max_view_backlog=1, mask_shape="box"
+        line_model, tmp_path, 6, seed=7, model_dir=boxed, max_view_backlog=1
     )
     for view in views:
         alpha = np.asarray(Image.open(io.BytesIO(view.image)))[:, :, 3] > 0
@@ -264,7 +275,7 @@ def test_a_restarted_aggregator_numbers_a_re_synchronised_camera_as_before(local
     with EmbeddedRedis(tmp_path / "redis") as server:
         client = redis.Redis.from_url(server.url)
         aggregator = AggregatorActor.options(num_cpus=0.1, **ACTOR_OPTIONS).remote(
-            server.url, 10_000, "l", cams, 30.0, 0.1, None, None, None, 3600.0
+            server.access, 10_000, "l", cams, 30.0, 0.1, None, None, None, 3600.0
         )
         run = aggregator.run.remote()
 

@@ -108,7 +108,7 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
             browser.close()
 
         client = redis.Redis(unix_socket_path=str(out / "redis" / "redis.sock"))
-        [(_, fields)] = client.xrange("labels:demo")
+        [(_, fields)] = client.xrange("labels:{demo}")
         label = Label.from_entry(fields)
         assert (label.product_id, label.label) == (product_id, "good")
         assert label.note == "checked by the browser test"

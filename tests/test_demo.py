@@ -1,20 +1,27 @@
 """`defectflow demo` end to end on small made-up data: train, simulate, inspect, report."""
 
 import json
+from pathlib import Path
 
+import pytest
 import redis
 import yaml
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from cluster.demo import line_crops, reusable_line_model
+from cluster.demo import DEMO_CROPS, reusable_line_model
+from cluster.redis_conn import EmbeddedRedis
+from cluster.streams import Streams
+from schemas import Verdict
+from tests.conftest import PASSWORD
 from tests.synthetic import make_dataset, make_line
 from workers.differnet.store import load_model, update_metadata
 
 
-def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path):
+def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path, monkeypatch, protected_redis):
     data = make_dataset(tmp_path / "data", n_train=10, n_good=6, n_defect=4)
-    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)  # where the README's commands run: demo-out/ beside deploy/
+    out = Path("demo-out")
     args = [
         "demo",
         "--data",
@@ -41,17 +48,40 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path):
     ]
     assert (out / "model" / "model.json").exists() and (out / "model" / "roc.png").exists()
 
-    # A second run reuses the model and starts the replayed line afresh.
-    again = CliRunner().invoke(app, args[:5] + ["--products", "3"])
+    # The README's production command on the demo's videos and model gives the demo's verdicts:
+    # its line file names no crop settings, the line takes them from the model.
+    example = Path(__file__).parents[1] / "deploy" / "lines" / "example.yaml"
+    assert "mask_" not in yaml.safe_dump(yaml.safe_load(example.read_text()))
+    run = CliRunner().invoke(app, ["run", "--config", str(example), "--replay"])
+    assert run.exit_code == 0, run.output
+    with EmbeddedRedis(Path(".defectflow") / "redis") as server:
+        entries = redis.Redis.from_url(server.url).xrange(Streams("line1").verdicts)
+    production = {v.product_seq: v for v in (Verdict.from_entry(f) for _, f in entries)}
+    assert sorted(production) == list(range(5))
+    for demo_verdict in lines:
+        verdict = production[demo_verdict["product_seq"]]
+        assert verdict.decision == demo_verdict["decision"]
+        demo_scores = {r["camera"]: r["score"] for r in demo_verdict["views"]}
+        for view in verdict.views:
+            assert view.score == pytest.approx(demo_scores[view.camera], rel=1e-4, abs=1e-4)
+
+    # A second run reuses the model and starts the replayed line afresh; the demo reads the
+    # settings every command reads: here a password-protected Redis instead of the embedded one.
+    server = protected_redis("plant-redis")
+    monkeypatch.setenv("DEFECTFLOW_REDIS_PASSWORD", PASSWORD)
+    again = CliRunner().invoke(app, args[:5] + ["--products", "3", "--redis", server.url])
     assert again.exit_code == 0, again.output
-    assert "reusing model" in again.output
+    assert "reusing model" in again.output and PASSWORD not in again.output
     assert json.loads((out / "summary.json").read_text())["verdicts"] == 3
+    assert server.admin.xlen(Streams("demo").verdicts) == 3
 
     # The model records how its crops were cut; one that learned from crops cut another way
     # (another mask shape) would take the line's crops for defects, so it is not reused.
     assert reusable_line_model(out / "model") is not None
-    assert load_model(out / "model").metadata["line_crops"] == line_crops()
-    update_metadata(out / "model", line_crops=line_crops() | {"mask_shape": "silhouette"})
+    contract = load_model(out / "model").metadata["input_contract"]
+    assert contract["crops"] == DEMO_CROPS.model_dump()
+    crops = contract["crops"] | {"mask_shape": "silhouette"}
+    update_metadata(out / "model", input_contract=contract | {"crops": crops})
     assert reusable_line_model(out / "model") is None
 
 
@@ -85,10 +115,8 @@ def test_run_inspects_every_line_of_a_config_file(tmp_path):
             == 3
         )
     # The embedded Redis kept the verdicts under the configured data folder.
-    from cluster.redis_conn import EmbeddedRedis
-
     with EmbeddedRedis(tmp_path / "state" / "redis") as server:
-        assert redis.Redis.from_url(server.url).xlen("verdicts:west") == 3
+        assert redis.Redis.from_url(server.url).xlen(Streams("west").verdicts) == 3
 
 
 def test_run_with_a_bad_config_is_a_clear_error(tmp_path):

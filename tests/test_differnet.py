@@ -50,6 +50,10 @@ def trained(request, data, tmp_path_factory):
         12,
         "--tta",
         2,
+        "--mask-shape",
+        "hull",
+        "--mask-shrink",
+        0.07,
     )
     assert result.exit_code == 0, result.output
     return out
@@ -83,6 +87,19 @@ def test_model_folder_holds_weights_metadata_and_roc(trained):
     for key in ("config", "sha256", "threshold", "training", "metrics", "feature_dim"):
         assert key in meta
     assert meta["training"]["n_images"] == 24 and len(meta["training"]["fingerprint"]) == 64
+    # The input contract: how the crops were cut (as told), how the scorer sizes them.
+    assert meta["input_contract"] == {
+        "crops": {
+            "box_source": "contour",
+            "box_margin": 0.05,
+            "mask_shape": "hull",
+            "mask_shrink": 0.07,
+            "view_max_side": 320,
+        },
+        "image_size": 96,
+        "resize": "letterbox",
+        "channels": "rgb",
+    }
     # Both scores are standardised on the validation goods, when there is a patch memory.
     if meta["config"]["memory_size"]:
         assert meta["calibration"]["source"] == "validation goods"
@@ -150,6 +167,8 @@ def test_a_data_dir_without_train_good_is_a_clear_error(tmp_path):
 def test_a_bad_option_value_is_a_clear_error(data, tmp_path):
     result = invoke("train", data, "--out", tmp_path / "m", "--image-size", 100)
     assert result.exit_code == 1 and "--image-size" in result.output and "32" in result.output
+    result = invoke("train", data, "--out", tmp_path / "m", "--mask-shape", "oval")
+    assert result.exit_code == 1 and "--mask-shape" in result.output and "box" in result.output
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error(data, tmp_path):

@@ -218,7 +218,7 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
             cam.fps = 40.0  # paced: the swap lands mid-run
         registry = Registry(client, "demo")
         running = start_line(
-            line, server.url, root / "model-a", resources=SMALL, sample_dir=store.root
+            line, server.access, root / "model-a", resources=SMALL, sample_dir=store.root
         )
         first = registry.active_id()
         # The candidate scores in shadow first, then becomes active mid-run.
@@ -228,7 +228,7 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
         while client.xlen(Streams("demo").shadow_scores) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
         second = registry.promote(candidate).id
-        stats = drain_and_stop(client, [running], timeout_s=300)
+        stats = drain_and_stop([running], timeout_s=300)
         scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams("demo").scores)]
         verdicts = [Verdict.from_entry(f) for _, f in client.xrange(Streams("demo").verdicts)]
 
@@ -262,7 +262,7 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
         )
         config = RetrainConfig(after_good_views=10_000, holdout=holdout, epochs=3)
         trainer = TrainerActor.options(max_concurrency=2).remote(
-            server.url,
+            server.access,
             10_000,
             "demo",
             str(store.root),

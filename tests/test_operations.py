@@ -181,7 +181,7 @@ def test_a_line_runs_on_two_ray_nodes_with_status_and_prometheus_metrics(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None:
         try:
-            if redis.Redis(unix_socket_path=str(socket_path)).get("model-active:line1"):
+            if redis.Redis(unix_socket_path=str(socket_path)).get("model-active:{line1}"):
                 break
         except redis.ConnectionError:
             pass
@@ -221,8 +221,8 @@ def test_a_line_runs_on_two_ray_nodes_with_status_and_prometheus_metrics(
     assert seen_status is not None, last_status
     line = seen_status["lines"]["line1"]
     assert line["active_model"] and set(line["lag"]) >= {
-        "views:line1/score",
-        "scores:line1/aggregate",
+        "views:{line1}/score",
+        "scores:{line1}/aggregate",
     }
     assert len({a["node_id"] for a in seen_status["actors"]}) == 2
 

@@ -158,7 +158,7 @@ def test_label_command_writes_the_label_stream(line_state, embedded_redis):
     url = embedded_redis.url
     ok = cli("label", "line-a:3", "--defect", "--note", "crack", "--by", "ann", "--redis", url)
     assert ok.exit_code == 0, ok.output
-    assert json.loads(ok.stdout)["stream"] == "labels:line-a"
+    assert json.loads(ok.stdout)["stream"] == "labels:{line-a}"
     conflict = cli("label", "line-a:3", "--good", "--redis", url)
     assert conflict.exit_code == 1 and "already labelled" in conflict.output
     unknown = cli("label", "line-a:42", "--good", "--redis", url)
@@ -194,7 +194,9 @@ def test_report_has_distributions_roc_and_worst_defects(line_state, embedded_red
 @pytest.fixture
 def dashboard(line_state):
     client, store, verdicts = line_state
-    return TestClient(create_app(client, store, TOKEN, lines=["line-a", "line-z"])), verdicts
+    return TestClient(
+        create_app(lambda line: client, store, TOKEN, lines=["line-a", "line-z"])
+    ), verdicts
 
 
 def test_dashboard_lists_lines_verdicts_stats_and_products(dashboard):
@@ -228,7 +230,7 @@ def test_dashboard_labelling_needs_the_token(dashboard, redis_client):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     saved = web.post(url, json=body, headers=auth)
     assert saved.status_code == 201, saved.text
-    [(entry_id, fields)] = redis_client.xrange("labels:line-a")
+    [(entry_id, fields)] = redis_client.xrange("labels:{line-a}")
     assert saved.json()["entry_id"] == entry_id.decode()
     assert Label.from_entry(fields).note == "scratch"
     assert web.post(url, json={"label": "good"}, headers=auth).status_code == 409
@@ -241,7 +243,7 @@ def test_dashboard_labelling_needs_the_token(dashboard, redis_client):
 
 def test_event_stream_sends_new_verdicts_with_their_ids(line_state):
     client, store, verdicts = line_state
-    events = _verdict_events(client, "verdicts:line-a", "0")
+    events = _verdict_events(client, "verdicts:{line-a}", "0")
     assert next(events).startswith("retry:")
     first = next(events)
     assert first.startswith("id: ") and "event: verdict" in first
@@ -303,7 +305,7 @@ def test_readme_node_consumer_reads_verdicts_with_a_consumer_group(tmp_path):
             (v.product_id, v.decision) for v in decided
         ]
         assert rows[0]["defective_views"] == ["cam1"]
-        group = client.xinfo_groups("verdicts:l1")[0]
+        group = client.xinfo_groups("verdicts:{l1}")[0]
         assert group["name"] == b"qa-system" and group["pending"] == 0
     finally:
         server.terminate()

@@ -11,6 +11,7 @@ import pytest
 from schemas import CameraFrame
 from tests.synthetic import one_camera_video
 from workers import sources
+from workers.contract import CropSpec
 from workers.images import ImageError, decode_with_alpha
 from workers.simulate import LineSpec, belt_texture, render_camera
 from workers.sources import is_live, open_source
@@ -39,7 +40,7 @@ def _gated_frame(spec) -> CameraFrame:
 
 def test_detect_matte_crops_the_product_and_sends_the_mask_as_alpha():
     spec = LineSpec(products=1, width=240, height=160, lead_frames=1, gap_frames=0)
-    view = DetectMatte(shrink=0.1).process(_gated_frame(spec))
+    view = DetectMatte(crops=CropSpec(mask_shrink=0.1)).process(_gated_frame(spec))
     assert abs(view.bbox.x - 55) <= 3 and abs(view.bbox.w - 110) <= 4
     rgb, alpha = decode_with_alpha(view.image)
     assert alpha is not None and rgb.shape[:2] == alpha.shape == view.shape[:2]
@@ -49,8 +50,10 @@ def test_detect_matte_crops_the_product_and_sends_the_mask_as_alpha():
 
 def test_a_view_larger_than_the_cap_is_scaled_down_its_box_kept_in_frame_pixels():
     spec = LineSpec(products=1, width=240, height=160, lead_frames=1, gap_frames=0)
-    full = DetectMatte(shrink=0.1).process(_gated_frame(spec))
-    capped = DetectMatte(shrink=0.1, max_side=48).process(_gated_frame(spec))
+    full = DetectMatte(crops=CropSpec(mask_shrink=0.1)).process(_gated_frame(spec))
+    capped = DetectMatte(crops=CropSpec(mask_shrink=0.1, view_max_side=48)).process(
+        _gated_frame(spec)
+    )
     assert capped.bbox == full.bbox and max(full.shape[:2]) > 48
     assert max(capped.shape[:2]) == 48
     assert abs(capped.shape[1] / capped.shape[0] - full.shape[1] / full.shape[0]) < 0.05

@@ -9,6 +9,7 @@ from cluster.config import ReplicaConfig
 from cluster.demo import line_config
 from cluster.graph import drain_and_stop, start_line
 from cluster.redis_conn import EmbeddedRedis
+from cluster.streams import Streams
 from schemas import Verdict
 from tests.test_cluster import SMALL, line_model, simulate  # noqa: F401  (fixture)
 
@@ -30,11 +31,11 @@ def test_a_line_spreads_over_two_nodes_and_inspects_every_product(line_model, tw
     with EmbeddedRedis(tmp_path / "redis") as server:
         client = redis.Redis.from_url(server.url)
         line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig(detect=2, score=2))
-        running = start_line(line, server.url, root / "model", resources=SMALL)
+        running = start_line(line, server.access, root / "model", resources=SMALL)
         actors = running.ingest + running.workers
         nodes = set(ray.get([a.node_id.remote() for a in actors]))
-        drain_and_stop(client, [running], timeout_s=300)
-        got = [Verdict.from_entry(f) for _, f in client.xrange("verdicts:demo")]
+        drain_and_stop([running], timeout_s=300)
+        got = [Verdict.from_entry(f) for _, f in client.xrange(Streams("demo").verdicts)]
     assert len(nodes) == 2
     assert sorted(v.product_seq for v in got) == list(range(4))
 

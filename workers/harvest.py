@@ -15,9 +15,10 @@ from typing import Literal
 
 import numpy as np
 
+from .contract import CropSpec
 from .detect import ContourDetector, Detection, Detector, read_frames
 from .images import encode_png
-from .matte import VIEW_MAX_SIDE, MaskShape, Matted, matte
+from .matte import Matted, matte
 from .simulate import camera_videos
 from .stages import CameraIngest, DetectMatte, NoProductFound
 
@@ -28,26 +29,25 @@ def harvest_crops(
     line_dir: Path,
     out: Path,
     split: str,
-    shrink: float = 0.1,
+    crops: CropSpec = CropSpec(),
     frame_stride: int = 1,
     boxes: Boxes = "detected",
-    mask_shape: MaskShape = "silhouette",
     box_jitter: float = 0.0,
 ) -> dict[str, int]:
     """Crops of every product in ``line_dir`` (videos, manifest) into ``out/split/<category>``.
 
     ``boxes="detected"``: the crops are cut by the line's own stages (ingest, detect + matte,
-    with the line's ``mask_shape``), so that they are what its scorer will see. ``boxes="true"``:
-    cut at the simulator's boxes instead (``true_box_crops``), the reference a front end is
-    measured against. Either way, RGBA PNGs whose alpha is the product mask, shrunk by
-    ``shrink`` per side, named ``<camera>_<product seq>.png``. Returns counts per category.
+    as ``crops`` says), so that they are what its scorer will see. ``boxes="true"``: cut at the
+    simulator's boxes instead (``true_box_crops``), the reference a front end is measured
+    against. Either way, RGBA PNGs whose alpha is the product mask, named
+    ``<camera>_<product seq>.png``. Returns counts per category.
     ``box_jitter``: each side of a detected box moves by up to this share of the frame's width
     at random (``JitteredDetector``), for crops a model learns from.
     """
     manifest = json.loads((Path(line_dir) / "manifest.json").read_text())
     counts: dict[str, int] = {}
-    crops = _crops(line_dir, manifest, shrink, frame_stride, boxes, mask_shape, box_jitter)
-    for cam, seq, png in crops:
+    cut = _crops(line_dir, manifest, crops, frame_stride, boxes, box_jitter)
+    for cam, seq, png in cut:
         category = manifest["products"][seq]["views"][cam]["category"]
         folder = Path(out) / split / category
         folder.mkdir(parents=True, exist_ok=True)
@@ -59,21 +59,20 @@ def harvest_crops(
 def _crops(
     line_dir: Path,
     manifest: dict,
-    shrink: float,
+    crops: CropSpec,
     frame_stride: int,
     boxes: Boxes,
-    mask_shape: MaskShape,
     box_jitter: float,
 ) -> Iterator[tuple[str, int, bytes]]:
     """(camera, product seq, RGBA PNG) of every view the chosen boxes cut."""
     if boxes == "true":
-        for cam, seq, cut in true_box_crops(line_dir, manifest, shrink):
+        for cam, seq, cut in true_box_crops(line_dir, manifest, crops):
             yield cam, seq, encode_png(np.ascontiguousarray(cut.crop[:, :, ::-1]), cut.mask)
         return
     detector = ContourDetector()
     if box_jitter:
         detector = JitteredDetector(detector, box_jitter, seed=manifest["spec"]["seed"])
-    cut = DetectMatte(detector, shrink=shrink, mask_shape=mask_shape)
+    cut = DetectMatte(detector, crops)
     for cam, video in camera_videos(line_dir).items():
         for frame in CameraIngest("harvest", cam, str(video), frame_stride=frame_stride).frames():
             if frame.product_seq >= len(manifest["products"]):
@@ -109,11 +108,11 @@ class JitteredDetector:
 
 
 def true_box_crops(
-    line_dir: Path, manifest: dict, shrink: float = 0.1
+    line_dir: Path, manifest: dict, crops: CropSpec = CropSpec()
 ) -> Iterator[tuple[str, int, Matted]]:
     """(camera, product seq, crop) of every view, cut as the front end cuts but at the
     simulator's box: the frame nearest the product's centre crossing, the true box as the
-    mask, the front end's matting (margin, shrink, size)."""
+    mask (whatever ``crops.mask_shape``), the front end's margin, shrink and size."""
     width = manifest["spec"]["width"]
     wanted: dict[str, dict[int, int]] = {}  # camera -> frame index -> product seq
     for p in manifest["products"]:
@@ -128,6 +127,12 @@ def true_box_crops(
                 seq = frames[index]
                 x, y, w, h = manifest["products"][seq]["views"][cam]["bboxes"][str(index)]
                 cut = matte(
-                    frame, (x, y, w, h), None, shrink=shrink, max_side=VIEW_MAX_SIDE, shape="box"
+                    frame,
+                    (x, y, w, h),
+                    None,
+                    shrink=crops.mask_shrink,
+                    margin=crops.box_margin,
+                    max_side=crops.view_max_side,
+                    shape="box",
                 )
                 yield cam, seq, cut

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
+
+from .contract import MaskShape
 
 
 @dataclass(frozen=True)
@@ -21,20 +22,6 @@ class Matted:
     mask: np.ndarray  # (h, w) uint8, 255 = kept
     box: tuple[int, int, int, int]  # the crop's place in the frame: x, y, w, h
     coverage: float  # fraction of the crop kept
-
-
-# Views travel at most this many pixels on their longer side. The scorers use less (the flow
-# letterboxes to its input size, 224 or 320 px; the patch memory compares at 160 x 160 px of
-# area), and a 960 x 540 camera's crop (up to 320 x 580 px) took 6.7 ms to encode as PNG and
-# 2.6 ms to decode, four times a 320 px one.
-VIEW_MAX_SIDE = 320
-
-# What the product's mask is cut from. "silhouette": the composite mask as it is, its holes
-# filled (any product shape). "hull": its convex hull, for convex products, whose dark edge
-# spots the belt model takes for belt and bites out of the silhouette. "box": the whole detected
-# box, for rectangular products (tiles, boards, panels): the belt then shows only where the box
-# and the product differ, and the shrink cuts that rim away.
-MaskShape = Literal["silhouette", "hull", "box"]
 
 
 def recentred_box(

@@ -16,6 +16,7 @@ import numpy as np
 
 from schemas import BBox, CameraFrame, ProductView, ViewScore, make_product_id
 
+from .contract import CropSpec
 from .detect import ContourDetector, Detector
 from .differnet.store import ModelBundle
 from .images import (
@@ -25,7 +26,7 @@ from .images import (
     encode_png,
     load_image,
 )
-from .matte import VIEW_MAX_SIDE, DeepMatter, MaskShape, matte
+from .matte import DeepMatter, matte
 from .motion import MotionGate
 from .sources import RECONNECT_WAITS_S, SourceFrame, is_live, open_source
 
@@ -181,22 +182,12 @@ class NoProductFound(ValueError):
 
 
 class DetectMatte:
-    """Finds the product in a gated frame, crops it re-centred and takes the belt away."""
+    """Finds the product in a gated frame, crops it re-centred and takes the belt away, as
+    ``crops`` says (a line's model states how its crops were cut: ``workers.contract``)."""
 
-    def __init__(
-        self,
-        detector: Detector | None = None,
-        *,
-        shrink: float = 0.1,
-        margin: float = 0.05,
-        max_side: int | None = VIEW_MAX_SIDE,
-        mask_shape: MaskShape = "silhouette",
-    ):
+    def __init__(self, detector: Detector | None = None, crops: CropSpec = CropSpec()):
         self.detector = detector or ContourDetector()
-        self.shrink = shrink
-        self.margin = margin
-        self.max_side = max_side
-        self.mask_shape = mask_shape
+        self.crops = crops
 
     def process(self, frame: CameraFrame) -> ProductView:
         t0 = time.perf_counter()
@@ -220,10 +211,10 @@ class DetectMatte:
             bgr,
             found[0].bbox,
             mask,
-            shrink=self.shrink,
-            margin=self.margin,
-            max_side=self.max_side,
-            shape=self.mask_shape,
+            shrink=self.crops.mask_shrink,
+            margin=self.crops.box_margin,
+            max_side=self.crops.view_max_side,
+            shape=self.crops.mask_shape,
         )
         png = encode_png(np.ascontiguousarray(result.crop[:, :, ::-1]), result.mask)
         t3 = time.perf_counter()
@@ -239,7 +230,7 @@ class DetectMatte:
             image=png,
             bbox=BBox(x=x, y=y, w=w, h=h),
             mask_coverage=min(1.0, result.coverage),
-            mask_shrink=self.shrink,
+            mask_shrink=self.crops.mask_shrink,
             stage_ms={
                 "decode": (t1 - t0) * 1e3,
                 "detect": (t2 - t1) * 1e3,

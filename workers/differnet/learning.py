@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..contract import InputContract
 from ..datasets import Sample, list_train_samples
 from ..devices import choose_device
 from ..samples import SampleError, SampleStore
@@ -252,6 +253,8 @@ def retrain(
         model,
         out,
         threshold=candidate_point["threshold"],
+        # The new views were cut by the line's front end, as the parent's were.
+        crops=contract.crops if (contract := InputContract.of(parent.metadata)) else None,
         backbone_weights=_backbone_weights(parent),
         extra={
             "threshold_rule": {"rule": f"target-tpr {target_tpr:g}", "source": "QA labels"},

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..contract import CropSpec
 from ..datasets import Sample, fingerprint, list_test_samples, list_train_samples
 from ..devices import choose_device
 from ..images import ImageError, load_with_alpha
@@ -63,6 +64,7 @@ def train_from_folder(
     config: DifferNetConfig,
     options: TrainingOptions,
     *,
+    crops: CropSpec = CropSpec(),
     backbone_weights: Path | None = None,
     shots: int | None = None,
     validation: list[Sample] | None = None,
@@ -72,7 +74,8 @@ def train_from_folder(
 ) -> dict:
     """Train on DATA_DIR/train/good; validate (epoch choice, threshold) on ``validation``.
 
-    ``validation`` defaults to DATA_DIR/test when it exists. Returns the saved metadata.
+    ``validation`` defaults to DATA_DIR/test when it exists. ``crops``: how a line's front end
+    cut the images (the model's input contract). Returns the saved metadata.
     """
     torch.manual_seed(options.seed)
     model = DifferNet(config, backbone_weights).to(choose_device(options.device))
@@ -120,6 +123,7 @@ def train_from_folder(
         model,
         out,
         threshold=chosen.value,
+        crops=crops,
         backbone_weights=backbone_weights,
         extra={
             "threshold_rule": chosen.to_dict()

@@ -1,6 +1,7 @@
 """A trained model on disk: weights (tensors only) named by content hash, and metadata JSON.
 
-    MODEL_DIR/model.json                  format version, config, threshold, metrics, provenance
+    MODEL_DIR/model.json                  format version, config, threshold, metrics, provenance,
+                                          input contract (how the crops it learned were cut)
     MODEL_DIR/weights-<sha256[:16]>.pt    flow, feature statistics, patch memory, calibration;
                                           torch.load(weights_only=True)
     MODEL_DIR/features.pt                 optional: raw features of the training set (pooled head),
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from ..contract import CropSpec, InputContract
 from ..devices import choose_device
 from .model import DifferNet, DifferNetConfig
 
@@ -51,9 +53,12 @@ def save_model(
     model_dir: Path,
     *,
     threshold: float,
+    crops: CropSpec | None,
     backbone_weights: Path | None = None,
     extra: dict | None = None,
 ) -> dict:
+    """Write the weights and the metadata; ``crops``: how the images the model learned from
+    were cut (its input contract; None where that is unknown)."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -72,6 +77,11 @@ def save_model(
         "sha256": sha,
         "threshold": float(threshold),
         "created": time.time(),
+        "input_contract": InputContract(crops=crops, image_size=model.config.image_size).model_dump(
+            mode="json"
+        )
+        if crops is not None
+        else None,
         **(extra or {}),
     }
     tmp = model_dir / (METADATA_FILE + ".tmp")
