@@ -18,11 +18,11 @@ import cv2
 import numpy as np
 
 from bench.report import emit
-from workers.detect import ContourDetector, iou
-from workers.matte import matte
-from workers.motion import MotionGate
-from workers.simulate import LineSpec, camera_videos, parse_frame_size, simulate_line
-from workers.sources import open_source
+from workers.frontend.detect import ContourDetector, iou
+from workers.frontend.matte import matte
+from workers.frontend.motion import MotionGate
+from workers.frontend.sources import open_source
+from workers.simulation.simulate import LineSpec, camera_videos, parse_frame_size, simulate_line
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,16 +25,16 @@ from pathlib import Path
 import ray
 
 from bench.report import emit
-from cluster.config import ReplicaConfig, RetrainConfig
 from cluster.demo import line_config, split_halves, train_line_model
-from cluster.graph import drain_and_stop, line_cpus, start_ingest, start_line
-from cluster.qa import record_label
-from cluster.redis_conn import EmbeddedRedis
-from cluster.registry import Registry
-from cluster.streams import Streams, reset_line
+from cluster.runtime.graph import drain_and_stop, line_cpus, start_ingest, start_line
+from cluster.runtime.registry import Registry
+from cluster.runtime.settings import ReplicaConfig, RetrainConfig
+from cluster.transport.connection import EmbeddedRedis
+from cluster.transport.qa import record_label
+from cluster.transport.streams import Streams, reset_line
 from schemas import Label, RetrainOutcome, RetrainRequest, Verdict, ViewScore
-from workers.samples import SampleStore
-from workers.simulate import LineSpec, render_line
+from workers.qa.samples import SampleStore
+from workers.simulation.simulate import LineSpec, render_line
 
 # Warmer, brighter lamps (B, G, R gains of the whole scene).
 WARM_LIGHT = (0.8, 1.0, 1.25)

@@ -40,7 +40,6 @@ import ray
 import torch
 
 from bench.report import emit
-from cluster.config import CameraConfig, LineConfig, ReplicaConfig
 from cluster.demo import (
     DEMO_CROPS,
     LINE,
@@ -52,15 +51,17 @@ from cluster.demo import (
     train_line_model,
     validation_products,
 )
-from cluster.graph import drain_and_stop, line_cpus, start_line
-from cluster.redis_conn import EmbeddedRedis, RedisAccess
-from cluster.streams import Streams, reset_line
+from cluster.runtime.graph import drain_and_stop, line_cpus, start_line
+from cluster.runtime.settings import CameraConfig, LineConfig, ReplicaConfig
+from cluster.transport.connection import EmbeddedRedis, RedisAccess
+from cluster.transport.streams import Streams, reset_line
 from schemas import ProductView, Verdict
 from workers.differnet.store import load_model
-from workers.harvest import true_box_crops
+from workers.frontend.stages import CameraIngest, DetectMatte, NoProductFound
 from workers.images import encode_png
-from workers.simulate import parse_frame_size
-from workers.stages import CameraIngest, DetectMatte, NoProductFound, ViewScorer
+from workers.line.scoring import ViewScorer
+from workers.simulation.harvest import true_box_crops
+from workers.simulation.simulate import parse_frame_size
 from workers.threshold import accuracy_gap_interval, auroc, best_accuracy
 
 

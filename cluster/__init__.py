@@ -1,0 +1,1 @@
+"""Ray and Redis: ``transport`` (Redis), ``runtime`` (actors, lines), ``apps`` (CLI, dashboard)."""

@@ -1,5 +1,5 @@
 """`python -m cluster` runs the `defectflow` command line."""
 
-from cluster.cli import app
+from cluster.apps.cli import app
 
 app()

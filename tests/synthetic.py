@@ -80,8 +80,8 @@ def train_line_models(
     from workers.differnet.model import DifferNetConfig
     from workers.differnet.recipes import train_from_folder
     from workers.differnet.training import TrainingOptions
-    from workers.harvest import harvest_crops
-    from workers.simulate import LineSpec, render_line
+    from workers.simulation.harvest import harvest_crops
+    from workers.simulation.simulate import LineSpec, render_line
 
     data = make_dataset(root / "tiles", n_train=12, n_good=4, n_defect=3)
     train = LineSpec(products=products, defect_rate=0, seed=1, **LINE_FRAME)
@@ -100,7 +100,7 @@ def make_line(root: Path, products: int, seed: int = 4, crops=None) -> tuple[Pat
     4-camera line (half the products defective). Returns (model dir, videos)."""
     from workers.datasets import list_test_samples
     from workers.differnet.model import DifferNetConfig
-    from workers.simulate import LineSpec, camera_videos, render_line
+    from workers.simulation.simulate import LineSpec, camera_videos, render_line
 
     tiny = DifferNetConfig(image_size=96, train_transforms=2, tta=1)
     data = train_line_models(root, products=6, epochs=5, config=tiny, crops=crops)
@@ -117,7 +117,7 @@ def make_line(root: Path, products: int, seed: int = 4, crops=None) -> tuple[Pat
 def one_camera_video(root: Path, products: int, codec: str = "mjpeg") -> Path:
     """The video of one camera on a simulated line of ``products`` good products."""
     from workers.datasets import list_train_samples
-    from workers.simulate import LineSpec, camera_videos, render_line
+    from workers.simulation.simulate import LineSpec, camera_videos, render_line
 
     data = make_dataset(root / "tiles", n_train=6, n_good=1, n_defect=1)
     spec = LineSpec(products=products, cameras=1, defect_rate=0, seed=5, codec=codec, **LINE_FRAME)

@@ -10,9 +10,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.bus import DL_ENTRY, DL_REASON, DL_STREAM, StreamBus
-from cluster.redis_conn import EmbeddedRedis
-from cluster.streams import DecidedProducts, Streams, next_product_seq
+from cluster.transport.bus import DL_ENTRY, DL_REASON, DL_STREAM, StreamBus
+from cluster.transport.connection import EmbeddedRedis
+from cluster.transport.streams import DecidedProducts, Streams, next_product_seq
 from schemas import CameraFrame
 from tests.messages import frame
 
@@ -45,7 +45,7 @@ def test_an_entry_left_pending_by_a_killed_consumer_is_reclaimed(bus, embedded_r
     script = textwrap.dedent(
         f"""
         import os, sys, time, redis
-        from cluster.bus import StreamBus
+        from cluster.transport.bus import StreamBus
         from schemas import CameraFrame
         bus = StreamBus(redis.Redis.from_url({embedded_redis.url!r}))
         got = bus.consume("frames", "detect", "doomed", CameraFrame, count=2, block_ms=None)

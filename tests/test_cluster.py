@@ -12,18 +12,24 @@ import ray
 import redis
 from PIL import Image
 
-from cluster.actors import CameraIngestActor
-from cluster.config import ReplicaConfig
 from cluster.demo import line_config
-from cluster.graph import ACTOR_OPTIONS, LineResources, StageFailed, drain_and_stop, start_line
-from cluster.redis_conn import EmbeddedRedis
-from cluster.streams import Streams
+from cluster.runtime.actors import CameraIngestActor
+from cluster.runtime.graph import (
+    ACTOR_OPTIONS,
+    LineResources,
+    StageFailed,
+    drain_and_stop,
+    start_line,
+)
+from cluster.runtime.settings import ReplicaConfig
+from cluster.transport.connection import EmbeddedRedis
+from cluster.transport.streams import Streams
 from schemas import CameraFrame, ProductView, Verdict, ViewScore
 from tests.synthetic import LINE_FRAME as FRAME
 from tests.synthetic import one_camera_video, train_line_models
 from workers.datasets import list_test_samples
 from workers.differnet.store import load_model, update_metadata
-from workers.simulate import LineSpec, camera_videos, render_line
+from workers.simulation.simulate import LineSpec, camera_videos, render_line
 
 SMALL = LineResources(ingest_cpus=0.1, detect_cpus=0.1, score_cpus=0.1, aggregate_cpus=0.1)
 
@@ -269,7 +275,7 @@ def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, loc
 def test_a_restarted_aggregator_numbers_a_re_synchronised_camera_as_before(local_ray, tmp_path):
     """cam3 missed product 1, so its n-th view is of product n + 1 from then on. The aggregator,
     killed and restarted by Ray after re-synchronising it, must still know that."""
-    from cluster.actors import AggregatorActor
+    from cluster.runtime.actors import AggregatorActor
 
     cams = ["cam0", "cam1", "cam2", "cam3"]
     with EmbeddedRedis(tmp_path / "redis") as server:

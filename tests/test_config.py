@@ -3,8 +3,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cluster.cli import app
-from cluster.config import ConfigError, load_settings
+from cluster.apps.cli import app
+from cluster.runtime.settings import ConfigError, load_settings
 from schemas import STREAM_MESSAGES
 
 LINE_YAML = """
@@ -102,8 +102,8 @@ def test_schemas_command_writes_one_schema_per_message(tmp_path):
 
 
 def test_line_resources_take_gpus_where_the_cluster_has_them_and_obey_the_line():
-    from cluster.config import LineConfig
-    from cluster.graph import line_cpus, line_resources
+    from cluster.runtime.graph import line_cpus, line_resources
+    from cluster.runtime.settings import LineConfig
 
     cams = [{"id": f"c{i}", "source": "sim"} for i in range(4)]
     plain = LineConfig(id="a", cameras=cams)
@@ -126,8 +126,8 @@ def test_line_resources_take_gpus_where_the_cluster_has_them_and_obey_the_line()
 
 
 def test_on_fewer_gpus_than_the_lines_ask_for_every_default_share_shrinks_until_all_fit():
-    from cluster.config import LineConfig
-    from cluster.graph import line_gpus, line_resources, lines_resources
+    from cluster.runtime.graph import line_gpus, line_resources, lines_resources
+    from cluster.runtime.settings import LineConfig
 
     cams = [{"id": f"c{i}", "source": "sim", "matting_model": "bgm.pt"} for i in range(4)]
 

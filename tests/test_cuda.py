@@ -19,8 +19,8 @@ from workers.differnet.model import DifferNetConfig
 from workers.differnet.recipes import load_samples, score_images, train_from_folder
 from workers.differnet.store import FEATURE_CACHE, load_model
 from workers.differnet.training import TrainingOptions
+from workers.frontend.matte import DeepMatter
 from workers.images import encode_png
-from workers.matte import DeepMatter
 from workers.threshold import auroc
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -8,10 +8,10 @@ import redis
 import yaml
 from typer.testing import CliRunner
 
-from cluster.cli import app
+from cluster.apps.cli import app
 from cluster.demo import DEMO_CROPS, reusable_line_model
-from cluster.redis_conn import EmbeddedRedis
-from cluster.streams import Streams
+from cluster.transport.connection import EmbeddedRedis
+from cluster.transport.streams import Streams
 from schemas import Verdict
 from tests.conftest import PASSWORD
 from tests.synthetic import make_dataset, make_line

@@ -20,7 +20,7 @@ def invoke(*args):
 
 
 def app_():
-    from cluster.cli import app
+    from cluster.apps.cli import app
 
     return app
 

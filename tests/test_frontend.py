@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cluster.cli import app
+from cluster.apps.cli import app
 from tests.synthetic import difference_matting_model, make_dataset
 from workers.datasets import list_train_samples
-from workers.detect import (
+from workers.frontend.detect import (
     ContourDetector,
     Detection,
     YoloDetector,
@@ -19,10 +19,10 @@ from workers.detect import (
     iou,
     read_frames,
 )
-from workers.harvest import JitteredDetector, harvest_crops
-from workers.matte import matte, shrink_mask
-from workers.motion import MotionGate
-from workers.simulate import (
+from workers.frontend.matte import matte, shrink_mask
+from workers.frontend.motion import MotionGate
+from workers.simulation.harvest import JitteredDetector, harvest_crops
+from workers.simulation.simulate import (
     LineSpec,
     belt_texture,
     camera_videos,
@@ -210,7 +210,7 @@ def test_yolo_bootstrap_trains_on_auto_labels_and_then_predicts(line, tmp_path):
 
 
 def test_a_torchscript_matting_model_replaces_the_per_frame_mask(line, tmp_path):
-    from workers.matte import DeepMatter
+    from workers.frontend.matte import DeepMatter
 
     path = difference_matting_model(tmp_path / "matte.pt")
     _, out, manifest = line

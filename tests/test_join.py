@@ -4,7 +4,7 @@ cameras whose product numbers fall out of step re-synchronised by capture time."
 import pytest
 
 from schemas import ViewScore
-from workers.join import VerdictJoin
+from workers.line.join import VerdictJoin
 
 CAMS = ["cam0", "cam1", "cam2", "cam3"]
 

@@ -13,15 +13,15 @@ import redis
 import torch
 from typer.testing import CliRunner
 
-from cluster.actors import TrainerActor
-from cluster.cli import app
-from cluster.config import ReplicaConfig, RetrainConfig
+from cluster.apps.cli import app
 from cluster.demo import line_config
-from cluster.graph import LineResources, drain_and_stop, start_line
-from cluster.qa import record_label
-from cluster.redis_conn import EmbeddedRedis
-from cluster.registry import Registry, RegistryError
-from cluster.streams import Streams
+from cluster.runtime.actors import TrainerActor
+from cluster.runtime.graph import LineResources, drain_and_stop, start_line
+from cluster.runtime.registry import Registry, RegistryError
+from cluster.runtime.settings import ReplicaConfig, RetrainConfig
+from cluster.transport.connection import EmbeddedRedis
+from cluster.transport.qa import record_label
+from cluster.transport.streams import Streams
 from schemas import Label, RetrainOutcome, RetrainRequest, Verdict, ViewScore
 from tests.synthetic import LINE_FRAME as FRAME
 from tests.synthetic import make_dataset, textured_tile, train_line_models
@@ -39,8 +39,8 @@ from workers.differnet.recipes import train_from_folder
 from workers.differnet.store import FEATURE_CACHE, load_model
 from workers.differnet.training import TrainingOptions
 from workers.images import encode_png
-from workers.samples import SampleStore
-from workers.simulate import LineSpec, render_line
+from workers.qa.samples import SampleStore
+from workers.simulation.simulate import LineSpec, render_line
 
 SMALL = LineResources(
     ingest_cpus=0.1, detect_cpus=0.1, score_cpus=0.1, aggregate_cpus=0.1, train_cpus=0.1
@@ -309,7 +309,7 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
 
 
 def test_shadow_comparison_reports_agreement_and_labelled_quality():
-    from workers.shadow import compare_scores
+    from workers.line.shadow import compare_scores
 
     def score(seq, camera, value, version):
         return ViewScore(

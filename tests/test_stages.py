@@ -10,12 +10,12 @@ import pytest
 
 from schemas import CameraFrame
 from tests.synthetic import one_camera_video
-from workers import sources
 from workers.contract import CropSpec
+from workers.frontend import sources
+from workers.frontend.sources import is_live, open_source
+from workers.frontend.stages import CameraIngest, DetectMatte, NoProductFound
 from workers.images import ImageError, decode_with_alpha
-from workers.simulate import LineSpec, belt_texture, render_camera
-from workers.sources import is_live, open_source
-from workers.stages import CameraIngest, DetectMatte, NoProductFound
+from workers.simulation.simulate import LineSpec, belt_texture, render_camera
 
 
 def _gated_frame(spec) -> CameraFrame:
@@ -77,7 +77,7 @@ def test_ingest_from_a_folder_skips_corrupt_frames_and_fires_once_per_product(tm
     spec = LineSpec(products=2, cameras=1, width=240, height=160, seed=2)
     from tests.synthetic import make_dataset
     from workers.datasets import list_train_samples
-    from workers.simulate import plan_line
+    from workers.simulation.simulate import plan_line
 
     data = make_dataset(tmp_path / "tiles", n_train=4, n_good=1, n_defect=1)
     plans = plan_line(list_train_samples(data), [], LineSpec(**{**spec.__dict__, "defect_rate": 0}))
@@ -95,7 +95,7 @@ def test_ingest_from_a_folder_skips_corrupt_frames_and_fires_once_per_product(tm
 
 @pytest.mark.parametrize("codec", ["mjpeg", "mp4v"])
 def test_a_frame_stride_yields_every_nth_frame_of_a_video_as_decoded_in_full(tmp_path, codec):
-    from workers.detect import read_frames
+    from workers.frontend.detect import read_frames
 
     video = one_camera_video(tmp_path, 2, codec)
     every = dict(read_frames(video))  # FFmpeg decodes every frame
@@ -126,7 +126,7 @@ def test_mjpeg_frames_decode_scaled_down_for_the_gate_and_keep_their_full_jpeg(t
 
 
 def test_the_packet_decoder_follows_a_change_of_resolution():
-    from workers.sources import _PacketDecoder
+    from workers.frontend.sources import _PacketDecoder
 
     decoder = _PacketDecoder(max_width=50)
     for shape, expected in [((80, 120), (20, 30)), ((80, 120), (20, 30)), ((200, 400), (25, 50))]:
@@ -148,7 +148,7 @@ def test_a_frame_stride_skips_image_files_without_reading_them(tmp_path):
 def test_a_gated_jpeg_frame_is_sent_on_as_the_camera_encoded_it(tmp_path):
     from tests.synthetic import make_dataset
     from workers.datasets import list_train_samples
-    from workers.simulate import plan_line
+    from workers.simulation.simulate import plan_line
 
     spec = LineSpec(products=2, cameras=1, defect_rate=0, width=240, height=160, seed=2)
     data = make_dataset(tmp_path / "tiles", n_train=4, n_good=1, n_defect=1)

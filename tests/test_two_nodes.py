@@ -5,11 +5,11 @@ import ray
 import redis
 from ray.cluster_utils import Cluster
 
-from cluster.config import ReplicaConfig
 from cluster.demo import line_config
-from cluster.graph import drain_and_stop, start_line
-from cluster.redis_conn import EmbeddedRedis
-from cluster.streams import Streams
+from cluster.runtime.graph import drain_and_stop, start_line
+from cluster.runtime.settings import ReplicaConfig
+from cluster.transport.connection import EmbeddedRedis
+from cluster.transport.streams import Streams
 from schemas import Verdict
 from tests.test_cluster import SMALL, line_model, simulate  # noqa: F401  (fixture)
 
@@ -45,7 +45,7 @@ def test_an_actor_runs_its_models_on_the_gpu_ray_gave_it_else_on_the_cpu(two_nod
     def where() -> tuple[str, str | None]:
         import os
 
-        from cluster.actors import granted_device
+        from cluster.runtime.actors import granted_device
 
         return granted_device(), os.environ.get("CUDA_VISIBLE_DEVICES")
 

@@ -1,0 +1,1 @@
+"""Per-item logic of every stage, plain Python: no Ray, no Redis (``cluster/`` moves messages)."""

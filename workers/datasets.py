@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import IMAGE_SUFFIXES
+from workers.images import IMAGE_SUFFIXES
 
 
 class DatasetError(ValueError):

@@ -8,7 +8,7 @@ import torch
 def choose_device(requested: str | torch.device | None = None) -> torch.device:
     """``requested`` ("cpu", "cuda", "cuda:1"), or CUDA when this process sees a GPU.
 
-    Ray actors ask for the device Ray granted them (``cluster.actors.granted_device``): Ray
+    Ray actors ask for the device Ray granted them (``cluster.runtime.actors.granted_device``): Ray
     leaves an actor given no GPU seeing every GPU of its node.
     """
     if requested in (None, "auto"):

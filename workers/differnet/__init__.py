@@ -1,0 +1,1 @@
+"""DifferNet, the scorer: embedder, flow, patch memory, training, model files."""

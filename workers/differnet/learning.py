@@ -17,15 +17,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..contract import InputContract
-from ..datasets import Sample, list_train_samples
-from ..devices import choose_device
-from ..samples import SampleError, SampleStore
-from ..threshold import auroc, target_tpr_threshold
-from .model import DifferNet
-from .recipes import OnSkip, _ignore, load_samples
-from .store import ModelBundle, load_feature_cache, load_model, save_feature_cache, save_model
-from .training import (
+from workers.contract import InputContract
+from workers.datasets import Sample, list_train_samples
+from workers.devices import choose_device
+from workers.differnet.model import DifferNet
+from workers.differnet.recipes import OnSkip, _ignore, load_samples
+from workers.differnet.store import (
+    ModelBundle,
+    load_feature_cache,
+    load_model,
+    save_feature_cache,
+    save_model,
+)
+from workers.differnet.training import (
     Progress,
     TrainingOptions,
     _no_progress,
@@ -33,6 +37,8 @@ from .training import (
     memory_pool,
     train_flow,
 )
+from workers.qa.samples import SampleError, SampleStore
+from workers.threshold import auroc, target_tpr_threshold
 
 # A candidate may lose this much validation AUROC to the parent (noise on small validation sets).
 AUROC_TOLERANCE = 0.01
@@ -63,7 +69,6 @@ class Judgement:
 class RetrainResult:
     metadata: dict
     judgement: Judgement
-    n_new_good: int
     retrain_seconds: float
     history: list[dict] = field(default_factory=list)
 
@@ -279,9 +284,7 @@ def retrain(
         },
     )
     save_feature_cache(out, cache)
-    return RetrainResult(
-        metadata, judgement, len(loaded.rgb), time.perf_counter() - t0, report.history
-    )
+    return RetrainResult(metadata, judgement, time.perf_counter() - t0, report.history)
 
 
 def _backbone_weights(bundle: ModelBundle) -> Path | None:

@@ -27,10 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from .backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, Backbone, BackboneName, build_backbone
-from .flow import build_flow, negative_log_likelihood
-from .neighbours import MemoryImage, PatchMemory, memory_image
-from .views import D4, Letterbox, apply_d4, crop_to_source, letterbox, undo_d4
+from workers.differnet.backbone import (
+    DEFAULT_MEMORY_TAPS,
+    DEFAULT_TAPS,
+    Backbone,
+    BackboneName,
+    build_backbone,
+)
+from workers.differnet.flow import build_flow, negative_log_likelihood
+from workers.differnet.neighbours import MemoryImage, PatchMemory, memory_image
+from workers.differnet.views import D4, Letterbox, apply_d4, crop_to_source, letterbox, undo_d4
 
 EMBED_CHUNK = 8  # images per backbone pass when scoring
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Backbone
-from .views import apply_d4
+from workers.differnet.backbone import Backbone
+from workers.differnet.views import apply_d4
 
 MIN_SIDE = 32  # the backbone needs a few cells of stride 8
 PCA_SAMPLE = 65536  # positions the subspace is fitted on

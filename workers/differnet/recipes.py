@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..contract import CropSpec
-from ..datasets import Sample, fingerprint, list_test_samples, list_train_samples
-from ..devices import choose_device
-from ..images import ImageError, load_with_alpha
-from ..threshold import auroc, target_tpr_threshold
-from .model import DifferNet, DifferNetConfig, PreparedImage, ScoredImage
-from .store import ModelBundle, save_feature_cache, save_model
-from .training import (
+from workers.contract import CropSpec
+from workers.datasets import Sample, fingerprint, list_test_samples, list_train_samples
+from workers.devices import choose_device
+from workers.differnet.model import DifferNet, DifferNetConfig, PreparedImage, ScoredImage
+from workers.differnet.store import ModelBundle, save_feature_cache, save_model
+from workers.differnet.training import (
     Progress,
     TrainingOptions,
     _no_progress,
@@ -25,6 +23,8 @@ from .training import (
     embed_training_set,
     train_flow,
 )
+from workers.images import ImageError, load_with_alpha
+from workers.threshold import auroc, target_tpr_threshold
 
 # on_skip(path, reason): one unreadable file is reported and skipped, never fatal.
 OnSkip = Callable[[Path, str], None]
@@ -149,7 +149,7 @@ def train_from_folder(
     if config.head == "differnet":
         save_feature_cache(out, cache)
     if val_images:
-        from .reports import roc_plot
+        from workers.differnet.reports import roc_plot
 
         roc_plot(scores, val_labels, Path(out) / "roc.png", chosen.value, "validation")
     return metadata
@@ -157,7 +157,7 @@ def train_from_folder(
 
 def defect_map_overlay(bundle: ModelBundle, image_path: Path) -> bytes:
     """PNG of the image beside its defect map (heat overlay); the alpha of a matted crop counts."""
-    from .reports import overlay_png
+    from workers.differnet.reports import overlay_png
 
     rgb, alpha = load_with_alpha(image_path)
     result = bundle.model.defect_maps([bundle.model.prepare(rgb, alpha)])[0]
@@ -190,7 +190,7 @@ def evaluate_folder(
     Pixel AUROC needs a defect map per image (a backward pass each): ``pixel_metrics=False``
     skips it.
     """
-    from .reports import overlay_png, pixel_auroc, roc_plot
+    from workers.differnet.reports import overlay_png, pixel_auroc, roc_plot
 
     samples = list_test_samples(data_dir) if samples is None else samples
     if not samples:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from ..images import encode_png, load_image  # noqa: E402
+from workers.images import encode_png, load_image  # noqa: E402
 
 
 def roc_plot(scores, labels, path: Path, threshold: float, title: str) -> None:

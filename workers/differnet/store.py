@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from ..contract import CropSpec, InputContract
-from ..devices import choose_device
-from .model import DifferNet, DifferNetConfig
+from workers.contract import CropSpec, InputContract
+from workers.devices import choose_device
+from workers.differnet.model import DifferNet, DifferNetConfig
 
 # 2: patch memory and score calibration in the weights; 3: the memory compares products at one
 # size (memory_side), not at their own

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..threshold import auroc
-from .model import DifferNet, PreparedImage
-from .views import apply_d4, color_jitter
+from workers.differnet.model import DifferNet, PreparedImage
+from workers.differnet.views import apply_d4, color_jitter
+from workers.threshold import auroc
 
 # progress(task, done, total): lets the CLI draw bars without this module knowing about Rich.
 Progress = Callable[[str, int, int], None]
@@ -50,11 +50,9 @@ class TrainingOptions:
 
 @dataclass
 class TrainingReport:
-    epochs_run: int
     best_epoch: int
     train_seconds: float
     embed_seconds: float
-    final_loss: float
     history: list[dict] = field(default_factory=list)
 
 
@@ -199,11 +197,9 @@ def train_flow(
         best_epoch = best[1]
     model.eval()
     return TrainingReport(
-        epochs_run=options.epochs,
         best_epoch=best_epoch,
         train_seconds=time.perf_counter() - t0,
         embed_seconds=embed_seconds,
-        final_loss=loss_value,
         history=history,
     )
 

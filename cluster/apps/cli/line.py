@@ -1,0 +1,238 @@
+"""Running lines: `defectflow run` and `defectflow demo`, one start for both."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from cluster.apps.cli.common import (
+    RAY_ADDRESS,
+    REDIS_URL,
+    app,
+    console,
+    fail,
+    load_cli_settings,
+    progress_bars,
+)
+
+
+@contextmanager
+def started_lines(settings, *, replay: bool, activate: bool = False):
+    """The lines of ``settings`` running (see ``cluster.runtime.launcher``); every way a start
+    fails is one clear line and exit 1. Ctrl-C and SIGTERM then drain, as in ``finish_lines``."""
+    import signal
+
+    from cluster.runtime.launcher import LaunchError, Lines
+    from cluster.transport.connection import RedisUnavailable
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+    try:
+        with Lines(settings, on_warning=warn) as lines:
+            lines.start(replay=replay, activate=activate)
+            for running in lines.running:
+                line = running.config
+                version = _active_model(lines.redis(line.id), line.id)
+                console.print(
+                    f"line [bold]{line.id}[/]: {len(line.cameras)} cameras, model {version}, "
+                    f"Redis {lines.redis.access(line.id).url}"
+                )
+            # SIGTERM (Kubernetes, systemd, `ray up` restarts) stops the lines as Ctrl-C does.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            yield lines
+    except (LaunchError, RedisUnavailable) as exc:
+        raise fail(str(exc)) from None
+
+
+def _active_model(client, line_id: str) -> str:
+    from cluster.runtime.registry import Registry
+
+    active = Registry(client, line_id).active()
+    return f"{active.id} ({active.path})" if active else "-"
+
+
+def finish_lines(lines, while_waiting=None) -> dict:
+    """Drain the started lines; Ctrl-C stops them sooner, draining only what is in flight."""
+    try:
+        return lines.drain(while_waiting=while_waiting)
+    except KeyboardInterrupt:
+        console.print("stopping: draining in-flight work (Ctrl-C again to abort)")
+        return lines.drain(timeout_s=0)
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", help="YAML line file"),
+    ray_address: str | None = RAY_ADDRESS,
+    redis_url: str | None = REDIS_URL,
+    replay: bool = typer.Option(False, help="clear the lines' streams first (replayed videos)"),
+):
+    """Start the actors of every line in CONFIG; Ctrl-C drains in-flight work and exits."""
+    settings = load_cli_settings(config, redis_url=redis_url, ray_address=ray_address)
+    if not settings.lines:
+        raise fail(f"{config}: no lines configured")
+    with started_lines(settings, replay=replay) as lines:
+        stats = finish_lines(lines)
+    typer.echo(json.dumps(stats))
+
+
+@app.command()
+def demo(
+    data: Path = typer.Option(Path("../shared/data/mtd"), help="product images, MVTec AD layout"),
+    products: int = typer.Option(24, min=1, help="products on the simulated test line"),
+    out: Path = typer.Option(Path("demo-out"), help="model, videos, verdicts and summary go here"),
+    epochs: int = typer.Option(30, min=1),
+    train_products: int | None = typer.Option(
+        None, min=4, help="good products the line learns from [default: every training image twice]"
+    ),
+    retrain: bool = typer.Option(False, help="train again even if OUT/model exists"),
+    seed: int = typer.Option(0),
+    redis_url: str | None = REDIS_URL,
+    ray_address: str | None = RAY_ADDRESS,
+    dashboard_port: int | None = typer.Option(
+        None, help="also serve the QA dashboard on this port, until Ctrl-C after the run"
+    ),
+):
+    """The main job on the embedded defaults: train, simulate a 4-camera line, inspect it live
+    (as `defectflow run` does: the same settings, the same start)."""
+    from rich.live import Live
+    from rich.table import Table
+
+    from cluster import demo as line_demo
+    from cluster.transport.streams import Streams
+    from workers.datasets import DatasetError
+    from workers.differnet.store import load_model
+    from workers.qa.samples import SampleStore
+
+    if not (data / "train" / "good").is_dir():
+        raise fail(f"{data}: no data in MVTec AD layout (train/good); pass --data DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "model"
+    bundle = None if retrain else line_demo.reusable_line_model(model_dir)
+    if bundle is not None:
+        console.print(f"reusing model {bundle.version} from {model_dir} (--retrain to train again)")
+    elif not retrain and (model_dir / "model.json").exists():
+        # Unreadable, or learned from crops cut another way.
+        console.print(f"{model_dir} is not a usable model of this line: training again")
+    try:
+        if bundle is None:
+            console.print(
+                "[bold]1/3 learning the line:[/] "
+                + (f"{train_products} good products" if train_products else "every image twice")
+                + f" through the front end, DifferNet on their crops ({epochs} epochs)"
+            )
+            with progress_bars() as progress:
+                line_demo.train_line_model(
+                    data,
+                    out,
+                    train_products=train_products,
+                    epochs=epochs,
+                    seed=seed,
+                    progress=progress,
+                )
+            bundle = load_model(model_dir)
+        console.print(f"[bold]2/3 simulating[/] a 4-camera test line of {products} products")
+        manifest = line_demo.simulate_test_line(data, out, products, seed)
+    except (DatasetError, ValueError) as exc:
+        raise fail(str(exc)) from None
+
+    settings = load_cli_settings(None, redis_url=redis_url, ray_address=ray_address).model_copy(
+        update=line_demo.demo_settings(out, model_dir, manifest["cameras"], manifest["spec"]["fps"])
+    )
+    line = settings.lines[0]
+    console.print(f"[bold]3/3 inspecting:[/] Ray actors over Redis streams, model {bundle.version}")
+    recent: deque = deque(maxlen=16)
+    verdicts = []
+    truth = {p["seq"]: p["defective"] for p in manifest["products"]}
+
+    def add(verdict) -> None:
+        verdicts.append(verdict)
+        colour = {"defect": "red", "good": "green"}.get(verdict.decision, "yellow")
+        ok = (verdict.decision != "good") == truth.get(verdict.product_seq)
+        recent.append(
+            (
+                verdict.product_id,
+                f"[{colour}]{verdict.decision}[/]" + ("" if ok else " [yellow](wrong)[/]"),
+                verdict.status,
+                " ".join(f"{r.score:.2f}" for r in sorted(verdict.views, key=lambda r: r.camera)),
+                f"{verdict.latency_ms['frame_to_verdict'] / 1e3:.2f}",
+            )
+        )
+
+    def render() -> Table:
+        table = Table(
+            "product",
+            "verdict",
+            "status",
+            "view scores",
+            "latency s",
+            title=f"verdicts:{line.id}  ({len(verdicts)}/{products})",
+        )
+        for row in recent:
+            table.add_row(*row)
+        return table
+
+    streams = Streams(line.id)
+    # Replayed: the demo's recordings number their products from 0 again; its model is active.
+    with started_lines(settings, replay=True, activate=True) as lines:
+        client = lines.redis(line.id)
+        samples = SampleStore(settings.sample_dir)
+        web = _serve_dashboard(client, samples, model_dir, line.id, dashboard_port)
+        elapsed = line_demo.timer()
+        last = "0"
+        with Live(render(), console=console, refresh_per_second=4) as live:
+
+            def show_verdicts() -> None:
+                nonlocal last
+                last = line_demo.watch_verdicts(client, streams.verdicts, last, add)
+                live.update(render())
+
+            stats = finish_lines(lines, while_waiting=show_verdicts)
+            show_verdicts()
+        seconds = elapsed()
+        summary = line_demo.summarize(
+            manifest, verdicts, seconds, client.xlen(streams.dead_letters)
+        )
+        line_demo.write_outputs(out, out / "line-test", manifest, verdicts, manifest["spec"]["fps"])
+        (out / "summary.json").write_text(
+            json.dumps(summary.to_dict() | {"actors": stats}, indent=2) + "\n"
+        )
+        console.print(f"annotated videos, verdicts.jsonl and summary.json in {out}")
+        typer.echo(json.dumps(summary.to_dict()))
+        if web is not None:
+            console.print(f"dashboard still on http://127.0.0.1:{dashboard_port}/ (Ctrl-C to stop)")
+            try:
+                while web.is_alive():
+                    web.join(0.5)
+            except KeyboardInterrupt:
+                pass
+
+
+def _serve_dashboard(client, samples, model_dir: Path, line_id: str, port: int | None):
+    """The QA dashboard in a background thread of this process (None without a port)."""
+    if port is None:
+        return None
+    import os
+    import threading
+
+    import uvicorn
+
+    from cluster.apps.dashboard.app import create_app
+    from workers.differnet.store import load_model
+
+    token = os.environ.get("DEFECTFLOW_DASHBOARD_TOKEN") or secrets.token_urlsafe(18)
+    bundle = load_model(model_dir)
+    web = create_app(lambda line: client, samples, token, lambda line: bundle, [line_id])
+    server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
+    thread.start()
+    console.print(f"QA dashboard on http://127.0.0.1:{port}/  labelling token: {token}")
+    return thread

@@ -1,0 +1,200 @@
+"""Scorer commands: `defectflow train`, `eval`, `score`, `schemas`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from cluster.apps.cli.common import (
+    DEVICE,
+    app,
+    console,
+    fail,
+    progress_bars,
+    warn_skip,
+)
+from schemas import STREAM_MESSAGES
+
+
+@app.command()
+def schemas(out: Path = typer.Option(..., "--out", help="folder for the JSON Schema files")):
+    """Write the JSON Schema of every stream message, for consumers in other languages."""
+    out.mkdir(parents=True, exist_ok=True)
+    for message_type in STREAM_MESSAGES:
+        path = out / f"{message_type.kind}.v{message_type.schema_version}.schema.json"
+        path.write_text(json.dumps(message_type.entry_json_schema(), indent=2) + "\n")
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def train(
+    data_dir: Path = typer.Argument(..., help="folder in MVTec AD layout (train/good/*)"),
+    out: Path = typer.Option(..., "--out", help="model folder to write"),
+    backbone: str = typer.Option("efficientnet-lite0", help="efficientnet-lite0 | alexnet"),
+    backbone_weights: Path | None = typer.Option(
+        None, help="local weights file (alexnet needs one)"
+    ),
+    head: str = typer.Option(
+        "differnet", help="differnet (pooled, the paper's) | local (per position)"
+    ),
+    image_size: int = typer.Option(320, help="side of the square input (multiple of 32)"),
+    epochs: int = typer.Option(40, min=1),
+    shots: int | None = typer.Option(None, min=1, help="train on K random good images only"),
+    tta: int = typer.Option(1, min=1, max=8, help="test-time transforms"),
+    jitter: float = typer.Option(
+        0.0, min=0.0, max=0.99, help="colour jitter strength (ZeroBox: 0.5)"
+    ),
+    memory_size: int = typer.Option(
+        262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
+    ),
+    target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
+    seed: int = typer.Option(0),
+    device: str = DEVICE,
+    box_source: str = typer.Option(
+        "contour", help="input contract: the crops' boxes came from contour | yolo"
+    ),
+    box_margin: float = typer.Option(0.05, help="input contract: box grown by this per side"),
+    mask_shape: str = typer.Option("silhouette", help="input contract: silhouette | hull | box"),
+    mask_shrink: float = typer.Option(0.1, help="input contract: mask shrunk by this per side"),
+    view_max_side: int = typer.Option(320, help="input contract: longer side of a view, at most"),
+):
+    """Train a DifferNet model on good images; validate on DATA_DIR/test when present.
+
+    The crops' settings are the model's input contract: a line that runs it cuts its crops so."""
+    from pydantic import ValidationError
+
+    from workers.contract import CropSpec
+    from workers.datasets import DatasetError
+    from workers.differnet.backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, BackboneError
+    from workers.differnet.model import DifferNetConfig
+    from workers.differnet.recipes import train_from_folder
+    from workers.differnet.training import TrainingOptions
+
+    try:
+        config = DifferNetConfig(
+            backbone=backbone,
+            taps=DEFAULT_TAPS.get(backbone, ()),
+            memory_taps=DEFAULT_MEMORY_TAPS.get(backbone, ()),
+            memory_size=memory_size,
+            head=head,
+            image_size=image_size,
+            tta=tta,
+            jitter=jitter,
+        )
+        crops = CropSpec(
+            box_source=box_source,
+            box_margin=box_margin,
+            mask_shape=mask_shape,
+            mask_shrink=mask_shrink,
+            view_max_side=view_max_side,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise fail(
+            f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
+        ) from None
+    try:
+        with progress_bars() as progress:
+            meta = train_from_folder(
+                data_dir,
+                out,
+                config,
+                TrainingOptions(epochs=epochs, seed=seed, device=device),
+                crops=crops,
+                backbone_weights=backbone_weights,
+                shots=shots,
+                target_tpr=target_tpr,
+                progress=progress,
+                on_skip=warn_skip,
+            )
+    except (DatasetError, BackboneError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    summary = {
+        "model_dir": str(out),
+        "version": meta["sha256"][:16],
+        "threshold": meta["threshold"],
+        **meta["metrics"],
+        "train_seconds": meta["training"]["train_seconds"],
+    }
+    typer.echo(json.dumps(summary))
+
+
+@app.command("eval")
+def evaluate(
+    model_dir: Path = typer.Argument(...),
+    data_dir: Path = typer.Argument(..., help="reads DATA_DIR/test (and ground_truth) only"),
+    json_out: Path = typer.Option(..., "--json", help="metrics file to write"),
+    target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
+    worst: int = typer.Option(8, min=0, help="defect-map overlays of the worst-scored images"),
+    device: str = DEVICE,
+):
+    """Evaluate a model on DATA_DIR/test: AUROC, per-defect AUROC, threshold, speed."""
+    from workers.differnet.recipes import evaluate_folder
+    from workers.differnet.store import ModelError, load_model
+
+    try:
+        bundle = load_model(model_dir, device)
+        with progress_bars() as progress:
+            report = evaluate_folder(
+                bundle,
+                data_dir,
+                target_tpr=target_tpr,
+                out_dir=json_out.parent / f"{json_out.stem}-plots",
+                worst=worst,
+                progress=progress,
+                on_skip=warn_skip,
+            )
+    except (ModelError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(json.dumps(report))
+
+
+@app.command()
+def score(
+    model_dir: Path = typer.Argument(...),
+    images: list[Path] = typer.Argument(..., help="image files"),
+    maps: Path | None = typer.Option(None, "--maps", help="write defect-map overlays here"),
+    device: str = DEVICE,
+):
+    """Score images: one JSON line each (path, score, threshold, is_defect)."""
+    from workers.differnet.reports import overlay_png
+    from workers.differnet.store import load_model
+    from workers.images import ImageError, load_with_alpha
+
+    try:
+        bundle = load_model(model_dir, device)
+    except ValueError as exc:  # a ModelError too
+        raise fail(str(exc)) from None
+    if maps is not None:
+        maps.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for index, path in enumerate(images):
+        try:
+            rgb, alpha = load_with_alpha(path)
+        except ImageError as exc:
+            warn_skip(path, str(exc))
+            failed += 1
+            continue
+        prepared = bundle.model.prepare(rgb, alpha)
+        line = {"path": str(path)}
+        if maps is not None:
+            result = bundle.model.defect_maps([prepared])[0]
+            # Numbered: images of the same name from different folders must not collide.
+            map_path = maps / f"{index:05d}_{path.stem}_map.png"
+            map_path.write_bytes(overlay_png(rgb, result.defect_map))
+            line["map"] = str(map_path)
+        else:
+            result = bundle.model.score_batch([prepared])[0]
+        line |= {
+            "score": result.score,
+            "threshold": bundle.threshold,
+            "is_defect": result.score >= bundle.threshold,
+            "model_version": bundle.version,
+        }
+        typer.echo(json.dumps(line))
+    if failed:
+        raise fail(f"{failed} of {len(images)} images could not be read", code=2)

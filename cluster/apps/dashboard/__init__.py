@@ -1,0 +1,1 @@
+"""The QA dashboard (FastAPI) and its pages."""

@@ -1,0 +1,322 @@
+"""Configuration: a YAML file describing the lines, overridable by ``DEFECTFLOW_*`` variables.
+
+Precedence, highest first: environment (``DEFECTFLOW_REDIS_URL``, ``DEFECTFLOW_RAY_ADDRESS``, ...;
+nested fields with ``__``), then the YAML file, then the defaults below. Ops can thus point a
+checked-in line file at another Redis without editing it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cluster.transport.connection import RedisAccess, line_password_env, split_credentials
+from workers.contract import BoxSource, CropSpec, InputContract, MaskShape, resolve_crops
+from workers.frontend.sources import is_live
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CameraConfig(_Strict):
+    id: Name
+    source: str = Field(
+        min_length=1,
+        description="video file, folder of frames, or live stream URL (rtsp://, http://); "
+        "`defectflow simulate` records a simulated line's videos",
+    )
+    fps: float | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description="replay a recording (file or folder) at this rate, as its camera filmed it; "
+        "a live stream comes at its own",
+    )
+    frame_stride: int = Field(
+        default=1,
+        ge=1,
+        le=30,
+        description="the motion gate sees every n-th frame, the rest are skipped (undecoded for "
+        "MJPEG and folders): for a camera faster than the products need",
+    )
+    matting_model: Path | None = Field(
+        default=None, description="TorchScript background-matting model (BGMv2-style); optional"
+    )
+    background: Path | None = Field(
+        default=None, description="image of the empty belt; default: learned from the video"
+    )
+
+    @model_validator(mode="after")
+    def _fps_paces_recordings_only(self) -> CameraConfig:
+        if self.fps is not None and is_live(self.source):
+            raise ValueError(
+                f"fps paces the replay of a recording; {self.source} is a live stream, which "
+                "comes at its own rate: leave fps out"
+            )
+        return self
+
+
+class ReplicaConfig(_Strict):
+    detect: int = Field(default=1, ge=1, le=256)
+    score: int = Field(default=1, ge=1, le=256)
+
+
+class RetrainConfig(_Strict):
+    """When and how a line's trainer learns from QA's labels."""
+
+    enabled: bool = True
+    after_good_views: int = Field(default=100, ge=1, description="new good views that trigger it")
+    mode: Literal["finetune", "scratch"] = "finetune"
+    epochs: int | None = Field(default=None, ge=1, le=1000, description="default 10 / 40 by mode")
+    holdout: float = Field(
+        default=0.2, ge=0.05, le=0.5, description="labelled good products kept for validation"
+    )
+    auto_promote: bool = Field(default=True, description="activate a candidate that passes")
+
+
+class ResourceConfig(_Strict):
+    """Ray resources per actor of the line. Unset GPU shares follow the cluster: where it has
+    GPUs, a scorer takes half of one, a YOLO detect+matte a quarter, a camera with a matting
+    network a quarter, the trainer a whole one, all shrunk alike where the lines would not fit."""
+
+    ingest_cpus: float | None = Field(default=None, gt=0, le=64)
+    ingest_gpus: float | None = Field(default=None, ge=0, le=8)
+    detect_cpus: float | None = Field(default=None, gt=0, le=64)
+    detect_gpus: float | None = Field(default=None, ge=0, le=8)
+    score_cpus: float | None = Field(default=None, gt=0, le=64)
+    score_gpus: float | None = Field(default=None, ge=0, le=8)
+    train_gpus: float | None = Field(default=None, ge=0, le=8)
+
+    @field_validator("ingest_gpus", "detect_gpus", "score_gpus", "train_gpus")
+    @classmethod
+    def _whole_above_one(cls, v: float | None) -> float | None:
+        # Ray gives an actor part of one GPU or whole GPUs: it refuses 1.5 only when the actor
+        # is started; the config says so at once.
+        if v is not None and v > 1 and not float(v).is_integer():
+            raise ValueError(f"a GPU share above 1 must be a whole number of GPUs, got {v}")
+        return v
+
+
+class LineConfig(_Strict):
+    id: Name
+    cameras: list[CameraConfig] = Field(min_length=1)
+    replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    model_dir: Path | None = Field(default=None, description="defaults to <model_dir>/<line id>")
+    target_tpr: float = Field(default=0.85, gt=0.0, le=1.0)
+    threshold: float | None = Field(default=None, description="overrides the model's threshold")
+    view_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    max_camera_spread_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=60,
+        description="a view captured further than this from its product's other views belongs "
+        "to another product: its camera is re-synchronised by capture time, or the view left "
+        "out and named; set it under half the time between two products, for live cameras or "
+        "paced replays",
+    )
+    max_view_backlog: int = Field(
+        default=2000,
+        ge=1,
+        description="views waiting for scorers beyond which they are shed (counted, in verdicts)",
+    )
+    keep_processed_images_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="frames and views stay in Redis this long once processed (QA's copies are "
+        "in the sample store)",
+    )
+    # How the front end cuts crops: by default as the line's model learned them (its input
+    # contract, workers/contract.py); a value set here must agree with the model's.
+    box_margin: float | None = Field(
+        default=None, ge=0.0, le=0.5, description="crop: the box grows by this share per side"
+    )
+    mask_shrink: float | None = Field(
+        default=None, ge=0.0, lt=0.5, description="matting: the mask is cut by this share per side"
+    )
+    mask_shape: MaskShape | None = Field(
+        default=None,
+        description="matting: the product's mask is its silhouette, the silhouette's convex hull "
+        "(convex products) or the whole detected box (rectangular products)",
+    )
+    view_max_side: int | None = Field(
+        default=None,
+        ge=32,
+        le=4096,
+        description="views are scaled down to this many pixels on their longer side",
+    )
+    yolo_weights: Path | None = Field(
+        default=None, description="Ultralytics weights; default: the contour detector"
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="this line's own Redis (redis://, rediss://, unix://) [default: the top "
+        "level's]",
+    )
+    redis_username: str | None = Field(default=None, description="ACL user on the line's Redis")
+    redis_password_file: Path | None = Field(
+        default=None, description="file holding the password of the line's Redis"
+    )
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    resources: ResourceConfig = Field(default_factory=ResourceConfig)
+
+    @model_validator(mode="after")
+    def _unique_cameras(self):
+        ids = [c.id for c in self.cameras]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"camera ids must be unique, got {ids}")
+        return self
+
+    @property
+    def box_source(self) -> BoxSource:
+        return "yolo" if self.yolo_weights else "contour"
+
+    def following(self, contract: InputContract | None, model: str) -> LineConfig:
+        """This line with its crop settings resolved against its model's input contract: the
+        ones left out taken from the model, the ones set checked against it (a
+        ``ContractConflict`` names each that differs)."""
+        asked = {
+            name: getattr(self, name) for name in CropSpec.model_fields if name != "box_source"
+        }
+        crops = resolve_crops(asked | {"box_source": self.box_source}, contract, model)
+        return self.model_copy(
+            update={k: v for k, v in crops.model_dump().items() if k != "box_source"}
+        )
+
+    @property
+    def crops(self) -> CropSpec:
+        """How this line cuts its crops (its settings resolved by :meth:`following`)."""
+        values = {
+            name: getattr(self, name) for name in CropSpec.model_fields if name != "box_source"
+        }
+        if None in values.values():
+            raise RuntimeError(f"line {self.id}: crop settings not resolved against a model")
+        return CropSpec(box_source=self.box_source, **values)
+
+
+class SampleConfig(_Strict):
+    """Where the views and verdicts of inspected products are kept for QA, and for how long."""
+
+    dir: Path | None = Field(default=None, description="default: <data_dir>/samples")
+    max_products: int | None = Field(default=100_000, ge=1, description="per line")
+    max_age_h: float | None = Field(default=24 * 14, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DEFECTFLOW_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    redis_url: str | None = Field(
+        default=None, description="redis://, rediss:// or unix:// URL; none starts an embedded one"
+    )
+    redis_username: str | None = Field(default=None, description="ACL user (Redis 6+)")
+    redis_password: SecretStr | None = Field(
+        default=None, description="better given as DEFECTFLOW_REDIS_PASSWORD or a password file"
+    )
+    redis_password_file: Path | None = Field(
+        default=None, description="file holding the password (a container secret)"
+    )
+    redis_tls_ca_file: Path | None = Field(default=None, description="rediss://: CA bundle")
+    redis_tls_cert_file: Path | None = Field(default=None, description="rediss://: client cert")
+    redis_tls_key_file: Path | None = Field(default=None, description="rediss://: client key")
+    ray_address: str | None = Field(default=None, description="none starts a local Ray")
+    data_dir: Path = Path(".defectflow")
+    model_dir: Path = Path(".defectflow/models")
+    stream_maxlen: int = Field(default=100_000, ge=100)
+    samples: SampleConfig = Field(default_factory=SampleConfig)
+    lines: list[LineConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_lines(self):
+        ids = [line.id for line in self.lines]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"line ids must be unique, got {ids}")
+        return self
+
+    @property
+    def sample_dir(self) -> Path:
+        return self.samples.dir or self.data_dir / "samples"
+
+    def redis_access(self, line: LineConfig | None = None) -> RedisAccess | None:
+        """How to reach the Redis of ``line`` (its own, else the top level's), None for the
+        embedded one. A password written inline (in the URL or as ``redis_password``) is moved
+        into this process's environment, where the access reads it, and where the actors of a
+        local Ray started afterwards find it: it never travels as an actor's argument."""
+        own = line is not None and line.redis_url is not None
+        url = line.redis_url if own else self.redis_url
+        if url is None:
+            return None
+        url, url_user, url_password = split_credentials(url)
+        envs = (line_password_env(line.id),) if own else ()
+        access = RedisAccess(
+            url=url,
+            username=url_user or (line.redis_username if own else None) or self.redis_username,
+            password_file=(line.redis_password_file if own else None) or self.redis_password_file,
+            password_envs=envs + (RedisAccess.model_fields["password_envs"].default),
+            tls_ca_file=self.redis_tls_ca_file,
+            tls_cert_file=self.redis_tls_cert_file,
+            tls_key_file=self.redis_tls_key_file,
+        )
+        inline = url_password or (
+            None if own or self.redis_password is None else self.redis_password.get_secret_value()
+        )
+        if inline:
+            os.environ[access.password_envs[0]] = inline
+        return access
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment must win over it.
+        return env_settings, init_settings, file_secret_settings
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Settings from ``path`` (YAML) and the environment, or a :class:`ConfigError`."""
+    source = str(path) if path else "environment"
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in err['loc']) or '<top>'}': {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None

@@ -1,0 +1,230 @@
+"""Names of a line's streams, groups and keys: one place, so every stage agrees."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from workers.qa.samples import SampleStore
+
+# KEYS: decided bitmap, verdict stream, stream the views' scores came from. ARGV: seq, maxlen,
+# group, number of verdict fields, the fields and values, then the ids to acknowledge.
+_PUBLISH_ONCE = """
+local n_fields = tonumber(ARGV[4])
+local fresh = redis.call('GETBIT', KEYS[1], ARGV[1]) == 0
+if fresh then
+    local xadd = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
+    for i = 5, 4 + 2 * n_fields do xadd[#xadd + 1] = ARGV[i] end
+    redis.call(unpack(xadd))
+    redis.call('SETBIT', KEYS[1], ARGV[1], 1)
+end
+if #ARGV > 4 + 2 * n_fields then
+    redis.call('XACK', KEYS[3], ARGV[3], unpack(ARGV, 5 + 2 * n_fields))
+end
+return fresh and 1 or 0
+"""
+
+
+@dataclass(frozen=True)
+class Streams:
+    """Every key of a line carries the line as a Redis Cluster hash tag (``frames:{line1}:cam0``):
+    a line's keys share one slot, so its scripts may touch several of them and its streams may
+    live on a Redis Cluster, each line on its own shard."""
+
+    line: str
+
+    def _key(self, kind: str) -> str:
+        return f"{kind}:{{{self.line}}}"
+
+    def frames(self, camera: str) -> str:
+        return f"{self._key('frames')}:{camera}"
+
+    @property
+    def views(self) -> str:
+        return self._key("views")
+
+    @property
+    def scores(self) -> str:
+        return self._key("scores")
+
+    @property
+    def verdicts(self) -> str:
+        return self._key("verdicts")
+
+    @property
+    def labels(self) -> str:
+        return self._key("labels")
+
+    @property
+    def shadow_scores(self) -> str:
+        """Scores of the shadow (candidate) model, beside the active one's."""
+        return self._key("shadow-scores")
+
+    @property
+    def retrain_requests(self) -> str:
+        return self._key("retrain-requests")
+
+    @property
+    def model_events(self) -> str:
+        """What the trainer did: each retraining's candidate, judgement and promotion."""
+        return self._key("model-events")
+
+    @property
+    def retrain_used(self) -> str:
+        """Set of products whose views a promoted model has learned (never learned twice)."""
+        return self._key("retrain-used")
+
+    @property
+    def retrain_pending(self) -> str:
+        """Good views labelled since the last retraining."""
+        return self._key("retrain-pending")
+
+    @property
+    def join_steps(self) -> str:
+        """Hash: camera -> its re-synchronisation steps (JSON), for a restarted aggregator."""
+        return self._key("join-steps")
+
+    @property
+    def label_index(self) -> str:
+        """Hash: ``product_id`` or ``product_id/camera`` -> the label QA gave it."""
+        return self._key("labels-latest")
+
+    @property
+    def decided(self) -> str:
+        """Bitmap of the products that have their verdict (see `DecidedProducts`)."""
+        return self._key("verdicts-decided")
+
+    @property
+    def dead_letters(self) -> str:
+        """Entries a stage could not process, with the reason (see ``StreamBus.dead_letter``)."""
+        return self._key("deadletter")
+
+    @property
+    def models(self) -> str:
+        """Hash: model version id -> ModelVersion (JSON); see ``Registry``."""
+        return self._key("models")
+
+    @property
+    def model_active(self) -> str:
+        return self._key("model-active")
+
+    @property
+    def model_shadow(self) -> str:
+        return self._key("model-shadow")
+
+    @property
+    def model_history(self) -> str:
+        return self._key("model-history")
+
+    @property
+    def crops(self) -> str:
+        """How the running line's front end cuts crops (CropSpec JSON): a model promoted while
+        it runs must have learned from such crops."""
+        return self._key("crops")
+
+    @staticmethod
+    def line_of(key: str) -> str:
+        """The line a key belongs to (its hash tag)."""
+        return key[key.index("{") + 1 : key.index("}")]
+
+    detect_group = "detect"
+    score_group = "score"
+    aggregate_group = "aggregate"
+
+
+class DecidedProducts:
+    """Which products of a line have their verdict: bit *n* of a Redis string for product *n*.
+
+    A line numbers its products 0, 1, 2, ... for as long as it runs, so a bitmap holds a year of
+    one product a second in 5 MB; a Redis set of the numbers took 64 bytes a product (measured) and
+    grew without bound (2 GB a year), where Redis runs with `noeviction`.
+    """
+
+    def __init__(self, client, line: str):
+        self.client = client
+        self.key = Streams(line).decided
+        self._publish_script = client.register_script(_PUBLISH_ONCE)
+
+    def publish(
+        self,
+        seq: int,
+        verdict: dict[bytes, bytes],
+        verdicts: str,
+        maxlen: int,
+        acks: tuple[str, str, list[str]] = ("", "", []),
+    ) -> bool:
+        """Add ``verdict`` to the stream ``verdicts``, mark ``seq`` decided and acknowledge the
+        entries ``acks`` (stream, group, ids) it was made from, in one atomic step; returns False
+        and only acknowledges when ``seq`` was already decided.
+
+        A client retries a command whose connection broke (a Redis restart) without knowing
+        whether Redis ran it: the retried call must not publish a second verdict.
+        """
+        stream, group, ids = acks
+        fields = [part for item in verdict.items() for part in item]
+        args = [seq, maxlen, group, len(verdict), *fields, *ids]
+        return bool(self._publish_script(keys=[self.key, verdicts, stream], args=args))
+
+    def __contains__(self, seq: int) -> bool:
+        return bool(self.client.getbit(self.key, seq))
+
+    def last(self) -> int | None:
+        """The highest decided product number, or None before the first verdict."""
+        size = self.client.strlen(self.key)
+        if not size:
+            return None
+        # SETBIT grows the string just enough for the bit it sets and no bit is ever cleared, so
+        # the highest set bit is in the last byte; Redis counts bits from each byte's top bit.
+        last = self.client.getrange(self.key, -1, -1)[0]
+        return (size - 1) * 8 + 8 - (last & -last).bit_length()
+
+
+def next_product_seq(client, line: str, cameras: list[str]) -> int:
+    """The number the line's next product gets: one past every product it has seen.
+
+    A restarted line must not reuse numbers: the aggregator would take the new products' views
+    for late duplicates of decided ones.
+    """
+    streams = Streams(line)
+    decided = DecidedProducts(client, line).last()
+    seen = [] if decided is None else [decided]
+    # Processed frames and views leave Redis: a product between stages is in one of these.
+    for stream in [streams.frames(c) for c in cameras] + [streams.views, streams.scores]:
+        newest = client.xrevrange(stream, count=1)
+        if newest:
+            seen.append(json.loads(newest[0][1][b"meta"])["product_seq"])
+    return max(seen) + 1 if seen else 0
+
+
+def line_groups(streams: Streams, cameras: list[str]) -> list[tuple[str, str]]:
+    """Every (stream, consumer group) pair that carries a line's work, in stage order."""
+    pairs = [(streams.frames(c), streams.detect_group) for c in cameras]
+    return pairs + [
+        (streams.views, streams.score_group),
+        (streams.scores, streams.aggregate_group),
+    ]
+
+
+def reset_line(client, line: str, cameras: list[str], samples: SampleStore | None = None) -> None:
+    """Forget a previous run of a replayed line: its product numbers start again at 0.
+
+    Its labels and stored samples go too: they would name the new run's products.
+    """
+    s = Streams(line)
+    client.delete(
+        *[s.frames(c) for c in cameras],
+        s.views,
+        s.scores,
+        s.verdicts,
+        s.decided,
+        s.labels,
+        s.label_index,
+        s.shadow_scores,
+        s.retrain_used,
+        s.retrain_pending,
+        s.retrain_requests,
+        s.join_steps,
+        s.dead_letters,
+    )
+    if samples is not None:
+        samples.forget_line(line)

@@ -1,0 +1,1 @@
+"""The front end: sources, the motion gate, detectors, matting, and the ingest and detect stages."""

@@ -1,0 +1,1 @@
+"""The line's logic past the crops: scoring views, joining a product's views, shadow comparison."""

@@ -1,0 +1,64 @@
+"""The scoring stage: views in, view scores out, with one model version at a time."""
+
+from __future__ import annotations
+
+import time
+
+from schemas import ProductView, ViewScore
+from workers.differnet.store import ModelBundle
+from workers.images import decode_with_alpha
+
+
+def shed_score(view: ProductView, version: str, threshold: float) -> ViewScore:
+    """The record of a view not scored because the line was too far behind (backpressure)."""
+    return ViewScore(
+        product_id=view.product_id,
+        line=view.line,
+        camera=view.camera,
+        product_seq=view.product_seq,
+        captured_at=view.captured_at,
+        score=0.0,
+        threshold=threshold,
+        is_defect=False,
+        model_version=version,
+        stage_ms=view.stage_ms,
+        shed=True,
+    )
+
+
+class ViewScorer:
+    """Scores batches of views with one model version; swapping versions happens between batches."""
+
+    def __init__(self, bundle: ModelBundle, threshold: float | None = None):
+        self.bundle = bundle
+        self.threshold = bundle.threshold if threshold is None else threshold
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def score(self, views: list[ProductView]) -> list[ViewScore]:
+        """Scores in the order of ``views``; an undecodable view raises (caller dead-letters)."""
+        model = self.bundle.model
+        prepared = []
+        for v in views:
+            rgb, alpha = decode_with_alpha(v.image, v.product_id)
+            prepared.append(model.prepare(rgb, alpha))
+        t0 = time.perf_counter()
+        results = model.score_batch(prepared) if prepared else []
+        ms = (time.perf_counter() - t0) * 1e3 / max(1, len(prepared))
+        return [
+            ViewScore(
+                product_id=v.product_id,
+                line=v.line,
+                camera=v.camera,
+                product_seq=v.product_seq,
+                captured_at=v.captured_at,
+                score=r.score,
+                threshold=self.threshold,
+                is_defect=r.score >= self.threshold,
+                model_version=self.bundle.version,
+                stage_ms=v.stage_ms | {"score": ms},
+            )
+            for v, r in zip(views, results, strict=True)
+        ]

@@ -1,0 +1,1 @@
+"""What QA reads: the sample store of inspected products, the HTML report."""

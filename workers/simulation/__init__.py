@@ -1,0 +1,1 @@
+"""The line simulator and its tooling: simulated lines, harvested crops, annotated videos."""
