@@ -28,7 +28,7 @@ from bench.report import emit
 from cluster.demo import line_config, split_halves, train_line_model
 from cluster.runtime.graph import drain_and_stop, line_cpus, start_ingest, start_line
 from cluster.runtime.registry import Registry
-from cluster.runtime.settings import ReplicaConfig, RetrainConfig
+from cluster.runtime.settings import LineRun, ReplicaConfig, RetrainConfig
 from cluster.transport.connection import EmbeddedRedis
 from cluster.transport.qa import record_label
 from cluster.transport.streams import Streams, reset_line
@@ -112,14 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
             logging_level="WARNING",
         )
         try:
-            running = start_line(
-                line,
-                server.access,
-                model_dir,
-                sample_dir=samples.root.resolve(),
-                candidates_dir=(out / "candidates").resolve(),
-                activate=True,
+            run = LineRun(
+                sample_dir=samples.root.resolve(), candidates_dir=(out / "candidates").resolve()
             )
+            running = start_line(line, server.access, model_dir, run, activate=True)
             before = Registry(client, line.id).active_id()
             got = wait_verdicts(client, line.id, args.products_a, timeout_s=1800)
             truth = {p["seq"]: p["defective"] for p in lines["a"]["products"]}
@@ -146,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                 reply = client.xread({Streams(line.id).model_events: "0"}, block=1000, count=1)
                 if reply:
                     outcome = RetrainOutcome.from_entry(reply[0][1][0][1])
-            start_ingest(running, server.access, phase_b)
+            start_ingest(running, phase_b)
             got = wait_verdicts(client, line.id, args.products_a + args.products_b, timeout_s=1800)
             stats = drain_and_stop([running], timeout_s=600)
         finally:

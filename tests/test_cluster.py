@@ -21,7 +21,7 @@ from cluster.runtime.graph import (
     drain_and_stop,
     start_line,
 )
-from cluster.runtime.settings import ReplicaConfig
+from cluster.runtime.settings import CameraConfig, LineConfig, LineRun, ReplicaConfig
 from cluster.transport.connection import EmbeddedRedis
 from cluster.transport.streams import Streams
 from schemas import CameraFrame, ProductView, Verdict, ViewScore
@@ -177,7 +177,7 @@ def test_a_restarted_live_camera_numbers_on_from_the_line_not_from_its_first_pro
     video = one_camera_video(tmp_path, 2)
     url = f"http://127.0.0.1:{http_server.server_port}/{video.relative_to(tmp_path)}"
     camera = CameraIngestActor.options(num_cpus=0.1, **ACTOR_OPTIONS).remote(
-        embedded_redis.access, 1000, "live", "cam0", url, None, None, None, 0, 1
+        embedded_redis.access, LineRun(maxlen=1000), "live", CameraConfig(id="cam0", source=url), 0
     )
     run = camera.run.remote()
     stream = Streams("live").frames("cam0")
@@ -280,8 +280,15 @@ def test_a_restarted_aggregator_numbers_a_re_synchronised_camera_as_before(local
     cams = ["cam0", "cam1", "cam2", "cam3"]
     with EmbeddedRedis(tmp_path / "redis") as server:
         client = redis.Redis.from_url(server.url)
+        line = LineConfig(
+            id="l",
+            cameras=[{"id": c, "source": f"{c}.avi"} for c in cams],
+            view_timeout_s=30.0,
+            max_camera_spread_s=0.1,
+            keep_processed_images_s=3600.0,
+        )
         aggregator = AggregatorActor.options(num_cpus=0.1, **ACTOR_OPTIONS).remote(
-            server.access, 10_000, "l", cams, 30.0, 0.1, None, None, None, 3600.0
+            server.access, LineRun(), line
         )
         run = aggregator.run.remote()
 

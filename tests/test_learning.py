@@ -18,7 +18,7 @@ from cluster.demo import line_config
 from cluster.runtime.actors import TrainerActor
 from cluster.runtime.graph import LineResources, drain_and_stop, start_line
 from cluster.runtime.registry import Registry, RegistryError
-from cluster.runtime.settings import ReplicaConfig, RetrainConfig
+from cluster.runtime.settings import LineConfig, LineRun, ReplicaConfig, RetrainConfig
 from cluster.transport.connection import EmbeddedRedis
 from cluster.transport.qa import record_label
 from cluster.transport.streams import Streams
@@ -218,7 +218,7 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
             cam.fps = 40.0  # paced: the swap lands mid-run
         registry = Registry(client, "demo")
         running = start_line(
-            line, server.access, root / "model-a", resources=SMALL, sample_dir=store.root
+            line, server.access, root / "model-a", LineRun(sample_dir=store.root), resources=SMALL
         )
         first = registry.active_id()
         # The candidate scores in shadow first, then becomes active mid-run.
@@ -261,15 +261,11 @@ def test_hot_swap_mid_run_then_the_trainer_retrains_from_labels(models, local_ra
             if 0 < sum(is_held_out(p, h) for p in goods) < len(goods)
         )
         config = RetrainConfig(after_good_views=10_000, holdout=holdout, epochs=3)
-        trainer = TrainerActor.options(max_concurrency=2).remote(
-            server.access,
-            10_000,
-            "demo",
-            str(store.root),
-            str(tmp_path / "cand"),
-            config.model_dump(),
-            target_tpr=0.85,
+        line = LineConfig(
+            id="demo", cameras=[{"id": "cam0", "source": "x.avi"}], retrain=config, target_tpr=0.85
         )
+        run = LineRun(sample_dir=store.root, candidates_dir=tmp_path / "cand")
+        trainer = TrainerActor.options(max_concurrency=2).remote(server.access, run, line)
         run = trainer.run.remote()
         result = CliRunner().invoke(app, ["retrain", "--line", "demo", "--redis", server.url])
         trainer.stop.remote()

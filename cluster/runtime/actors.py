@@ -1,15 +1,15 @@
-"""Ray actors of an inspection line: thin loops that read a stream, call a worker, write a stream.
+"""Ray actors of an inspection line: thin wrappers that run a stage's worker in the stage loop.
 
-Every consumer has a stable name (its role and replica index). A restarted actor first finishes
-the entries it had been given and not acknowledged; every actor also takes over entries left
-pending too long by consumers that never came back (XAUTOCLAIM). An entry is acknowledged only
-after its result is published, so a crash loses nothing; the decided products' bitmap makes the
-redelivered work produce no second verdict.
+Each actor gets the line's config, how to reach its Redis and what the started line shares
+(``LineRun``), and builds its worker from them. Every consumer has a stable name (its role and
+replica index) and runs ``StageLoop``: its own pending entries first, then entries idle at dead
+consumers, then new ones. An entry is acknowledged only after its result is published, so a
+crash loses nothing; the decided products' bitmap makes redelivered work produce no second
+verdict.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -17,12 +17,20 @@ from pathlib import Path
 
 import ray
 
+from cluster.runtime.loop import StageInput, StageLoop
 from cluster.runtime.metrics import LineMetrics, count_new
 from cluster.runtime.registry import Registry, RegistryError
-from cluster.runtime.settings import LineConfig
-from cluster.transport.bus import StreamBus
+from cluster.runtime.settings import CameraConfig, LineConfig, LineRun
+from cluster.transport.bus import Delivery, StreamBus
 from cluster.transport.connection import RedisAccess
-from cluster.transport.streams import DecidedProducts, Streams, line_groups, next_product_seq
+from cluster.transport.streams import (
+    DecidedProducts,
+    JoinSteps,
+    RetrainState,
+    Streams,
+    line_groups,
+    next_product_seq,
+)
 from schemas import (
     CameraFrame,
     Label,
@@ -42,8 +50,6 @@ from workers.qa.samples import SampleError, SampleStore
 
 log = logging.getLogger(__name__)
 
-# Entries pending at one consumer for this long are taken over by another.
-RECLAIM_IDLE_MS = 15_000
 # The aggregator applies the sample store's retention once per this many verdicts.
 PRUNE_EVERY = 256
 # ... and refreshes the line's gauges (stream lag, active model) this often.
@@ -73,10 +79,10 @@ class _Loop:
     """Shared plumbing: Redis bus (dead letters to the line's own stream), a stop flag,
     counters."""
 
-    def __init__(self, access: RedisAccess, maxlen: int, line: str):
+    def __init__(self, access: RedisAccess, run: LineRun, line: str):
         _log_to_stderr()
         self.bus = StreamBus(
-            access.client(), maxlen=maxlen, dead_letter_stream=Streams(line).dead_letters
+            access.client(), maxlen=run.maxlen, dead_letter_stream=Streams(line).dead_letters
         )
         self._stop = threading.Event()
         self.counters: dict[str, int] = {}
@@ -105,35 +111,31 @@ class CameraIngestActor(_Loop):
     def __init__(
         self,
         access: RedisAccess,
-        maxlen: int,
+        run: LineRun,
         line: str,
-        camera: str,
-        source: str,
-        fps: float | None,
-        matting_model: str | None,
-        background: str | None,
+        camera: CameraConfig,
         first_product: int,
-        frame_stride: int,
     ):
-        super().__init__(access, maxlen, line)
-        if is_live(source) and ray.get_runtime_context().was_current_actor_reconstructed:
+        super().__init__(access, run, line)
+        if is_live(camera.source) and ray.get_runtime_context().was_current_actor_reconstructed:
             # A live camera restarted by Ray has missed what passed meanwhile: it numbers on
             # from the line's newest product (the aggregator re-synchronises the rest by capture
             # time). A recording replays from its start and numbers its products as before.
-            first_product = max(first_product, next_product_seq(self.bus.client, line, [camera]))
+            newest = next_product_seq(self.bus.client, line, [camera.id])
+            first_product = max(first_product, newest)
         self.ingest = CameraIngest(
             line,
-            camera,
-            source,
-            fps=fps,
-            matting_model=Path(matting_model) if matting_model else None,
+            camera.id,
+            camera.source,
+            fps=camera.fps,
+            matting_model=camera.matting_model,
             device=granted_device(),
-            background=Path(background) if background else None,
+            background=camera.background,
             first_product=first_product,
-            frame_stride=frame_stride,
+            frame_stride=camera.frame_stride,
         )
-        self.stream = Streams(line).frames(camera)
-        self.line, self.camera = line, camera
+        self.stream = Streams(line).frames(camera.id)
+        self.line, self.camera = line, camera.id
 
     def run(self, replay_epoch: float | None = None) -> dict:
         """``replay_epoch``: when a replayed recording's first frame is due (see
@@ -165,52 +167,48 @@ class CameraIngestActor(_Loop):
 class DetectMatteActor(_Loop):
     """Gated frames of every camera of a line -> matted product views."""
 
-    def __init__(self, access: RedisAccess, maxlen: int, line: LineConfig, replica: int):
-        super().__init__(access, maxlen, line.id)
+    def __init__(self, access: RedisAccess, run: LineRun, line: LineConfig, replica: int):
+        super().__init__(access, run, line.id)
         self.streams = Streams(line.id)
-        self.inputs = [self.streams.frames(c.id) for c in line.cameras]
-        self.consumer = f"detect-{replica}"
+        self.metrics, self.tags = LineMetrics(line.id), {"line": line.id}
         detector = None
         if line.yolo_weights:
             from workers.frontend.detect import YoloDetector
 
             detector = YoloDetector(line.yolo_weights, device=granted_device())
         self.stage = DetectMatte(detector, line.crops)
-        for s in self.inputs:
-            self.bus.ensure_group(s, self.streams.detect_group)
+        source = StageInput(
+            [self.streams.frames(c.id) for c in line.cameras],
+            self.streams.detect_group,
+            f"detect-{replica}",
+            CameraFrame,
+            batch_size=4,
+        )
+        self.loop = StageLoop(
+            self.bus,
+            source,
+            self._handle,
+            poison=(ImageError, NoProductFound, SchemaError),
+            on_dead_letter=self._dead_lettered,
+        )
 
     def run(self) -> dict:
-        metrics, tags = LineMetrics(self.streams.line), {"line": self.streams.line}
-        group = self.streams.detect_group
-        batch = self.bus.consume(self.inputs, group, self.consumer, CameraFrame, own_pending=True)
-        while not self._stop.is_set():
-            if not batch:
-                for s in self.inputs:
-                    batch += self.bus.reclaim(
-                        s, group, self.consumer, CameraFrame, min_idle_ms=RECLAIM_IDLE_MS
-                    )
-            if not batch:
-                batch = self.bus.consume(
-                    self.inputs, group, self.consumer, CameraFrame, count=4, block_ms=500
-                )
-            for d in batch:
-                try:
-                    view = self.stage.process(d.message)
-                except (ImageError, NoProductFound, SchemaError) as exc:
-                    self.bus.dead_letter(
-                        d.stream, group, d.entry_id, d.message.to_entry(), str(exc)
-                    )
-                    self.count("dead_lettered")
-                    metrics.dead_letters.inc(1, tags | {"stage": "detect"})
-                    continue
-                self.bus.publish(self.streams.views, view)
-                self.bus.ack(d)
-                self.count("views")
-                metrics.views.inc(1, tags)
-                seconds = sum(view.stage_ms.values()) / 1e3
-                metrics.stage_seconds.observe(seconds, tags | {"stage": "detect"})
-            batch = []
+        self.loop.run(self._stop.is_set)
         return self.stats()
+
+    def _handle(self, batch: list[Delivery]) -> None:
+        views = [self.stage.process(d.message) for d in batch]
+        for d, view in zip(batch, views, strict=True):
+            self.bus.publish(self.streams.views, view)
+            self.bus.ack(d)
+            self.count("views")
+            self.metrics.views.inc(1, self.tags)
+            seconds = sum(view.stage_ms.values()) / 1e3
+            self.metrics.stage_seconds.observe(seconds, self.tags | {"stage": "detect"})
+
+    def _dead_lettered(self, d: Delivery, reason: str) -> None:
+        self.count("dead_lettered")
+        self.metrics.dead_letters.inc(1, self.tags | {"stage": "detect"})
 
 
 @ray.remote
@@ -220,33 +218,44 @@ class ScorerActor(_Loop):
     def __init__(
         self,
         access: RedisAccess,
-        maxlen: int,
+        run: LineRun,
         line: LineConfig,
         replica: int,
-        sample_dir: str | None,
         batch_size: int = 8,
     ):
-        super().__init__(access, maxlen, line.id)
+        super().__init__(access, run, line.id)
         self.streams = Streams(line.id)
-        self.consumer = f"score-{replica}"
         self.max_backlog = line.max_view_backlog
-        self.batch_size = batch_size
         self.threshold = line.threshold
         # A version that learned from crops cut otherwise is refused, however it was activated.
         self.crops = line.crops
-        self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
-        self.metrics = LineMetrics(line.id)
+        self.samples = SampleStore(run.sample_dir) if run.sample_dir else None
+        self.metrics, self.tags = LineMetrics(line.id), {"line": line.id}
         self.registry = Registry(self.bus.client, line.id)
+        self.consumer = f"score-{replica}"
         self.scorer: ViewScorer | None = None
         self.shadow: ViewScorer | None = None
         self._refused: str | None = None
         self._follow_registry()
         if self.scorer is None:
             raise RuntimeError(f"line {line.id}: no usable active model in the registry")
-        self.bus.ensure_group(self.streams.views, self.streams.score_group)
+        source = StageInput(
+            [self.streams.views],
+            self.streams.score_group,
+            self.consumer,
+            ProductView,
+            batch_size=batch_size,
+        )
+        self.loop = StageLoop(
+            self.bus, source, self._score, poison=(ImageError,), on_dead_letter=self._dead_lettered
+        )
 
     def model_version(self) -> str:
         return self.scorer.version
+
+    def run(self) -> dict:
+        self.loop.run(self._stop.is_set, between=self._follow_registry)
+        return self.stats()
 
     def _follow_registry(self) -> None:
         """Between batches: switch to a newly active version, start or stop shadow scoring.
@@ -283,81 +292,41 @@ class ScorerActor(_Loop):
             return None
         return ViewScorer(bundle, self.threshold)
 
-    def run(self) -> dict:
-        stream, group = self.streams.views, self.streams.score_group
-        batch = self.bus.consume(stream, group, self.consumer, ProductView, own_pending=True)
-        while not self._stop.is_set():
-            if not batch:
-                batch = self.bus.reclaim(
-                    stream,
-                    group,
-                    self.consumer,
-                    ProductView,
-                    min_idle_ms=RECLAIM_IDLE_MS,
-                    count=self.batch_size,
-                )
-            if not batch:
-                batch = self.bus.consume(
-                    stream, group, self.consumer, ProductView, count=self.batch_size, block_ms=500
-                )
-            if batch:
-                self._score(batch)
-            batch = []
-            self._follow_registry()
-        return self.stats()
-
-    def _score(self, batch) -> None:
+    def _score(self, batch: list[Delivery]) -> None:
+        """All or nothing: an undecodable view raises before any score is published."""
         if self.bus.lag(self.streams.views, self.streams.score_group) > self.max_backlog:
-            # Too far behind: pass the batch on unscored, so that the backlog (and Redis memory)
-            # stays bounded; every shed view is counted and named in its product's verdict.
-            for d in batch:
-                shed = shed_score(d.message, self.scorer.version, self.scorer.threshold)
-                self._publish(d, shed)
-            self.count("shed", len(batch))
-            self.metrics.shed.inc(len(batch), {"line": self.streams.line})
-            log.warning(
-                "%s: more than %d views wait for the scorers: %d passed on unscored (shed)",
-                self.streams.line,
-                self.max_backlog,
-                len(batch),
-            )
+            self._shed(batch)
             return
-        try:
-            scores = self.scorer.score([d.message for d in batch])
-        except ImageError:
-            # One bad view must not sink the batch: score one by one, dead-letter the bad.
-            for d in batch:
-                self._score_one(d)
-            return
+        scores = self.scorer.score([d.message for d in batch])
         for d, score in zip(batch, scores, strict=True):
             self._publish(d, score)
         self.count("scored", len(batch))
-        tags = {"line": self.streams.line}
-        self.metrics.views_scored.inc(len(batch), tags | {"model_version": self.scorer.version})
+        version = {"model_version": self.scorer.version}
+        self.metrics.views_scored.inc(len(batch), self.tags | version)
         for score in scores:
-            self.metrics.stage_seconds.observe(
-                score.stage_ms["score"] / 1e3, tags | {"stage": "score"}
-            )
+            seconds = score.stage_ms["score"] / 1e3
+            self.metrics.stage_seconds.observe(seconds, self.tags | {"stage": "score"})
         if self.shadow is not None:
             # The candidate's opinion is recorded, never acted on.
             for score in self.shadow.score([d.message for d in batch]):
                 self.bus.publish(self.streams.shadow_scores, score)
             self.count("shadow_scored", len(batch))
 
-    def _score_one(self, d) -> None:
-        try:
-            [score] = self.scorer.score([d.message])
-        except ImageError as exc:
-            self.bus.dead_letter(d.stream, d.group, d.entry_id, d.message.to_entry(), str(exc))
-            self.count("dead_lettered")
-            self.metrics.dead_letters.inc(1, {"line": self.streams.line, "stage": "score"})
-            return
-        self._publish(d, score)
-        self.count("scored")
-        tags = {"line": self.streams.line, "model_version": self.scorer.version}
-        self.metrics.views_scored.inc(1, tags)
+    def _shed(self, batch: list[Delivery]) -> None:
+        """Too far behind: pass the batch on unscored, so that the backlog (and Redis memory)
+        stays bounded; every shed view is counted and named in its product's verdict."""
+        for d in batch:
+            self._publish(d, shed_score(d.message, self.scorer.version, self.scorer.threshold))
+        self.count("shed", len(batch))
+        self.metrics.shed.inc(len(batch), self.tags)
+        log.warning(
+            "%s: more than %d views wait for the scorers: %d passed on unscored (shed)",
+            self.streams.line,
+            self.max_backlog,
+            len(batch),
+        )
 
-    def _publish(self, d, score: ViewScore) -> None:
+    def _publish(self, d: Delivery, score: ViewScore) -> None:
         # The crop is stored before the score is published: whoever sees the verdict finds it.
         if self.samples is not None:
             view = d.message
@@ -365,74 +334,72 @@ class ScorerActor(_Loop):
         self.bus.publish(self.streams.scores, score)
         self.bus.ack(d)
 
+    def _dead_lettered(self, d: Delivery, reason: str) -> None:
+        self.count("dead_lettered")
+        self.metrics.dead_letters.inc(1, self.tags | {"stage": "score"})
+
 
 @ray.remote
 class AggregatorActor(_Loop):
     """View scores of all cameras -> one verdict per product, exactly once."""
 
-    def __init__(
-        self,
-        access: RedisAccess,
-        maxlen: int,
-        line: str,
-        cameras: list[str],
-        timeout_s: float,
-        max_camera_spread_s: float | None,
-        sample_dir: str | None,
-        keep_products: int | None,
-        keep_seconds: float | None,
-        keep_processed_images_s: float,
-    ):
-        super().__init__(access, maxlen, line)
-        self.line = line
-        self.cameras = cameras
-        self.keep_processed_images_s = keep_processed_images_s
-        self.samples = SampleStore(Path(sample_dir)) if sample_dir else None
-        self.retention = (keep_products, keep_seconds)
-        self.streams = Streams(line)
-        self.metrics = LineMetrics(line)
-        self.registry = Registry(self.bus.client, line)
+    def __init__(self, access: RedisAccess, run: LineRun, line: LineConfig):
+        super().__init__(access, run, line.id)
+        self.line = line.id
+        self.cameras = [c.id for c in line.cameras]
+        self.keep_processed_images_s = line.keep_processed_images_s
+        self.samples = SampleStore(run.sample_dir) if run.sample_dir else None
+        max_age_h = run.retention.max_age_h
+        self.retention = (run.retention.max_products, max_age_h * 3600 if max_age_h else None)
+        self.streams = Streams(line.id)
+        self.metrics = LineMetrics(line.id)
+        self.registry = Registry(self.bus.client, line.id)
         self._gauged_at = 0.0
-        self.join = VerdictJoin(line, cameras, timeout_s, max_spread_s=max_camera_spread_s)
+        self.join = VerdictJoin(
+            line.id, self.cameras, line.view_timeout_s, max_spread_s=line.max_camera_spread_s
+        )
         # Restarted by Ray, the aggregator numbers the cameras as before (start_line clears
         # them when the line starts).
-        saved = self.bus.client.hgetall(self.streams.join_steps)
-        self.join.restore_steps({c.decode(): json.loads(v) for c, v in saved.items()})
+        self.steps = JoinSteps(self.bus.client, line.id)
+        self.join.restore_steps(self.steps.load())
         self._resyncs_saved: dict[str, int] = {}
-        self.decided = DecidedProducts(self.bus.client, line)
+        self.decided = DecidedProducts(self.bus.client, line.id)
         self._resyncs_exported: dict[str, int] = {}
-        self.consumer = "aggregate-0"
-        self.bus.ensure_group(self.streams.scores, self.streams.aggregate_group)
+        source = StageInput(
+            [self.streams.scores],
+            self.streams.aggregate_group,
+            "aggregate-0",
+            ViewScore,
+            batch_size=64,
+            block_ms=200,
+        )
+        self.loop = StageLoop(self.bus, source, self._handle)
 
     def run(self) -> dict:
-        stream, group = self.streams.scores, self.streams.aggregate_group
-        batch = self.bus.consume(
-            stream, group, self.consumer, ViewScore, own_pending=True, count=10_000
-        )
-        while True:
-            for d in batch:
-                self._add(d)
-            for settled in self.join.expire():
-                self._publish(settled)
-            self._export_resyncs()
-            if time.monotonic() - self._gauged_at > GAUGE_PERIOD_S:
-                self._trim_images()
-                self._gauge_line()
-            if self._stop.is_set() and not batch:
-                # Upstream has drained: a view still missing now will never come.
-                for settled in self.join.expire(flush=True):
-                    self._publish(settled)
-                self._trim_images()
-                break
-            batch = self.bus.consume(
-                stream, group, self.consumer, ViewScore, count=64, block_ms=200
-            )
+        # Drained: after ``stop``, the loop goes on until the scorers' last scores are in.
+        self.loop.run(self._stop.is_set, between=self._between_rounds, drain=True)
+        # Upstream has drained: a view still missing now will never come.
+        for settled in self.join.expire(flush=True):
+            self._publish(settled)
+        self._trim_images()
         return self.stats() | {
             "pending_products": len(self.join.pending_products),
             "out_of_step_views": self.join.out_of_step,
             "cameras_resynchronised": dict(self.join.resynchronised),
             "views_of_unknown_cameras": self.join.unknown_camera,
         }
+
+    def _handle(self, batch: list[Delivery]) -> None:
+        for d in batch:
+            self._add(d)
+
+    def _between_rounds(self) -> None:
+        for settled in self.join.expire():
+            self._publish(settled)
+        self._export_resyncs()
+        if time.monotonic() - self._gauged_at > GAUGE_PERIOD_S:
+            self._trim_images()
+            self._gauge_line()
 
     def _add(self, d) -> None:
         score = d.message
@@ -494,8 +461,7 @@ class AggregatorActor(_Loop):
         """Keep the cameras' steps in Redis, once a re-synchronisation has changed them."""
         if self.join.resynchronised == self._resyncs_saved:
             return
-        steps = {camera: json.dumps(s) for camera, s in self.join.steps.items()}
-        self.bus.client.hset(self.streams.join_steps, mapping=steps)
+        self.steps.save(self.join.steps)
         self._resyncs_saved = dict(self.join.resynchronised)
 
     def _export_resyncs(self) -> None:
@@ -531,59 +497,45 @@ class TrainerActor(_Loop):
     Retrains when ``after_good_views`` new good views have been labelled, or when asked on
     ``retrain-requests:{line}`` (`defectflow retrain`). Each outcome goes to
     ``model-events:{line}``. Products whose views a promoted model learned are remembered and
-    not learned twice.
+    not learned twice. (Labels redelivered after a crash are counted again: a retraining may
+    then come a little early.)
     """
 
-    def __init__(
-        self,
-        access: RedisAccess,
-        maxlen: int,
-        line: str,
-        sample_dir: str,
-        candidates_dir: str,
-        retrain: dict,
-        target_tpr: float,
-    ):
-        super().__init__(access, maxlen, line)
-        from cluster.runtime.settings import RetrainConfig
-
-        self.line = line
-        self.streams = Streams(line)
-        self.samples = SampleStore(Path(sample_dir))
-        self.candidates_dir = Path(candidates_dir)
-        self.config = RetrainConfig.model_validate(retrain)
-        self.target_tpr = target_tpr
-        self.registry = Registry(self.bus.client, line)
-        self.consumer = "trainer-0"
-        for stream in (self.streams.labels, self.streams.retrain_requests):
-            self.bus.ensure_group(stream, "trainer")
+    def __init__(self, access: RedisAccess, run: LineRun, line: LineConfig):
+        super().__init__(access, run, line.id)
+        self.line = line.id
+        self.streams = Streams(line.id)
+        self.samples = SampleStore(run.sample_dir)
+        self.candidates_dir = run.candidates_dir
+        self.config = line.retrain
+        self.target_tpr = line.target_tpr
+        self.registry = Registry(self.bus.client, line.id)
+        self.state = RetrainState(self.bus.client, line.id)
+        source = StageInput(
+            [self.streams.labels, self.streams.retrain_requests],
+            "trainer",
+            "trainer-0",
+            (Label, RetrainRequest),
+            batch_size=100,
+            block_ms=250,
+        )
+        self.loop = StageLoop(self.bus, source, self._handle)
 
     def run(self) -> dict:
-        labels, requests = self.streams.labels, self.streams.retrain_requests
-        # Entries a crashed instance had counted (the count is in Redis) but not acknowledged.
-        for stream, kind in ((labels, Label), (requests, RetrainRequest)):
-            self.bus.ack(
-                *self.bus.consume(stream, "trainer", self.consumer, kind, own_pending=True)
-            )
-        while not self._stop.is_set():
-            new_labels = self.bus.consume(
-                labels, "trainer", self.consumer, Label, count=100, block_ms=250
-            )
-            asked = self.bus.consume(
-                requests, "trainer", self.consumer, RetrainRequest, count=10, block_ms=250
-            )
-            new_good = sum(
-                self._views_of(d.message) for d in new_labels if d.message.label == "good"
-            )
-            if new_good:
-                self.bus.client.incrby(self.streams.retrain_pending, new_good)
-            pending = int(self.bus.client.get(self.streams.retrain_pending) or 0)
-            if asked:
-                self._retrain(f"requested by {asked[-1].message.by}")
-            elif self.config.enabled and pending >= self.config.after_good_views:
-                self._retrain(f"{pending} new good views labelled")
-            self.bus.ack(*new_labels, *asked)
+        self.loop.run(self._stop.is_set)
         return self.stats()
+
+    def _handle(self, batch: list[Delivery]) -> None:
+        labels = [d.message for d in batch if isinstance(d.message, Label)]
+        asked = [d.message for d in batch if isinstance(d.message, RetrainRequest)]
+        pending = self.state.add_good_views(
+            sum(self._views_of(label) for label in labels if label.label == "good")
+        )
+        if asked:
+            self._retrain(f"requested by {asked[-1].by}")
+        elif self.config.enabled and pending >= self.config.after_good_views:
+            self._retrain(f"{pending} new good views labelled")
+        self.bus.ack(*batch)
 
     def _views_of(self, label: Label) -> int:
         if label.camera is not None:
@@ -603,7 +555,7 @@ class TrainerActor(_Loop):
 
         event: dict = {"line": self.line, "trigger": trigger, "at": time.time()}
         active = self.registry.active()
-        used = {v.decode() for v in self.bus.client.smembers(self.streams.retrain_used)}
+        used = self.state.used()
         pool = gather_labelled(
             labels_of(self.bus.client, self.line), self.samples, self.config.holdout, used
         )
@@ -637,10 +589,10 @@ class TrainerActor(_Loop):
             }
             if judgement.publishable and self.config.auto_promote:
                 self.registry.promote(candidate.id)
-                self.bus.client.sadd(self.streams.retrain_used, *pool.train_views)
+                self.state.mark_used(pool.train_views)
                 event["outcome"] = "promoted"
             else:
                 event["outcome"] = "candidate" if judgement.publishable else "rejected"
         self.count(f"retrain_{event['outcome'].replace(' ', '_')}")
-        self.bus.client.set(self.streams.retrain_pending, 0)
+        self.state.reset()
         self.bus.publish(self.streams.model_events, RetrainOutcome(**event))

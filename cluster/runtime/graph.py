@@ -19,10 +19,10 @@ from cluster.runtime.actors import (
     TrainerActor,
 )
 from cluster.runtime.registry import Registry, RegistryError
-from cluster.runtime.settings import CameraConfig, LineConfig, SampleConfig
+from cluster.runtime.settings import CameraConfig, LineConfig, LineRun
 from cluster.transport.bus import StreamBus
 from cluster.transport.connection import RedisAccess
-from cluster.transport.streams import Streams, line_groups, next_product_seq
+from cluster.transport.streams import JoinSteps, Streams, line_groups, next_product_seq
 from workers.contract import InputContract
 from workers.differnet.store import ModelError, check_model
 
@@ -134,6 +134,8 @@ def line_cpus(line: LineConfig, res: LineResources | None = None) -> float:
 class RunningLine:
     config: LineConfig  # its crop settings resolved against its model
     client: redis.Redis  # to the line's Redis, for the driver
+    access: RedisAccess  # to the same, for its actors
+    run: LineRun
     ingest: list = field(default_factory=list)
     detect: list = field(default_factory=list)
     score: list = field(default_factory=list)
@@ -176,24 +178,37 @@ def start_line(
     line: LineConfig,
     access: RedisAccess,
     model_dir: Path,
+    run: LineRun | None = None,
     *,
-    maxlen: int = 100_000,
     resources: LineResources | None = None,
-    sample_dir: Path | None = None,
-    retention: SampleConfig | None = None,
-    candidates_dir: Path | None = None,
     start_timeout_s: float = 300.0,
     activate: bool = False,
 ) -> RunningLine:
     """Start one line's actors, its crops cut as its model learned them (:func:`resolve_line`).
-    With ``sample_dir``, every view and verdict is kept there; with ``candidates_dir`` too, a
-    trainer retrains from QA's labels and writes models there. ``activate``: inspect with
-    ``model_dir`` even where the registry has another active version.
+    ``run``: what its actors share (with a ``sample_dir``, every view and verdict is kept there;
+    with ``candidates_dir`` too, a trainer retrains from QA's labels and writes models there).
+    ``activate``: inspect with ``model_dir`` even where the registry has another active version.
     Actors still unplaced after ``start_timeout_s`` (the cluster lacks what they ask for) end
     the start with :class:`StageFailed`, the line's actors released."""
     client = access.connect()
     line, _ = resolve_line(client, line, model_dir, activate=activate)
-    registry = Registry(client, line.id)
+    _activate(Registry(client, line.id), line, model_dir, activate)
+    res = resources or line_resources(line, _have("GPU"))
+    running = RunningLine(line, client, access, run or LineRun(), resources=res)
+    # Every camera numbers from the line's next product again: earlier re-synchronisations are
+    # void. (An aggregator Ray restarts later finds the ones made since in Redis.)
+    JoinSteps(client, line.id).clear()
+    _start_workers(running)
+    # Consumers first: their groups exist before the first frame is published.
+    _await_started(running, start_timeout_s)
+    for actor in running.workers:
+        running.runs[actor] = actor.run.remote()
+    start_ingest(running, line.cameras)
+    return running
+
+
+def _activate(registry: Registry, line: LineConfig, model_dir: Path, activate: bool) -> None:
+    """Record the line's crops, then make sure a model that learned them is active."""
     # Recorded before a version is activated: a model promoted later must match these crops.
     registry.set_line_crops(line.crops)
     try:
@@ -203,55 +218,38 @@ def start_line(
             registry.ensure_active(model_dir)
     except RegistryError as exc:
         raise StageFailed(str(exc)) from None
-    res = resources or line_resources(line, _have("GPU"))
-    retention = retention or SampleConfig()
-    samples = str(sample_dir) if sample_dir else None
-    cams = [c.id for c in line.cameras]
-    running = RunningLine(line, client, resources=res)
-    # Every camera numbers from the line's next product again: earlier re-synchronisations are
-    # void. (An aggregator Ray restarts later finds the ones made since in Redis.)
-    client.delete(Streams(line.id).join_steps)
+
+
+def _start_workers(running: RunningLine) -> None:
+    """The aggregator, scorers, trainer (where the line keeps samples and candidates) and
+    detectors, each with the line's resources."""
+    line, res, access, run = running.config, running.resources, running.access, running.run
     running.aggregator = AggregatorActor.options(
         num_cpus=res.aggregate_cpus, **ACTOR_OPTIONS
-    ).remote(
-        access,
-        maxlen,
-        line.id,
-        cams,
-        line.view_timeout_s,
-        line.max_camera_spread_s,
-        samples,
-        retention.max_products,
-        retention.max_age_h * 3600 if retention.max_age_h else None,
-        line.keep_processed_images_s,
-    )
+    ).remote(access, run, line)
     for i in range(line.replicas.score):
         running.score.append(
             ScorerActor.options(
                 num_cpus=res.score_cpus, num_gpus=res.score_gpus, **ACTOR_OPTIONS
-            ).remote(access, maxlen, line, i, sample_dir=samples)
+            ).remote(access, run, line, i)
         )
-    if samples and candidates_dir and line.retrain.enabled:
+    if run.sample_dir and run.candidates_dir and line.retrain.enabled:
         running.trainer = TrainerActor.options(
             num_cpus=res.train_cpus, num_gpus=res.train_gpus, **ACTOR_OPTIONS
-        ).remote(
-            access,
-            maxlen,
-            line.id,
-            samples,
-            str(candidates_dir),
-            line.retrain.model_dump(),
-            line.target_tpr,
-        )
+        ).remote(access, run, line)
     for i in range(line.replicas.detect):
         running.detect.append(
             DetectMatteActor.options(
                 num_cpus=res.detect_cpus, num_gpus=res.detect_gpus, **ACTOR_OPTIONS
-            ).remote(access, maxlen, line, i)
+            ).remote(access, run, line, i)
         )
-    # Consumers first: their groups exist before the first frame is published.
+
+
+def _await_started(running: RunningLine, timeout_s: float) -> None:
+    """Every worker answering, else :class:`StageFailed` with the workers released."""
+    line, res = running.config, running.resources
     try:
-        ray.get([a.ping.remote() for a in running.workers], timeout=start_timeout_s)
+        ray.get([a.ping.remote() for a in running.workers], timeout=timeout_s)
     except ray.exceptions.RayActorError as exc:  # its constructor failed (no Redis, no model)
         for actor in running.workers:
             ray.kill(actor, no_restart=True)
@@ -260,15 +258,11 @@ def start_line(
         for actor in running.workers:  # those that did start would hold their resources
             ray.kill(actor, no_restart=True)
         raise StageFailed(
-            f"line {line.id}: its actors did not all start within {start_timeout_s:g} s; they "
+            f"line {line.id}: its actors did not all start within {timeout_s:g} s; they "
             f"ask for {line_cpus(line, res):g} CPUs and {line_gpus(line, res):g} GPUs, the "
             f"cluster has {_have('CPU'):g} and {_have('GPU'):g} (add nodes, or lower the "
             "line's replicas or resources)"
         ) from None
-    for actor in running.workers:
-        running.runs[actor] = actor.run.remote()
-    start_ingest(running, access, line.cameras, maxlen=maxlen)
-    return running
 
 
 def _cause(exc: ray.exceptions.RayError) -> str:
@@ -281,13 +275,7 @@ def _have(resource: str) -> float:
     return ray.cluster_resources().get(resource, 0.0)
 
 
-def start_ingest(
-    running: RunningLine,
-    access: RedisAccess,
-    cameras: list[CameraConfig],
-    *,
-    maxlen: int = 100_000,
-) -> None:
+def start_ingest(running: RunningLine, cameras: list[CameraConfig]) -> None:
     """Start ingest actors for ``cameras`` (the line's, or new sources that continue it), with
     the line's resources.
 
@@ -302,24 +290,13 @@ def start_ingest(
         running.ingest.remove(actor)
         running.cameras.pop(actor)
         running.retired[actor] = running.runs.pop(actor)
-    first = next_product_seq(access.connect(), line, [c.id for c in cameras])
+    first = next_product_seq(running.client, line, [c.id for c in cameras])
     started = []
     for cam in cameras:
         gpus = res.ingest_gpus if cam.matting_model else 0.0
         actor = CameraIngestActor.options(
             num_cpus=res.ingest_cpus, num_gpus=gpus, **ACTOR_OPTIONS
-        ).remote(
-            access,
-            maxlen,
-            line,
-            cam.id,
-            cam.source,
-            cam.fps,
-            str(cam.matting_model) if cam.matting_model else None,
-            str(cam.background) if cam.background else None,
-            first,
-            cam.frame_stride,
-        )
+        ).remote(running.access, running.run, line, cam, first)
         running.ingest.append(actor)
         running.cameras[actor] = cam.id
         started.append(actor)

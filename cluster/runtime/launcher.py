@@ -99,10 +99,7 @@ class Lines:
                     line,
                     self.redis.access(line.id),
                     self.model_dir(line),
-                    maxlen=self.settings.stream_maxlen,
-                    sample_dir=self.settings.sample_dir.resolve(),
-                    retention=self.settings.samples,
-                    candidates_dir=(self.settings.model_dir / line.id / "candidates").resolve(),
+                    self.settings.line_run(line),
                     resources=line_resources,
                     activate=activate,
                 )

@@ -223,6 +223,17 @@ class SampleConfig(_Strict):
     max_age_h: float | None = Field(default=24 * 14, gt=0)
 
 
+class LineRun(_Strict):
+    """What a started line's actors share beyond its config (from the top-level settings)."""
+
+    maxlen: int = Field(default=100_000, ge=100, description="entries a stream keeps, about")
+    sample_dir: Path | None = Field(default=None, description="None: no sample store")
+    retention: SampleConfig = Field(default_factory=SampleConfig)
+    candidates_dir: Path | None = Field(
+        default=None, description="where the trainer writes candidates; None: no trainer"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DEFECTFLOW_", env_nested_delimiter="__", extra="forbid"
@@ -258,6 +269,15 @@ class Settings(BaseSettings):
     @property
     def sample_dir(self) -> Path:
         return self.samples.dir or self.data_dir / "samples"
+
+    def line_run(self, line: LineConfig) -> LineRun:
+        """What the actors of ``line`` share, its paths absolute (actors run elsewhere)."""
+        return LineRun(
+            maxlen=self.stream_maxlen,
+            sample_dir=self.sample_dir.resolve(),
+            retention=self.samples,
+            candidates_dir=(self.model_dir / line.id / "candidates").resolve(),
+        )
 
     def redis_access(self, line: LineConfig | None = None) -> RedisAccess | None:
         """How to reach the Redis of ``line`` (its own, else the top level's), None for the

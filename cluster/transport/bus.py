@@ -9,14 +9,18 @@ and acknowledged, so one bad message never blocks a stream.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import redis
 
 from schemas import Message, SchemaError
+from schemas.base import KIND_FIELD
 
 M = TypeVar("M", bound=Message)
+# What a stream carries: one message type, or several told apart by their kind.
+MessageTypes = type[Message] | tuple[type[Message], ...]
 
 log = logging.getLogger(__name__)
 
@@ -115,28 +119,47 @@ class StreamBus:
         streams: str | list[str],
         group: str,
         consumer: str,
-        message_type: type[M],
+        message_type: MessageTypes,
         *,
         count: int = 16,
         block_ms: int | None = 1000,
-        own_pending: bool = False,
-    ) -> list[Delivery[M]]:
-        """Read up to ``count`` new entries (per stream) for ``consumer``.
-
-        Waits up to ``block_ms`` when there are none. With ``own_pending``, returns instead the
-        entries this consumer was given before and has not acknowledged: a restarted consumer
-        finishes its own work first.
-        """
+    ) -> list[Delivery]:
+        """Read up to ``count`` new entries (per stream) for ``consumer``; waits up to
+        ``block_ms`` when there are none. ``message_type``: what the streams carry (a type, or
+        several told apart by their ``kind``)."""
         names = [streams] if isinstance(streams, str) else list(streams)
-        start = "0" if own_pending else ">"
         reply = self.client.xreadgroup(
-            group,
-            consumer,
-            dict.fromkeys(names, start),
-            count=count,
-            block=None if own_pending else block_ms,
+            group, consumer, dict.fromkeys(names, ">"), count=count, block=block_ms
         )
-        out: list[Delivery[M]] = []
+        return self._decode_reply(reply, group, message_type)
+
+    def own_pending(
+        self,
+        streams: list[str],
+        group: str,
+        consumer: str,
+        message_type: MessageTypes,
+        *,
+        count: int = 256,
+    ) -> Iterator[list[Delivery]]:
+        """The entries ``consumer`` was given before and has not acknowledged, ``count`` at a
+        time, oldest first, each once (a restarted consumer finishes its own work first)."""
+        after = dict.fromkeys(streams, "0")
+        while after:
+            reply = self.client.xreadgroup(group, consumer, after, count=count)
+            for stream, entries in reply or []:
+                name = stream.decode() if isinstance(stream, bytes) else stream
+                if not entries:
+                    after.pop(name, None)
+                    continue
+                last = entries[-1][0]
+                after[name] = last.decode() if isinstance(last, bytes) else last
+            if not any(entries for _, entries in reply or []):
+                return
+            yield self._decode_reply(reply, group, message_type)
+
+    def _decode_reply(self, reply, group: str, message_type: MessageTypes) -> list[Delivery]:
+        out: list[Delivery] = []
         for stream, entries in reply or []:
             name = stream.decode() if isinstance(stream, bytes) else stream
             out += self._decode(name, group, message_type, entries)
@@ -147,11 +170,11 @@ class StreamBus:
         stream: str,
         group: str,
         consumer: str,
-        message_type: type[M],
+        message_type: MessageTypes,
         *,
         min_idle_ms: int,
         count: int = 16,
-    ) -> list[Delivery[M]]:
+    ) -> list[Delivery]:
         """Take over entries pending at other consumers for at least ``min_idle_ms``."""
         claimed: list = []
         cursor = "0-0"
@@ -248,18 +271,21 @@ class StreamBus:
         log.warning("%s entry %s (group %s) dead-lettered: %s", stream, entry_id, group, reason)
 
     def _decode(
-        self, stream: str, group: str, message_type: type[M], entries: list
-    ) -> list[Delivery[M]]:
+        self, stream: str, group: str, message_type: MessageTypes, entries: list
+    ) -> list[Delivery]:
         self._ack_lost(stream, group, [entry_id for entry_id, fields in entries if not fields])
         out: list[Delivery[M]] = []
         for raw_id, fields in entries:
             if not fields:
                 continue
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            kinds = message_type if isinstance(message_type, tuple) else (message_type,)
+            kind = fields.get(KIND_FIELD, b"").decode(errors="replace")
+            expected = next((t for t in kinds if t.kind == kind), kinds[0])
             try:
-                message = message_type.from_entry(fields)
+                message = expected.from_entry(fields)
             except SchemaError as exc:
-                self.dead_letter(stream, group, entry_id, fields, f"{message_type.kind}: {exc}")
+                self.dead_letter(stream, group, entry_id, fields, f"{expected.kind}: {exc}")
                 continue
             out.append(Delivery(stream, group, entry_id, message))
         return out

@@ -179,6 +179,49 @@ class DecidedProducts:
         return (size - 1) * 8 + 8 - (last & -last).bit_length()
 
 
+class JoinSteps:
+    """Each camera's re-synchronisation steps (JSON per camera), kept for a restarted
+    aggregator."""
+
+    def __init__(self, client, line: str):
+        self.client = client
+        self.key = Streams(line).join_steps
+
+    def load(self) -> dict[str, list]:
+        return {c.decode(): json.loads(v) for c, v in self.client.hgetall(self.key).items()}
+
+    def save(self, steps: dict[str, list]) -> None:
+        self.client.hset(self.key, mapping={c: json.dumps(s) for c, s in steps.items()})
+
+    def clear(self) -> None:
+        self.client.delete(self.key)
+
+
+class RetrainState:
+    """What the trainer keeps between retrainings: good views labelled since the last one, and
+    the products a promoted model has learned (never learned twice)."""
+
+    def __init__(self, client, line: str):
+        self.client = client
+        self.streams = Streams(line)
+
+    def add_good_views(self, n: int) -> int:
+        """Count ``n`` more good views; the count since the last retraining."""
+        if n:
+            return int(self.client.incrby(self.streams.retrain_pending, n))
+        return int(self.client.get(self.streams.retrain_pending) or 0)
+
+    def reset(self) -> None:
+        self.client.set(self.streams.retrain_pending, 0)
+
+    def used(self) -> set[str]:
+        return {v.decode() for v in self.client.smembers(self.streams.retrain_used)}
+
+    def mark_used(self, products) -> None:
+        if products:
+            self.client.sadd(self.streams.retrain_used, *products)
+
+
 def next_product_seq(client, line: str, cameras: list[str]) -> int:
     """The number the line's next product gets: one past every product it has seen.
 
