@@ -27,10 +27,11 @@ import ray
 from bench.report import emit
 from cluster.demo import line_config, split_halves, train_line_model
 from cluster.runtime.graph import drain_and_stop, line_cpus, start_ingest, start_line
-from cluster.runtime.registry import Registry
 from cluster.runtime.settings import LineRun, ReplicaConfig, RetrainConfig
+from cluster.transport.bus import StreamBus
 from cluster.transport.connection import EmbeddedRedis
 from cluster.transport.qa import record_label
+from cluster.transport.registry import Registry
 from cluster.transport.streams import Streams, reset_line
 from schemas import Label, RetrainOutcome, RetrainRequest, Verdict, ViewScore
 from workers.qa.samples import SampleStore
@@ -40,13 +41,13 @@ from workers.simulation.simulate import LineSpec, render_line
 WARM_LIGHT = (0.8, 1.0, 1.25)
 
 
-def wait_verdicts(client, line: str, count: int, timeout_s: float) -> list[Verdict]:
+def wait_verdicts(bus: StreamBus, line: str, count: int, timeout_s: float) -> list[Verdict]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if client.xlen(Streams(line).verdicts) >= count:
+        if bus.length(Streams(line).verdicts) >= count:
             break
         time.sleep(0.5)
-    return [Verdict.from_entry(f) for _, f in client.xrange(Streams(line).verdicts)]
+    return [v for _, v in bus.read(Streams(line).verdicts, Verdict)]
 
 
 def rates(products: list[tuple[bool, bool]]) -> dict:
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with EmbeddedRedis(out / "redis") as server:
         client = server.access.connect()
+        bus = StreamBus(client)
         streams = Streams(line.id)
         reset_line(client, line.id, [c.id for c in line.cameras], samples)
         client.delete(streams.models, streams.model_history, streams.model_events)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             running = start_line(line, server.access, model_dir, run, activate=True)
             before = Registry(client, line.id).active_id()
-            got = wait_verdicts(client, line.id, args.products_a, timeout_s=1800)
+            got = wait_verdicts(bus, line.id, args.products_a, timeout_s=1800)
             truth = {p["seq"]: p["defective"] for p in lines["a"]["products"]}
             for v in got:
                 label = "defect" if truth[v.product_seq] else "good"
@@ -132,22 +134,20 @@ def main(argv: list[str] | None = None) -> dict:
                     ),
                     replace=True,
                 )
-            client.xadd(
-                Streams(line.id).retrain_requests,
-                RetrainRequest(line=line.id, by="bench", at=time.time()).to_entry(),
+            bus.publish(
+                streams.retrain_requests, RetrainRequest(line=line.id, by="bench", at=time.time())
             )
             outcome = None
             deadline = time.monotonic() + 3600
             while outcome is None and time.monotonic() < deadline:
-                reply = client.xread({Streams(line.id).model_events: "0"}, block=1000, count=1)
-                if reply:
-                    outcome = RetrainOutcome.from_entry(reply[0][1][0][1])
+                events = bus.wait(streams.model_events, RetrainOutcome, "0", block_ms=1000)
+                outcome = events[0][1] if events else None
             start_ingest(running, phase_b)
-            got = wait_verdicts(client, line.id, args.products_a + args.products_b, timeout_s=1800)
+            got = wait_verdicts(bus, line.id, args.products_a + args.products_b, timeout_s=1800)
             stats = drain_and_stop([running], timeout_s=600)
         finally:
             ray.shutdown()
-        scores = [ViewScore.from_entry(f) for _, f in client.xrange(Streams(line.id).scores)]
+        scores = [score for _, score in bus.read(streams.scores, ViewScore)]
 
     truth = {p["seq"]: p["defective"] for p in lines["a"]["products"]}
     truth |= {args.products_a + p["seq"]: p["defective"] for p in lines["b"]["products"]}

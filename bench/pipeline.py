@@ -53,9 +53,10 @@ from cluster.demo import (
 )
 from cluster.runtime.graph import drain_and_stop, line_cpus, start_line
 from cluster.runtime.settings import CameraConfig, LineConfig, ReplicaConfig
+from cluster.transport.bus import StreamBus
 from cluster.transport.connection import EmbeddedRedis, RedisAccess
 from cluster.transport.streams import Streams, reset_line
-from schemas import ProductView, Verdict
+from schemas import CameraFrame, ProductView, Verdict
 from workers.differnet.store import load_model
 from workers.frontend.stages import CameraIngest, DetectMatte, NoProductFound
 from workers.images import encode_png
@@ -121,8 +122,7 @@ def _load_scorer(model_dir: str) -> None:
 
 def _score_share(access: RedisAccess, stream: str, share: int, shares: int) -> float:
     """Score every ``shares``-th view from ``share`` on; the seconds that took."""
-    client = access.connect()
-    views = [ProductView.from_entry(f) for _, f in client.xrange(stream)][share::shares]
+    views = [v for _, v in StreamBus(access.connect()).read(stream, ProductView)][share::shares]
     t0 = time.monotonic()
     for i in range(0, len(views), 8):
         _standalone.score(views[i : i + 8])
@@ -171,11 +171,13 @@ def steady_window_s(client, streams: Streams, cameras: list[str]) -> float:
     runs for months, it starts once.
     """
 
-    def entry_ms(entries) -> int:
-        return int(entries[0][0].split(b"-")[0])
+    bus = StreamBus(client)
 
-    first = min(entry_ms(client.xrange(streams.frames(c), count=1)) for c in cameras)
-    return (entry_ms(client.xrevrange(streams.verdicts, count=1)) - first) / 1e3
+    def entry_ms(entries) -> int:
+        return int(entries[0][0].split("-")[0])
+
+    first = min(entry_ms(bus.read(streams.frames(c), CameraFrame, count=1)) for c in cameras)
+    return (entry_ms(bus.newest(streams.verdicts, Verdict)) - first) / 1e3
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                 finally:
                     ray.shutdown()
                 pipeline_s = steady_window_s(client, s, manifest["cameras"])
-                verdicts = [Verdict.from_entry(f) for _, f in client.xrange(s.verdicts)]
-                views = [ProductView.from_entry(f) for _, f in client.xrange(s.views)]
+                verdicts = [v for _, v in StreamBus(client).read(s.verdicts, Verdict)]
+                views = [v for _, v in StreamBus(client).read(s.views, ProductView)]
                 summary = summarize(manifest, verdicts, pipeline_s, 0)
                 # The same model on the same views, standalone: the cost of scoring alone.
                 standalone_pps = (len(views) / len(manifest["cameras"])) / standalone_scoring_s(

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.runtime.settings import CameraConfig, LineConfig, ReplicaConfig, SampleConfig
+from cluster.transport.qa import read_verdicts
 from schemas import Verdict
 from workers.contract import CropSpec, InputContract
 from workers.datasets import list_test_samples, list_train_samples, split_stratified
@@ -300,11 +301,12 @@ def write_outputs(
         annotate_video(video, out / f"annotated_{cam}.mp4", decisions, fps)
 
 
-def watch_verdicts(client, stream: str, last_id: str, on_verdict: Callable[[Verdict], None]) -> str:
-    """Hand every verdict after ``last_id`` to ``on_verdict``; return the new last id."""
-    for entry_id, fields in client.xrange(stream, min=f"({last_id}" if last_id != "0" else "-"):
-        on_verdict(Verdict.from_entry(fields))
-        last_id = entry_id.decode()
+def watch_verdicts(client, line: str, last_id: str, on_verdict: Callable[[Verdict], None]) -> str:
+    """Hand every verdict of ``line`` after ``last_id`` to ``on_verdict``; the new last id."""
+    for entry in read_verdicts(client, line, after=last_id):
+        if entry.verdict is not None:
+            on_verdict(entry.verdict)
+        last_id = entry.entry_id
     return last_id
 
 

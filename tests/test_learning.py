@@ -17,10 +17,10 @@ from cluster.apps.cli import app
 from cluster.demo import line_config
 from cluster.runtime.actors import TrainerActor
 from cluster.runtime.graph import LineResources, drain_and_stop, start_line
-from cluster.runtime.registry import Registry, RegistryError
 from cluster.runtime.settings import LineConfig, LineRun, ReplicaConfig, RetrainConfig
 from cluster.transport.connection import EmbeddedRedis
 from cluster.transport.qa import record_label
+from cluster.transport.registry import Registry, RegistryError
 from cluster.transport.streams import Streams
 from schemas import Label, RetrainOutcome, RetrainRequest, Verdict, ViewScore
 from tests.synthetic import LINE_FRAME as FRAME

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.runtime.registry import Registry, RegistryError
 from cluster.runtime.settings import LineConfig, Settings
 from cluster.transport.bus import StreamBus
 from cluster.transport.connection import RedisAccess, RedisUnavailable, line_password_env
+from cluster.transport.registry import Registry, RegistryError
 from cluster.transport.streams import Streams
 from schemas import ProductView, RetrainRequest, Verdict
 from tests.conftest import PASSWORD, PLANT_PASSWORD, free_port

@@ -249,7 +249,7 @@ def test_dashboard_labelling_needs_the_token(dashboard, redis_client):
 
 def test_event_stream_sends_new_verdicts_with_their_ids(line_state):
     client, store, verdicts = line_state
-    events = _verdict_events(client, "verdicts:{line-a}", "0")
+    events = _verdict_events(client, "line-a", "0")
     assert next(events).startswith("retry:")
     first = next(events)
     assert first.startswith("id: ") and "event: verdict" in first

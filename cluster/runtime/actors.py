@@ -19,10 +19,10 @@ import ray
 
 from cluster.runtime.loop import StageInput, StageLoop
 from cluster.runtime.metrics import LineMetrics, count_new
-from cluster.runtime.registry import Registry, RegistryError
 from cluster.runtime.settings import CameraConfig, LineConfig, LineRun
 from cluster.transport.bus import Delivery, StreamBus
 from cluster.transport.connection import RedisAccess
+from cluster.transport.registry import Registry, RegistryError
 from cluster.transport.streams import (
     DecidedProducts,
     JoinSteps,

@@ -18,10 +18,10 @@ from cluster.runtime.actors import (
     ScorerActor,
     TrainerActor,
 )
-from cluster.runtime.registry import Registry, RegistryError
 from cluster.runtime.settings import CameraConfig, LineConfig, LineRun
 from cluster.transport.bus import StreamBus
 from cluster.transport.connection import RedisAccess
+from cluster.transport.registry import Registry, RegistryError
 from cluster.transport.streams import JoinSteps, Streams, line_groups, next_product_seq
 from workers.contract import InputContract
 from workers.differnet.store import ModelError, check_model

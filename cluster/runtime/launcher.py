@@ -28,8 +28,8 @@ from cluster.runtime.graph import (
     start_line,
 )
 from cluster.runtime.line_redis import LineRedis
-from cluster.runtime.registry import Registry
 from cluster.runtime.settings import LineConfig, Settings
+from cluster.transport.registry import Registry
 from cluster.transport.streams import reset_line
 from workers.contract import ContractConflict
 from workers.qa.samples import SampleStore

@@ -106,6 +106,36 @@ class StreamBus:
         )
         return entry_id.decode()
 
+    def length(self, stream: str) -> int:
+        return self.client.xlen(stream)
+
+    def read(
+        self, stream: str, message_type: type[M], *, after: str = "-", count: int | None = None
+    ) -> list[tuple[str, M]]:
+        """(entry id, message) of the entries after id ``after`` (exclusive; ``-``: from the
+        first), oldest first, outside any consumer group. A malformed entry raises
+        ``SchemaError``: readers that must go on past one use ``cluster.transport.qa``."""
+        start = "-" if after in ("-", "0") else f"({after}"
+        return [
+            (i.decode(), message_type.from_entry(f))
+            for i, f in self.client.xrange(stream, min=start, count=count)
+        ]
+
+    def newest(self, stream: str, message_type: type[M], count: int = 1) -> list[tuple[str, M]]:
+        """The ``count`` newest entries, newest first."""
+        return [
+            (i.decode(), message_type.from_entry(f))
+            for i, f in self.client.xrevrange(stream, count=count)
+        ]
+
+    def wait(
+        self, stream: str, message_type: type[M], after: str, block_ms: int, count: int = 100
+    ) -> list[tuple[str, M]]:
+        """Entries after id ``after`` (``$``: from now on), waiting up to ``block_ms`` for the
+        first of them."""
+        reply = self.client.xread({stream: after}, block=block_ms, count=count)
+        return [(i.decode(), message_type.from_entry(f)) for _, e in reply or [] for i, f in e]
+
     def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
         """Create the consumer group (and the stream) unless it exists."""
         try:

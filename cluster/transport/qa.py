@@ -68,11 +68,32 @@ def _decode(entry_id: bytes, fields: dict) -> VerdictEntry:
 
 
 def read_verdicts(
-    client: redis.Redis, line: str, since: float | None = None, count: int | None = None
+    client: redis.Redis,
+    line: str,
+    since: float | None = None,
+    count: int | None = None,
+    after: str | None = None,
 ) -> list[VerdictEntry]:
-    """Verdicts of ``line`` published at or after ``since`` (stream ids are publish times)."""
+    """Verdicts of ``line`` published at or after ``since`` (stream ids are publish times), or
+    after the entry ``after``, oldest first."""
     start = f"{int(since * 1000)}-0" if since is not None else "-"
+    if after not in (None, "0"):
+        start = f"({after}"
     return [_decode(i, f) for i, f in client.xrange(Streams(line).verdicts, min=start, count=count)]
+
+
+def newest_verdicts(client: redis.Redis, line: str, count: int) -> list[VerdictEntry]:
+    """The ``count`` newest verdicts of ``line``, newest first."""
+    return [_decode(i, f) for i, f in client.xrevrange(Streams(line).verdicts, count=count)]
+
+
+def verdicts_after(
+    client: redis.Redis, line: str, after: str, block_ms: int, count: int = 100
+) -> list[VerdictEntry]:
+    """Verdicts of ``line`` after entry ``after`` (``$``: from now on), waiting up to
+    ``block_ms`` for the first."""
+    reply = client.xread({Streams(line).verdicts: after}, block=block_ms, count=count)
+    return [_decode(i, f) for _, entries in reply or [] for i, f in entries]
 
 
 def follow_verdicts(

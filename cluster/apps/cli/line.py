@@ -53,7 +53,7 @@ def started_lines(settings, *, replay: bool, activate: bool = False):
 
 
 def _active_model(client, line_id: str) -> str:
-    from cluster.runtime.registry import Registry
+    from cluster.transport.registry import Registry
 
     active = Registry(client, line_id).active()
     return f"{active.id} ({active.path})" if active else "-"
@@ -107,6 +107,7 @@ def demo(
     from rich.table import Table
 
     from cluster import demo as line_demo
+    from cluster.transport.bus import StreamBus
     from cluster.transport.streams import Streams
     from workers.datasets import DatasetError
     from workers.differnet.store import load_model
@@ -192,14 +193,14 @@ def demo(
 
             def show_verdicts() -> None:
                 nonlocal last
-                last = line_demo.watch_verdicts(client, streams.verdicts, last, add)
+                last = line_demo.watch_verdicts(client, line.id, last, add)
                 live.update(render())
 
             stats = finish_lines(lines, while_waiting=show_verdicts)
             show_verdicts()
         seconds = elapsed()
         summary = line_demo.summarize(
-            manifest, verdicts, seconds, client.xlen(streams.dead_letters)
+            manifest, verdicts, seconds, StreamBus(client).length(streams.dead_letters)
         )
         line_demo.write_outputs(out, out / "line-test", manifest, verdicts, manifest["spec"]["fps"])
         (out / "summary.json").write_text(

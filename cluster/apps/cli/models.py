@@ -28,14 +28,14 @@ LINE = typer.Option(..., "--line", help="line id")
 
 
 def _registry(client, line: str):
-    from cluster.runtime.registry import Registry
+    from cluster.transport.registry import Registry
 
     return Registry(client, line)
 
 
 def _on_registry(line: str, config, redis_url, data_dir, change, keeps_active: bool = False):
     """Run ``change(registry)``; a refusal is a clear error (and says the active model stays)."""
-    from cluster.runtime.registry import RegistryError
+    from cluster.transport.registry import RegistryError
 
     with qa_session(config, redis_url, data_dir) as (_, redis_of):
         client = redis_of(line)
@@ -182,10 +182,9 @@ def retrain(
 
     streams = Streams(line)
     with qa_session(config, redis_url, data_dir) as (_, redis_of):
-        client = redis_of(line)
-        last = client.xrevrange(streams.model_events, count=1)
-        after = last[0][0].decode() if last else "0"
-        bus = StreamBus(client)
+        bus = StreamBus(redis_of(line))
+        newest = bus.newest(streams.model_events, RetrainOutcome)
+        after = newest[0][0] if newest else "0"
         bus.publish(
             streams.retrain_requests,
             RetrainRequest(line=line, by=getpass.getuser(), at=time.time()),
@@ -195,9 +194,9 @@ def retrain(
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            reply = client.xread({streams.model_events: after}, block=1000, count=1)
-            if reply:
-                outcome = RetrainOutcome.from_entry(reply[0][1][0][1])
+            events = bus.wait(streams.model_events, RetrainOutcome, after, block_ms=1000, count=1)
+            if events:
+                [(_, outcome)] = events
                 typer.echo(outcome.model_dump_json())
                 if outcome.outcome in ("rejected", "not retrained"):
                     raise fail(f"{outcome.outcome}: {outcome.why}", code=2)

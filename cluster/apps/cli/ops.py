@@ -28,8 +28,8 @@ ACTOR_CLASSES = (
 
 
 def line_status(client, line: str, cameras: list[str]) -> dict:
-    from cluster.runtime.registry import Registry
     from cluster.transport.bus import StreamBus
+    from cluster.transport.registry import Registry
     from cluster.transport.streams import Streams, line_groups
 
     bus = StreamBus(client)
@@ -37,11 +37,11 @@ def line_status(client, line: str, cameras: list[str]) -> dict:
     groups = line_groups(streams, cameras)
     return {
         "streams": {
-            name: client.xlen(name)
+            name: bus.length(name)
             for name in [s for s, _ in groups] + [streams.verdicts, streams.labels]
         },
         "lag": {f"{stream}/{group}": bus.lag(stream, group) for stream, group in groups},
-        "dead_letters": client.xlen(streams.dead_letters),
+        "dead_letters": bus.length(streams.dead_letters),
         "active_model": Registry(client, line).active_id(),
         "shadow_model": Registry(client, line).shadow_id(),
     }

@@ -22,7 +22,15 @@ from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.transport.qa import LabelError, labels_of, line_ids, read_verdicts, record_label
+from cluster.transport.qa import (
+    LabelError,
+    labels_of,
+    line_ids,
+    newest_verdicts,
+    read_verdicts,
+    record_label,
+    verdicts_after,
+)
 from cluster.transport.streams import Streams
 from schemas import Label, Verdict
 from workers.qa.samples import SampleError, SampleStore, parse_product_id
@@ -83,13 +91,9 @@ def create_app(
 
     @app.get("/api/lines/{line}/verdicts")
     def get_verdicts(line: str, limit: int = 50) -> dict:
-        entries = redis_of(line).xrevrange(Streams(line).verdicts, count=max(1, min(limit, 1000)))
-        out = []
-        for entry_id, fields in entries:
-            try:
-                out.append(_verdict_json(entry_id.decode(), Verdict.from_entry(fields)))
-            except ValueError:
-                continue  # a malformed entry is the aggregator's bug, not the reader's
+        entries = newest_verdicts(redis_of(line), line, max(1, min(limit, 1000)))
+        # A malformed entry is the aggregator's bug, not the reader's: left out.
+        out = [_verdict_json(e.entry_id, e.verdict) for e in entries if e.verdict is not None]
         return {"line": line, "verdicts": out}
 
     @app.get("/api/lines/{line}/stats")
@@ -133,7 +137,7 @@ def create_app(
         if start != "$" and not _ENTRY_ID.match(start):
             raise HTTPException(422, f"not a stream entry id: {start!r}")
         return StreamingResponse(
-            _verdict_events(redis_of(line), Streams(line).verdicts, start),
+            _verdict_events(redis_of(line), line, start),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -220,18 +224,17 @@ def _verdict_json(entry_id: str, verdict: Verdict) -> dict:
     return {"entry_id": entry_id, **verdict.model_dump(mode="json")}
 
 
-def _verdict_events(client: redis.Redis, stream: str, start: str) -> Iterator[str]:
+def _verdict_events(client: redis.Redis, line: str, start: str) -> Iterator[str]:
     last = start
     yield "retry: 2000\n\n"
     while True:
-        batch = client.xread({stream: last}, block=POLL_MS, count=100)
-        if not batch:
+        entries = verdicts_after(client, line, last, POLL_MS)
+        if not entries:
             yield ": keepalive\n\n"
             continue
-        for entry_id, fields in batch[0][1]:
-            last = entry_id.decode()
-            try:
-                data = _verdict_json(last, Verdict.from_entry(fields))
-            except ValueError:
+        for entry in entries:
+            last = entry.entry_id
+            if entry.verdict is None:
                 continue
+            data = _verdict_json(last, entry.verdict)
             yield f"id: {last}\nevent: verdict\ndata: {json.dumps(data)}\n\n"
