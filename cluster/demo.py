@@ -41,9 +41,8 @@ from workers.threshold import auroc, auroc_interval, target_tpr_threshold
 
 LINE = "demo"
 # The demo's crops are small (about 130 px tall): a 224 px input keeps their detail, and is fast.
-# With the patch memory, as the tile scorer: on the validation line's crops (MJPEG recordings)
-# the flow alone gave view AUROC 0.904 at T = 4, flow + memory 0.919 at T = 1 (product AUROC
-# 0.875 and 0.921).
+# With the patch memory, as the tile scorer: it ranks the line's views better than the flow
+# alone, at one test-time transform (docs/benchmarks.md).
 DEMO_MODEL = DifferNetConfig(image_size=224, train_transforms=4, tta=1)
 # How the demo line cuts its crops, written into its model's input contract (the line then
 # follows the model). ZeroBox's 10 % shrink per side. Whole-box masks: MTD tiles are rectangles,
@@ -57,15 +56,12 @@ DEMO_FRAME_STRIDE = 2
 # product's others is a neighbour's, its camera counting out of step.
 DEMO_MAX_CAMERA_SPREAD_S = 0.5
 # The training line shows every training image this many times, each time at another scale,
-# place and exposure. Product AUROC through the pipeline (bench.pipeline, 120-product test line):
-# 120 products drawn at random (about 360 of MTD's 761 images) 0.79, every image once 0.886,
-# twice 0.929 (0.964 with the gate on quarter-size frames).
+# place and exposure: the simulator is the augmentation, and random draws leave images out
+# (docs/benchmarks.md, "Tried").
 TRAIN_PASSES = 2
 # Each side of a training crop's box moves by up to this share of the frame's width (3 px at
-# 480 x 270), so that the line's model forgives a border a few pixels off: on seeds 0 to 4 of
-# bench.pipeline it then scored the true boxes 0.8, 0.0, 0.8, 2.5 and 5.8 points of accuracy
-# below its own line's crops (seeds 0 to 3 without jitter: 0.8, 5.0, 0.0 and 9.2). Twice as much
-# did worse on both crops (seed 4).
+# 480 x 270), so that the line's model forgives a border a few pixels off instead of learning
+# each product's border exactly; twice as much did worse (docs/benchmarks.md, "Tried").
 TRAIN_BOX_JITTER = 0.006
 
 

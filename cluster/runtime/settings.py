@@ -40,7 +40,9 @@ class _Strict(BaseModel):
 
 
 class CameraConfig(_Strict):
-    id: Name
+    """One camera of a line."""
+
+    id: Name = Field(description="letters, digits, - and _; unique in its line")
     source: str = Field(
         min_length=1,
         description="video file, folder of frames, or live stream URL (rtsp://, http://); "
@@ -78,16 +80,20 @@ class CameraConfig(_Strict):
 
 
 class ReplicaConfig(_Strict):
-    detect: int = Field(default=1, ge=1, le=256)
-    score: int = Field(default=1, ge=1, le=256)
+    """How many actors of each stage a line runs (the cameras have one each)."""
+
+    detect: int = Field(default=1, ge=1, le=256, description="detect + matte actors")
+    score: int = Field(default=1, ge=1, le=256, description="scorers (one per core on CPUs)")
 
 
 class RetrainConfig(_Strict):
     """When and how a line's trainer learns from QA's labels."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="run a trainer for the line")
     after_good_views: int = Field(default=100, ge=1, description="new good views that trigger it")
-    mode: Literal["finetune", "scratch"] = "finetune"
+    mode: Literal["finetune", "scratch"] = Field(
+        default="finetune", description="from the active model, or afresh"
+    )
     epochs: int | None = Field(default=None, ge=1, le=1000, description="default 10 / 40 by mode")
     holdout: float = Field(
         default=0.2, ge=0.05, le=0.5, description="labelled good products kept for validation"
@@ -100,13 +106,15 @@ class ResourceConfig(_Strict):
     GPUs, a scorer takes half of one, a YOLO detect+matte a quarter, a camera with a matting
     network a quarter, the trainer a whole one, all shrunk alike where the lines would not fit."""
 
-    ingest_cpus: float | None = Field(default=None, gt=0, le=64)
-    ingest_gpus: float | None = Field(default=None, ge=0, le=8)
-    detect_cpus: float | None = Field(default=None, gt=0, le=64)
-    detect_gpus: float | None = Field(default=None, ge=0, le=8)
-    score_cpus: float | None = Field(default=None, gt=0, le=64)
-    score_gpus: float | None = Field(default=None, ge=0, le=8)
-    train_gpus: float | None = Field(default=None, ge=0, le=8)
+    ingest_cpus: float | None = Field(default=None, gt=0, le=64, description="per camera [0.25]")
+    ingest_gpus: float | None = Field(
+        default=None, ge=0, le=8, description="per camera with a matting network"
+    )
+    detect_cpus: float | None = Field(default=None, gt=0, le=64, description="per detector [0.5]")
+    detect_gpus: float | None = Field(default=None, ge=0, le=8, description="per YOLO detector")
+    score_cpus: float | None = Field(default=None, gt=0, le=64, description="per scorer [1]")
+    score_gpus: float | None = Field(default=None, ge=0, le=8, description="per scorer")
+    train_gpus: float | None = Field(default=None, ge=0, le=8, description="the trainer's")
 
     @field_validator("ingest_gpus", "detect_gpus", "score_gpus", "train_gpus")
     @classmethod
@@ -119,13 +127,19 @@ class ResourceConfig(_Strict):
 
 
 class LineConfig(_Strict):
-    id: Name
-    cameras: list[CameraConfig] = Field(min_length=1)
-    replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    """One inspection line: its cameras, its model, how its stages run."""
+
+    id: Name = Field(description="letters, digits, - and _; every Redis key of the line has it")
+    cameras: list[CameraConfig] = Field(min_length=1, description="at least one")
+    replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="see below")
     model_dir: Path | None = Field(default=None, description="defaults to <model_dir>/<line id>")
-    target_tpr: float = Field(default=0.85, gt=0.0, le=1.0)
+    target_tpr: float = Field(
+        default=0.85, gt=0.0, le=1.0, description="recall the trainer's threshold rule keeps"
+    )
     threshold: float | None = Field(default=None, description="overrides the model's threshold")
-    view_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    view_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600, description="a product missing a view this long: incomplete"
+    )
     max_camera_spread_s: float | None = Field(
         default=None,
         gt=0,
@@ -150,21 +164,30 @@ class LineConfig(_Strict):
     # How the front end cuts crops: by default as the line's model learned them (its input
     # contract, workers/contract.py); a value set here must agree with the model's.
     box_margin: float | None = Field(
-        default=None, ge=0.0, le=0.5, description="crop: the box grows by this share per side"
+        default=None,
+        ge=0.0,
+        le=0.5,
+        description="crop: the box grows by this share per side [default: the model's input "
+        "contract, else 0.05]",
     )
     mask_shrink: float | None = Field(
-        default=None, ge=0.0, lt=0.5, description="matting: the mask is cut by this share per side"
+        default=None,
+        ge=0.0,
+        lt=0.5,
+        description="matting: the mask is cut by this share per side [the model's, else 0.1]",
     )
     mask_shape: MaskShape | None = Field(
         default=None,
         description="matting: the product's mask is its silhouette, the silhouette's convex hull "
-        "(convex products) or the whole detected box (rectangular products)",
+        "(convex products) or the whole detected box (rectangular products) [the model's, else "
+        "silhouette]",
     )
     view_max_side: int | None = Field(
         default=None,
         ge=32,
         le=4096,
-        description="views are scaled down to this many pixels on their longer side",
+        description="views are scaled down to this many pixels on their longer side [the "
+        "model's, else 320]",
     )
     yolo_weights: Path | None = Field(
         default=None, description="Ultralytics weights; default: the contour detector"
@@ -178,8 +201,8 @@ class LineConfig(_Strict):
     redis_password_file: Path | None = Field(
         default=None, description="file holding the password of the line's Redis"
     )
-    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
-    resources: ResourceConfig = Field(default_factory=ResourceConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="see below")
+    resources: ResourceConfig = Field(default_factory=ResourceConfig, description="see below")
 
     @model_validator(mode="after")
     def _unique_cameras(self):
@@ -220,7 +243,7 @@ class SampleConfig(_Strict):
 
     dir: Path | None = Field(default=None, description="default: <data_dir>/samples")
     max_products: int | None = Field(default=100_000, ge=1, description="per line")
-    max_age_h: float | None = Field(default=24 * 14, gt=0)
+    max_age_h: float | None = Field(default=24 * 14, gt=0, description="hours kept")
 
 
 class LineRun(_Strict):
@@ -253,11 +276,18 @@ class Settings(BaseSettings):
     redis_tls_cert_file: Path | None = Field(default=None, description="rediss://: client cert")
     redis_tls_key_file: Path | None = Field(default=None, description="rediss://: client key")
     ray_address: str | None = Field(default=None, description="none starts a local Ray")
-    data_dir: Path = Path(".defectflow")
-    model_dir: Path = Path(".defectflow/models")
-    stream_maxlen: int = Field(default=100_000, ge=100)
-    samples: SampleConfig = Field(default_factory=SampleConfig)
-    lines: list[LineConfig] = Field(default_factory=list)
+    data_dir: Path = Field(
+        default=Path(".defectflow"), description="the embedded Redis and the sample store"
+    )
+    model_dir: Path = Field(
+        default=Path(".defectflow/models"),
+        description="each line's model in <model_dir>/<line id>, its trainer's candidates beside",
+    )
+    stream_maxlen: int = Field(
+        default=100_000, ge=100, description="entries a stream keeps at most, about"
+    )
+    samples: SampleConfig = Field(default_factory=SampleConfig, description="see below")
+    lines: list[LineConfig] = Field(default_factory=list, description="see below")
 
     @model_validator(mode="after")
     def _unique_lines(self):

@@ -15,7 +15,7 @@ from torch import nn
 BackboneName = Literal["efficientnet-lite0", "alexnet"]
 
 # Taps index the backbone's stages: EfficientNet-Lite's MBConv blocks (``_blocks[i]``), AlexNet's
-# ``features[i]``. Lite0's later-middle blocks beat its head on MTD (see REFERENCE in the README).
+# ``features[i]``. Lite0's later-middle blocks beat its head on MTD (docs/scorer.md).
 DEFAULT_TAPS: dict[str, tuple[int, ...]] = {
     "efficientnet-lite0": (10, 14),
     "alexnet": (12,),

@@ -3,7 +3,7 @@
 As in the official code: ``n_blocks`` x (fixed random permutation seeded by the block index, GLOW
 coupling transforming both halves in turn), log-scales soft-clamped as
 ``clamp * 0.636 * atan(s / clamp)``, fully connected subnets without dropout. The subnets are
-narrower than the paper's 2048 because the feature vector is wider than its 768 (see README).
+narrower than the paper's 2048 because the feature vector is wider than its 768 (docs/scorer.md).
 """
 
 from __future__ import annotations

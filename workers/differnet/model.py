@@ -11,7 +11,8 @@ Two heads share the backbone and the flow:
 With ``memory_size > 0`` (the default) the flow's score is fused with a second one, the mean
 distance of the image's positions, at its own scale, to their nearest good neighbours
 (:mod:`.neighbours`): each score is standardised by its mean and spread on held-out good images,
-and the two are added. This departs from the paper, on purpose: see the README's comparison.
+and the two are added. This departs from the paper, on purpose: see docs/scorer.md and
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -65,9 +66,8 @@ class DifferNetConfig(BaseModel):
     memory_components: int = Field(default=64, ge=1, le=4096)
     memory_probes: int = Field(default=4, ge=1, le=4096)
     memory_queries: int = Field(default=256, ge=1, le=65536)
-    # Products are compared at an area of memory_side squared pixels: on MTD, tiles shrunk from
-    # ~330 px to 160 px gave the memory alone 0.989 image AUROC, against 0.964 at their own size
-    # (a position then sees more of its surroundings).
+    # Products are compared at an area of memory_side squared pixels: a position then covers
+    # the same share of any product, and sees more of its surroundings (docs/benchmarks.md).
     memory_side: int = Field(default=160, ge=32, le=4096)
 
     @field_validator("image_size")

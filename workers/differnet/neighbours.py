@@ -5,7 +5,7 @@ crack barely moves that vector. Per-position features, compared with a memory of
 on good images (the idea of PatchCore, Roth et al., CVPR 2022), do see them. Every product is
 compared at one size (``memory_image``), so that a position covers the same share of any
 product. The two err on different images, so the sum of their calibrated scores ranks better
-than either (see the README's comparison on MTD).
+than either (docs/benchmarks.md, "The scorer").
 
 Image score = mean over the product's positions of the distance to the nearest remembered good
 position. A mean wants the memory to follow the density of good surfaces, so the memory is a
@@ -31,9 +31,8 @@ from workers.differnet.views import apply_d4
 MIN_SIDE = 32  # the backbone needs a few cells of stride 8
 PCA_SAMPLE = 65536  # positions the subspace is fitted on
 KMEANS_ITERATIONS = 10
-# Positions per list, on average. Large lists mean few, large products, which a CPU computes
-# better than many small ones (probing 4 of 128 lists of a 262,144-position memory searches
-# 3 % of it in about 30 ms per image on 2 cores).
+# Positions per list, on average. Large lists mean few, large matrix products, which a CPU
+# computes better than many small ones.
 LIST_SIZE = 2048
 CHUNK = 16384  # rows per distance block: bounds the memory a (rows x lists) block takes
 
@@ -102,8 +101,7 @@ class PatchMemory(nn.Module):
         grid = maps[0].shape[-2:]
         feats = torch.cat([F.interpolate(m, size=grid, mode="bilinear") for m in maps], dim=1)
         # 3 x 3 neighbourhood average: a position describes its patch, not one cell (PatchCore).
-        # The zero padding counts: it marks the image's border, where breaks and frays sit (on
-        # MTD, leaving it out cost the neighbours 0.04 AUROC).
+        # The zero padding counts: it marks the image's border, where breaks and frays sit.
         feats = F.avg_pool2d(feats, 3, 1, 1)[0]
         cover = F.interpolate(mask, size=grid, mode="area")[0, 0]
         valid = cover >= 0.5

@@ -147,8 +147,8 @@ class CameraIngest:
             if trigger is None:
                 continue
             self.stats.triggers += 1
-            # A JPEG source's frame goes on as the camera encoded it: a second encoding at q92
-            # cost the line's model 2 points of product AUROC (0.84 -> 0.82 on true-box crops).
+            # A JPEG source's frame goes on as the camera encoded it: a second lossy encoding
+            # smears the fine texture the scorer reads (docs/benchmarks.md, "Tried").
             ok, jpeg = True, source_frame.jpeg
             if jpeg is None:
                 ok, encoded = cv2.imencode(

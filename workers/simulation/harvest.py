@@ -86,7 +86,8 @@ def _crops(
 class JitteredDetector:
     """Another detector's best box with each side moved by up to ``share`` of the frame's width,
     at random: crops whose borders vary as much as the front end's boxes do between products,
-    so that a model does not learn one product's border to the pixel (README: The whole line)."""
+    so that a model does not learn one product's border to the pixel (docs/benchmarks.md, "The
+    whole line")."""
 
     def __init__(self, detector: Detector, share: float, seed: int):
         self.detector = detector

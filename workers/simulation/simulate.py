@@ -41,7 +41,7 @@ class LineSpec:
     fps: float = 15.0
     # A product is 120 to 160 px tall here. At 960 x 540 (240 to 320 px, as MTD photographed its
     # tiles) the line scored no better and decoding the larger frames cost it a quarter of its
-    # throughput (bench.pipeline, README: The whole line).
+    # throughput (bench.pipeline; docs/benchmarks.md).
     width: int = 480
     height: int = 270
     seed: int = 0

@@ -13,6 +13,7 @@ from cluster.apps.cli.common import (
     DATA_DIR,
     REDIS_URL,
     app,
+    console,
     fail,
     qa_session,
     stdout,
@@ -119,3 +120,18 @@ def status(
         for a in sorted(report["actors"], key=lambda a: (a["class"], a["node_id"])):
             actors.add_row(a["class"], a["node_id"][:12], str(a["pid"]))
         stdout.print(actors)
+
+
+@app.command("config-reference")
+def config_reference(
+    out: Path | None = typer.Option(None, "--out", help="file to write (default: print it)"),
+):
+    """Every setting of a line file, its type, default and meaning (docs/configuration.md)."""
+    from cluster.runtime.settings_doc import render
+
+    text = render()
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        console.print(f"wrote {out}")
