@@ -211,14 +211,7 @@ def retrain(
     """Train a candidate from the model in ``parent_dir`` plus ``new_good`` crops; judge it."""
     t0 = time.perf_counter()
     options = options or TrainingOptions(epochs=10 if mode == "finetune" else 40)
-    if not new_good:
-        raise RetrainError("no new good views to learn from")
-    labels = [p.label for p in validation]
-    if len(set(labels)) < 2:
-        raise RetrainError(
-            "validation needs labelled good and labelled defective products held out from "
-            f"training (have {labels.count(0)} good, {labels.count(1)} defective)"
-        )
+    labels = _check_pool(new_good, validation)
     device = choose_device(options.device)
     parent = load_model(parent_dir, device=device)
     if parent.model.config.head != "differnet":
@@ -239,15 +232,10 @@ def retrain(
     n_images = n_parent + len(loaded.rgb)
     calibration = None
     if model.uses_memory:
-        # The parent's memory stands for its training images; the new views get their share.
-        model.memory.adopt(parent.model.memory)
-        pool, _ = memory_pool(model, new_images, options, progress)
         share = len(loaded.rgb) / max(1, n_images)
-        model.memory.extend(pool, share, model.config.memory_size, options.seed)
-        good_views = [v for p in validation if p.label == 0 for v in p.views]
-        held_out = load_samples([Sample(v, "good") for v in good_views], on_skip)
-        calibration = model.calibrate(held_out.prepared(model))
-        calibration |= {"source": "held-out good products", "n": len(held_out.rgb)}
+        calibration = _extend_memory(
+            model, parent, new_images, share, validation, options, progress, on_skip
+        )
     model.eval()
 
     parent_point = operating_point(product_scores(parent, validation), labels, target_tpr)
@@ -285,6 +273,31 @@ def retrain(
     )
     save_feature_cache(out, cache)
     return RetrainResult(metadata, judgement, time.perf_counter() - t0, report.history)
+
+
+def _check_pool(new_good: list[Path], validation: list[LabelledProduct]) -> list[int]:
+    """The validation products' labels, once there is something to learn and to judge by."""
+    if not new_good:
+        raise RetrainError("no new good views to learn from")
+    labels = [p.label for p in validation]
+    if len(set(labels)) < 2:
+        raise RetrainError(
+            "validation needs labelled good and labelled defective products held out from "
+            f"training (have {labels.count(0)} good, {labels.count(1)} defective)"
+        )
+    return labels
+
+
+def _extend_memory(model, parent, new_images, share, validation, options, progress, on_skip):
+    """The parent's memory, standing for its training images, with the new views' share added;
+    both scores standardised again on the held-out good products. Their calibration."""
+    model.memory.adopt(parent.model.memory)
+    pool, _ = memory_pool(model, new_images, options, progress)
+    model.memory.extend(pool, share, model.config.memory_size, options.seed)
+    good_views = [v for p in validation if p.label == 0 for v in p.views]
+    held_out = load_samples([Sample(v, "good") for v in good_views], on_skip)
+    calibration = model.calibrate(held_out.prepared(model))
+    return calibration | {"source": "held-out good products", "n": len(held_out.rgb)}
 
 
 def _backbone_weights(bundle: ModelBundle) -> Path | None:

@@ -90,26 +90,13 @@ def train_from_folder(
     train_images = train.prepared(model)
     t0 = time.perf_counter()
     cache = embed_training_set(model, train_images, options, progress)
-    report = train_flow(
-        model,
-        cache,
-        options,
-        (val_images, val_labels) if val_images else None,
-        progress,
-        started=t0,
-    )
+    validated = (val_images, val_labels) if val_images else None
+    report = train_flow(model, cache, options, validated, progress, started=t0)
     calibration = None
     if config.memory_size:
         build_memory(model, train_images, options, progress)
         good = [im for im, label in zip(val_images, val_labels, strict=True) if label == 0]
-        if len(good) >= 2:
-            calibration = model.calibrate(good) | {"source": "validation goods", "n": len(good)}
-        else:
-            # Each training image against the others' positions: held out in effect, and
-            # optimistic for the flow, which learned them (said in the metadata).
-            calibration = model.calibrate(train_images, owners=list(range(len(train_images))))
-            calibration |= {"source": "training goods", "n": len(train_images)}
-
+        calibration = _calibrate(model, good, train_images)
     metrics: dict = {}
     if val_images:
         scores = [r.score for r in score_images(model, val_images)]
@@ -135,14 +122,7 @@ def train_from_folder(
                 "fingerprint": fingerprint(train.samples),
                 "n_images": len(train.samples),
                 "shots": shots,
-                "epochs": options.epochs,
-                "best_epoch": report.best_epoch,
-                "batch_size": options.batch_size,
-                "lr": options.lr,
-                "seed": options.seed,
-                "embed_seconds": round(report.embed_seconds, 2),
-                "train_seconds": round(time.perf_counter() - t0, 2),
-                "history": report.history,
+                **_run_record(options, report, time.perf_counter() - t0),
             },
         },
     )
@@ -153,6 +133,59 @@ def train_from_folder(
 
         roc_plot(scores, val_labels, Path(out) / "roc.png", chosen.value, "validation")
     return metadata
+
+
+def _maps_report(model, loaded, prepared, scores, masked, out_dir, worst, chosen) -> dict:
+    """Pixel AUROC over the images with masks (and the goods), and in ``out_dir`` the ROC and
+    the defect maps of the ``worst`` highest-scored images."""
+    from workers.differnet.reports import overlay_png, pixel_auroc, roc_plot
+
+    order = np.argsort(-scores)
+    need_maps = set(order[:worst].tolist())
+    with_masks = any(loaded.samples[i].mask_path for i in masked)
+    if with_masks:
+        need_maps |= set(masked)
+    maps = {i: model.defect_maps([prepared[i]])[0].defect_map for i in sorted(need_maps)}
+    report = {}
+    if with_masks:
+        report["pixel_auroc"] = pixel_auroc(
+            [maps[i] for i in masked], [loaded.samples[i].mask_path for i in masked]
+        )
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        labels = np.array([int(s.is_defect) for s in loaded.samples])
+        roc_plot(scores, labels, out_dir / "roc.png", chosen.value, "test")
+        for rank, i in enumerate(order[:worst]):
+            s = loaded.samples[i]
+            name = f"worst{rank + 1:02d}_{s.category}_{s.path.stem}.png"
+            (out_dir / name).write_bytes(overlay_png(loaded.rgb[i], maps[i]))
+    return report
+
+
+def _run_record(options: TrainingOptions, report, seconds: float) -> dict:
+    """How a training ran, for the model's metadata."""
+    return {
+        "epochs": options.epochs,
+        "best_epoch": report.best_epoch,
+        "batch_size": options.batch_size,
+        "lr": options.lr,
+        "seed": options.seed,
+        "embed_seconds": round(report.embed_seconds, 2),
+        "train_seconds": round(seconds, 2),
+        "history": report.history,
+    }
+
+
+def _calibrate(model: DifferNet, good_val: list, train_images: list) -> dict:
+    """Standardise the flow's and the memory's scores on held-out good images: the validation
+    goods, else each training image against the others' positions (held out in effect, and
+    optimistic for the flow, which learned them: said in the metadata)."""
+    if len(good_val) >= 2:
+        return model.calibrate(good_val) | {"source": "validation goods", "n": len(good_val)}
+    owners = list(range(len(train_images)))
+    calibration = model.calibrate(train_images, owners=owners)
+    return calibration | {"source": "training goods", "n": len(train_images)}
 
 
 def defect_map_overlay(bundle: ModelBundle, image_path: Path) -> bytes:
@@ -190,8 +223,6 @@ def evaluate_folder(
     Pixel AUROC needs a defect map per image (a backward pass each): ``pixel_metrics=False``
     skips it.
     """
-    from workers.differnet.reports import overlay_png, pixel_auroc, roc_plot
-
     samples = list_test_samples(data_dir) if samples is None else samples
     if not samples:
         raise ValueError(f"{data_dir}: no test images (expected DATA_DIR/test/<category>/*)")
@@ -239,21 +270,5 @@ def evaluate_folder(
     if not pixel_metrics:
         masked = []
     if out_dir is not None or any(loaded.samples[i].mask_path for i in masked):
-        order = np.argsort(-scores)
-        need_maps = set(order[:worst].tolist())
-        if any(loaded.samples[i].mask_path for i in masked):
-            need_maps |= set(masked)
-        maps = {i: model.defect_maps([prepared[i]])[0].defect_map for i in sorted(need_maps)}
-        if any(loaded.samples[i].mask_path for i in masked):
-            report["pixel_auroc"] = pixel_auroc(
-                [maps[i] for i in masked], [loaded.samples[i].mask_path for i in masked]
-            )
-        if out_dir is not None:
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            roc_plot(scores, labels, out_dir / "roc.png", chosen.value, "test")
-            for rank, i in enumerate(order[:worst]):
-                s = loaded.samples[i]
-                name = f"worst{rank + 1:02d}_{s.category}_{s.path.stem}.png"
-                (out_dir / name).write_bytes(overlay_png(loaded.rgb[i], maps[i]))
+        report |= _maps_report(model, loaded, prepared, scores, masked, out_dir, worst, chosen)
     return report

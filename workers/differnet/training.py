@@ -161,25 +161,8 @@ def train_flow(
     generator = torch.Generator().manual_seed(options.seed)
     history: list[dict] = []
     best = (-1.0, 0, None)  # (val auroc, epoch, flow state)
-    loss_value = float("nan")
     for epoch in range(1, options.epochs + 1):
-        model.flow.train()
-        n = len(cache)
-        if model.config.head == "local":
-            order = torch.randint(0, n, (min(n, options.positions_per_epoch),), generator=generator)
-            batch_size = options.batch_size * 16  # positions are cheap samples
-        else:
-            order = torch.randperm(n, generator=generator)
-            batch_size = options.batch_size
-        losses = []
-        for start in range(0, len(order), batch_size):
-            feats = cache[order[start : start + batch_size]].float().to(model.device)
-            loss = model.nll(feats).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        loss_value = float(np.mean(losses))
+        loss_value = _epoch(model, cache, optimizer, options, generator)
         if not np.isfinite(loss_value):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss_value})")
         record = {"epoch": epoch, "loss": loss_value}
@@ -202,6 +185,27 @@ def train_flow(
         embed_seconds=embed_seconds,
         history=history,
     )
+
+
+def _epoch(model, cache, optimizer, options: TrainingOptions, generator) -> float:
+    """One pass over the cached features (the local head: a draw of positions); its mean loss."""
+    model.flow.train()
+    n = len(cache)
+    if model.config.head == "local":
+        order = torch.randint(0, n, (min(n, options.positions_per_epoch),), generator=generator)
+        batch_size = options.batch_size * 16  # positions are cheap samples
+    else:
+        order = torch.randperm(n, generator=generator)
+        batch_size = options.batch_size
+    losses = []
+    for start in range(0, len(order), batch_size):
+        feats = cache[order[start : start + batch_size]].float().to(model.device)
+        loss = model.nll(feats).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
 
 
 @torch.no_grad()

@@ -103,106 +103,119 @@ def demo(
 ):
     """The main job on the embedded defaults: train, simulate a 4-camera line, inspect it live
     (as `defectflow run` does: the same settings, the same start)."""
-    from rich.live import Live
-    from rich.table import Table
-
     from cluster import demo as line_demo
-    from cluster.transport.bus import StreamBus
-    from cluster.transport.streams import Streams
     from workers.datasets import DatasetError
-    from workers.differnet.store import load_model
-    from workers.qa.samples import SampleStore
 
     if not (data / "train" / "good").is_dir():
         raise fail(f"{data}: no data in MVTec AD layout (train/good); pass --data DIR")
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "model"
-    bundle = None if retrain else line_demo.reusable_line_model(model_dir)
-    if bundle is not None:
-        console.print(f"reusing model {bundle.version} from {model_dir} (--retrain to train again)")
-    elif not retrain and (model_dir / "model.json").exists():
-        # Unreadable, or learned from crops cut another way.
-        console.print(f"{model_dir} is not a usable model of this line: training again")
     try:
-        if bundle is None:
-            console.print(
-                "[bold]1/3 learning the line:[/] "
-                + (f"{train_products} good products" if train_products else "every image twice")
-                + f" through the front end, DifferNet on their crops ({epochs} epochs)"
-            )
-            with progress_bars() as progress:
-                line_demo.train_line_model(
-                    data,
-                    out,
-                    train_products=train_products,
-                    epochs=epochs,
-                    seed=seed,
-                    progress=progress,
-                )
-            bundle = load_model(model_dir)
+        version = _line_model(data, out, retrain, train_products, epochs, seed)
         console.print(f"[bold]2/3 simulating[/] a 4-camera test line of {products} products")
         manifest = line_demo.simulate_test_line(data, out, products, seed)
     except (DatasetError, ValueError) as exc:
         raise fail(str(exc)) from None
-
     settings = load_cli_settings(None, redis_url=redis_url, ray_address=ray_address).model_copy(
-        update=line_demo.demo_settings(out, model_dir, manifest["cameras"], manifest["spec"]["fps"])
+        update=line_demo.demo_settings(
+            out, out / "model", manifest["cameras"], manifest["spec"]["fps"]
+        )
     )
-    line = settings.lines[0]
-    console.print(f"[bold]3/3 inspecting:[/] Ray actors over Redis streams, model {bundle.version}")
-    recent: deque = deque(maxlen=16)
-    verdicts = []
-    truth = {p["seq"]: p["defective"] for p in manifest["products"]}
+    console.print(f"[bold]3/3 inspecting:[/] Ray actors over Redis streams, model {version}")
+    _inspect_demo_line(settings, manifest, out, dashboard_port)
 
-    def add(verdict) -> None:
-        verdicts.append(verdict)
+
+def _line_model(
+    data: Path, out: Path, retrain: bool, train_products: int | None, epochs: int, seed: int
+) -> str:
+    """The demo line's model in OUT/model: reused where it learned the line as the demo cuts it
+    now, else trained. Its version."""
+    from cluster import demo as line_demo
+    from workers.differnet.store import load_model
+
+    model_dir = out / "model"
+    bundle = None if retrain else line_demo.reusable_line_model(model_dir)
+    if bundle is not None:
+        console.print(f"reusing model {bundle.version} from {model_dir} (--retrain to train again)")
+        return bundle.version
+    if not retrain and (model_dir / "model.json").exists():
+        # Unreadable, or learned from crops cut another way.
+        console.print(f"{model_dir} is not a usable model of this line: training again")
+    console.print(
+        "[bold]1/3 learning the line:[/] "
+        + (f"{train_products} good products" if train_products else "every image twice")
+        + f" through the front end, DifferNet on their crops ({epochs} epochs)"
+    )
+    with progress_bars() as progress:
+        line_demo.train_line_model(
+            data, out, train_products=train_products, epochs=epochs, seed=seed, progress=progress
+        )
+    return load_model(model_dir).version
+
+
+class _VerdictTable:
+    """The demo's live table: the newest verdicts, each marked right or wrong by the truth."""
+
+    def __init__(self, line: str, manifest: dict):
+        self.line = line
+        self.truth = {p["seq"]: p["defective"] for p in manifest["products"]}
+        self.verdicts: list = []
+        self.recent: deque = deque(maxlen=16)
+
+    def add(self, verdict) -> None:
+        self.verdicts.append(verdict)
         colour = {"defect": "red", "good": "green"}.get(verdict.decision, "yellow")
-        ok = (verdict.decision != "good") == truth.get(verdict.product_seq)
-        recent.append(
+        ok = (verdict.decision != "good") == self.truth.get(verdict.product_seq)
+        scores = sorted(verdict.views, key=lambda r: r.camera)
+        self.recent.append(
             (
                 verdict.product_id,
                 f"[{colour}]{verdict.decision}[/]" + ("" if ok else " [yellow](wrong)[/]"),
                 verdict.status,
-                " ".join(f"{r.score:.2f}" for r in sorted(verdict.views, key=lambda r: r.camera)),
+                " ".join(f"{r.score:.2f}" for r in scores),
                 f"{verdict.latency_ms['frame_to_verdict'] / 1e3:.2f}",
             )
         )
 
-    def render() -> Table:
-        table = Table(
-            "product",
-            "verdict",
-            "status",
-            "view scores",
-            "latency s",
-            title=f"verdicts:{line.id}  ({len(verdicts)}/{products})",
-        )
-        for row in recent:
+    def render(self) -> Table:
+        title = f"verdicts:{self.line}  ({len(self.verdicts)}/{len(self.truth)})"
+        table = Table("product", "verdict", "status", "view scores", "latency s", title=title)
+        for row in self.recent:
             table.add_row(*row)
         return table
 
-    streams = Streams(line.id)
+
+def _inspect_demo_line(settings, manifest: dict, out: Path, dashboard_port: int | None) -> None:
+    """The demo's line through the one start every line takes, its verdicts shown live, then
+    summarised against the simulator's truth."""
+    from rich.live import Live
+
+    from cluster import demo as line_demo
+    from cluster.transport.bus import StreamBus
+    from cluster.transport.streams import Streams
+    from workers.qa.samples import SampleStore
+
+    line = settings.lines[0]
+    table = _VerdictTable(line.id, manifest)
     # Replayed: the demo's recordings number their products from 0 again; its model is active.
     with started_lines(settings, replay=True, activate=True) as lines:
         client = lines.redis(line.id)
         samples = SampleStore(settings.sample_dir)
-        web = _serve_dashboard(client, samples, model_dir, line.id, dashboard_port)
+        web = _serve_dashboard(client, samples, line.model_dir, line.id, dashboard_port)
         elapsed = line_demo.timer()
         last = "0"
-        with Live(render(), console=console, refresh_per_second=4) as live:
+        with Live(table.render(), console=console, refresh_per_second=4) as live:
 
             def show_verdicts() -> None:
                 nonlocal last
-                last = line_demo.watch_verdicts(client, line.id, last, add)
-                live.update(render())
+                last = line_demo.watch_verdicts(client, line.id, last, table.add)
+                live.update(table.render())
 
             stats = finish_lines(lines, while_waiting=show_verdicts)
             show_verdicts()
-        seconds = elapsed()
-        summary = line_demo.summarize(
-            manifest, verdicts, seconds, StreamBus(client).length(streams.dead_letters)
-        )
-        line_demo.write_outputs(out, out / "line-test", manifest, verdicts, manifest["spec"]["fps"])
+        dead = StreamBus(client).length(Streams(line.id).dead_letters)
+        summary = line_demo.summarize(manifest, table.verdicts, elapsed(), dead)
+        fps = manifest["spec"]["fps"]
+        line_demo.write_outputs(out, out / "line-test", manifest, table.verdicts, fps)
         (out / "summary.json").write_text(
             json.dumps(summary.to_dict() | {"actors": stats}, indent=2) + "\n"
         )

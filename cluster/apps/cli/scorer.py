@@ -63,8 +63,6 @@ def train(
     """Train a DifferNet model on good images; validate on DATA_DIR/test when present.
 
     The crops' settings are the model's input contract: a line that runs it cuts its crops so."""
-    from pydantic import ValidationError
-
     from workers.contract import CropSpec
     from workers.datasets import DatasetError
     from workers.differnet.backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, BackboneError
@@ -72,29 +70,25 @@ def train(
     from workers.differnet.recipes import train_from_folder
     from workers.differnet.training import TrainingOptions
 
-    try:
-        config = DifferNetConfig(
-            backbone=backbone,
-            taps=DEFAULT_TAPS.get(backbone, ()),
-            memory_taps=DEFAULT_MEMORY_TAPS.get(backbone, ()),
-            memory_size=memory_size,
-            head=head,
-            image_size=image_size,
-            tta=tta,
-            jitter=jitter,
-        )
-        crops = CropSpec(
-            box_source=box_source,
-            box_margin=box_margin,
-            mask_shape=mask_shape,
-            mask_shrink=mask_shrink,
-            view_max_side=view_max_side,
-        )
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise fail(
-            f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
-        ) from None
+    config = _validated(
+        DifferNetConfig,
+        backbone=backbone,
+        taps=DEFAULT_TAPS.get(backbone, ()),
+        memory_taps=DEFAULT_MEMORY_TAPS.get(backbone, ()),
+        memory_size=memory_size,
+        head=head,
+        image_size=image_size,
+        tta=tta,
+        jitter=jitter,
+    )
+    crops = _validated(
+        CropSpec,
+        box_source=box_source,
+        box_margin=box_margin,
+        mask_shape=mask_shape,
+        mask_shrink=mask_shrink,
+        view_max_side=view_max_side,
+    )
     try:
         with progress_bars() as progress:
             meta = train_from_folder(
@@ -111,14 +105,21 @@ def train(
             )
     except (DatasetError, BackboneError, ValueError) as exc:
         raise fail(str(exc)) from None
-    summary = {
-        "model_dir": str(out),
-        "version": meta["sha256"][:16],
-        "threshold": meta["threshold"],
-        **meta["metrics"],
-        "train_seconds": meta["training"]["train_seconds"],
-    }
-    typer.echo(json.dumps(summary))
+    version, seconds = meta["sha256"][:16], meta["training"]["train_seconds"]
+    summary = {"model_dir": str(out), "version": version, "threshold": meta["threshold"]}
+    typer.echo(json.dumps(summary | meta["metrics"] | {"train_seconds": seconds}))
+
+
+def _validated(model, **options):
+    """``model(**options)``; a wrong value is a clear error naming its option."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        option = "-".join(str(p) for p in err["loc"]).replace("_", "-")
+        raise fail(f"--{option}: {err['msg']}") from None
 
 
 @app.command("eval")

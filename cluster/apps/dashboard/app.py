@@ -66,17 +66,14 @@ def create_app(
     the top level's), and ``samples`` (crops)."""
     app = FastAPI(title="defectflow QA dashboard", docs_url="/api/docs", redoc_url=None)
     app.mount("/static", StaticFiles(directory=WEB), name="static")
-    configured = list(lines or [])
-    map_lock = threading.Lock()  # one backward pass at a time: they share the model
+    _pages(app)
+    _line_routes(app, redis_of, list(lines or []))
+    _product_routes(app, redis_of, samples, model_for)
+    _label_route(app, redis_of, token)
+    return app
 
-    def stored(product_id: str):
-        try:
-            return samples.product(product_id)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        except SampleError as exc:
-            raise HTTPException(404, str(exc)) from None
 
+def _pages(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         return (WEB / "index.html").read_text()
@@ -84,6 +81,10 @@ def create_app(
     @app.get("/product/{product_id}", response_class=HTMLResponse)
     def product_page(product_id: str) -> str:
         return (WEB / "product.html").read_text()
+
+
+def _line_routes(app: FastAPI, redis_of, configured: list[str]) -> None:
+    """The lines, their latest verdicts, counts over a window, and the live feed."""
 
     @app.get("/api/lines")
     def get_lines() -> dict:
@@ -142,6 +143,19 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+
+def _product_routes(app: FastAPI, redis_of, samples: SampleStore, model_for: ModelFor) -> None:
+    """A product's page data, its views' crops and defect maps."""
+    map_lock = threading.Lock()  # one backward pass at a time: they share the model
+
+    def stored(product_id: str):
+        try:
+            return samples.product(product_id)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        except SampleError as exc:
+            raise HTTPException(404, str(exc)) from None
+
     @app.get("/api/products/{product_id}")
     def get_product(product_id: str) -> dict:
         product = stored(product_id)
@@ -191,6 +205,10 @@ def create_app(
                 samples.put_map(product, camera, defect_map_overlay(bundle, crop))
         return FileResponse(cached, media_type="image/png")
 
+
+def _label_route(app: FastAPI, redis_of, token: str) -> None:
+    """Labelling, for holders of the token."""
+
     @app.post("/api/products/{product_id}/labels", status_code=201)
     def post_label(
         product_id: str, body: LabelRequest, authorization: str | None = Header(default=None)
@@ -216,8 +234,6 @@ def create_app(
         except LabelError as exc:
             raise HTTPException(409 if "already" in str(exc) else 404, str(exc)) from None
         return {"entry_id": entry_id, "stream": Streams(line).labels, **label.model_dump()}
-
-    return app
 
 
 def _verdict_json(entry_id: str, verdict: Verdict) -> dict:
