@@ -67,7 +67,7 @@ def score_parts_auroc(bundle, images: list[dict]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--json", type=Path, required=True)
@@ -86,45 +86,35 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="evaluate the model a previous run trained")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    torch.set_num_threads(torch.get_num_threads())
-    val, measured = split_stratified(list_test_samples(args.data), 0.5, args.seed)
-    config = DifferNetConfig(
-        head=args.head,
-        image_size=args.image_size,
-        train_transforms=args.train_transforms,
-        memory_size=args.memory_size,
-    )
-    model_dir = (
-        args.out
-        / f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
-    )
 
-    def log(task, done, total):
-        if done == total or done % 400 == 0 or task == "train":
-            print(
-                f"[{time.strftime('%H:%M:%S')}] {task} {done}/{total}", file=sys.stderr, flush=True
-            )
+def _log(task: str, done: int, total: int) -> None:
+    if done == total or done % 400 == 0 or task == "train":
+        print(f"[{time.strftime('%H:%M:%S')}] {task} {done}/{total}", file=sys.stderr, flush=True)
 
+
+def _trained(args, config: DifferNetConfig, val: list[Sample], model_dir: Path):
+    """The model's metadata and its training seconds: trained now, or reused with ``--reuse``."""
     if args.reuse and (model_dir / "model.json").exists():
         meta = json.loads((model_dir / "model.json").read_text())
-        train_seconds = meta["training"]["train_seconds"]
-    else:
-        t0 = time.perf_counter()
-        meta = train_from_folder(
-            args.data,
-            model_dir,
-            config,
-            TrainingOptions(epochs=args.epochs, seed=args.seed),
-            shots=args.shots,
-            validation=val,
-            progress=log,
-        )
-        train_seconds = time.perf_counter() - t0
-    print(f"[{time.strftime('%H:%M:%S')}] trained: {meta['metrics']}", file=sys.stderr, flush=True)
+        return meta, meta["training"]["train_seconds"]
+    t0 = time.perf_counter()
+    meta = train_from_folder(
+        args.data,
+        model_dir,
+        config,
+        TrainingOptions(epochs=args.epochs, seed=args.seed),
+        shots=args.shots,
+        validation=val,
+        progress=_log,
+    )
+    return meta, time.perf_counter() - t0
 
-    bundle = load_model(model_dir)
+
+def _tta_curve(bundle, config, args, val: list[Sample], measured: list[Sample]):
+    """Image AUROC and time per image at each ``--tta``; leaves the model at the default T
+    (or the largest asked), which it returns with the curve."""
     val_good = load_samples([s for s in val if not s.is_defect]).prepared(bundle.model)
 
     def use_tta(t: int) -> None:
@@ -137,17 +127,31 @@ def main(argv: list[str] | None = None) -> dict:
     for t in sorted(args.tta):
         use_tta(t)
         r = evaluate_folder(bundle, args.data, samples=measured, out_dir=None, pixel_metrics=False)
-        curve.append(
-            {
-                "tta": t,
-                "image_auroc": r["image_auroc"],
-                "score_ms_per_image": r["score_ms_per_image"],
-            }
-        )
+        point = {k: r[k] for k in ("image_auroc", "score_ms_per_image")}
+        curve.append({"tta": t} | point)
         print(f"tta {t}: {curve[-1]}", file=sys.stderr, flush=True)
-    # The full evaluation (pixel AUROC needs a backward pass per image) runs at the default T.
     best_t = DifferNetConfig().tta if DifferNetConfig().tta in args.tta else max(args.tta)
     use_tta(best_t)
+    return curve, best_t
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _arguments(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    val, measured = split_stratified(list_test_samples(args.data), 0.5, args.seed)
+    config = DifferNetConfig(
+        head=args.head,
+        image_size=args.image_size,
+        train_transforms=args.train_transforms,
+        memory_size=args.memory_size,
+    )
+    name = f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
+    model_dir = args.out / name
+    meta, train_seconds = _trained(args, config, val, model_dir)
+    print(f"[{time.strftime('%H:%M:%S')}] trained: {meta['metrics']}", file=sys.stderr, flush=True)
+    bundle = load_model(model_dir)
+    curve, best_t = _tta_curve(bundle, config, args, val, measured)
+    # The full evaluation (pixel AUROC needs a backward pass per image) runs at the default T.
     full = evaluate_folder(
         bundle, args.data, samples=measured, out_dir=args.out / f"eval-{args.head}"
     )
