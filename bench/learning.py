@@ -62,7 +62,7 @@ def rates(products: list[tuple[bool, bool]]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--json", type=Path, required=True)
@@ -72,83 +72,105 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--products-b", type=int, default=40, help="shifted products after retraining")
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    out = args.out
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = out / "model"
-        if not (model_dir / "model.json").exists():
-            train_line_model(
-                args.data,
-                out,
-                train_products=120,
-                epochs=30,
-                seed=args.seed,
-                progress=lambda *a: None,
-            )
+
+def _line_model(args) -> Path:
+    """``--model``, else a model trained as the demo trains its line's."""
+    if args.model is not None:
+        return args.model
+    model_dir = args.out / "model"
+    if not (model_dir / "model.json").exists():
+        train_line_model(
+            args.data, args.out, train_products=120, epochs=30, seed=args.seed, progress=_quiet
+        )
+    return model_dir
+
+
+def _quiet(*_) -> None:
+    pass
+
+
+def _shifted_lines(args) -> dict[str, dict]:
+    """Two simulated lines under warmer lamps: phase A (QA labels it), phase B (after)."""
     _, (test_good, test_bad) = split_halves(args.data, args.seed)
     lines = {}
     for phase, products, seed in (("a", args.products_a, 11), ("b", args.products_b, 12)):
         spec = LineSpec(
             products=products, defect_rate=0.2, seed=args.seed + seed, lighting=WARM_LIGHT
         )
-        lines[phase] = render_line(test_good, test_bad, out / f"line-{phase}", spec)
-    line = line_config(out / "line-a", lines["a"]["cameras"], ReplicaConfig())
+        lines[phase] = render_line(test_good, test_bad, args.out / f"line-{phase}", spec)
+    return lines
+
+
+def _label_all(client, line: str, verdicts: list[Verdict], truth: dict[int, bool]) -> None:
+    """QA labels every decided product by the simulator's truth."""
+    for v in verdicts:
+        label = "defect" if truth[v.product_seq] else "good"
+        message = Label(line=line, product_id=v.product_id, label=label, by="bench", at=time.time())
+        record_label(client, message, replace=True)
+
+
+def _wait_outcome(bus: StreamBus, streams: Streams) -> RetrainOutcome | None:
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        events = bus.wait(streams.model_events, RetrainOutcome, "0", block_ms=1000)
+        if events:
+            return events[0][1]
+    return None
+
+
+def _run(args, model_dir: Path, lines: dict[str, dict]) -> dict:
+    """Phase A through the line, QA's labels, a retraining on request, then phase B on the
+    same running line. What happened, for the report."""
+    line = line_config(args.out / "line-a", lines["a"]["cameras"], ReplicaConfig())
     line = line.model_copy(
         update={"retrain": RetrainConfig(after_good_views=10**9, epochs=args.epochs)}
     )
-    phase_b = line_config(out / "line-b", lines["b"]["cameras"], ReplicaConfig()).cameras
-    samples = SampleStore(out / "samples")
-
-    with EmbeddedRedis(out / "redis") as server:
+    phase_b = line_config(args.out / "line-b", lines["b"]["cameras"], ReplicaConfig()).cameras
+    samples = SampleStore(args.out / "samples")
+    with EmbeddedRedis(args.out / "redis") as server:
         client = server.access.connect()
-        bus = StreamBus(client)
-        streams = Streams(line.id)
+        bus, streams = StreamBus(client), Streams(line.id)
         reset_line(client, line.id, [c.id for c in line.cameras], samples)
         client.delete(streams.models, streams.model_history, streams.model_events)
-        ray.init(
-            address="local",
-            num_cpus=max(2, int(line_cpus(line) + 1)),
-            include_dashboard=False,
-            logging_level="WARNING",
-        )
+        cpus = max(2, int(line_cpus(line) + 1))
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
         try:
             run = LineRun(
-                sample_dir=samples.root.resolve(), candidates_dir=(out / "candidates").resolve()
+                sample_dir=samples.root.resolve(),
+                candidates_dir=(args.out / "candidates").resolve(),
             )
             running = start_line(line, server.access, model_dir, run, activate=True)
             before = Registry(client, line.id).active_id()
             got = wait_verdicts(bus, line.id, args.products_a, timeout_s=1800)
-            truth = {p["seq"]: p["defective"] for p in lines["a"]["products"]}
-            for v in got:
-                label = "defect" if truth[v.product_seq] else "good"
-                record_label(
-                    client,
-                    Label(
-                        line=line.id,
-                        product_id=v.product_id,
-                        label=label,
-                        by="bench",
-                        at=time.time(),
-                    ),
-                    replace=True,
-                )
+            _label_all(
+                client, line.id, got, {p["seq"]: p["defective"] for p in lines["a"]["products"]}
+            )
             bus.publish(
                 streams.retrain_requests, RetrainRequest(line=line.id, by="bench", at=time.time())
             )
-            outcome = None
-            deadline = time.monotonic() + 3600
-            while outcome is None and time.monotonic() < deadline:
-                events = bus.wait(streams.model_events, RetrainOutcome, "0", block_ms=1000)
-                outcome = events[0][1] if events else None
+            outcome = _wait_outcome(bus, streams)
             start_ingest(running, phase_b)
             got = wait_verdicts(bus, line.id, args.products_a + args.products_b, timeout_s=1800)
             stats = drain_and_stop([running], timeout_s=600)
         finally:
             ray.shutdown()
         scores = [score for _, score in bus.read(streams.scores, ViewScore)]
+    swaps = sum(s.get("model_swaps", 0) for s in stats[line.id]["score"])
+    return {"before": before, "outcome": outcome, "verdicts": got, "scores": scores, "swaps": swaps}
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _arguments(argv)
+    model_dir = _line_model(args)
+    lines = _shifted_lines(args)
+    ran = _run(args, model_dir, lines)
+    return emit(_report(args, lines, ran), args.json)
+
+
+def _report(args, lines: dict[str, dict], ran: dict) -> dict:
+    outcome, got, scores, before = ran["outcome"], ran["verdicts"], ran["scores"], ran["before"]
     truth = {p["seq"]: p["defective"] for p in lines["a"]["products"]}
     truth |= {args.products_a + p["seq"]: p["defective"] for p in lines["b"]["products"]}
     by_version: dict[str, list[tuple[bool, bool]]] = {}
@@ -164,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     expected = 4 * (args.products_a + args.products_b)
     after = outcome.candidate if outcome and outcome.outcome == "promoted" else None
     old, new = rates(by_version.get(before, [])), rates(by_version.get(after, []))
-    result = {
+    return {
         "data": str(args.data),
         "lighting_bgr_gain": WARM_LIGHT,
         "products_a": args.products_a,
@@ -189,9 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         "views_expected": expected,
         "views_lost": expected - len(set(views)),
         "views_double_scored": len(views) - len(set(views)),
-        "model_swaps": sum(s.get("model_swaps", 0) for s in stats[line.id]["score"]),
+        "model_swaps": ran["swaps"],
     }
-    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def steady_window_s(client, streams: Streams, cameras: list[str]) -> float:
     return (entry_ms(bus.newest(streams.verdicts, Verdict)) - first) / 1e3
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--json", type=Path, required=True)
@@ -199,14 +199,15 @@ def main(argv: list[str] | None = None) -> dict:
         default=os.cpu_count() or 1,
         help="single-threaded scorers (default: one per core, as a CPU-only line is set up)",
     )
-    args = p.parse_args(argv)
-    frame_size = parse_frame_size(args.size) if args.size else None
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    # The line's model learns from crops its front end cut; the reference model, from crops cut
-    # at the simulator's boxes (same training and validation lines, same recipe).
-    reference = out / "true-boxes"
-    for work, boxes in ((out, "detected"), (reference, "true")):
+    return p.parse_args(argv)
+
+
+def _train_models(args, frame_size) -> Path:
+    """The line's model learns from crops its front end cut; the reference model, from crops
+    cut at the simulator's boxes (same training and validation lines, same recipe). The
+    reference model's folder."""
+    reference = args.out / "true-boxes"
+    for work, boxes in ((args.out, "detected"), (reference, "true")):
         if reusable_line_model(work / "model", boxes) is None:
             train_line_model(
                 args.data,
@@ -218,110 +219,138 @@ def main(argv: list[str] | None = None) -> dict:
                 frame_size=frame_size,
                 boxes=boxes,
             )
-    bundle = load_model(out / "model")
-    manifest = simulate_test_line(args.data, out, args.products, args.seed, frame_size)
-    line = line_config(
-        out / "line-test", manifest["cameras"], ReplicaConfig(score=args.score_replicas)
-    )
-    # The run's views (scored again offline) and first frames (the window) are read back after
-    # it: they stay in Redis for the whole bench.
-    line = line.model_copy(update={"keep_processed_images_s": 7 * 24 * 3600.0})
+    return reference
 
-    # Rounds alternate the pipeline with standalone scoring, so that drift in the machine's speed
-    # (a shared host's neighbours) falls on both sides of each ratio; the median round reports.
-    scorer = ViewScorer(bundle)
+
+def _one_round(args, server, line: LineConfig, manifest: dict, pool, workers: int) -> dict:
+    """The line through the cluster, then the same model scoring the same views standalone,
+    then the same stages standalone. The round's figures, its verdicts and summary."""
+    client = server.access.connect()
+    s = Streams(line.id)
+    reset_line(client, line.id, [c.id for c in line.cameras])
+    # Ray is up only while the line runs: its own processes take some CPU too.
+    cpus = max(2, int(line_cpus(line) + 1))
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    try:
+        running = start_line(line, server.access, args.out / "model", activate=True)
+        drain_and_stop([running], timeout_s=3600)
+    finally:
+        ray.shutdown()
+    pipeline_s = steady_window_s(client, s, manifest["cameras"])
+    verdicts = [v for _, v in StreamBus(client).read(s.verdicts, Verdict)]
+    views = [v for _, v in StreamBus(client).read(s.views, ProductView)]
+    summary = summarize(manifest, verdicts, pipeline_s, 0)
+    # The same model on the same views, standalone: the cost of scoring alone.
+    scoring_s = standalone_scoring_s(pool, workers, server.access, s.views)
+    standalone_pps = (len(views) / len(manifest["cameras"])) / scoring_s
+    # The same stages standalone: what Ray and Redis themselves cost.
+    stages_pps = args.products / standalone_stages_s(pool, workers, line)
+    figures = {
+        "products_per_s": summary.products_per_s,
+        "standalone_products_per_s": standalone_pps,
+        "throughput_ratio": summary.products_per_s / standalone_pps,
+        "stages_standalone_products_per_s": stages_pps,
+        "orchestration_ratio": summary.products_per_s / stages_pps,
+        "exactly_one_verdict_per_product": sorted(v.product_seq for v in verdicts)
+        == list(range(args.products)),
+    }
+    return {"figures": figures, "verdicts": verdicts, "summary": summary}
+
+
+def _rounds(args, line: LineConfig, manifest: dict) -> list[dict]:
+    """Rounds alternate the pipeline with standalone scoring, so that drift in the machine's
+    speed (a shared host's neighbours) falls on both sides of each ratio."""
     workers = args.score_replicas
     pool = ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_load_scorer,
-        initargs=(str(out / "model"),),
+        initargs=(str(args.out / "model"),),
     )
     # Every worker process started and its model loaded before anything is timed.
     list(pool.map(time.sleep, [1.0] * workers))
-    rounds = []
-    with EmbeddedRedis(out / "redis") as server:
-        client = server.access.connect()
-        s = Streams(line.id)
-        try:
-            for _ in range(args.rounds):
-                reset_line(client, line.id, [c.id for c in line.cameras])
-                # Ray is up only while the line runs: its own processes take some CPU too.
-                ray.init(
-                    address="local",
-                    num_cpus=max(2, int(line_cpus(line) + 1)),
-                    include_dashboard=False,
-                    logging_level="WARNING",
-                )
-                try:
-                    running = start_line(line, server.access, out / "model", activate=True)
-                    drain_and_stop([running], timeout_s=3600)
-                finally:
-                    ray.shutdown()
-                pipeline_s = steady_window_s(client, s, manifest["cameras"])
-                verdicts = [v for _, v in StreamBus(client).read(s.verdicts, Verdict)]
-                views = [v for _, v in StreamBus(client).read(s.views, ProductView)]
-                summary = summarize(manifest, verdicts, pipeline_s, 0)
-                # The same model on the same views, standalone: the cost of scoring alone.
-                standalone_pps = (len(views) / len(manifest["cameras"])) / standalone_scoring_s(
-                    pool, workers, server.access, s.views
-                )
-                # The same stages standalone: what Ray and Redis themselves cost.
-                stages_pps = args.products / standalone_stages_s(pool, workers, line)
-                rounds.append(
-                    {
-                        "products_per_s": summary.products_per_s,
-                        "standalone_products_per_s": standalone_pps,
-                        "throughput_ratio": summary.products_per_s / standalone_pps,
-                        "stages_standalone_products_per_s": stages_pps,
-                        "orchestration_ratio": summary.products_per_s / stages_pps,
-                        "exactly_one_verdict_per_product": sorted(v.product_seq for v in verdicts)
-                        == list(range(args.products)),
-                    }
-                )
-        finally:
-            pool.shutdown()
-    median = sorted(rounds, key=lambda r: r["throughput_ratio"])[len(rounds) // 2]
+    try:
+        with EmbeddedRedis(args.out / "redis") as server:
+            return [
+                _one_round(args, server, line, manifest, pool, workers) for _ in range(args.rounds)
+            ]
+    finally:
+        pool.shutdown()
 
-    # The simulator's true boxes, scored offline by the line's model at its own threshold, and by
-    # the reference model (which learned from true-box crops) at its own.
-    truth = {p["seq"]: int(p["defective"]) for p in manifest["products"]}
+
+def _true_boxes(args, bundle, reference: Path, verdicts, summary, truth) -> dict:
+    """The simulator's true boxes, scored offline by the line's model at its own threshold, and
+    by the reference model (which learned from true-box crops) at its own; the gaps with their
+    95 % intervals (the thresholds chosen again on each draw of the validation line's products,
+    by the line's rule: one threshold for both sides when the model is held, one per model
+    against the reference)."""
     line_scores = {v.product_seq: max(r.score for r in v.views) for v in verdicts if v.views}
-    test_crops = ground_truth_crops(out / "line-test")
-    gt = product_scores(scorer, test_crops)
+    test_crops = ground_truth_crops(args.out / "line-test")
+    gt = product_scores(ViewScorer(bundle), test_crops)
     gt_accuracy = accuracy_at(gt, truth, bundle.threshold)
     reference_bundle = load_model(reference / "model")
     ref = product_scores(ViewScorer(reference_bundle), test_crops)
     ref_accuracy = accuracy_at(ref, truth, reference_bundle.threshold)
-    # How far each gap moves with the validation and test products drawn: the thresholds chosen
-    # again on each draw of the validation line's products, by the line's rule (one threshold
-    # for both sides when the model is held, one per model against the reference).
-    line_val = validation_products(bundle, out / "crops")
+    line_val = validation_products(bundle, args.out / "crops")
     ref_val = validation_products(reference_bundle, reference / "crops")
     line_val_scores = {q: s for q, (s, _) in line_val.items()}
     val_truth = {q: int(bad) for q, (_, bad) in line_val.items()}
-    gap_low, gap_high = accuracy_gap_interval(
+    gap = accuracy_gap_interval(
         (line_val_scores, line_val_scores), val_truth, (line_scores, gt), truth
     )
-    ref_gap_low, ref_gap_high = accuracy_gap_interval(
-        (line_val_scores, {q: s for q, (s, _) in ref_val.items()}),
-        val_truth,
-        (line_scores, ref),
-        truth,
+    ref_val_scores = {q: s for q, (s, _) in ref_val.items()}
+    ref_gap = accuracy_gap_interval(
+        (line_val_scores, ref_val_scores), val_truth, (line_scores, ref), truth
     )
 
+    def points(x: float) -> float:
+        return round(100 * x, 2)
+
+    return {
+        "true_boxes_product_accuracy": gt_accuracy,
+        "true_boxes_product_accuracy_hindsight": best_accuracy(
+            list(gt.values()), [truth[q] for q in gt]
+        ),
+        "true_boxes_product_auroc": auroc(list(gt.values()), [truth[q] for q in gt]),
+        "accuracy_gap_points": points(summary.product_accuracy - gt_accuracy),
+        "accuracy_gap_points_ci95": [points(gap[0]), points(gap[1])],
+        "reference_product_accuracy": ref_accuracy,
+        "reference_product_accuracy_hindsight": best_accuracy(
+            list(ref.values()), [truth[q] for q in ref]
+        ),
+        "reference_product_auroc": auroc(list(ref.values()), [truth[q] for q in ref]),
+        "reference_accuracy_gap_points": points(summary.product_accuracy - ref_accuracy),
+        "reference_accuracy_gap_points_ci95": [points(ref_gap[0]), points(ref_gap[1])],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _arguments(argv)
+    frame_size = parse_frame_size(args.size) if args.size else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    reference = _train_models(args, frame_size)
+    bundle = load_model(args.out / "model")
+    manifest = simulate_test_line(args.data, args.out, args.products, args.seed, frame_size)
+    line = line_config(
+        args.out / "line-test", manifest["cameras"], ReplicaConfig(score=args.score_replicas)
+    )
+    # The run's views (scored again offline) and first frames (the window) are read back after
+    # it: they stay in Redis for the whole bench.
+    line = line.model_copy(update={"keep_processed_images_s": 7 * 24 * 3600.0})
+    rounds = _rounds(args, line, manifest)
+    # The median round reports; the verdicts and summary are the last round's.
+    figures = [r["figures"] for r in rounds]
+    median = sorted(figures, key=lambda r: r["throughput_ratio"])[len(figures) // 2]
+    verdicts, summary = rounds[-1]["verdicts"], rounds[-1]["summary"]
+    truth = {p["seq"]: int(p["defective"]) for p in manifest["products"]}
     result = {
         "products": args.products,
         "verdicts": summary.verdicts,
         "exactly_one_verdict_per_product": all(
-            r["exactly_one_verdict_per_product"] for r in rounds
+            r["exactly_one_verdict_per_product"] for r in figures
         ),
-        "products_per_s": median["products_per_s"],
-        "standalone_products_per_s": median["standalone_products_per_s"],
-        "throughput_ratio": median["throughput_ratio"],
-        "stages_standalone_products_per_s": median["stages_standalone_products_per_s"],
-        "orchestration_ratio": median["orchestration_ratio"],
-        "rounds": rounds,
+        **{k: median[k] for k in median if k != "exactly_one_verdict_per_product"},
+        "rounds": figures,
         "latency_p50_s": summary.latency_p50_s,
         "latency_p99_s": summary.latency_p99_s,
         "product_accuracy": summary.product_accuracy,
@@ -330,23 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
         "product_accuracy_hindsight": best_accuracy(
             [product_score(v) for v in verdicts], [truth[v.product_seq] for v in verdicts]
         ),
-        "true_boxes_product_accuracy": gt_accuracy,
-        "true_boxes_product_accuracy_hindsight": best_accuracy(
-            list(gt.values()), [truth[q] for q in gt]
-        ),
-        "true_boxes_product_auroc": auroc(list(gt.values()), [truth[q] for q in gt]),
-        "accuracy_gap_points": round(100 * (summary.product_accuracy - gt_accuracy), 2),
-        "accuracy_gap_points_ci95": [round(100 * gap_low, 2), round(100 * gap_high, 2)],
-        "reference_product_accuracy": ref_accuracy,
-        "reference_product_accuracy_hindsight": best_accuracy(
-            list(ref.values()), [truth[q] for q in ref]
-        ),
-        "reference_product_auroc": auroc(list(ref.values()), [truth[q] for q in ref]),
-        "reference_accuracy_gap_points": round(100 * (summary.product_accuracy - ref_accuracy), 2),
-        "reference_accuracy_gap_points_ci95": [
-            round(100 * ref_gap_low, 2),
-            round(100 * ref_gap_high, 2),
-        ],
+        **_true_boxes(args, bundle, reference, verdicts, summary, truth),
         "model_version": bundle.version,
         "score_replicas": args.score_replicas,
         "frame_size": [manifest["spec"]["width"], manifest["spec"]["height"]],
