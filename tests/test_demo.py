@@ -48,14 +48,17 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path, monkeypatch
     ]
     assert (out / "model" / "model.json").exists() and (out / "model" / "roc.png").exists()
 
-    # The README's production command on the demo's videos and model gives the demo's verdicts:
-    # its line file names no crop settings, the line takes them from the model.
+    # The README's production command on the demo's videos and model, against a
+    # password-protected Redis, gives the demo's verdicts: its line file names no crop settings,
+    # the line takes them from the model.
+    server = protected_redis("plant-redis")
+    monkeypatch.setenv("DEFECTFLOW_REDIS_URL", server.url)
+    monkeypatch.setenv("DEFECTFLOW_REDIS_PASSWORD", PASSWORD)
     example = Path(__file__).parents[1] / "deploy" / "lines" / "example.yaml"
     assert "mask_" not in yaml.safe_dump(yaml.safe_load(example.read_text()))
     run = CliRunner().invoke(app, ["run", "--config", str(example), "--replay"])
     assert run.exit_code == 0, run.output
-    with EmbeddedRedis(Path(".defectflow") / "redis") as server:
-        entries = redis.Redis.from_url(server.url).xrange(Streams("line1").verdicts)
+    entries = server.admin.xrange(Streams("line1").verdicts)
     production = {v.product_seq: v for v in (Verdict.from_entry(f) for _, f in entries)}
     assert sorted(production) == list(range(5))
     for demo_verdict in lines:
@@ -66,9 +69,8 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path, monkeypatch
             assert view.score == pytest.approx(demo_scores[view.camera], rel=1e-4, abs=1e-4)
 
     # A second run reuses the model and starts the replayed line afresh; the demo reads the
-    # settings every command reads: here a password-protected Redis instead of the embedded one.
-    server = protected_redis("plant-redis")
-    monkeypatch.setenv("DEFECTFLOW_REDIS_PASSWORD", PASSWORD)
+    # settings every command reads: here the same protected Redis instead of the embedded one.
+    monkeypatch.delenv("DEFECTFLOW_REDIS_URL")
     again = CliRunner().invoke(app, args[:5] + ["--products", "3", "--redis", server.url])
     assert again.exit_code == 0, again.output
     assert "reusing model" in again.output and PASSWORD not in again.output

@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
-import redis
 
 from cluster.runtime.actors import (
     AggregatorActor,
@@ -25,6 +25,9 @@ from cluster.transport.registry import Registry, RegistryError
 from cluster.transport.streams import JoinSteps, Streams, line_groups, next_product_seq
 from workers.contract import InputContract
 from workers.differnet.store import ModelError, check_model
+
+if TYPE_CHECKING:  # only transport/ talks to Redis; the type is all this needs
+    import redis
 
 # Restarted by Ray when they die, the in-flight `run` call retried on the new instance; a second
 # concurrent call (stop) reaches a running loop; replicas spread over the cluster's nodes.

@@ -3,10 +3,13 @@ embedded server under ``data_dir``. Every command reaches Redis through this."""
 
 from __future__ import annotations
 
-import redis
+from typing import TYPE_CHECKING
 
 from cluster.runtime.settings import Settings
 from cluster.transport.connection import EmbeddedRedis, RedisAccess
+
+if TYPE_CHECKING:  # only transport/ talks to Redis; the type is all this needs
+    import redis
 
 
 class LineRedis:

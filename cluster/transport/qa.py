@@ -53,6 +53,12 @@ def line_ids(client: redis.Redis) -> list[str]:
     )
 
 
+def camera_ids(client: redis.Redis, line: str) -> list[str]:
+    """The cameras that have a frame stream on ``line``."""
+    keys = client.scan_iter(match=Streams(line).frames("*"))
+    return sorted(k.decode().rsplit(":", 1)[1] for k in keys)
+
+
 @dataclass
 class VerdictEntry:
     entry_id: str

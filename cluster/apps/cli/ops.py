@@ -77,15 +77,14 @@ def status(
     data_dir: Path | None = DATA_DIR,
 ):
     """Stream lengths, consumer-group lag, dead letters, active models and live actors."""
-    from cluster.transport.qa import line_ids
+    from cluster.transport.qa import camera_ids, line_ids
     from cluster.transport.streams import Streams
 
     with qa_session(config, redis_url, data_dir) as (settings, redis_of):
         configured = {line.id: [c.id for c in line.cameras] for line in settings.lines}
         for line in line_ids(redis_of()):
             if line not in configured:
-                keys = redis_of().scan_iter(match=Streams(line).frames("*"))
-                configured[line] = sorted(k.decode().rsplit(":", 1)[1] for k in keys)
+                configured[line] = camera_ids(redis_of(), line)
         if not configured:
             raise fail("no lines configured and none in Redis")
         report = {

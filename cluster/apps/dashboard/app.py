@@ -14,9 +14,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import redis
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -34,6 +33,9 @@ from cluster.transport.qa import (
 from cluster.transport.streams import Streams
 from schemas import Label, Verdict
 from workers.qa.samples import SampleError, SampleStore, parse_product_id
+
+if TYPE_CHECKING:  # only transport/ talks to Redis; the type is all this needs
+    import redis
 
 WEB = Path(__file__).parent / "web"
 _ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
