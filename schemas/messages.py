@@ -22,6 +22,12 @@ Milliseconds = dict[Name, Annotated[float, Field(ge=0.0)]]
 Codec = Literal["jpeg", "png", "raw"]
 
 
+# A line's decided products are one bit each in Redis: a number past this would make Redis
+# allocate a bitmap of hundreds of MB (and past 2^32 refuse it), where 2^30 is 34 years of one
+# product a second.
+MAX_PRODUCT_SEQ = 2**30
+
+
 def make_product_id(line: str, product_seq: int) -> str:
     return f"{line}:{product_seq}"
 
@@ -84,7 +90,9 @@ class CameraFrame(_ImageMessage):
     line: Name
     camera: Name
     sequence: int = Field(ge=0, description="frame number within the camera's stream")
-    product_seq: int = Field(ge=0, description="products this camera has seen cross its centre")
+    product_seq: int = Field(
+        ge=0, lt=MAX_PRODUCT_SEQ, description="products this camera has seen cross its centre"
+    )
     timestamp: Timestamp
 
 
@@ -95,7 +103,7 @@ class ProductView(_ImageMessage):
     product_id: str = Field(min_length=1)
     line: Name
     camera: Name
-    product_seq: int = Field(ge=0)
+    product_seq: int = Field(ge=0, lt=MAX_PRODUCT_SEQ)
     captured_at: Timestamp
     bbox: BBox
     mask_coverage: float = Field(
@@ -114,7 +122,7 @@ class ViewScore(Message):
     product_id: str = Field(min_length=1)
     line: Name
     camera: Name
-    product_seq: int = Field(ge=0)
+    product_seq: int = Field(ge=0, lt=MAX_PRODUCT_SEQ)
     captured_at: Timestamp
     score: float
     threshold: float
@@ -146,7 +154,7 @@ class Verdict(Message):
     kind: ClassVar[str] = "verdict"
     product_id: str = Field(min_length=1)
     line: Name
-    product_seq: int = Field(ge=0)
+    product_seq: int = Field(ge=0, lt=MAX_PRODUCT_SEQ)
     decision: Literal["good", "defect", "unknown"]
     status: Literal["complete", "incomplete", "error"]
     views: list[ViewResult]

@@ -19,6 +19,7 @@ from schemas import (
     ViewScore,
     make_product_id,
 )
+from schemas.messages import MAX_PRODUCT_SEQ
 
 names = st.from_regex(r"[A-Za-z0-9_.\-]{1,20}", fullmatch=True)
 texts = st.text(min_size=1, max_size=40)
@@ -50,7 +51,7 @@ images = st.one_of(raw_images(), encoded_images)
 products = st.builds(
     lambda line, seq: {"line": line, "product_seq": seq, "product_id": make_product_id(line, seq)},
     names,
-    st.integers(0, 2**40),
+    st.integers(0, MAX_PRODUCT_SEQ - 1),
 )
 bboxes = st.builds(
     BBox,
@@ -75,7 +76,7 @@ frames = st.builds(
     line=names,
     camera=names,
     sequence=st.integers(0, 2**53),
-    product_seq=st.integers(0, 2**53),
+    product_seq=st.integers(0, MAX_PRODUCT_SEQ - 1),
     timestamp=stamps,
 )
 views = st.builds(

@@ -72,6 +72,8 @@ def test_invalid_entries_raise_one_error_type_naming_the_field(mutate, field):
         ({"decision": "maybe"}, "decision"),
         # The aggregator joins by line and number, QA finds products by id: they must agree.
         ({"product_id": "l:2"}, "product_id 'l:2' does not match line and product_seq"),
+        # A number this large would make Redis allocate a huge bitmap of decided products.
+        ({"product_id": f"l:{2**32}", "product_seq": 2**32}, "product_seq"),
     ],
 )
 def test_build_reports_what_is_wrong(change, error):

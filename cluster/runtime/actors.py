@@ -39,11 +39,9 @@ from schemas import (
     RetrainRequest,
     ViewScore,
 )
-from schemas.base import SchemaError
 from workers.contract import ContractConflict, InputContract, resolve_crops
 from workers.frontend.sources import is_live
-from workers.frontend.stages import CameraIngest, DetectMatte, NoProductFound
-from workers.images import ImageError
+from workers.frontend.stages import CameraIngest, DetectMatte
 from workers.line.join import Settled, VerdictJoin
 from workers.line.scoring import ViewScorer, shed_score
 from workers.qa.samples import SampleError, SampleStore
@@ -79,16 +77,26 @@ class _Loop:
     """Shared plumbing: Redis bus (dead letters to the line's own stream), a stop flag,
     counters."""
 
-    def __init__(self, access: RedisAccess, run: LineRun, line: str):
+    def __init__(self, access: RedisAccess, run: LineRun, line: str, stage: str):
         _log_to_stderr()
         self.bus = StreamBus(
-            access.client(), maxlen=run.maxlen, dead_letter_stream=Streams(line).dead_letters
+            access.client(),
+            maxlen=run.maxlen,
+            dead_letter_stream=Streams(line).dead_letters,
+            on_dead_letter=self._dead_lettered,
         )
+        self._dead_letter_metric = (LineMetrics(line).dead_letters, {"line": line, "stage": stage})
         self._stop = threading.Event()
         self.counters: dict[str, int] = {}
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+
+    def _dead_lettered(self, stream: str, reason: str) -> None:
+        """Every entry dead-lettered, undecodable or failed, is counted and in the metric."""
+        self.count("dead_lettered")
+        metric, tags = self._dead_letter_metric
+        metric.inc(1, tags)
 
     def stop(self) -> None:
         """Finish the batch in hand, acknowledge it, and return from ``run``."""
@@ -116,7 +124,7 @@ class CameraIngestActor(_Loop):
         camera: CameraConfig,
         first_product: int,
     ):
-        super().__init__(access, run, line)
+        super().__init__(access, run, line, "ingest")
         if is_live(camera.source) and ray.get_runtime_context().was_current_actor_reconstructed:
             # A live camera restarted by Ray has missed what passed meanwhile: it numbers on
             # from the line's newest product (the aggregator re-synchronises the rest by capture
@@ -168,7 +176,7 @@ class DetectMatteActor(_Loop):
     """Gated frames of every camera of a line -> matted product views."""
 
     def __init__(self, access: RedisAccess, run: LineRun, line: LineConfig, replica: int):
-        super().__init__(access, run, line.id)
+        super().__init__(access, run, line.id, "detect")
         self.streams = Streams(line.id)
         self.metrics, self.tags = LineMetrics(line.id), {"line": line.id}
         detector = None
@@ -184,13 +192,7 @@ class DetectMatteActor(_Loop):
             CameraFrame,
             batch_size=4,
         )
-        self.loop = StageLoop(
-            self.bus,
-            source,
-            self._handle,
-            poison=(ImageError, NoProductFound, SchemaError),
-            on_dead_letter=self._dead_lettered,
-        )
+        self.loop = StageLoop(self.bus, source, self._handle, max_deliveries=run.max_deliveries)
 
     def run(self) -> dict:
         self.loop.run(self._stop.is_set)
@@ -206,10 +208,6 @@ class DetectMatteActor(_Loop):
             seconds = sum(view.stage_ms.values()) / 1e3
             self.metrics.stage_seconds.observe(seconds, self.tags | {"stage": "detect"})
 
-    def _dead_lettered(self, d: Delivery, reason: str) -> None:
-        self.count("dead_lettered")
-        self.metrics.dead_letters.inc(1, self.tags | {"stage": "detect"})
-
 
 @ray.remote
 class ScorerActor(_Loop):
@@ -223,7 +221,7 @@ class ScorerActor(_Loop):
         replica: int,
         batch_size: int = 8,
     ):
-        super().__init__(access, run, line.id)
+        super().__init__(access, run, line.id, "score")
         self.streams = Streams(line.id)
         self.max_backlog = line.max_view_backlog
         self.threshold = line.threshold
@@ -246,9 +244,7 @@ class ScorerActor(_Loop):
             ProductView,
             batch_size=batch_size,
         )
-        self.loop = StageLoop(
-            self.bus, source, self._score, poison=(ImageError,), on_dead_letter=self._dead_lettered
-        )
+        self.loop = StageLoop(self.bus, source, self._score, max_deliveries=run.max_deliveries)
 
     def model_version(self) -> str:
         return self.scorer.version
@@ -334,17 +330,13 @@ class ScorerActor(_Loop):
         self.bus.publish(self.streams.scores, score)
         self.bus.ack(d)
 
-    def _dead_lettered(self, d: Delivery, reason: str) -> None:
-        self.count("dead_lettered")
-        self.metrics.dead_letters.inc(1, self.tags | {"stage": "score"})
-
 
 @ray.remote
 class AggregatorActor(_Loop):
     """View scores of all cameras -> one verdict per product, exactly once."""
 
     def __init__(self, access: RedisAccess, run: LineRun, line: LineConfig):
-        super().__init__(access, run, line.id)
+        super().__init__(access, run, line.id, "aggregate")
         self.line = line.id
         self.cameras = [c.id for c in line.cameras]
         self.keep_processed_images_s = line.keep_processed_images_s
@@ -373,7 +365,7 @@ class AggregatorActor(_Loop):
             batch_size=64,
             block_ms=200,
         )
-        self.loop = StageLoop(self.bus, source, self._handle)
+        self.loop = StageLoop(self.bus, source, self._handle, max_deliveries=run.max_deliveries)
 
     def run(self) -> dict:
         # Drained: after ``stop``, the loop goes on until the scorers' last scores are in.
@@ -502,7 +494,7 @@ class TrainerActor(_Loop):
     """
 
     def __init__(self, access: RedisAccess, run: LineRun, line: LineConfig):
-        super().__init__(access, run, line.id)
+        super().__init__(access, run, line.id, "train")
         self.line = line.id
         self.streams = Streams(line.id)
         self.samples = SampleStore(run.sample_dir)
@@ -519,7 +511,7 @@ class TrainerActor(_Loop):
             batch_size=100,
             block_ms=250,
         )
-        self.loop = StageLoop(self.bus, source, self._handle)
+        self.loop = StageLoop(self.bus, source, self._handle, max_deliveries=run.max_deliveries)
 
     def run(self) -> dict:
         self.loop.run(self._stop.is_set)

@@ -4,10 +4,13 @@
     -> entries left pending too long by consumers that never came back (XAUTOCLAIM)
     -> new entries (blocking briefly)
     -> ``handle(batch)``: process, publish each result, acknowledge its entry
-    -> an entry that fails with one of the stage's ``poison`` errors, alone, is dead-lettered
-       with the error as its reason (and acknowledged): the line goes on.
+    -> an entry whose processing fails, alone, with any error but Redis's own, is dead-lettered
+       with the error as its reason (and acknowledged): the line goes on;
+    -> an entry delivered more than ``max_deliveries`` times (it killed its actor, or a restart
+       cut it short each time) is dead-lettered without another try.
 
-Undecodable entries never reach ``handle``: the bus dead-letters them as it reads.
+Undecodable entries never reach ``handle``: the bus dead-letters them as it reads. Only Redis
+itself failing (``INFRASTRUCTURE_ERRORS``) ends the loop with its error.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster.transport.bus import Delivery, MessageTypes, StreamBus
+from cluster.transport.bus import INFRASTRUCTURE_ERRORS, Delivery, MessageTypes, StreamBus
 
 log = logging.getLogger(__name__)
 
 # Entries pending at one consumer for this long are taken over by another.
 RECLAIM_IDLE_MS = 15_000
+# An entry delivered more often than this is dead-lettered instead of tried again.
+MAX_DELIVERIES = 5
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,7 @@ class StageInput:
 
 class StageLoop:
     """Feeds a stage's batches to ``handle``, which publishes and acknowledges each entry, or
-    raises one of ``poison`` before it publishes any (the batch is then tried entry by entry).
-    ``on_dead_letter(delivery, reason)`` is told of each entry dead-lettered."""
+    raises before it publishes any (the batch is then tried entry by entry)."""
 
     def __init__(
         self,
@@ -47,14 +51,12 @@ class StageLoop:
         source: StageInput,
         handle: Callable[[list[Delivery]], None],
         *,
-        poison: tuple[type[Exception], ...] = (),
-        on_dead_letter: Callable[[Delivery, str], None] = lambda d, reason: None,
+        max_deliveries: int = MAX_DELIVERIES,
     ):
         self.bus = bus
         self.source = source
         self.handle = handle
-        self.poison = poison
-        self.on_dead_letter = on_dead_letter
+        self.max_deliveries = max_deliveries
         for stream in source.streams:
             bus.ensure_group(stream, source.group)
 
@@ -71,9 +73,9 @@ class StageLoop:
         for batch in self.bus.own_pending(
             src.streams, src.group, src.consumer, src.message_type, count=src.batch_size
         ):
-            self._handle(batch)
+            self._handle(self._not_too_often(batch))
         while True:
-            batch = self._reclaimed() or self.bus.consume(
+            batch = self._not_too_often(self._reclaimed()) or self.bus.consume(
                 src.streams,
                 src.group,
                 src.consumer,
@@ -101,15 +103,41 @@ class StageLoop:
             )
         return batch
 
+    def _not_too_often(self, batch: list[Delivery]) -> list[Delivery]:
+        """``batch`` (redelivered entries) less those delivered more than ``max_deliveries``
+        times, which are dead-lettered."""
+        counts: dict[str, int] = {}
+        for stream in {d.stream for d in batch}:
+            ids = [d.entry_id for d in batch if d.stream == stream]
+            counts |= self.bus.deliveries(stream, self.source.group, ids)
+        kept = []
+        for d in batch:
+            times = counts.get(d.entry_id, 0)
+            if times > self.max_deliveries:
+                reason = (
+                    f"delivered {times} times without being processed (it failed, or its actor "
+                    "died, each time)"
+                )
+                self._dead_letter(d, reason)
+            else:
+                kept.append(d)
+        return kept
+
     def _handle(self, batch: list[Delivery]) -> None:
+        if not batch:
+            return
         try:
             self.handle(batch)
-        except self.poison as exc:
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:  # the entry's own fault: it costs that entry only
             if len(batch) > 1:  # one bad entry must not sink the others
                 for d in batch:
                     self._handle([d])
                 return
-            [d] = batch
-            reason = str(exc) or type(exc).__name__
-            self.bus.dead_letter(d.stream, d.group, d.entry_id, d.message.to_entry(), reason)
-            self.on_dead_letter(d, reason)
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: processing failed: %s", self.source.consumer, reason)
+            self._dead_letter(batch[0], reason)
+
+    def _dead_letter(self, d: Delivery, reason: str) -> None:
+        self.bus.dead_letter(d.stream, d.group, d.entry_id, d.message.to_entry(), reason)

@@ -250,6 +250,9 @@ class LineRun(_Strict):
     """What a started line's actors share beyond its config (from the top-level settings)."""
 
     maxlen: int = Field(default=100_000, ge=100, description="entries a stream keeps, about")
+    max_deliveries: int = Field(
+        default=5, ge=1, le=1000, description="an entry delivered more often is dead-lettered"
+    )
     sample_dir: Path | None = Field(default=None, description="None: no sample store")
     retention: SampleConfig = Field(default_factory=SampleConfig)
     candidates_dir: Path | None = Field(
@@ -286,6 +289,13 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(
         default=100_000, ge=100, description="entries a stream keeps at most, about"
     )
+    max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="an entry delivered more often than this (it failed, or killed its actor, "
+        "each time) is dead-lettered with that reason",
+    )
     samples: SampleConfig = Field(default_factory=SampleConfig, description="see below")
     lines: list[LineConfig] = Field(default_factory=list, description="see below")
 
@@ -304,6 +314,7 @@ class Settings(BaseSettings):
         """What the actors of ``line`` share, its paths absolute (actors run elsewhere)."""
         return LineRun(
             maxlen=self.stream_maxlen,
+            max_deliveries=self.max_deliveries,
             sample_dir=self.sample_dir.resolve(),
             retention=self.samples,
             candidates_dir=(self.model_dir / line.id / "candidates").resolve(),

@@ -9,7 +9,7 @@ and acknowledged, so one bad message never blocks a stream.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -81,6 +81,12 @@ class Delivery(Generic[M]):
     message: M
 
 
+# Redis itself failing (gone beyond the clients' retry window, refusing a command): the line's
+# own infrastructure, which stops a stage. Whatever else processing an entry raises is the
+# entry's fault, and costs only that entry.
+INFRASTRUCTURE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError,)
+
+
 class StreamBus:
     def __init__(
         self,
@@ -88,12 +94,16 @@ class StreamBus:
         *,
         maxlen: int = DEFAULT_MAXLEN,
         dead_letter_stream: str = DEAD_LETTER_STREAM,
+        on_dead_letter: Callable[[str, str], None] = lambda stream, reason: None,
     ):
+        """``on_dead_letter(stream, reason)`` is told of every entry dead-lettered (undecodable,
+        or failed in processing), once."""
         if maxlen <= 0:
             raise ValueError(f"maxlen must be positive, got {maxlen}")
         self.client = client
         self.maxlen = maxlen
         self.dead_letter_stream = dead_letter_stream
+        self.on_dead_letter = on_dead_letter
         # Registered once, run by hash (EVALSHA); reloaded by redis-py when Redis has lost them.
         self._count_after = client.register_script(_COUNT_AFTER)
         self._trim_processed = client.register_script(_TRIM_PROCESSED)
@@ -294,11 +304,29 @@ class StreamBus:
             }
         )
         fields_and_values = [part for item in record.items() for part in item]
-        self._dead_letter(
+        added = self._dead_letter(
             keys=[stream, self.dead_letter_stream],
             args=[group, entry_id, self.maxlen, *fields_and_values],
         )
         log.warning("%s entry %s (group %s) dead-lettered: %s", stream, entry_id, group, reason)
+        if added:
+            self.on_dead_letter(stream, reason)
+
+    def deliveries(self, stream: str, group: str, entry_ids: list[str]) -> dict[str, int]:
+        """How many times each of these pending entries has been delivered (XPENDING)."""
+        if not entry_ids:
+            return {}
+        wanted = set(entry_ids)
+        ordered = sorted(entry_ids, key=lambda i: tuple(int(x) for x in i.split("-")))
+        rows = self.client.xpending_range(
+            stream, group, min=ordered[0], max=ordered[-1], count=max(len(wanted), 1) * 4 + 100
+        )
+        out = {}
+        for row in rows:
+            entry_id = row["message_id"].decode()
+            if entry_id in wanted:
+                out[entry_id] = int(row["times_delivered"])
+        return out
 
     def _decode(
         self, stream: str, group: str, message_type: MessageTypes, entries: list

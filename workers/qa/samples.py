@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.messages import MAX_PRODUCT_SEQ
+
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 
@@ -31,9 +33,10 @@ class SampleError(LookupError):
 def parse_product_id(product_id: str) -> tuple[str, int]:
     """``"line:seq"`` -> ``(line, seq)``; a clear :class:`ValueError` for anything else."""
     line, sep, seq = product_id.rpartition(":")
-    if not sep or not _NAME.match(line) or not seq.isdigit():
+    if not sep or not _NAME.match(line) or not seq.isdigit() or int(seq) >= MAX_PRODUCT_SEQ:
         raise ValueError(
-            f"not a product id: {product_id!r} (expected LINE:SEQUENCE, e.g. line-a:17)"
+            f"not a product id: {product_id!r} (expected LINE:SEQUENCE, e.g. line-a:17, the "
+            f"sequence below {MAX_PRODUCT_SEQ})"
         )
     return line, int(seq)
 
