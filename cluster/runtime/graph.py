@@ -168,13 +168,13 @@ def resolve_line(
     """
     registry = Registry(client, line.id)
     active = None if activate else registry.active()
-    where, name = (Path(active.path), active.id) if active else (Path(model_dir), str(model_dir))
+    where = Path(active.path) if active else Path(model_dir)
     try:
         metadata, _, _ = check_model(where)
     except ModelError as exc:
         raise StageFailed(f"line {line.id}: {exc}") from None
     contract = InputContract.of(metadata)
-    return line.following(contract, f"{name} ({metadata['sha256'][:16]})"), contract
+    return line.following(contract, f"{metadata['sha256'][:16]} ({where})"), contract
 
 
 def start_line(
