@@ -61,10 +61,15 @@ def test_kuberay_manifests_and_dockerfile_are_complete():
     for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in groups.values()]:
         [container] = pod["spec"]["containers"]
         assert container["image"] == "defectflow:0.1.0"
-        env = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]}
+        env = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+            for e in container["env"]
+            if "valueFrom" in e
+        }
         assert env == {
             "DEFECTFLOW_REDIS_URL": "defectflow-redis",
             "DEFECTFLOW_REDIS_PASSWORD": "defectflow-redis",
+            "RAY_AUTH_TOKEN": "defectflow-ray",
         }
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1"

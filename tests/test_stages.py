@@ -278,3 +278,13 @@ def test_a_resolution_change_restarts_the_background_model_and_goes_on(tmp_path)
     ingest = CameraIngest("l", "cam0", str(folder))
     assert list(ingest.frames()) == []
     assert ingest.stats.frames == 6 and ingest.stats.resolution_changes == 1
+
+
+def test_a_cameras_password_never_shows_in_an_error():
+    assert (
+        sources.shown("rtsp://admin:s3cret@10.0.0.5/stream1") == "rtsp://admin:***@10.0.0.5/stream1"
+    )
+    assert sources.shown("/videos/cam0.avi") == "/videos/cam0.avi"
+    with pytest.raises(ValueError) as info:
+        list(open_source("http://admin:s3cret@127.0.0.1:1/cam.mjpg"))
+    assert "s3cret" not in str(info.value) and "admin:***@127.0.0.1" in str(info.value)

@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from cluster.transport.connection import RedisAccess, line_password_env, split_credentials
 from workers.contract import BoxSource, CropSpec, InputContract, MaskShape, resolve_crops
-from workers.frontend.sources import is_live
+from workers.frontend.sources import is_live, shown
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 
@@ -73,8 +73,8 @@ class CameraConfig(_Strict):
     def _fps_paces_recordings_only(self) -> CameraConfig:
         if self.fps is not None and is_live(self.source):
             raise ValueError(
-                f"fps paces the replay of a recording; {self.source} is a live stream, which "
-                "comes at its own rate: leave fps out"
+                f"fps paces the replay of a recording; {shown(self.source)} is a live stream, "
+                "which comes at its own rate: leave fps out"
             )
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,12 @@ def _open_capture(source: str) -> cv2.VideoCapture:
     return cv2.VideoCapture(source, cv2.CAP_FFMPEG, timeouts)
 
 
+def shown(source: str) -> str:
+    """``source`` as logs and errors may show it: a URL's password replaced by ``***``
+    (cameras take credentials in their RTSP URLs)."""
+    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", source)
+
+
 def is_live(source: str) -> bool:
     """A network stream (RTSP, HTTP, ...): it may drop and come back, where a recording ends."""
     return "://" in source and not source.lower().startswith("file:")
@@ -68,7 +75,7 @@ def open_source(
         raise FileNotFoundError(f"{source}: no such video file or folder")
     capture = _open_capture(source)
     if not capture.isOpened():
-        raise ValueError(f"{source}: OpenCV cannot open this source")
+        raise ValueError(f"{shown(source)}: OpenCV cannot open this source")
     return _capture_frames(capture, source, stride, max_width, first_index)
 
 
@@ -158,7 +165,7 @@ def _capture_frames(
     finally:
         capture.release()
     if n == first_index:
-        raise ValueError(f"{source}: no frames (empty or unreadable video)")
+        raise ValueError(f"{shown(source)}: no frames (empty or unreadable video)")
 
 
 def _folder_frames(files: list[Path], stride: int) -> Iterator[SourceFrame]:

@@ -134,3 +134,41 @@ def config_reference(
     else:
         out.write_text(text)
         console.print(f"wrote {out}")
+
+
+@app.command()
+def deadletters(
+    line: str = typer.Option(..., "--line", help="line id"),
+    reason: str | None = typer.Option(None, help="only those whose reason contains this"),
+    replay: str | None = typer.Option(None, "--replay", help="send this entry back to its stream"),
+    purge: bool = typer.Option(False, "--purge", help="delete them (those --reason selects)"),
+    as_json: bool = typer.Option(False, "--json"),
+    config: Path | None = CONFIG,
+    redis_url: str | None = REDIS_URL,
+    data_dir: Path | None = DATA_DIR,
+):
+    """A line's dead letters (entries a stage could not process) with their reasons; replay one
+    to its stream once its cause is fixed, or purge them."""
+    from cluster.transport import deadletters as letters
+
+    with qa_session(config, redis_url, data_dir) as (_, redis_of):
+        client = redis_of(line)
+        found = letters.dead_letters(client, line, reason)
+        if replay is not None:
+            [letter] = [d for d in found if d.entry_id == replay] or [None]
+            if letter is None:
+                raise fail(f"line {line}: no dead letter {replay}")
+            new_id = letters.replay(client, line, letter)
+            console.print(f"{replay} sent back to {letter.stream} as {new_id}")
+            return
+        if purge:
+            console.print(f"line {line}: {letters.purge(client, line, found)} dead letters purged")
+            return
+    if as_json:
+        for d in found:
+            typer.echo(json.dumps(d.summary()))
+        return
+    table = Table("entry", "from", "kind", "reason", title=f"{len(found)} dead letters of {line}")
+    for d in found:
+        table.add_row(d.entry_id, f"{d.stream}/{d.group}", d.kind, d.reason)
+    stdout.print(table)
