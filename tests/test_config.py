@@ -59,6 +59,11 @@ def test_the_environment_overrides_the_file(tmp_path, monkeypatch):
             LINE_YAML.replace("target_tpr: 0.9", "target_tpr: 0.9\n    mask_shape: oval"),
             "lines.0.mask_shape",
         ),
+        (
+            # A backlog is counted up to 10,000 views: a larger limit would never shed.
+            LINE_YAML.replace("target_tpr: 0.9", "target_tpr: 0.9\n    max_view_backlog: 20000"),
+            "lines.0.max_view_backlog",
+        ),
         (LINE_YAML.replace("id: cam1", "id: cam0"), "lines.0"),
         (
             LINE_YAML.replace("/videos/cam1.mp4", "rtsp://cam1.line/stream"),

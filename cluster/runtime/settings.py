@@ -152,6 +152,9 @@ class LineConfig(_Strict):
     max_view_backlog: int = Field(
         default=2000,
         ge=1,
+        # The bus counts a backlog up to LAG_COUNT_LIMIT (10,000) entries: a limit at or above it
+        # would never be reached, and the backlog never shed.
+        le=9_999,
         description="views waiting for scorers beyond which they are shed (counted, in verdicts)",
     )
     keep_processed_images_s: float = Field(
