@@ -286,3 +286,25 @@ def test_a_tls_redis_with_client_certificates_and_a_password(tmp_path, monkeypat
     finally:
         server.terminate()
         server.wait()
+
+
+def test_a_model_folder_replaced_after_registration_is_refused(
+    contract_line, redis_client, tmp_path
+):
+    import torch
+
+    from workers.differnet.store import load_model, save_model
+
+    model, _ = contract_line
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    registry = Registry(redis_client, "east")
+    version = registry.register(folder)
+    # The folder is replaced by another model, consistently (its own metadata, its own sha256).
+    bundle = load_model(folder)
+    with torch.no_grad():
+        next(p for p in bundle.model.flow.parameters() if p.is_floating_point()).add_(1e-3)
+    shutil.rmtree(folder)
+    save_model(bundle.model, folder, threshold=bundle.threshold, crops=CONTRACT_CROPS)
+    with pytest.raises(RegistryError, match="the folder was replaced"):
+        registry.promote(version.id)

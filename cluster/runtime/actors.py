@@ -279,8 +279,10 @@ class ScorerActor(_Loop):
         from workers.differnet.store import ModelError, load_model
 
         try:
-            path = Path(self.registry.get(version_id).path)
-            bundle = load_model(path, granted_device())
+            version = self.registry.get(version_id)
+            bundle = load_model(Path(version.path), granted_device())
+            if bundle.metadata["sha256"] != version.sha256:  # the folder replaced since
+                raise ModelError(f"{version.path} no longer holds version {version_id}")
             resolve_crops(self.crops.model_dump(), InputContract.of(bundle.metadata), version_id)
         except (ModelError, RegistryError, ContractConflict) as exc:
             self.count("model_load_failures")

@@ -114,6 +114,11 @@ class Registry:
         contracts states none and is taken as it is.)"""
         try:
             metadata, _, _ = check_model(Path(version.path))
+            if metadata["sha256"] != version.sha256:
+                raise ModelError(
+                    f"{version.path} now holds weights {metadata['sha256'][:16]}, not the "
+                    f"registered {version.sha256[:16]}: the folder was replaced"
+                )
             contract = InputContract.of(metadata)
             crops = self.line_crops()
             if crops is not None and contract is not None:
