@@ -93,3 +93,6 @@ def test_rays_dashboard_is_local_or_token_protected_in_every_deploy_file():
         assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in env
         ports = [p["containerPort"] for p in container.get("ports", [])]
         assert 10001 not in ports  # no Ray client port: jobs go through the token-checked API
+    job = yaml.safe_load((ROOT / "deploy/kuberay/rayjob.yaml").read_text())
+    [submitter] = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    assert {e["name"] for e in submitter["env"]} == {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
