@@ -155,6 +155,8 @@ class CameraIngestActor(_Loop):
             stats = self.ingest.stats
             count_new(metrics.frames_in, stats.frames, counted, "frames", tags)
             count_new(metrics.camera_reconnects, stats.reconnects, counted, "reconnects", tags)
+            corrupt = {"line": self.line, "kind": "corrupt_frame"}
+            count_new(metrics.incidents, stats.corrupt_frames, counted, "corrupt", corrupt)
 
         for frame in self.ingest.frames(self._stop.is_set, replay_epoch):
             self.bus.publish(self.stream, frame)
@@ -286,6 +288,7 @@ class ScorerActor(_Loop):
             resolve_crops(self.crops.model_dump(), InputContract.of(bundle.metadata), version_id)
         except (ModelError, RegistryError, ContractConflict) as exc:
             self.count("model_load_failures")
+            self.metrics.incidents.inc(1, self.tags | {"kind": "model_refused"})
             log.warning("%s: model %s refused: %s", self.streams.line, version_id, exc)
             return None
         return ViewScorer(bundle, self.threshold)
@@ -401,6 +404,7 @@ class AggregatorActor(_Loop):
         if seq in self.decided:
             self.bus.ack(d)  # redelivered, or arrived after an incomplete verdict
             self.count("late_or_duplicate_views")
+            self.metrics.incidents.inc(1, {"line": self.line, "kind": "late_or_duplicate_view"})
             log.info(
                 "%s: view of product %d from %s after its verdict: counted, not used",
                 self.line,

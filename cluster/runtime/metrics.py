@@ -56,6 +56,12 @@ class LineMetrics:
             "Entries moved to the dead letters",
             tag_keys=("line", "stage"),
         )
+        self.incidents = Counter(
+            "defectflow_incidents",
+            "What the line survived and counted: corrupt_frame, late_or_duplicate_view, "
+            "model_refused",
+            tag_keys=("line", "kind"),
+        )
         self.stage_seconds = Histogram(
             "defectflow_stage_seconds",
             "Time per view in a stage; frame_to_verdict: camera frame to published verdict",
