@@ -11,6 +11,19 @@ from schemas import RetrainRequest
 STREAM = "requests:{l}"
 
 
+def line_bus(client, told: list | None = None) -> StreamBus:
+    """A bus whose dead letters go to line l's stream (and, with ``told``, are told there)."""
+    bus = StreamBus(
+        client,
+        dead_letter_stream="deadletter:{l}",
+        on_dead_letter=(lambda stream, reason: told.append((stream, reason)))
+        if told is not None
+        else (lambda stream, reason: None),
+    )
+    bus.ensure_group(STREAM, "g")
+    return bus
+
+
 def requests(bus: StreamBus, names: list[str]) -> None:
     for name in names:
         bus.publish(STREAM, RetrainRequest(line="l", by=name, at=1.0))
@@ -30,12 +43,7 @@ def dead_letters(bus: StreamBus) -> list[dict]:
 
 def test_an_entry_that_fails_costs_only_itself_and_says_why(redis_client):
     told = []
-    bus = StreamBus(
-        redis_client,
-        dead_letter_stream="deadletter:{l}",
-        on_dead_letter=lambda stream, reason: told.append(reason),
-    )
-    bus.ensure_group(STREAM, "g")
+    bus = line_bus(redis_client, told)
     requests(bus, ["a", "poison", "b"])
     done = []
 
@@ -51,13 +59,12 @@ def test_an_entry_that_fails_costs_only_itself_and_says_why(redis_client):
     assert done == ["a", "b"]
     [dead] = dead_letters(bus)
     assert dead["_dl_reason"] == "ValueError: cannot handle this one"
-    assert dead["_dl_stream"] == STREAM and told == [dead["_dl_reason"]]
+    assert dead["_dl_stream"] == STREAM and told == [(STREAM, dead["_dl_reason"])]
     assert bus.lag(STREAM, "g") == 0  # everything acknowledged, the line goes on
 
 
 def test_an_entry_delivered_too_often_is_dead_lettered_without_another_try(redis_client):
-    bus = StreamBus(redis_client, dead_letter_stream="deadletter:{l}")
-    bus.ensure_group(STREAM, "g")
+    bus = line_bus(redis_client)
     requests(bus, ["killer"])
     # It was delivered, and its consumer died each time (nothing acknowledged it).
     for _ in range(3):
@@ -71,8 +78,7 @@ def test_an_entry_delivered_too_often_is_dead_lettered_without_another_try(redis
 
 
 def test_redis_itself_failing_ends_the_loop(redis_client):
-    bus = StreamBus(redis_client, dead_letter_stream="deadletter:{l}")
-    bus.ensure_group(STREAM, "g")
+    bus = line_bus(redis_client)
     requests(bus, ["a"])
 
     def handle(batch):
@@ -85,12 +91,10 @@ def test_redis_itself_failing_ends_the_loop(redis_client):
 
 def test_undecodable_entries_are_dead_lettered_and_counted_by_the_bus(redis_client):
     told = []
-    bus = StreamBus(
-        redis_client,
-        dead_letter_stream="deadletter:{l}",
-        on_dead_letter=lambda stream, reason: told.append(stream),
-    )
-    bus.ensure_group(STREAM, "g")
+    bus = line_bus(redis_client, told)
     redis_client.xadd(STREAM, {"kind": "retrain_request", "v": "1", "meta": "not json"})
     loop_once(bus, lambda batch: None)
-    assert told == [STREAM] and "not JSON" in dead_letters(bus)[0]["_dl_reason"]
+    [(stream, reason)] = told
+    assert (
+        stream == STREAM and "not JSON" in reason and reason == dead_letters(bus)[0]["_dl_reason"]
+    )

@@ -253,19 +253,19 @@ def _await_started(running: RunningLine, timeout_s: float) -> None:
     line, res = running.config, running.resources
     try:
         ray.get([a.ping.remote() for a in running.workers], timeout=timeout_s)
+        return
     except ray.exceptions.RayActorError as exc:  # its constructor failed (no Redis, no model)
-        for actor in running.workers:
-            ray.kill(actor, no_restart=True)
-        raise StageFailed(f"line {line.id}: an actor could not start: {_cause(exc)}") from None
+        why = f"an actor could not start: {_cause(exc)}"
     except ray.exceptions.GetTimeoutError:
-        for actor in running.workers:  # those that did start would hold their resources
-            ray.kill(actor, no_restart=True)
-        raise StageFailed(
-            f"line {line.id}: its actors did not all start within {timeout_s:g} s; they "
-            f"ask for {line_cpus(line, res):g} CPUs and {line_gpus(line, res):g} GPUs, the "
-            f"cluster has {_have('CPU'):g} and {_have('GPU'):g} (add nodes, or lower the "
-            "line's replicas or resources)"
-        ) from None
+        why = (
+            f"its actors did not all start within {timeout_s:g} s; they ask for "
+            f"{line_cpus(line, res):g} CPUs and {line_gpus(line, res):g} GPUs, the cluster has "
+            f"{_have('CPU'):g} and {_have('GPU'):g} (add nodes, or lower the line's replicas or "
+            "resources)"
+        )
+    # Those that did start would hold their resources.
+    _release(running.workers)
+    raise StageFailed(f"line {line.id}: {why}")
 
 
 def _cause(exc: ray.exceptions.RayError) -> str:
@@ -380,9 +380,9 @@ def drain_and_stop(
             for r in lines:
                 check_stages(r)
         except StageFailed:
+            # Only the actors: Redis may be what failed (the next start records the crops anew).
             for r in lines:
-                for actor in r.ingest + r.workers:
-                    ray.kill(actor, no_restart=True)
+                _release(r.ingest + r.workers)
             raise
         if all(sources_done(r) for r in lines) and sum(backlog(r) for r in lines) == 0:
             break
@@ -409,11 +409,19 @@ def drain_and_stop(
             # A retraining in progress finishes first (it may take minutes).
             r.trainer.stop.remote()
             stats[r.config.id]["trainer"] = ray.get(r.runs[r.trainer], timeout=1800)
-        # Stopped actors would go on holding their CPUs and GPUs: a line started next in the
-        # same cluster could not be placed.
-        for actor in r.ingest + r.workers:
-            ray.kill(actor, no_restart=True)
-        # Stopped, the line cuts no crops: a model it will follow at its next start may be
-        # promoted meanwhile.
-        Registry(r.client, r.config.id).set_line_crops(None)
+        _stopped(r)
     return stats
+
+
+def _release(actors: list) -> None:
+    """Stopped actors would go on holding their CPUs and GPUs: a line started next in the same
+    cluster could not be placed."""
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
+def _stopped(running: RunningLine) -> None:
+    """A line's actors released, and its crops forgotten: a stopped line checks nothing, so a
+    model it will follow at its next start may be promoted meanwhile."""
+    _release(running.ingest + running.workers)
+    Registry(running.client, running.config.id).set_line_crops(None)
