@@ -98,3 +98,21 @@ def test_undecodable_entries_are_dead_lettered_and_counted_by_the_bus(redis_clie
     assert (
         stream == STREAM and "not JSON" in reason and reason == dead_letters(bus)[0]["_dl_reason"]
     )
+
+
+def test_an_entry_over_the_byte_limit_is_dead_lettered_unread(redis_client):
+    told = []
+    bus = line_bus(redis_client, told)
+    bus.max_entry_bytes = 4096
+    requests(bus, ["a", "x" * 5000, "b"])
+    done = []
+
+    def handle(batch):
+        done.extend(d.message.by for d in batch)
+        bus.ack(*batch)
+
+    loop_once(bus, handle)
+    assert done == ["a", "b"]
+    [dead] = dead_letters(bus)
+    assert "bytes, more than the 4,096 allowed" in dead["_dl_reason"]
+    assert len(told) == 1 and bus.lag(STREAM, "g") == 0

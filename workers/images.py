@@ -3,42 +3,80 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# Pixels an image may have, checked from its header before anything is decoded: a few kB of
+# PNG can claim gigabytes of pixels. Pillow itself refuses more than twice its MAX_IMAGE_PIXELS.
+DEFAULT_MAX_PIXELS = 50_000_000
+MAX_PIXELS_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 
 
 class ImageError(ValueError):
     """An image that cannot be read: missing, empty, truncated, or not an image."""
 
 
-def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
+def decode_image(
+    data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode encoded image bytes into an ``(H, W, 3)`` uint8 RGB array.
 
     Grey, grey+alpha, palette, RGBA and 16-bit images are all accepted; alpha is dropped and
     16-bit values are scaled to 8 bits by their full range.
     """
-    return decode_with_alpha(data, source)[0]
+    return decode_with_alpha(data, source, max_pixels)[0]
 
 
-def decode_with_alpha(data: bytes, source: str = "<bytes>") -> tuple[np.ndarray, np.ndarray | None]:
+def decode_with_alpha(
+    data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Like :func:`decode_image`, also returning the alpha channel (``(H, W)`` uint8) if any.
 
     Matted crops travel as RGBA PNGs whose alpha is the product mask.
     """
+    with _opened(data, source, max_pixels) as img:
+        alpha = np.asarray(img.getchannel("A")) if img.mode in ("RGBA", "LA") else None
+        return _to_rgb8(img), alpha
+
+
+def decode_grey(data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS):
+    """An 8-bit single-channel image (a mask) as an ``(H, W)`` uint8 array."""
+    with _opened(data, source, max_pixels) as img:
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+@contextmanager
+def _opened(data: bytes, source: str, max_pixels: int) -> Iterator[Image.Image]:
+    """The image of ``data``, decoded once its header has shown it within ``max_pixels``."""
     if not data:
         raise ImageError(f"{source}: empty file")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{source}: {width}x{height} pixels, more than the {max_pixels:,} allowed "
+                    "(max_image_pixels)"
+                )
             img.load()  # Decodes everything now, so truncation is caught here.
-            alpha = np.asarray(img.getchannel("A")) if img.mode in ("RGBA", "LA") else None
-            return _to_rgb8(img), alpha
+            yield img
+    except ImageError:
+        raise
     # ImportError: once Ultralytics is imported it patches Image.open to retry unknown formats
     # with an optional HEIF plugin, which raises ImportError where that plugin is absent.
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as exc:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        ImportError,
+    ) as exc:
         raise ImageError(f"{source}: not a readable image ({exc})") from None
 
 

@@ -82,6 +82,7 @@ class _Loop:
         self.bus = StreamBus(
             access.client(),
             maxlen=run.maxlen,
+            max_entry_bytes=run.max_entry_bytes,
             dead_letter_stream=Streams(line).dead_letters,
             on_dead_letter=self._dead_lettered,
         )
@@ -186,7 +187,7 @@ class DetectMatteActor(_Loop):
             from workers.frontend.detect import YoloDetector
 
             detector = YoloDetector(line.yolo_weights, device=granted_device())
-        self.stage = DetectMatte(detector, line.crops)
+        self.stage = DetectMatte(detector, line.crops, run.max_image_pixels)
         source = StageInput(
             [self.streams.frames(c.id) for c in line.cameras],
             self.streams.detect_group,
@@ -227,6 +228,7 @@ class ScorerActor(_Loop):
         self.streams = Streams(line.id)
         self.max_backlog = line.max_view_backlog
         self.threshold = line.threshold
+        self.max_image_pixels = run.max_image_pixels
         # A version that learned from crops cut otherwise is refused, however it was activated.
         self.crops = line.crops
         self.samples = SampleStore(run.sample_dir) if run.sample_dir else None
@@ -291,7 +293,7 @@ class ScorerActor(_Loop):
             self.metrics.incidents.inc(1, self.tags | {"kind": "model_refused"})
             log.warning("%s: model %s refused: %s", self.streams.line, version_id, exc)
             return None
-        return ViewScorer(bundle, self.threshold)
+        return ViewScorer(bundle, self.threshold, self.max_image_pixels)
 
     def _score(self, batch: list[Delivery]) -> None:
         """All or nothing: an undecodable view raises before any score is published."""

@@ -24,9 +24,11 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cluster.transport.bus import DEFAULT_MAX_ENTRY_BYTES
 from cluster.transport.connection import RedisAccess, line_password_env, split_credentials
 from workers.contract import BoxSource, CropSpec, InputContract, MaskShape, resolve_crops
 from workers.frontend.sources import is_live, shown
+from workers.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 
@@ -256,6 +258,8 @@ class LineRun(_Strict):
     max_deliveries: int = Field(
         default=5, ge=1, le=1000, description="an entry delivered more often is dead-lettered"
     )
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=10_000, le=MAX_PIXELS_LIMIT)
+    max_entry_bytes: int = Field(default=DEFAULT_MAX_ENTRY_BYTES, ge=65_536, le=512 * 2**20)
     sample_dir: Path | None = Field(default=None, description="None: no sample store")
     retention: SampleConfig = Field(default_factory=SampleConfig)
     candidates_dir: Path | None = Field(
@@ -299,6 +303,18 @@ class Settings(BaseSettings):
         description="an entry delivered more often than this (it failed, or killed its actor, "
         "each time) is dead-lettered with that reason",
     )
+    max_image_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        ge=10_000,
+        le=MAX_PIXELS_LIMIT,
+        description="a frame or view whose header claims more pixels is dead-lettered undecoded",
+    )
+    max_entry_bytes: int = Field(
+        default=DEFAULT_MAX_ENTRY_BYTES,
+        ge=65_536,
+        le=512 * 2**20,
+        description="a stream entry larger than this is dead-lettered unread",
+    )
     samples: SampleConfig = Field(default_factory=SampleConfig, description="see below")
     lines: list[LineConfig] = Field(default_factory=list, description="see below")
 
@@ -318,6 +334,8 @@ class Settings(BaseSettings):
         return LineRun(
             maxlen=self.stream_maxlen,
             max_deliveries=self.max_deliveries,
+            max_image_pixels=self.max_image_pixels,
+            max_entry_bytes=self.max_entry_bytes,
             sample_dir=self.sample_dir.resolve(),
             retention=self.samples,
             candidates_dir=(self.model_dir / line.id / "candidates").resolve(),

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER_STREAM = "deadletter"
 DEFAULT_MAXLEN = 100_000
+# Bytes an entry may have (fields and values): a larger one is dead-lettered undecoded.
+DEFAULT_MAX_ENTRY_BYTES = 64 * 2**20
 # Lag counts stop here: past it, a stage is simply far behind.
 LAG_COUNT_LIMIT = 10_000
 # Entries of a stream after an id, counted by Redis itself (ids only, nothing returned).
@@ -93,6 +95,7 @@ class StreamBus:
         client: redis.Redis,
         *,
         maxlen: int = DEFAULT_MAXLEN,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
         dead_letter_stream: str = DEAD_LETTER_STREAM,
         on_dead_letter: Callable[[str, str], None] = lambda stream, reason: None,
     ):
@@ -102,6 +105,7 @@ class StreamBus:
             raise ValueError(f"maxlen must be positive, got {maxlen}")
         self.client = client
         self.maxlen = maxlen
+        self.max_entry_bytes = max_entry_bytes
         self.dead_letter_stream = dead_letter_stream
         self.on_dead_letter = on_dead_letter
         # Registered once, run by hash (EVALSHA); reloaded by redis-py when Redis has lost them.
@@ -340,6 +344,11 @@ class StreamBus:
             kinds = message_type if isinstance(message_type, tuple) else (message_type,)
             kind = fields.get(KIND_FIELD, b"").decode(errors="replace")
             expected = next((t for t in kinds if t.kind == kind), kinds[0])
+            size = sum(len(k) + len(v) for k, v in fields.items())
+            if size > self.max_entry_bytes:
+                reason = f"{size:,} bytes, more than the {self.max_entry_bytes:,} allowed"
+                self.dead_letter(stream, group, entry_id, {}, f"{expected.kind}: {reason}")
+                continue
             try:
                 message = expected.from_entry(fields)
             except SchemaError as exc:

@@ -22,7 +22,9 @@ from workers.frontend.matte import DeepMatter, matte
 from workers.frontend.motion import MotionGate
 from workers.frontend.sources import RECONNECT_WAITS_S, SourceFrame, is_live, open_source
 from workers.images import (
+    DEFAULT_MAX_PIXELS,
     ImageError,
+    decode_grey,
     decode_image,
     encode_png,
     load_image,
@@ -183,20 +185,27 @@ class DetectMatte:
     """Finds the product in a gated frame, crops it re-centred and takes the belt away, as
     ``crops`` says (a line's model states how its crops were cut: ``workers.contract``)."""
 
-    def __init__(self, detector: Detector | None = None, crops: CropSpec = CropSpec()):
+    def __init__(
+        self,
+        detector: Detector | None = None,
+        crops: CropSpec = CropSpec(),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.detector = detector or ContourDetector()
         self.crops = crops
+        self.max_pixels = max_pixels
 
     def process(self, frame: CameraFrame) -> ProductView:
         t0 = time.perf_counter()
-        rgb = decode_image(frame.image, f"{frame.line}/{frame.camera}#{frame.sequence}")
+        source = f"{frame.line}/{frame.camera}#{frame.sequence}"
+        rgb = decode_image(frame.image, source, self.max_pixels)
         if rgb.shape != tuple(frame.shape[:2]) + (3,):
             raise ImageError(f"frame decodes to {rgb.shape}, message says {frame.shape}")
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         mask = None
         if frame.mask:
-            mask = cv2.imdecode(np.frombuffer(frame.mask, np.uint8), cv2.IMREAD_GRAYSCALE)
-            if mask is None or mask.shape != bgr.shape[:2]:
+            mask = decode_grey(frame.mask, f"{source} mask", self.max_pixels)
+            if mask.shape != bgr.shape[:2]:
                 raise ImageError("the frame's mask does not decode to the frame's size")
         t1 = time.perf_counter()
         found = self.detector.detect(bgr, mask)

@@ -6,7 +6,7 @@ import time
 
 from schemas import ProductView, ViewScore
 from workers.differnet.store import ModelBundle
-from workers.images import decode_with_alpha
+from workers.images import DEFAULT_MAX_PIXELS, decode_with_alpha
 
 
 def shed_score(view: ProductView, version: str, threshold: float) -> ViewScore:
@@ -29,8 +29,14 @@ def shed_score(view: ProductView, version: str, threshold: float) -> ViewScore:
 class ViewScorer:
     """Scores batches of views with one model version; swapping versions happens between batches."""
 
-    def __init__(self, bundle: ModelBundle, threshold: float | None = None):
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        threshold: float | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.bundle = bundle
+        self.max_pixels = max_pixels
         self.threshold = bundle.threshold if threshold is None else threshold
 
     @property
@@ -42,7 +48,7 @@ class ViewScorer:
         model = self.bundle.model
         prepared = []
         for v in views:
-            rgb, alpha = decode_with_alpha(v.image, v.product_id)
+            rgb, alpha = decode_with_alpha(v.image, v.product_id, self.max_pixels)
             prepared.append(model.prepare(rgb, alpha))
         t0 = time.perf_counter()
         results = model.score_batch(prepared) if prepared else []
