@@ -130,10 +130,6 @@ class ViewScore(Message):
     model_version: str = Field(min_length=1)
     defect_map_ref: str | None = None
     stage_ms: Milliseconds = Field(default_factory=dict)
-    shed: bool = Field(
-        default=False,
-        description="not scored: scorers too far behind (score and is_defect mean nothing)",
-    )
 
     _product_id = model_validator(mode="after")(_names_its_product)
 

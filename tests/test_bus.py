@@ -165,11 +165,28 @@ def test_dead_lettering_an_entry_again_adds_nothing(bus):
     assert bus.client.xpending("frames", "detect")["pending"] == 0
 
 
-def test_publish_bounds_the_stream(redis_client):
+def test_publish_bounds_the_stream_and_counts_what_it_trims_unread_per_group(redis_client):
     small = StreamBus(redis_client, maxlen=100)
+    small.ensure_group("bounded", "keeps-up")
+    small.ensure_group("bounded", "holds")  # reads some, acknowledges none
+    small.ensure_group("bounded", "away")  # an outside consumer that stopped reading
     for i in range(1000):
         small.publish("bounded", frame(i))
-    assert redis_client.xlen("bounded") < 300  # approximate trimming keeps it near maxlen
+        for d in small.consume("bounded", "keeps-up", "c", CameraFrame, block_ms=None):
+            small.ack(d)
+        if i == 49:
+            small.consume("bounded", "holds", "c", CameraFrame, count=50, block_ms=None)
+    assert redis_client.xlen("bounded") == 100
+    assert small.unread_trimmed("bounded") == {"holds": 900, "away": 900}
+    assert sorted(small.groups("bounded")) == ["away", "holds", "keeps-up"]
+    # The verdict script counts the same way.
+    streams = Streams("l1")
+    small.ensure_group(streams.verdicts, "qa")
+    decided = DecidedProducts(redis_client, "l1")
+    for seq in range(105):
+        decided.publish(seq, {b"seq": str(seq).encode()}, streams.verdicts, 100)
+    assert redis_client.xlen(streams.verdicts) == 100
+    assert small.unread_trimmed(streams.verdicts) == {"qa": 5}
 
 
 def test_acknowledged_and_pending_entries_survive_a_restart_of_the_embedded_redis(tmp_path):

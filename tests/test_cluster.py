@@ -243,8 +243,10 @@ def test_a_line_whose_actors_cannot_be_placed_fails_to_start_saying_what_they_as
     assert ray.available_resources().get("CPU", 0) == 2
 
 
-def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, local_ray, tmp_path):
-    # Unpaced cameras outrun a backlog of one view. (And the line's views are cut as whole
+def test_a_line_far_behind_sheds_whole_products_at_ingest_each_with_its_verdict(
+    line_model, local_ray, tmp_path
+):
+    # Unpaced cameras outrun a backlog of one product. (And the line's views are cut as whole
     # boxes: the line sets no mask_shape, and the detect + matte actors follow its model's.)
     boxed = tmp_path / "box-model"
     shutil.copytree(line_model[1] / "model", boxed)
@@ -253,23 +255,70 @@ def test_scorers_far_behind_shed_views_and_every_verdict_says_so(line_model, loc
         boxed, input_contract=contract | {"crops": contract["crops"] | {"mask_shape": "box"}}
     )
     _, stats, got, scores, views = inspect(
-        line_model, tmp_path, 6, seed=7, model_dir=boxed, max_view_backlog=1
+        line_model, tmp_path, 8, seed=7, model_dir=boxed, max_backlog_products=1
     )
     for view in views:
         alpha = np.asarray(Image.open(io.BytesIO(view.image)))[:, :, 3] > 0
         rows, cols = np.nonzero(alpha)
         assert alpha[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
-    shed = sum(s.get("shed", 0) for s in stats["demo"]["score"])
-    assert shed >= 1 and sum(s.shed for s in scores) == shed
-    assert sorted(v.product_seq for v in got) == list(range(6))  # still one verdict each
-    named = [
-        (v.product_seq, c)
-        for v in got
-        if v.reason and "shed" in v.reason
-        for c in v.missing_cameras
-    ]
-    assert len(named) == shed  # every shed view is named in its product's verdict
-    assert all(v.status == "incomplete" for v in got if v.reason and "shed" in v.reason)
+    assert sorted(v.product_seq for v in got) == list(range(8))  # still one verdict each
+    shed = {v.product_seq for v in got if v.reason and v.reason.startswith("shed at ingest")}
+    counted = sum(s.get("products_shed", 0) for s in stats["demo"]["ingest"])
+    assert 1 <= len(shed) < 8 and counted == len(shed)
+    for v in got:
+        if v.product_seq in shed:
+            assert v.status == "incomplete" and v.decision == "unknown" and v.views == []
+            assert v.missing_cameras == ["cam0", "cam1", "cam2", "cam3"]
+    # Whole products: no view of a shed product went on, every view of the others did.
+    by_product = {}
+    for view in views:
+        by_product.setdefault(view.product_seq, set()).add(view.camera)
+    assert not shed & set(by_product)
+    assert all(len(cams) == 4 for cams in by_product.values())
+    assert {s.product_seq for s in scores} == set(range(8)) - shed
+
+
+def test_a_product_whose_every_view_was_lost_still_gets_a_verdict(local_ray, tmp_path):
+    """All views of product 3 were dead-lettered upstream: the line's verdicts pass it by, and
+    the aggregator gives it an incomplete verdict saying so (once, after view_timeout_s)."""
+    from cluster.runtime.actors import AggregatorActor
+
+    cams = ["cam0", "cam1"]
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        line = LineConfig(
+            id="l", cameras=[{"id": c, "source": f"{c}.avi"} for c in cams], view_timeout_s=1.0
+        )
+        aggregator = AggregatorActor.options(num_cpus=0.1, **ACTOR_OPTIONS).remote(
+            server.access, LineRun(), line
+        )
+        run = aggregator.run.remote()
+        for seq in [n for n in range(15) if n != 3]:
+            for cam in cams:
+                score = ViewScore(
+                    product_id=f"l:{seq}",
+                    line="l",
+                    camera=cam,
+                    product_seq=seq,
+                    captured_at=1000.0 + seq,
+                    score=0.0,
+                    threshold=1.0,
+                    is_defect=False,
+                    model_version="v1",
+                )
+                client.xadd(Streams("l").scores, score.to_entry())
+        deadline = time.monotonic() + 30
+        while len(verdicts(client, "l")) < 15 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        filled = len(verdicts(client, "l"))  # before the stop's flush
+        aggregator.stop.remote()
+        stats = ray.get(run, timeout=60)
+        got = {v.product_seq: v for v in verdicts(client, "l")}
+    assert filled == 15 and sorted(got) == list(range(15))
+    lost = got[3]
+    assert lost.status == "incomplete" and lost.views == [] and lost.missing_cameras == cams
+    assert "no view of it reached the aggregator" in lost.reason
+    assert stats["products_without_views"] == 1
 
 
 def test_a_restarted_aggregator_numbers_a_re_synchronised_camera_as_before(local_ray, tmp_path):

@@ -61,8 +61,8 @@ def test_the_environment_overrides_the_file(tmp_path, monkeypatch):
         ),
         (
             # A backlog is counted up to 10,000 views: a larger limit would never shed.
-            LINE_YAML.replace("target_tpr: 0.9", "target_tpr: 0.9\n    max_view_backlog: 20000"),
-            "lines.0.max_view_backlog",
+            LINE_YAML.replace("target_tpr: 0.9", "target_tpr: 0.9\n    max_backlog_products: 5000"),
+            "lines.0",
         ),
         (LINE_YAML.replace("id: cam1", "id: cam0"), "lines.0"),
         (

@@ -97,6 +97,8 @@ def test_kuberay_manifests_and_dockerfile_are_complete():
         "active_model",
         "camera_reconnects",
         "camera_resyncs",
+        "shed",
+        "unread_trimmed",
     ):
         assert f"ray_defectflow_{metric}" in exprs
 
@@ -186,7 +188,10 @@ def test_a_line_runs_on_two_ray_nodes_with_status_and_prometheus_metrics(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None:
         try:
-            if redis.Redis(unix_socket_path=str(socket_path)).get("model-active:{line1}"):
+            client = redis.Redis(unix_socket_path=str(socket_path))
+            if client.get("model-active:{line1}"):
+                # QA's own consumer group on the verdicts: its lag is a metric too.
+                client.xgroup_create("verdicts:{line1}", "qa", id="0", mkstream=True)
                 break
         except redis.ConnectionError:
             pass
@@ -235,3 +240,4 @@ def test_a_line_runs_on_two_ray_nodes_with_status_and_prometheus_metrics(
     for name in ("frames_in", "views_scored", "verdicts", "stage_seconds_bucket", "stream_lag"):
         assert f"ray_defectflow_{name}" in seen_metrics, name
     assert re.search(r'ray_defectflow_active_model\{[^}]*line="line1"', seen_metrics)
+    assert re.search(r'ray_defectflow_stream_lag\{[^}]*group="qa"', seen_metrics)

@@ -26,6 +26,7 @@ from cluster.transport.registry import Registry, RegistryError
 from cluster.transport.streams import (
     DecidedProducts,
     JoinSteps,
+    ProductAdmission,
     RetrainState,
     Streams,
     line_groups,
@@ -42,8 +43,9 @@ from schemas import (
 from workers.contract import ContractConflict, InputContract, resolve_crops
 from workers.frontend.sources import is_live
 from workers.frontend.stages import CameraIngest, DetectMatte
-from workers.line.join import Settled, VerdictJoin
-from workers.line.scoring import ViewScorer, shed_score
+from workers.line.admission import Backlog, shed_reason, unjudged_verdict
+from workers.line.join import Settled, VerdictJoin, line_number
+from workers.line.scoring import ViewScorer
 from workers.qa.samples import SampleError, SampleStore
 
 log = logging.getLogger(__name__)
@@ -121,19 +123,19 @@ class CameraIngestActor(_Loop):
         self,
         access: RedisAccess,
         run: LineRun,
-        line: str,
+        line: LineConfig,
         camera: CameraConfig,
         first_product: int,
     ):
-        super().__init__(access, run, line, "ingest")
+        super().__init__(access, run, line.id, "ingest")
         if is_live(camera.source) and ray.get_runtime_context().was_current_actor_reconstructed:
             # A live camera restarted by Ray has missed what passed meanwhile: it numbers on
             # from the line's newest product (the aggregator re-synchronises the rest by capture
             # time). A recording replays from its start and numbers its products as before.
-            newest = next_product_seq(self.bus.client, line, [camera.id])
+            newest = next_product_seq(self.bus.client, line.id, [camera.id])
             first_product = max(first_product, newest)
         self.ingest = CameraIngest(
-            line,
+            line.id,
             camera.id,
             camera.source,
             fps=camera.fps,
@@ -143,13 +145,20 @@ class CameraIngestActor(_Loop):
             first_product=first_product,
             frame_stride=camera.frame_stride,
         )
-        self.stream = Streams(line).frames(camera.id)
-        self.line, self.camera = line, camera.id
+        self.streams = Streams(line.id)
+        self.stream = self.streams.frames(camera.id)
+        self.line, self.camera = line.id, camera.id
+        self.cameras = [c.id for c in line.cameras]
+        self.max_backlog = line.max_backlog_products
+        self.admission = ProductAdmission(self.bus.client, line.id)
+        self.decided = DecidedProducts(self.bus.client, line.id)
+        self.steps = JoinSteps(self.bus.client, line.id)
+        self.metrics = LineMetrics(line.id)
 
     def run(self, replay_epoch: float | None = None) -> dict:
         """``replay_epoch``: when a replayed recording's first frame is due (see
         ``CameraIngest.frames``); a line's cameras share it."""
-        metrics, tags = LineMetrics(self.line), {"line": self.line, "camera": self.camera}
+        metrics, tags = self.metrics, {"line": self.line, "camera": self.camera}
         counted: dict[str, int] = {}
 
         def export() -> None:
@@ -160,8 +169,9 @@ class CameraIngestActor(_Loop):
             count_new(metrics.incidents, stats.corrupt_frames, counted, "corrupt", corrupt)
 
         for frame in self.ingest.frames(self._stop.is_set, replay_epoch):
-            self.bus.publish(self.stream, frame)
-            self.count("published")
+            if self._inspected(frame):
+                self.bus.publish(self.stream, frame)
+                self.count("published")
             export()
         export()
         stats = self.ingest.stats
@@ -172,6 +182,33 @@ class CameraIngestActor(_Loop):
             "reconnects": stats.reconnects,
         }
         return self.stats()
+
+    def _inspected(self, frame: CameraFrame) -> bool:
+        """Whether ``frame``'s product goes on to detection, or is shed: decided by the first
+        camera to reach it, from the backlog it finds (``workers.line.admission``)."""
+        seq = line_number(self.steps.of(self.camera), frame.product_seq)
+        shed = self.admission.decided(seq)
+        if shed is None:
+            backlog = Backlog(
+                frames=self.bus.lag(self.stream, self.streams.detect_group),
+                views=self.bus.lag(self.streams.views, self.streams.score_group),
+            )
+            reason = shed_reason(backlog, len(self.cameras), self.max_backlog)
+            shed, decided_here = self.admission.decide(seq, reason is not None)
+            if shed and decided_here:
+                self._publish_shed(seq, reason, frame.timestamp)
+        if shed:
+            self.count("frames_shed")
+        return not shed
+
+    def _publish_shed(self, seq: int, reason: str, captured_at: float) -> None:
+        verdict = unjudged_verdict(self.line, seq, self.cameras, reason, captured_at)
+        if self.decided.publish(seq, verdict.to_entry(), self.streams.verdicts, self.bus.maxlen):
+            self.count("products_shed")
+            tags = {"line": self.line}
+            self.metrics.shed.inc(1, tags)
+            self.metrics.verdicts.inc(1, tags | {"status": "incomplete", "decision": "unknown"})
+            log.warning("%s: product %d shed: %s", self.line, seq, reason.removeprefix("shed "))
 
 
 @ray.remote
@@ -226,7 +263,6 @@ class ScorerActor(_Loop):
     ):
         super().__init__(access, run, line.id, "score")
         self.streams = Streams(line.id)
-        self.max_backlog = line.max_view_backlog
         self.threshold = line.threshold
         self.max_image_pixels = run.max_image_pixels
         # A version that learned from crops cut otherwise is refused, however it was activated.
@@ -297,9 +333,6 @@ class ScorerActor(_Loop):
 
     def _score(self, batch: list[Delivery]) -> None:
         """All or nothing: an undecodable view raises before any score is published."""
-        if self.bus.lag(self.streams.views, self.streams.score_group) > self.max_backlog:
-            self._shed(batch)
-            return
         scores = self.scorer.score([d.message for d in batch])
         for d, score in zip(batch, scores, strict=True):
             self._publish(d, score)
@@ -314,20 +347,6 @@ class ScorerActor(_Loop):
             for score in self.shadow.score([d.message for d in batch]):
                 self.bus.publish(self.streams.shadow_scores, score)
             self.count("shadow_scored", len(batch))
-
-    def _shed(self, batch: list[Delivery]) -> None:
-        """Too far behind: pass the batch on unscored, so that the backlog (and Redis memory)
-        stays bounded; every shed view is counted and named in its product's verdict."""
-        for d in batch:
-            self._publish(d, shed_score(d.message, self.scorer.version, self.scorer.threshold))
-        self.count("shed", len(batch))
-        self.metrics.shed.inc(len(batch), self.tags)
-        log.warning(
-            "%s: more than %d views wait for the scorers: %d passed on unscored (shed)",
-            self.streams.line,
-            self.max_backlog,
-            len(batch),
-        )
 
     def _publish(self, d: Delivery, score: ViewScore) -> None:
         # The crop is stored before the score is published: whoever sees the verdict finds it.
@@ -364,6 +383,9 @@ class AggregatorActor(_Loop):
         self._resyncs_saved: dict[str, int] = {}
         self.decided = DecidedProducts(self.bus.client, line.id)
         self._resyncs_exported: dict[str, int] = {}
+        self._trimmed: dict[str, int] = {}  # unread entries trimmed, as exported
+        self._gaps: dict[int, float] = {}  # product numbers passed without a verdict -> since
+        self._gaps_from = 0  # a line numbers its products from 0; lower ones all decided
         source = StageInput(
             [self.streams.scores],
             self.streams.aggregate_group,
@@ -380,6 +402,7 @@ class AggregatorActor(_Loop):
         # Upstream has drained: a view still missing now will never come.
         for settled in self.join.expire(flush=True):
             self._publish(settled)
+        self._fill_gaps(flush=True)
         self._trim_images()
         return self.stats() | {
             "pending_products": len(self.join.pending_products),
@@ -397,8 +420,29 @@ class AggregatorActor(_Loop):
             self._publish(settled)
         self._export_resyncs()
         if time.monotonic() - self._gauged_at > GAUGE_PERIOD_S:
+            self._fill_gaps()
             self._trim_images()
             self._gauge_line()
+
+    def _fill_gaps(self, flush: bool = False) -> None:
+        """A product every view of which was lost upstream (each dead-lettered at detection,
+        say) never reaches the join. A number the line's verdicts have passed (by the join's
+        reorder window) that still has none after ``view_timeout_s`` gets one saying so."""
+        newest = self.decided.last()
+        if newest is None:
+            return
+        high = newest - (0 if flush else self.join.reorder_window)
+        now, pending = time.time(), set(self.join.pending_products)
+        undecided = self.decided.undecided(self._gaps_from, high)
+        self._gaps = {seq: self._gaps.get(seq, now) for seq in undecided if seq not in pending}
+        for seq, since in list(self._gaps.items()):
+            if not (flush or now - since >= self.join.timeout_s):
+                continue
+            del self._gaps[seq]
+            reason = "no view of it reached the aggregator (lost upstream: see deadletters)"
+            self._publish(Settled(unjudged_verdict(self.line, seq, self.cameras, reason, since)))
+            self.count("products_without_views")
+        self._gaps_from = min(self._gaps, default=max(self._gaps_from, high + 1))
 
     def _add(self, d) -> None:
         score = d.message
@@ -479,12 +523,20 @@ class AggregatorActor(_Loop):
                 self.count("images_trimmed", trimmed)
 
     def _gauge_line(self) -> None:
-        """Consumer-group lag of the line's streams and its active model, for Prometheus."""
+        """Consumer-group lag of the line's streams, entries trimmed unread, and the active
+        model, for Prometheus."""
         self._gauged_at = time.monotonic()
-        for stream, group in line_groups(self.streams, self.cameras):
-            self.metrics.stream_lag.set(
-                self.bus.lag(stream, group), {"line": self.line, "stream": stream, "group": group}
-            )
+        verdicts = self.streams.verdicts
+        # Outside consumers of the verdicts (QA, an MES) too: their lag is the line's alert.
+        groups = line_groups(self.streams, self.cameras)
+        groups += [(verdicts, group) for group in self.bus.groups(verdicts)]
+        for stream, group in groups:
+            tags = {"line": self.line, "stream": stream, "group": group}
+            self.metrics.stream_lag.set(self.bus.lag(stream, group), tags)
+        for stream in {stream for stream, _ in groups}:
+            for group, n in self.bus.unread_trimmed(stream).items():
+                tags = {"line": self.line, "stream": stream, "group": group}
+                count_new(self.metrics.unread_trimmed, n, self._trimmed, f"{stream} {group}", tags)
         active = self.registry.active_id()
         if active is not None:
             self.metrics.active_model.set(1, {"line": self.line, "version": active})

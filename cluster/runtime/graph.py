@@ -299,7 +299,7 @@ def start_ingest(running: RunningLine, cameras: list[CameraConfig]) -> None:
         gpus = res.ingest_gpus if cam.matting_model else 0.0
         actor = CameraIngestActor.options(
             num_cpus=res.ingest_cpus, num_gpus=gpus, **ACTOR_OPTIONS
-        ).remote(running.access, running.run, line, cam, first)
+        ).remote(running.access, running.run, running.config, cam, first)
         running.ingest.append(actor)
         running.cameras[actor] = cam.id
         started.append(actor)

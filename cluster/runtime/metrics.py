@@ -39,7 +39,9 @@ class LineMetrics:
         )
         self.defects = Counter("defectflow_defects", "Defective products", tag_keys=("line",))
         self.shed = Counter(
-            "defectflow_shed", "Views not scored: scorers too far behind", tag_keys=("line",)
+            "defectflow_shed",
+            "Products shed at ingest: the line too far behind",
+            tag_keys=("line",),
         )
         self.camera_reconnects = Counter(
             "defectflow_camera_reconnects",
@@ -71,6 +73,11 @@ class LineMetrics:
         self.stream_lag = Gauge(
             "defectflow_stream_lag",
             "Entries of a stream its consumer group has not handled yet",
+            tag_keys=("line", "stream", "group"),
+        )
+        self.unread_trimmed = Counter(
+            "defectflow_unread_trimmed",
+            "Entries a stream's maxlen trimmed before its consumer group acknowledged them",
             tag_keys=("line", "stream", "group"),
         )
         self.active_model = Gauge(

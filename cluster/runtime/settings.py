@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from cluster.transport.bus import DEFAULT_MAX_ENTRY_BYTES
+from cluster.transport.bus import DEFAULT_MAX_ENTRY_BYTES, LAG_COUNT_LIMIT
 from cluster.transport.connection import RedisAccess, line_password_env, split_credentials
 from workers.contract import BoxSource, CropSpec, InputContract, MaskShape, resolve_crops
 from workers.frontend.sources import is_live, shown
@@ -151,13 +151,11 @@ class LineConfig(_Strict):
         "out and named; set it under half the time between two products, for live cameras or "
         "paced replays",
     )
-    max_view_backlog: int = Field(
-        default=2000,
+    max_backlog_products: int = Field(
+        default=500,
         ge=1,
-        # The bus counts a backlog up to LAG_COUNT_LIMIT (10,000) entries: a limit at or above it
-        # would never be reached, and the backlog never shed.
-        le=9_999,
-        description="views waiting for scorers beyond which they are shed (counted, in verdicts)",
+        description="products waiting for detection at a camera, or for the scorers, beyond "
+        "which the products seen next are shed whole (each gets an incomplete verdict)",
     )
     keep_processed_images_s: float = Field(
         default=300.0,
@@ -216,6 +214,17 @@ class LineConfig(_Strict):
             raise ValueError(f"camera ids must be unique, got {ids}")
         return self
 
+    @model_validator(mode="after")
+    def _countable_backlog(self):
+        # The bus counts a backlog up to LAG_COUNT_LIMIT entries: a limit at or above it would
+        # never be reached, and nothing ever shed.
+        if self.max_backlog_products * len(self.cameras) >= LAG_COUNT_LIMIT:
+            raise ValueError(
+                f"max_backlog_products x cameras must stay under {LAG_COUNT_LIMIT:,}, got "
+                f"{self.max_backlog_products} x {len(self.cameras)}"
+            )
+        return self
+
     @property
     def box_source(self) -> BoxSource:
         return "yolo" if self.yolo_weights else "contour"
@@ -254,7 +263,7 @@ class SampleConfig(_Strict):
 class LineRun(_Strict):
     """What a started line's actors share beyond its config (from the top-level settings)."""
 
-    maxlen: int = Field(default=100_000, ge=100, description="entries a stream keeps, about")
+    maxlen: int = Field(default=100_000, ge=100, description="entries a stream keeps")
     max_deliveries: int = Field(
         default=5, ge=1, le=1000, description="an entry delivered more often is dead-lettered"
     )
@@ -294,7 +303,7 @@ class Settings(BaseSettings):
         description="each line's model in <model_dir>/<line id>, its trainer's candidates beside",
     )
     stream_maxlen: int = Field(
-        default=100_000, ge=100, description="entries a stream keeps at most, about"
+        default=100_000, ge=100, description="entries a stream keeps at most"
     )
     max_deliveries: int = Field(
         default=5,

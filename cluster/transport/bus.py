@@ -28,6 +28,46 @@ DEAD_LETTER_STREAM = "deadletter"
 DEFAULT_MAXLEN = 100_000
 # Bytes an entry may have (fields and values): a larger one is dead-lettered undecoded.
 DEFAULT_MAX_ENTRY_BYTES = 64 * 2**20
+# Per stream, a hash: consumer group -> entries trimmed (``maxlen``) before it acknowledged them.
+UNREAD_TRIMMED_SUFFIX = ":trimmed-unread"
+# Lua: trims ``stream`` to exactly ``maxlen`` entries, first counting, for each
+# consumer group, the trimmed entries it had not acknowledged (not yet delivered, or pending)
+# into the hash ``counts``. Run after each XADD, it trims one entry at a time.
+TRIM_COUNTING_LUA = """
+local function newer(id, than)
+    local ms, seq = string.match(id, '(%d+)-(%d+)')
+    local tms, tseq = string.match(than, '(%d+)-(%d+)')
+    ms, seq, tms, tseq = tonumber(ms), tonumber(seq), tonumber(tms), tonumber(tseq)
+    return ms > tms or (ms == tms and seq > tseq)
+end
+local function trim_counting(stream, counts, maxlen)
+    local excess = redis.call('XLEN', stream) - maxlen
+    if excess <= 0 then return end
+    local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', excess)
+    for _, fields in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+        local group = {}
+        for i = 1, #fields, 2 do group[fields[i]] = fields[i + 1] end
+        local lost = 0
+        for _, entry in ipairs(oldest) do
+            if newer(entry[1], group['last-delivered-id'])
+                or #redis.call('XPENDING', stream, group['name'], entry[1], entry[1], 1) > 0 then
+                lost = lost + 1
+            end
+        end
+        if lost > 0 then redis.call('HINCRBY', counts, group['name'], lost) end
+    end
+    redis.call('XTRIM', stream, 'MAXLEN', maxlen)
+end
+"""
+# KEYS: stream, its unread-trimmed counts. ARGV: maxlen, then the entry's fields and values.
+_PUBLISH = (
+    TRIM_COUNTING_LUA
+    + """
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+trim_counting(KEYS[1], KEYS[2], tonumber(ARGV[1]))
+return id
+"""
+)
 # Lag counts stop here: past it, a stage is simply far behind.
 LAG_COUNT_LIMIT = 10_000
 # Entries of a stream after an id, counted by Redis itself (ids only, nothing returned).
@@ -75,6 +115,11 @@ return 1
 DL_REASON, DL_STREAM, DL_GROUP, DL_ENTRY = b"_dl_reason", b"_dl_stream", b"_dl_group", b"_dl_entry"
 
 
+def unread_trimmed_key(stream: str) -> str:
+    """Same hash tag as the stream: the publish script touches both."""
+    return stream + UNREAD_TRIMMED_SUFFIX
+
+
 @dataclass(frozen=True)
 class Delivery(Generic[M]):
     stream: str
@@ -109,16 +154,28 @@ class StreamBus:
         self.dead_letter_stream = dead_letter_stream
         self.on_dead_letter = on_dead_letter
         # Registered once, run by hash (EVALSHA); reloaded by redis-py when Redis has lost them.
+        self._publish = client.register_script(_PUBLISH)
         self._count_after = client.register_script(_COUNT_AFTER)
         self._trim_processed = client.register_script(_TRIM_PROCESSED)
         self._dead_letter = client.register_script(_DEAD_LETTER)
 
     def publish(self, stream: str, message: Message) -> str:
-        """Append ``message``; the stream is trimmed to about ``maxlen`` entries."""
-        entry_id = self.client.xadd(
-            stream, message.to_entry(), maxlen=self.maxlen, approximate=True
-        )
-        return entry_id.decode()
+        """Append ``message``; the stream keeps its ``maxlen`` newest entries, and what the
+        trim takes before a consumer group acknowledged it is counted (``unread_trimmed``)."""
+        fields = [part for item in message.to_entry().items() for part in item]
+        keys = [stream, unread_trimmed_key(stream)]
+        return self._publish(keys=keys, args=[self.maxlen, *fields]).decode()
+
+    def unread_trimmed(self, stream: str) -> dict[str, int]:
+        """Entries of ``stream`` trimmed before each consumer group acknowledged them, ever."""
+        counts = self.client.hgetall(unread_trimmed_key(stream))
+        return {group.decode(): int(n) for group, n in counts.items()}
+
+    def groups(self, stream: str) -> list[str]:
+        """The consumer groups reading ``stream`` (ours, and outside ones such as QA's)."""
+        if not self.client.exists(stream):
+            return []
+        return [g["name"].decode() for g in self.client.xinfo_groups(stream)]
 
     def length(self, stream: str) -> int:
         return self.client.xlen(stream)

@@ -5,23 +5,41 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
+from cluster.transport.bus import TRIM_COUNTING_LUA, unread_trimmed_key
 from workers.qa.samples import SampleStore
 
-# KEYS: decided bitmap, verdict stream, stream the views' scores came from. ARGV: seq, maxlen,
+# KEYS: decided bitmap, verdict stream, stream the views' scores came from, the verdict stream's
+# unread-trimmed counts (see StreamBus.publish). ARGV: seq, maxlen,
 # group, number of verdict fields, the fields and values, then the ids to acknowledge.
-_PUBLISH_ONCE = """
+_PUBLISH_ONCE = (
+    TRIM_COUNTING_LUA
+    + """
 local n_fields = tonumber(ARGV[4])
 local fresh = redis.call('GETBIT', KEYS[1], ARGV[1]) == 0
 if fresh then
-    local xadd = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
+    local xadd = {'XADD', KEYS[2], '*'}
     for i = 5, 4 + 2 * n_fields do xadd[#xadd + 1] = ARGV[i] end
     redis.call(unpack(xadd))
+    trim_counting(KEYS[2], KEYS[4], tonumber(ARGV[2]))
     redis.call('SETBIT', KEYS[1], ARGV[1], 1)
 end
 if #ARGV > 4 + 2 * n_fields then
     redis.call('XACK', KEYS[3], ARGV[3], unpack(ARGV, 5 + 2 * n_fields))
 end
 return fresh and 1 or 0
+"""
+)
+
+# KEYS: admitted bitmap, shed bitmap. ARGV: seq, 1 to shed it. Returns {shed, decided now}.
+_ADMIT_ONCE = """
+if redis.call('GETBIT', KEYS[1], ARGV[1]) == 1 then
+    return {redis.call('GETBIT', KEYS[2], ARGV[1]), 0}
+end
+redis.call('SETBIT', KEYS[1], ARGV[1], 1)
+if ARGV[2] == '1' then redis.call('SETBIT', KEYS[2], ARGV[1], 1) end
+return {tonumber(ARGV[2]), 1}
 """
 
 
@@ -95,6 +113,16 @@ class Streams:
         return self._key("verdicts-decided")
 
     @property
+    def admitted(self) -> str:
+        """Bitmap of the products whose fate the cameras have decided (see `ProductAdmission`)."""
+        return self._key("admitted")
+
+    @property
+    def shed(self) -> str:
+        """Bitmap of the products shed at ingest."""
+        return self._key("shed")
+
+    @property
     def dead_letters(self) -> str:
         """Entries a stage could not process, with the reason (see ``StreamBus.dead_letter``)."""
         return self._key("deadletter")
@@ -151,7 +179,7 @@ class DecidedProducts:
         verdict: dict[bytes, bytes],
         verdicts: str,
         maxlen: int,
-        acks: tuple[str, str, list[str]] = ("", "", []),
+        acks: tuple[str, str, list[str]] | None = None,
     ) -> bool:
         """Add ``verdict`` to the stream ``verdicts``, mark ``seq`` decided and acknowledge the
         entries ``acks`` (stream, group, ids) it was made from, in one atomic step; returns False
@@ -160,23 +188,66 @@ class DecidedProducts:
         A client retries a command whose connection broke (a Redis restart) without knowing
         whether Redis ran it: the retried call must not publish a second verdict.
         """
-        stream, group, ids = acks
+        stream, group, ids = acks or (verdicts, "", [])  # a key of the line's slot
         fields = [part for item in verdict.items() for part in item]
         args = [seq, maxlen, group, len(verdict), *fields, *ids]
-        return bool(self._publish_script(keys=[self.key, verdicts, stream], args=args))
+        keys = [self.key, verdicts, stream, unread_trimmed_key(verdicts)]
+        return bool(self._publish_script(keys=keys, args=args))
 
     def __contains__(self, seq: int) -> bool:
         return bool(self.client.getbit(self.key, seq))
 
+    def undecided(self, low: int, high: int) -> list[int]:
+        """Product numbers from ``low`` to ``high`` (inclusive) without a verdict."""
+        if high < low:
+            return []
+        raw = self.client.getrange(self.key, low // 8, high // 8)
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8)) if raw else np.zeros(0, np.uint8)
+        numbers = np.arange(low - low % 8, low - low % 8 + len(bits))
+        wanted = (numbers >= low) & (numbers <= high)
+        # Bits past the bitmap's end (numbers above the highest decided) read as undecided.
+        past = np.arange(low - low % 8 + len(bits), high + 1)
+        return [int(n) for n in numbers[wanted & (bits == 0)]] + [int(n) for n in past]
+
     def last(self) -> int | None:
         """The highest decided product number, or None before the first verdict."""
-        size = self.client.strlen(self.key)
-        if not size:
-            return None
-        # SETBIT grows the string just enough for the bit it sets and no bit is ever cleared, so
-        # the highest set bit is in the last byte; Redis counts bits from each byte's top bit.
-        last = self.client.getrange(self.key, -1, -1)[0]
-        return (size - 1) * 8 + 8 - (last & -last).bit_length()
+        return _highest_bit(self.client, self.key)
+
+
+def _highest_bit(client, key: str) -> int | None:
+    """The highest bit set in a bitmap no bit of which is ever cleared, or None."""
+    size = client.strlen(key)
+    if not size:
+        return None
+    # SETBIT grows the string just enough for the bit it sets, so the highest set bit is in the
+    # last byte; Redis counts bits from each byte's top bit.
+    last = client.getrange(key, -1, -1)[0]
+    return (size - 1) * 8 + 8 - (last & -last).bit_length()
+
+
+class ProductAdmission:
+    """Which products the cameras inspect and which they shed: the first camera to reach a
+    product decides for all (two bitmaps, like `DecidedProducts`), so a product is never
+    judged by only some of its views."""
+
+    def __init__(self, client, line: str):
+        self.client = client
+        streams = Streams(line)
+        self.keys = [streams.admitted, streams.shed]
+        self._admit = client.register_script(_ADMIT_ONCE)
+
+    def decided(self, seq: int) -> bool | None:
+        """True: shed; False: inspected; None: not decided yet."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.keys:
+            pipe.getbit(key, seq)
+        admitted, shed = pipe.execute()
+        return bool(shed) if admitted else None
+
+    def decide(self, seq: int, shed: bool) -> tuple[bool, bool]:
+        """Decide ``seq`` unless a camera has: (whether it is shed, whether this call decided)."""
+        is_shed, now = self._admit(keys=self.keys, args=[seq, int(shed)])
+        return bool(is_shed), bool(now)
 
 
 class JoinSteps:
@@ -189,6 +260,11 @@ class JoinSteps:
 
     def load(self) -> dict[str, list]:
         return {c.decode(): json.loads(v) for c, v in self.client.hgetall(self.key).items()}
+
+    def of(self, camera: str) -> list[tuple[int, int]]:
+        """One camera's steps, sorted (see ``VerdictJoin.steps``)."""
+        raw = self.client.hget(self.key, camera)
+        return sorted((int(a), int(b)) for a, b in json.loads(raw)) if raw else []
 
     def save(self, steps: dict[str, list]) -> None:
         self.client.hset(self.key, mapping={c: json.dumps(s) for c, s in steps.items()})
@@ -229,8 +305,9 @@ def next_product_seq(client, line: str, cameras: list[str]) -> int:
     for late duplicates of decided ones.
     """
     streams = Streams(line)
-    decided = DecidedProducts(client, line).last()
-    seen = [] if decided is None else [decided]
+    # Decided, or admitted by a camera (its frames may be gone from the streams).
+    decided = [_highest_bit(client, key) for key in (streams.decided, streams.admitted)]
+    seen = [seq for seq in decided if seq is not None]
     # Processed frames and views leave Redis: a product between stages is in one of these.
     for stream in [streams.frames(c) for c in cameras] + [streams.views, streams.scores]:
         newest = client.xrevrange(stream, count=1)
@@ -254,12 +331,13 @@ def reset_line(client, line: str, cameras: list[str], samples: SampleStore | Non
     Its labels and stored samples go too: they would name the new run's products.
     """
     s = Streams(line)
+    streams = [s.frames(c) for c in cameras] + [s.views, s.scores, s.verdicts]
     client.delete(
-        *[s.frames(c) for c in cameras],
-        s.views,
-        s.scores,
-        s.verdicts,
+        *streams,
+        *[unread_trimmed_key(stream) for stream in streams],
         s.decided,
+        s.admitted,
+        s.shed,
         s.labels,
         s.label_index,
         s.shadow_scores,

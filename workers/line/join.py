@@ -25,6 +25,13 @@ STEPS_REMEMBERED = 32
 PERIOD_CHECKED_EVERY = 32
 
 
+def line_number(steps: list[tuple[int, int]], product_seq: int) -> int:
+    """The line's number for the product a camera numbered ``product_seq``, given that camera's
+    re-synchronisation ``steps`` (see :attr:`VerdictJoin.steps`)."""
+    i = bisect.bisect_right(steps, (product_seq, float("inf"))) - 1
+    return product_seq + (steps[i][1] if i >= 0 else 0)
+
+
 @dataclass
 class Settled:
     """What the join is done with: a verdict to publish, or None for views it drops (from a
@@ -38,7 +45,7 @@ class Settled:
 @dataclass
 class _Pending:
     first_seen: float
-    views: dict[str, ViewScore] = field(default_factory=dict)  # shed ones too
+    views: dict[str, ViewScore] = field(default_factory=dict)
     receipts: dict[str, list[Any]] = field(default_factory=dict)  # by camera, duplicates too
 
     def times(self, but: str | None = None) -> list[float]:
@@ -116,11 +123,7 @@ class VerdictJoin:
 
     def line_seq(self, camera: str, product_seq: int) -> int:
         """The line's number for the product a camera numbered ``product_seq``."""
-        steps = self._steps.get(camera)
-        if not steps:
-            return product_seq
-        i = bisect.bisect_right(steps, (product_seq, float("inf"))) - 1
-        return product_seq + (steps[i][1] if i >= 0 else 0)
+        return line_number(self._steps.get(camera, []), product_seq)
 
     def add(self, score: ViewScore, now: float | None = None, receipt: Any = None) -> list[Settled]:
         """Take one view (``receipt``: what the caller needs to acknowledge it, given back with
@@ -351,26 +354,22 @@ class VerdictJoin:
         present = [entry.views[c] for c in self.cameras if c in entry.views]
         out_of_step = self._out_of_step(present)
         self.out_of_step += len(out_of_step)
-        in_step = [v for v in present if v.camera not in out_of_step]
-        shed = [v.camera for v in in_step if v.shed]
-        views = [v for v in in_step if not v.shed]
-        missing = [c for c in self.cameras if c not in entry.views or c in out_of_step or c in shed]
+        views = [v for v in present if v.camera not in out_of_step]
+        missing = [c for c in self.cameras if c not in entry.views or c in out_of_step]
         if any(v.is_defect for v in views):
             decision = "defect"
         elif missing:
             decision = "unknown"  # the missing view might have shown the defect
         else:
             decision = "good"
-        captured = [v.captured_at for v in in_step] or [v.captured_at for v in present]
-        if len(in_step) >= min(2, len(self.cameras) - 1):
+        captured = [v.captured_at for v in views] or [v.captured_at for v in present]
+        if len(views) >= min(2, len(self.cameras) - 1):
             self._decided[seq] = float(np.median(captured))
             while len(self._decided) > DECIDED_REMEMBERED:
                 self._decided.popitem(last=False)
             if len(self._decided) >= 2 and seq % PERIOD_CHECKED_EVERY == 0:
                 self._check_tolerance()
         reasons = []
-        if shed:
-            reasons.append(f"{', '.join(sorted(shed))} shed: scorers too far behind")
         if out_of_step:
             reasons.append(
                 ", ".join(f"{c} out of step ({gap:+.2f} s)" for c, gap in out_of_step.items())

@@ -9,23 +9,6 @@ from workers.differnet.store import ModelBundle
 from workers.images import DEFAULT_MAX_PIXELS, decode_with_alpha
 
 
-def shed_score(view: ProductView, version: str, threshold: float) -> ViewScore:
-    """The record of a view not scored because the line was too far behind (backpressure)."""
-    return ViewScore(
-        product_id=view.product_id,
-        line=view.line,
-        camera=view.camera,
-        product_seq=view.product_seq,
-        captured_at=view.captured_at,
-        score=0.0,
-        threshold=threshold,
-        is_defect=False,
-        model_version=version,
-        stage_ms=view.stage_ms,
-        shed=True,
-    )
-
-
 class ViewScorer:
     """Scores batches of views with one model version; swapping versions happens between batches."""
 
