@@ -50,6 +50,7 @@ def test_production_redis_listens_locally_with_aof_and_noeviction(tmp_path):
         assert client.config_get("appendonly")["appendonly"] == "yes"
         assert client.config_get("appendfsync")["appendfsync"] == "everysec"
         assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert int(client.config_get("maxmemory")["maxmemory"]) == 8 * 2**30  # refuses, not killed
     finally:
         proc.terminate()
         proc.wait()
