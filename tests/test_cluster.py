@@ -24,6 +24,7 @@ from cluster.runtime.graph import (
     start_line,
 )
 from cluster.runtime.settings import CameraConfig, LineConfig, LineRun, ReplicaConfig
+from cluster.transport.bus import StreamBus
 from cluster.transport.connection import EmbeddedRedis
 from cluster.transport.streams import Streams
 from schemas import CameraFrame, ProductView, Verdict, ViewScore
@@ -156,6 +157,52 @@ def test_redis_killed_mid_run_and_restarted_every_product_still_gets_exactly_one
     assert sorted(numbers) == list(range(8)), numbers  # each once
     assert all(v.status == "complete" or v.reason for v in got)
     assert stats["demo"]["aggregate"]["verdicts_complete"] >= 1
+
+
+def test_an_entry_that_kills_its_actor_each_time_is_dead_lettered_and_the_line_goes_on(
+    local_ray, tmp_path
+):
+    """The frame's processing kills the detect actor (here: killed while it decodes, as an out
+    of memory would); Ray restarts it, it takes its own pending entry first, and after
+    ``max_deliveries`` the entry is dead-lettered with that reason instead of tried again."""
+    from cluster.runtime.actors import DetectMatteActor
+
+    noise = np.random.default_rng(0).integers(0, 255, (6000, 6000, 3), np.uint8)
+    poison = CameraFrame(
+        line="l",
+        camera="cam0",
+        sequence=0,
+        product_seq=0,
+        timestamp=1.0,
+        codec="jpeg",
+        shape=noise.shape,
+        image=cv2.imencode(".jpg", noise)[1].tobytes(),  # about a second to decode
+    )
+    streams = Streams("l")
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = server.access.connect()
+        client.xgroup_create(streams.frames("cam0"), streams.detect_group, id="0", mkstream=True)
+        entry = client.xadd(streams.frames("cam0"), poison.to_entry()).decode()
+        line = LineConfig(id="l", cameras=[{"id": "cam0", "source": "cam0.avi"}])
+        line = line.following(None, "no model")  # the default crops
+        detect = DetectMatteActor.options(num_cpus=0.1, **ACTOR_OPTIONS).remote(
+            server.access, LineRun(max_deliveries=2), line, 0
+        )
+        run = detect.run.remote()
+        kills, deadline = 0, time.monotonic() + 120
+        while not client.xlen(streams.dead_letters) and time.monotonic() < deadline:
+            rows = client.xpending_range(streams.frames("cam0"), "detect", "-", "+", 1)
+            if rows and rows[0]["times_delivered"] > kills and kills < 2:
+                ray.kill(detect, no_restart=False)  # mid-decode
+                kills += 1
+            time.sleep(0.02)
+        [(_, dead)] = client.xrange(streams.dead_letters)
+        detect.stop.remote()
+        stats = ray.get(run, timeout=60)
+        lag = StreamBus(client).lag(streams.frames("cam0"), "detect")
+    assert kills == 2 and dead[b"_dl_entry"].decode() == entry
+    assert dead[b"_dl_reason"].decode().startswith("delivered 3 times without being processed")
+    assert lag == 0 and stats["dead_lettered"] == 1  # acknowledged: the line goes on
 
 
 def blank_product(video: Path, frames: list[int]) -> None:
