@@ -7,6 +7,8 @@ from cluster.apps.cli import app
 from cluster.runtime.settings import ConfigError, load_settings
 from schemas import STREAM_MESSAGES
 
+SHA = "ab" * 32  # a sha256, as a line file records it for a weights file
+
 LINE_YAML = """
 redis_url: redis://localhost:6379/0
 model_dir: /models
@@ -66,6 +68,10 @@ def test_the_environment_overrides_the_file(tmp_path, monkeypatch):
         ),
         (LINE_YAML.replace("id: cam1", "id: cam0"), "lines.0"),
         (
+            LINE_YAML.replace("target_tpr: 0.9", "target_tpr: 0.9\n    yolo_weights: w.pt"),
+            "lines.0",
+        ),
+        (
             LINE_YAML.replace("/videos/cam1.mp4", "rtsp://cam1.line/stream"),
             "lines.0.cameras.1",
         ),
@@ -116,10 +122,16 @@ def test_line_resources_take_gpus_where_the_cluster_has_them_and_obey_the_line()
     assert (cpu.score_gpus, cpu.detect_gpus, cpu.train_gpus) == (0, 0, 0)
     gpu = line_resources(plain, cluster_gpus=2)
     assert (gpu.score_gpus, gpu.detect_gpus, gpu.train_gpus) == (0.5, 0, 1.0)
-    yolo = LineConfig(id="b", cameras=cams, yolo_weights="w.pt", resources={"score_gpus": 1})
+    yolo = LineConfig(
+        id="b",
+        cameras=cams,
+        yolo_weights="w.pt",
+        yolo_weights_sha256=SHA,
+        resources={"score_gpus": 1},
+    )
     res = line_resources(yolo, cluster_gpus=4)
     assert (res.score_gpus, res.detect_gpus, res.ingest_gpus) == (1, 0.25, 0)
-    matted = [{"id": "c0", "source": "sim", "matting_model": "bgm.pt"}]
+    matted = [{"id": "c0", "source": "sim", "matting_model": "bgm.pt", "matting_model_sha256": SHA}]
     assert line_resources(LineConfig(id="m", cameras=matted), cluster_gpus=4).ingest_gpus == 0.25
     tuned = LineConfig(id="c", cameras=cams, resources={"score_cpus": 2, "ingest_cpus": 0.5})
     assert line_cpus(tuned) == 4 * 0.5 + 0.5 + 2 + 0.1 + 0.5
@@ -134,10 +146,19 @@ def test_on_fewer_gpus_than_the_lines_ask_for_every_default_share_shrinks_until_
     from cluster.runtime.graph import line_gpus, line_resources, lines_resources
     from cluster.runtime.settings import LineConfig
 
-    cams = [{"id": f"c{i}", "source": "sim", "matting_model": "bgm.pt"} for i in range(4)]
+    cams = [
+        {"id": f"c{i}", "source": "sim", "matting_model": "bgm.pt", "matting_model_sha256": SHA}
+        for i in range(4)
+    ]
 
     def make(**settings) -> LineConfig:
-        base = {"id": "a", "cameras": cams, "yolo_weights": "w.pt", "replicas": {"score": 2}}
+        base = {
+            "id": "a",
+            "cameras": cams,
+            "yolo_weights": "w.pt",
+            "yolo_weights_sha256": SHA,
+            "replicas": {"score": 2},
+        }
         return LineConfig(**(base | settings))
 
     line = make()

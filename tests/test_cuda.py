@@ -22,6 +22,7 @@ from workers.differnet.training import TrainingOptions
 from workers.frontend.matte import DeepMatter
 from workers.images import encode_png
 from workers.threshold import auroc
+from workers.weights import sha256_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -109,8 +110,10 @@ def test_a_matting_network_runs_on_the_gpu_as_on_the_cpu(tmp_path):
     plate = np.full((90, 160, 3), 40, np.uint8)
     frame = plate.copy()
     frame[20:70, 50:120] = 200
-    on_gpu = DeepMatter(path)
+    on_gpu = DeepMatter(path, sha256_of(path))
     assert on_gpu.device.type == "cuda"
     alpha = on_gpu.alpha(frame, plate)
-    np.testing.assert_array_equal(alpha, DeepMatter(path, "cpu").alpha(frame, plate))
+    np.testing.assert_array_equal(
+        alpha, DeepMatter(path, sha256_of(path), "cpu").alpha(frame, plate)
+    )
     assert alpha.sum() == 50 * 70

@@ -31,6 +31,7 @@ from workers.simulation.simulate import (
     render_line,
     simulate_line,
 )
+from workers.weights import WeightsError, sha256_of
 
 SPEC = LineSpec(products=5, cameras=2, defect_rate=0.4, width=240, height=160, seed=3)
 
@@ -199,7 +200,8 @@ def test_yolo_bootstrap_trains_on_auto_labels_and_then_predicts(line, tmp_path):
         list(camera_videos(out).values()), tmp_path / "yolo.pt", epochs=1, image_size=160
     )
     assert report["labelled_products"] == 10
-    detector = YoloDetector(tmp_path / "yolo.pt", confidence=0.0, image_size=160)
+    assert report["sha256"] == sha256_of(tmp_path / "yolo.pt")
+    detector = YoloDetector(tmp_path / "yolo.pt", report["sha256"], confidence=0.0, image_size=160)
     frame = next(f for i, f in read_frames(camera_videos(out)["cam0"]) if i == 40)
     detections = detector.detect(frame)
     assert all(len(d.bbox) == 4 for d in detections)  # one epoch: boxes, not yet good ones
@@ -214,7 +216,7 @@ def test_a_torchscript_matting_model_replaces_the_per_frame_mask(line, tmp_path)
 
     path = difference_matting_model(tmp_path / "matte.pt")
     _, out, manifest = line
-    matter = DeepMatter(path, device="cpu")
+    matter = DeepMatter(path, sha256_of(path), device="cpu")
     gate, detector, triggers = MotionGate(matter=matter), ContourDetector(), []
     for index, frame in read_frames(camera_videos(out)["cam1"]):
         trigger = gate.update(index, frame)
@@ -226,10 +228,33 @@ def test_a_torchscript_matting_model_replaces_the_per_frame_mask(line, tmp_path)
             triggers.append(iou(box, tuple(truth)))
     assert len(triggers) == 5 and min(triggers) > 0.8
     with pytest.raises(FileNotFoundError):
-        DeepMatter(tmp_path / "absent.pt")
+        DeepMatter(tmp_path / "absent.pt", "0" * 64)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="TorchScript"):
-        DeepMatter(tmp_path / "junk.pt")
+        DeepMatter(tmp_path / "junk.pt", sha256_of(tmp_path / "junk.pt"))
+    with pytest.raises(WeightsError, match="not the 0000"):  # another file than the recorded one
+        DeepMatter(path, "0" * 64)
+
+
+class _RunsCode:
+    """What a malicious checkpoint holds: unpickling it calls a function of the attacker's."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_yolo_weights_load_only_as_recorded_and_only_as_plain_weights(tmp_path):
+    import torch
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _RunsCode()}, evil)
+    with pytest.raises(WeightsError, match="not the 0000"):
+        YoloDetector(evil, "0" * 64)
+    # Even recorded, a checkpoint that would run code is refused before Ultralytics unpickles it.
+    with pytest.raises(WeightsError, match="not loadable as plain YOLO weights"):
+        YoloDetector(evil, sha256_of(evil))
+    with pytest.raises(FileNotFoundError):
+        YoloDetector(tmp_path / "absent.pt", "0" * 64)
 
 
 def test_a_given_background_plate_replaces_the_learned_one(line, tmp_path):

@@ -41,6 +41,7 @@ from schemas import (
     ViewScore,
 )
 from workers.contract import ContractConflict, InputContract, resolve_crops
+from workers.frontend.matte import DeepMatter
 from workers.frontend.sources import is_live
 from workers.frontend.stages import CameraIngest, DetectMatte
 from workers.line.admission import Backlog, shed_reason, unjudged_verdict
@@ -139,8 +140,9 @@ class CameraIngestActor(_Loop):
             camera.id,
             camera.source,
             fps=camera.fps,
-            matting_model=camera.matting_model,
-            device=granted_device(),
+            matter=DeepMatter(camera.matting_model, camera.matting_model_sha256, granted_device())
+            if camera.matting_model
+            else None,
             background=camera.background,
             first_product=first_product,
             frame_stride=camera.frame_stride,
@@ -223,7 +225,9 @@ class DetectMatteActor(_Loop):
         if line.yolo_weights:
             from workers.frontend.detect import YoloDetector
 
-            detector = YoloDetector(line.yolo_weights, device=granted_device())
+            detector = YoloDetector(
+                line.yolo_weights, line.yolo_weights_sha256, device=granted_device()
+            )
         self.stage = DetectMatte(detector, line.crops, run.max_image_pixels)
         source = StageInput(
             [self.streams.frames(c.id) for c in line.cameras],

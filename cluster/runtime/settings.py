@@ -41,6 +41,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Weights files run code as they load: a line uses one only with the sha256 recorded for it.
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+def _require_sha256(path: Path | None, sha256: str | None, field: str) -> None:
+    if path is not None and sha256 is None:
+        raise ValueError(
+            f"{field} needs {field}_sha256, the file's sha256 (`sha256sum {path}`): weights run "
+            "code as they load, so only the file recorded is used"
+        )
+
+
 class CameraConfig(_Strict):
     """One camera of a line."""
 
@@ -67,9 +79,17 @@ class CameraConfig(_Strict):
     matting_model: Path | None = Field(
         default=None, description="TorchScript background-matting model (BGMv2-style); optional"
     )
+    matting_model_sha256: Sha256 | None = Field(
+        default=None, description="the matting model file's sha256 (`sha256sum FILE`): required"
+    )
     background: Path | None = Field(
         default=None, description="image of the empty belt; default: learned from the video"
     )
+
+    @model_validator(mode="after")
+    def _matting_model_recorded(self) -> CameraConfig:
+        _require_sha256(self.matting_model, self.matting_model_sha256, "matting_model")
+        return self
 
     @model_validator(mode="after")
     def _fps_paces_recordings_only(self) -> CameraConfig:
@@ -195,6 +215,11 @@ class LineConfig(_Strict):
     yolo_weights: Path | None = Field(
         default=None, description="Ultralytics weights; default: the contour detector"
     )
+    yolo_weights_sha256: Sha256 | None = Field(
+        default=None,
+        description="the YOLO weights file's sha256 (`defectflow detector bootstrap` prints it): "
+        "required",
+    )
     redis_url: str | None = Field(
         default=None,
         description="this line's own Redis (redis://, rediss://, unix://) [default: the top "
@@ -212,6 +237,11 @@ class LineConfig(_Strict):
         ids = [c.id for c in self.cameras]
         if len(set(ids)) != len(ids):
             raise ValueError(f"camera ids must be unique, got {ids}")
+        return self
+
+    @model_validator(mode="after")
+    def _yolo_weights_recorded(self):
+        _require_sha256(self.yolo_weights, self.yolo_weights_sha256, "yolo_weights")
         return self
 
     @model_validator(mode="after")

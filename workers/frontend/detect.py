@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from workers.frontend.motion import MotionGate
+from workers.weights import WeightsError, sha256_of, verified
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class YoloDetector:
     def __init__(
         self,
         weights: Path,
+        sha256: str,
         *,
         classes: list[int] | None = None,
         confidence: float = 0.25,
@@ -86,12 +88,18 @@ class YoloDetector:
         device: str | None = None,
     ):
         from ultralytics import YOLO
+        from ultralytics.nn.tasks import torch_safe_load
 
         from workers.devices import choose_device
 
-        weights = Path(weights)
-        if not weights.exists():
-            raise FileNotFoundError(f"{weights}: YOLO weights file not found")
+        weights = verified(weights, sha256, "YOLO weights")
+        # Ultralytics unpickles checkpoints in full; the file is first read with torch's
+        # weights_only loader against Ultralytics' allow-list of its own model classes, which
+        # refuses a checkpoint that would run anything else.
+        try:
+            torch_safe_load(str(weights), safe_only=True)
+        except Exception as exc:  # torch's UnpicklingError, or anything a broken file raises
+            raise WeightsError(f"{weights}: not loadable as plain YOLO weights ({exc})") from None
         self.model = YOLO(str(weights))
         self.classes = classes
         self.confidence = confidence
@@ -221,4 +229,10 @@ def bootstrap_yolo(
     trained = work / "runs" / "train" / "weights" / "last.pt"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(trained, out)
-    return {"weights": str(out), "labelled_products": n_pos, "negatives": n_neg, "epochs": epochs}
+    return {
+        "weights": str(out),
+        "sha256": sha256_of(Path(out)),  # what the line file records as yolo_weights_sha256
+        "labelled_products": n_pos,
+        "negatives": n_neg,
+        "epochs": epochs,
+    }

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from workers.contract import MaskShape
+from workers.weights import verified
 
 
 @dataclass(frozen=True)
@@ -104,17 +105,17 @@ class DeepMatter:
     """A background-matting network (BGMv2-style) from a TorchScript file the user gives.
 
     Called as ``model(src, bgr)`` with RGB tensors ``(1, 3, H, W)`` in [0, 1]; the first output is
-    the alpha matte ``(1, 1, H, W)``. Never downloaded: the file must exist.
+    the alpha matte ``(1, 1, H, W)``. Never downloaded: the file must exist, with the sha256 its
+    camera's settings record.
     """
 
-    def __init__(self, path: Path, device: str | None = None):
+    def __init__(self, path: Path, sha256: str, device: str | None = None):
         import torch
 
         from workers.devices import choose_device
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: matting model file not found")
+        # TorchScript loads no Python objects, but its code runs: only the recorded file.
+        path = verified(path, sha256, "matting model")
         self.device = choose_device(device)
         try:
             self.model = torch.jit.load(str(path), map_location=self.device).eval()

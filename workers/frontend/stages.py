@@ -55,14 +55,13 @@ class CameraIngest:
         *,
         fps: float | None = None,
         jpeg_quality: int = 92,
-        matting_model: Path | None = None,
-        device: str | None = None,
+        matter: DeepMatter | None = None,
         background: Path | None = None,
         first_product: int = 0,
         frame_stride: int = 1,
     ):
-        """``device``: where the matting network runs (see :func:`workers.devices.choose_device`).
-        ``background``: an image of the empty belt, used instead of a learned one.
+        """``matter``: a matting network that gives the gate its masks (default: the motion
+        mask). ``background``: an image of the empty belt, used instead of a learned one.
         ``first_product``: the number of the first product seen (a restarted line goes on
         counting where it stopped). ``frame_stride``: the gate sees every n-th frame (a camera
         faster than the products need; each product must still cross the view in several)."""
@@ -72,7 +71,7 @@ class CameraIngest:
         self.fps = fps
         self.frame_stride = frame_stride
         self.jpeg_quality = jpeg_quality
-        self.matter = DeepMatter(matting_model, device) if matting_model else None
+        self.matter = matter
         self.plate = None
         if background is not None:
             self.plate = np.ascontiguousarray(load_image(background)[:, :, ::-1])
