@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +24,6 @@ from schemas import Label
 from tests.synthetic import make_dataset
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-TOKEN = "browser-test-token"
 # What a headless Chromium needs on a machine with no network and no display.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -54,6 +54,8 @@ def wait_for(url: str, process: subprocess.Popen, timeout_s: float) -> None:
         try:
             urllib.request.urlopen(url, timeout=2).read()
             return
+        except urllib.error.HTTPError:
+            return  # it answers (here: a token is needed)
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {timeout_s} s")
@@ -68,10 +70,18 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
     demo = [sys.executable, "-m", "cluster", "demo", "--data", str(data), "--out", str(out)]
     demo += ["--products", "6", "--train-products", "6", "--epochs", "2"]
     demo += ["--dashboard-port", str(port)]
+    tokens = tmp_path / "qa-tokens.yaml"
+    made = subprocess.run(
+        [sys.executable, "-m", "cluster", "qa-token", "qa-browser", "--tokens", str(tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    token = made.stdout.strip()
     log = (tmp_path / "demo.log").open("w")
     process = subprocess.Popen(
         demo,
-        env=os.environ | {"DEFECTFLOW_DASHBOARD_TOKEN": TOKEN},
+        env=os.environ | {"DEFECTFLOW_DASHBOARD_TOKENS": str(tokens)},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -82,6 +92,10 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page()
             page.goto(base + "/")
+            # With a token file, nothing is shown before the token is given.
+            expect(page.locator("#feed-state")).to_have_text("enter your QA token")
+            page.fill("#token", token)
+            page.locator("#token").dispatch_event("change")
             # Verdicts arrive while the line runs (live feed) or are listed on load.
             expect(page.locator("#feed tr").first).to_be_visible(timeout=180_000)
             expect(page.locator("#line")).to_have_value("demo")
@@ -96,10 +110,11 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
             page.wait_for_function(
                 "() => document.querySelector('img.map').naturalWidth > 0", timeout=60_000
             )
-            # Without the token, labelling is refused; with it, saved.
+            # With a wrong token, labelling is refused; with the right one, saved in its name.
+            page.fill("#token", "not-the-token")
             page.locator("#mark-good").click()
             expect(page.locator("#label-result")).to_contain_text("refused", timeout=10_000)
-            page.fill("#token", TOKEN)
+            page.fill("#token", token)
             page.fill("#note", "checked by the browser test")
             page.locator("#mark-good").click()
             expect(page.locator("#label-result")).to_contain_text("saved: good", timeout=10_000)
@@ -111,12 +126,15 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
         [(_, fields)] = client.xrange("labels:{demo}")
         label = Label.from_entry(fields)
         assert (label.product_id, label.label) == (product_id, "good")
-        assert label.note == "checked by the browser test"
+        assert label.note == "checked by the browser test" and label.by == "qa-browser"
         # The run ends; the dashboard stays up until Ctrl-C.
         deadline = time.monotonic() + 180
         while not (out / "summary.json").exists() and time.monotonic() < deadline:
             time.sleep(0.5)
-        urllib.request.urlopen(f"{base}/api/lines", timeout=5).read()
+        read = urllib.request.Request(
+            f"{base}/api/lines", headers={"Authorization": f"Bearer {token}"}
+        )
+        urllib.request.urlopen(read, timeout=5).read()
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from cluster.apps.cli import app
-from cluster.apps.dashboard.app import _verdict_events, create_app
+from cluster.apps.dashboard.app import TOKEN_COOKIE, _verdict_events, create_app
+from cluster.apps.dashboard.tokens import QaTokens, add_token
 from cluster.transport.qa import (
     LabelError,
     follow_verdicts,
@@ -28,10 +29,10 @@ from cluster.transport.qa import (
 )
 from cluster.transport.streams import DecidedProducts, Streams, reset_line
 from schemas import Label, Verdict, ViewResult
+from tests.conftest import free_port
 from workers.images import encode_png
 from workers.qa.samples import SampleError, SampleStore, parse_product_id
 
-TOKEN = "s3cret-token"
 CAMERAS = ["cam0", "cam1"]
 
 
@@ -198,11 +199,22 @@ def test_report_has_distributions_roc_and_worst_defects(line_state, embedded_red
 
 
 @pytest.fixture
-def dashboard(line_state):
+def qa_tokens(tmp_path):
+    """A token file: alice labels, bob may also replace labels."""
+    path = tmp_path / "qa-tokens.yaml"
+    alice, bob = add_token(path, "alice", False), add_token(path, "bob", True)
+    return path, alice, bob
+
+
+@pytest.fixture
+def dashboard(line_state, qa_tokens):
     client, store, verdicts = line_state
-    return TestClient(
-        create_app(lambda line: client, store, TOKEN, lines=["line-a", "line-z"])
-    ), verdicts
+    path, alice, _ = qa_tokens
+    web = TestClient(
+        create_app(lambda line: client, store, QaTokens.load(path), lines=["line-a", "line-z"])
+    )
+    web.cookies.set(TOKEN_COOKIE, alice)  # as the pages do: reads need a token
+    return web, verdicts
 
 
 def test_dashboard_lists_lines_verdicts_stats_and_products(dashboard):
@@ -227,24 +239,130 @@ def test_dashboard_lists_lines_verdicts_stats_and_products(dashboard):
     assert web.get("/static/style.css").status_code == 200
 
 
-def test_dashboard_labelling_needs_the_token(dashboard, redis_client):
+def test_dashboard_labels_in_the_token_holders_name_and_only_some_may_replace(
+    dashboard, qa_tokens, redis_client
+):
     web, _ = dashboard
+    _, alice, bob = qa_tokens
     url = "/api/products/line-a:1/labels"
     body = {"label": "defect", "note": "scratch"}
-    assert web.post(url, json=body).status_code == 401
+    assert web.post(url, json=body).status_code == 401  # the cookie reads; it does not label
     assert web.post(url, json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    saved = web.post(url, json=body, headers=auth)
+    as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    saved = web.post(url, json=body, headers=as_alice)
     assert saved.status_code == 201, saved.text
     [(entry_id, fields)] = redis_client.xrange("labels:{line-a}")
     assert saved.json()["entry_id"] == entry_id.decode()
-    assert Label.from_entry(fields).note == "scratch"
-    assert web.post(url, json={"label": "good"}, headers=auth).status_code == 409
-    assert web.post(url, json={"label": "good", "replace": True}, headers=auth).status_code == 201
+    label = Label.from_entry(fields)
+    assert (label.note, label.by) == ("scratch", "alice")
+    # Nobody names someone else: `by` is not the caller's to say.
+    assert web.post(url, json=body | {"by": "bob"}, headers=as_alice).status_code == 422
+    assert web.post(url, json={"label": "good"}, headers=as_alice).status_code == 409
+    replace = {"label": "good", "replace": True}
+    assert web.post(url, json=replace, headers=as_alice).status_code == 403
+    assert web.post(url, json=replace, headers=as_bob).status_code == 201
     assert web.get("/api/products/line-a:1").json()["label"] == "good"
-    unknown = web.post("/api/products/line-a:50/labels", json=body, headers=auth)
+    unknown = web.post("/api/products/line-a:50/labels", json=body, headers=as_alice)
     assert unknown.status_code == 404
-    assert web.post(url, json={"label": "maybe"}, headers=auth).status_code == 422
+    assert web.post(url, json={"label": "maybe"}, headers=as_alice).status_code == 422
+
+
+def test_with_a_token_file_every_read_needs_a_token(line_state, qa_tokens):
+    client, store, _ = line_state
+    path, alice, _ = qa_tokens
+    web = TestClient(create_app(lambda line: client, store, QaTokens.load(path)))
+    reads = [
+        "/api/lines",
+        "/api/lines/line-a/verdicts",
+        "/api/lines/line-a/stats",
+        "/api/lines/line-a/events",
+        "/api/products/line-a:3",
+        "/api/products/line-a:3/views/cam0.png",
+        "/api/products/line-a:3/views/cam0/map.png",
+    ]
+    for url in reads:
+        assert web.get(url).status_code == 401, url
+    # A header that is not ASCII is a wrong token, not a server error.
+    odd = {"Authorization": "Bearer \u00e9t\u00e9".encode()}
+    assert web.get("/api/lines", headers=odd).status_code == 401
+    assert web.get("/api/lines", headers={"Authorization": f"Bearer {alice}"}).status_code == 200
+    web.cookies.set(TOKEN_COOKIE, alice)
+    assert web.get("/api/products/line-a:3/views/cam0.png").status_code == 200
+    # The pages themselves are open: they ask for the token.
+    assert web.get("/").status_code == 200 and web.get("/static/token.js").status_code == 200
+
+
+def test_a_session_token_labels_and_reads_stay_open(line_state):
+    client, store, _ = line_state
+    tokens, token = QaTokens.session("demo")
+    web = TestClient(create_app(lambda line: client, store, tokens))
+    assert web.get("/api/lines").status_code == 200
+    auth = {"Authorization": f"Bearer {token}"}
+    saved = web.post("/api/products/line-a:2/labels", json={"label": "good"}, headers=auth)
+    assert saved.status_code == 201 and saved.json()["by"] == "demo"
+
+
+def test_stats_windows_are_bounded(dashboard):
+    web, _ = dashboard
+    assert web.get("/api/lines/line-a/stats", params={"window_s": 86400 * 30}).status_code == 422
+    many = {"window_s": 86400, "bucket_s": 1}
+    assert web.get("/api/lines/line-a/stats", params=many).status_code == 422
+    assert web.get("/api/lines/line-a/stats").json()["truncated"] is False
+
+
+def test_live_feeds_are_bounded_and_a_closed_one_frees_its_place(line_state):
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+
+    client, store, _ = line_state
+    tokens, _ = QaTokens.session()
+    port = free_port()
+    app_ = create_app(lambda line: client, store, tokens, max_feeds=1)
+    server = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    feed = f"http://127.0.0.1:{port}/api/lines/line-a/events"
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        first = urllib.request.urlopen(feed, timeout=10)
+        assert first.readline().startswith(b"retry:")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(feed, timeout=10)
+        assert refused.value.code == 503
+        first.close()
+        deadline, status = time.monotonic() + 15, None
+        while status != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                again = urllib.request.urlopen(feed, timeout=10)
+                status = again.status
+                again.close()
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+        assert status == 200
+    finally:
+        server.should_exit = True
+
+
+def test_qa_token_command_adds_named_tokens_keeping_only_their_hash(tmp_path):
+    path = tmp_path / "tokens.yaml"
+    made = CliRunner().invoke(app, ["qa-token", "carol", "--tokens", str(path), "--may-replace"])
+    assert made.exit_code == 0, made.output
+    token = made.output.strip()
+    assert token not in path.read_text() and oct(path.stat().st_mode & 0o777) == "0o600"
+    holder = QaTokens.load(path).holder(token)
+    assert (holder.name, holder.may_replace) == ("carol", True)
+    again = CliRunner().invoke(app, ["qa-token", "carol", "--tokens", str(path)])
+    assert again.exit_code == 1 and "has a token already" in again.output
+    opened = CliRunner().invoke(app, ["dashboard", "--host", "0.0.0.0"])
+    assert opened.exit_code == 1 and "--tokens" in opened.output
+    (tmp_path / "bad.yaml").write_text("- name: x\n  sha256: short\n")
+    bad = CliRunner().invoke(app, ["dashboard", "--tokens", str(tmp_path / "bad.yaml")])
+    assert bad.exit_code == 1 and "not a token file" in bad.output
 
 
 def test_event_stream_sends_new_verdicts_with_their_ids(line_state):

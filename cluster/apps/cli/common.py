@@ -84,6 +84,29 @@ def load_cli_settings(config: Path | None, **overrides):
 
 
 CONFIG = typer.Option(None, "--config", help="YAML settings (as for `defectflow run`)")
+DASHBOARD_TOKENS = typer.Option(
+    None,
+    "--tokens",
+    envvar="DEFECTFLOW_DASHBOARD_TOKENS",
+    help="QA token file (`defectflow qa-token`): every request needs a token [default: one "
+    "token for this session, for labelling; reads open, this machine only]",
+)
+
+
+def dashboard_tokens(path: Path | None):
+    """The dashboard's tokens: the file's, or one for this session (printed)."""
+    from cluster.apps.dashboard.tokens import QaTokens, TokenFileError
+
+    if path is not None:
+        try:
+            return QaTokens.load(path)
+        except TokenFileError as exc:
+            raise fail(str(exc)) from None
+    tokens, token = QaTokens.session()
+    console.print(f"labelling token for this session (or use --tokens FILE): {token}")
+    return tokens
+
+
 DATA_DIR = typer.Option(None, "--data-dir", help="state folder (e.g. demo-out after a demo)")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +12,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from cluster.apps.cli.common import (
+    DASHBOARD_TOKENS,
     RAY_ADDRESS,
     REDIS_URL,
     app,
     console,
+    dashboard_tokens,
     fail,
     load_cli_settings,
     progress_bars,
@@ -100,6 +101,7 @@ def demo(
     dashboard_port: int | None = typer.Option(
         None, help="also serve the QA dashboard on this port, until Ctrl-C after the run"
     ),
+    tokens_file: Path | None = DASHBOARD_TOKENS,
 ):
     """The main job on the embedded defaults: train, simulate a 4-camera line, inspect it live
     (as `defectflow run` does: the same settings, the same start)."""
@@ -121,7 +123,8 @@ def demo(
         )
     )
     console.print(f"[bold]3/3 inspecting:[/] Ray actors over Redis streams, model {version}")
-    _inspect_demo_line(settings, manifest, out, dashboard_port)
+    tokens = dashboard_tokens(tokens_file) if dashboard_port else None
+    _inspect_demo_line(settings, manifest, out, dashboard_port, tokens)
 
 
 def _line_model(
@@ -184,7 +187,9 @@ class _VerdictTable:
         return table
 
 
-def _inspect_demo_line(settings, manifest: dict, out: Path, dashboard_port: int | None) -> None:
+def _inspect_demo_line(
+    settings, manifest: dict, out: Path, dashboard_port: int | None, tokens
+) -> None:
     """The demo's line through the one start every line takes, its verdicts shown live, then
     summarised against the simulator's truth."""
     from rich.live import Live
@@ -200,7 +205,9 @@ def _inspect_demo_line(settings, manifest: dict, out: Path, dashboard_port: int 
     with started_lines(settings, replay=True, activate=True) as lines:
         client = lines.redis(line.id)
         samples = SampleStore(settings.sample_dir)
-        web = _serve_dashboard(client, samples, line.model_dir, line.id, dashboard_port)
+        web = None
+        if dashboard_port is not None:
+            web = _serve_dashboard(client, samples, line.model_dir, line.id, dashboard_port, tokens)
         elapsed = line_demo.timer()
         last = "0"
         with Live(table.render(), console=console, refresh_per_second=4) as live:
@@ -230,11 +237,8 @@ def _inspect_demo_line(settings, manifest: dict, out: Path, dashboard_port: int 
                 pass
 
 
-def _serve_dashboard(client, samples, model_dir: Path, line_id: str, port: int | None):
-    """The QA dashboard in a background thread of this process (None without a port)."""
-    if port is None:
-        return None
-    import os
+def _serve_dashboard(client, samples, model_dir: Path, line_id: str, port: int, tokens):
+    """The QA dashboard in a background thread of this process."""
     import threading
 
     import uvicorn
@@ -242,11 +246,10 @@ def _serve_dashboard(client, samples, model_dir: Path, line_id: str, port: int |
     from cluster.apps.dashboard.app import create_app
     from workers.differnet.store import load_model
 
-    token = os.environ.get("DEFECTFLOW_DASHBOARD_TOKEN") or secrets.token_urlsafe(18)
     bundle = load_model(model_dir)
-    web = create_app(lambda line: client, samples, token, lambda line: bundle, [line_id])
+    web = create_app(lambda line: client, samples, tokens, lambda line: bundle, [line_id])
     server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
     thread.start()
-    console.print(f"QA dashboard on http://127.0.0.1:{port}/  labelling token: {token}")
+    console.print(f"QA dashboard on http://127.0.0.1:{port}/")
     return thread

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import secrets
 import time
 from collections import deque
 from pathlib import Path
@@ -14,10 +13,12 @@ from rich.table import Table
 
 from cluster.apps.cli.common import (
     CONFIG,
+    DASHBOARD_TOKENS,
     DATA_DIR,
     REDIS_URL,
     app,
     console,
+    dashboard_tokens,
     fail,
     qa_session,
     stdout,
@@ -205,13 +206,14 @@ class ModelCache:
         return self.loaded[line_id]
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 @app.command()
 def dashboard(
     host: str = typer.Option("127.0.0.1", help="address to bind (default: this machine only)"),
     port: int = typer.Option(8600, min=1, max=65535),
-    token: str | None = typer.Option(
-        None, envvar="DEFECTFLOW_DASHBOARD_TOKEN", help="labelling token (default: a new one)"
-    ),
+    tokens_file: Path | None = DASHBOARD_TOKENS,
     model: Path | None = typer.Option(
         None, help="model folder for defect maps (default: the line's)"
     ),
@@ -225,19 +227,35 @@ def dashboard(
     from cluster.apps.dashboard.app import create_app
     from workers.qa.samples import SampleStore
 
+    if host not in LOCAL_HOSTS and tokens_file is None:
+        raise fail(f"--host {host} opens the dashboard to the network: give it --tokens FILE")
+    tokens = dashboard_tokens(tokens_file)
     with qa_session(config, redis_url, data_dir) as (settings, redis_of):
-        if not token:
-            token = secrets.token_urlsafe(18)
-            console.print(f"labelling token (set DEFECTFLOW_DASHBOARD_TOKEN to fix it): {token}")
         web = create_app(
             redis_of,
             SampleStore(settings.sample_dir),
-            token,
+            tokens,
             ModelCache(settings, model),
             [x.id for x in settings.lines],
         )
         console.print(f"dashboard on http://{host}:{port}/  (Ctrl-C to stop)")
         uvicorn.run(web, host=host, port=port, log_level="warning")
+
+
+@app.command("qa-token")
+def qa_token(
+    name: str = typer.Argument(..., help="who holds it: each label they give names them"),
+    tokens_file: Path = typer.Option(..., "--tokens", help="token file (created 0600)"),
+    may_replace: bool = typer.Option(False, help="may overwrite a label already given"),
+):
+    """Add a QA token for the dashboard; prints it, once (the file keeps only its sha256)."""
+    from cluster.apps.dashboard.tokens import TokenFileError, add_token
+
+    try:
+        token = add_token(tokens_file, name, may_replace)
+    except (TokenFileError, OSError) as exc:
+        raise fail(str(exc)) from None
+    stdout.print(token)
 
 
 @app.command()
