@@ -1,9 +1,7 @@
 """The inspection cluster end to end: real Ray actors over a real embedded Redis."""
 
 import io
-import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -127,36 +125,6 @@ def test_killing_a_camera_a_scorer_and_a_detector_and_restarting_redis_mid_run_l
     assert aggregate.get("late_or_duplicate_views", 0) + aggregate.get("duplicate_views", 0) >= 1
     # 8 products x 4 cameras: 32 frames and 32 views (more if a killed actor redid one), all gone.
     assert aggregate["images_trimmed"] >= 64 and not any(left.values()), left
-
-
-def test_redis_killed_mid_run_and_restarted_every_product_still_gets_exactly_one_verdict(
-    line_model, local_ray, tmp_path
-):
-    """SIGKILL: no SHUTDOWN, no save. The AOF (everysec) may lose the last second of writes,
-    acknowledgements and verdicts included: the line redoes what was lost and publishes no
-    verdict twice; a product whose frames were lost gets an incomplete one."""
-    data, root = line_model
-    manifest = simulate(data, tmp_path / "line", 8, seed=5)
-    with EmbeddedRedis(tmp_path / "redis") as server:
-        client = server.access.connect()
-        line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
-        line = line.model_copy(update={"view_timeout_s": 60.0})
-        for cam in line.cameras:
-            cam.fps = 60.0  # paced, so that the kill lands mid-run
-        running = start_line(line, server.access, root / "model", resources=SMALL)
-        deadline = time.monotonic() + 60
-        while not verdicts(client, "demo") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(int(client.info("server")["process_id"]), signal.SIGKILL)
-        server.stop()  # reaps the killed process
-        time.sleep(2)
-        server.start()
-        stats = drain_and_stop([running], timeout_s=300)
-        got = verdicts(client, "demo")
-    numbers = [v.product_seq for v in got]
-    assert sorted(numbers) == list(range(8)), numbers  # each once
-    assert all(v.status == "complete" or v.reason for v in got)
-    assert stats["demo"]["aggregate"]["verdicts_complete"] >= 1
 
 
 def test_an_entry_that_kills_its_actor_each_time_is_dead_lettered_and_the_line_goes_on(
@@ -459,3 +427,28 @@ def test_a_restarted_aggregator_numbers_a_re_synchronised_camera_as_before(local
     assert sorted(got) == list(range(7)) and published == 7
     assert got[1].status == "incomplete" and got[1].missing_cameras == ["cam3"]
     assert all(got[q].status == "complete" for q in got if q != 1), [v.reason for v in got.values()]
+
+
+def test_chaos_every_product_one_verdict_under_every_fault(line_model, local_ray, tmp_path):
+    """bench.chaos, short: every fault in turn on a small paced line (Redis killed early, so
+    that it lands mid-run on so short a line)."""
+    from bench.chaos import ACTOR_FAULTS, FAULTS, run_chaos
+
+    data, root = line_model
+    manifest = simulate(data, tmp_path / "line", 14, seed=4)
+    line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig(), fps=7.0)
+    line = line.model_copy(update={"max_backlog_products": 1, "view_timeout_s": 60.0})
+    small = LineResources(**vars(SMALL) | {"train_cpus": 0.1})
+    faults = ["poison", "kill-redis", "stall-detect", *ACTOR_FAULTS]
+    assert sorted(faults) == sorted(FAULTS)
+    report = run_chaos(
+        line, root / "model", tmp_path / "chaos", 14, faults, 12.0, 0.5, resources=small
+    )
+    assert report["products_without_verdict"] == [], report
+    assert report["duplicate_verdicts"] == {} and report["verdicts_for_unknown_products"] == []
+    assert [p["kind"] for p in report["poison"] if not p["dead_lettered"]] == []
+    assert all(p["reason"] for p in report["poison"])
+    assert 1 <= report["products_shed"] == report["products_shed_decided"]
+    assert [f["fault"] for f in report["faults"]] == faults
+    # Each one landed mid-run: the line still had products to decide after it.
+    assert [f["fault"] for f in report["faults"] if f["next_verdict_s"] is None] == []

@@ -11,6 +11,7 @@ verdict.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -114,6 +115,10 @@ class _Loop:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        """The actor's process on its node (to signal it: bench.chaos stops and kills them)."""
+        return os.getpid()
 
 
 @ray.remote
