@@ -1,7 +1,7 @@
 """Fault injection: one line inspecting a few hundred products while every fault it is built to
 survive is injected; prints JSON.
 
-    python -m bench.chaos --data ../shared/data/mtd --json bench-out/chaos.json
+    python -m bench.chaos --data ../shared/data/mtd --json bench-out/chaos.json [--model demo-out/model]
 
 Once verdicts flow, one fault after another: poison entries of every kind the stages refuse,
 SIGKILL of each actor kind (Ray restarts it), SIGKILL of Redis (restarted from its AOF), and
@@ -302,6 +302,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--out", type=Path, default=Path("bench-out/chaos"))
+    p.add_argument(
+        "--model", type=Path, help="a line model of the demo's recipe (demo-out/model after a demo)"
+    )
     p.add_argument("--products", type=int, default=200)
     p.add_argument("--train-products", type=int, default=60, help="accuracy is not measured")
     p.add_argument("--epochs", type=int, default=3)
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     faults = [f for f in args.faults.split(",") if f]
     if unknown := set(faults) - set(FAULTS):
         raise SystemExit(f"unknown faults {sorted(unknown)}; choose from {', '.join(FAULTS)}")
-    model_dir = args.out / "model"
+    model_dir = args.model or args.out / "model"
     if not (model_dir / "model.json").exists():
         train_line_model(
             args.data,
