@@ -1,7 +1,8 @@
 """Fault injection: one line inspecting a few hundred products while every fault it is built to
 survive is injected; prints JSON.
 
-    python -m bench.chaos --data ../shared/data/mtd --json bench-out/chaos.json [--model demo-out/model]
+    python -m bench.chaos --data ../shared/data/mtd --json bench-out/chaos.json \
+        [--model demo-out/model]
 
 Once verdicts flow, one fault after another: poison entries of every kind the stages refuse,
 SIGKILL of each actor kind (Ray restarts it), SIGKILL of Redis (restarted from its AOF), and
