@@ -165,6 +165,16 @@ def test_dead_lettering_an_entry_again_adds_nothing(bus):
     assert bus.client.xpending("frames", "detect")["pending"] == 0
 
 
+def test_the_dead_letters_keep_about_their_own_maxlen(redis_client):
+    bus = StreamBus(redis_client, dead_letter_maxlen=100)
+    bus.ensure_group("frames", "detect")
+    for i in range(600):
+        redis_client.xadd("frames", {"kind": "frame", "v": "1", "meta": f"broken {i}"})
+    while bus.consume("frames", "detect", "c", CameraFrame, count=100, block_ms=None):
+        pass
+    assert 100 <= redis_client.xlen("deadletter") < 300  # whole nodes of 100 entries go
+
+
 def test_publish_bounds_the_stream_and_counts_what_it_trims_unread_per_group(redis_client):
     small = StreamBus(redis_client, maxlen=100)
     small.ensure_group("bounded", "keeps-up")

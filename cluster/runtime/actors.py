@@ -88,6 +88,7 @@ class _Loop:
             maxlen=run.maxlen,
             max_entry_bytes=run.max_entry_bytes,
             dead_letter_stream=Streams(line).dead_letters,
+            dead_letter_maxlen=run.dead_letter_maxlen,
             on_dead_letter=self._dead_lettered,
         )
         self._dead_letter_metric = (LineMetrics(line).dead_letters, {"line": line, "stage": stage})

@@ -24,7 +24,11 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from cluster.transport.bus import DEFAULT_MAX_ENTRY_BYTES, LAG_COUNT_LIMIT
+from cluster.transport.bus import (
+    DEFAULT_DEAD_LETTER_MAXLEN,
+    DEFAULT_MAX_ENTRY_BYTES,
+    LAG_COUNT_LIMIT,
+)
 from cluster.transport.connection import RedisAccess, line_password_env, split_credentials
 from workers.contract import BoxSource, CropSpec, InputContract, MaskShape, resolve_crops
 from workers.frontend.sources import is_live, shown
@@ -299,6 +303,7 @@ class LineRun(_Strict):
     )
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=10_000, le=MAX_PIXELS_LIMIT)
     max_entry_bytes: int = Field(default=DEFAULT_MAX_ENTRY_BYTES, ge=65_536, le=512 * 2**20)
+    dead_letter_maxlen: int = Field(default=DEFAULT_DEAD_LETTER_MAXLEN, ge=10)
     sample_dir: Path | None = Field(default=None, description="None: no sample store")
     retention: SampleConfig = Field(default_factory=SampleConfig)
     candidates_dir: Path | None = Field(
@@ -354,6 +359,12 @@ class Settings(BaseSettings):
         le=512 * 2**20,
         description="a stream entry larger than this is dead-lettered unread",
     )
+    dead_letter_maxlen: int = Field(
+        default=DEFAULT_DEAD_LETTER_MAXLEN,
+        ge=10,
+        description="dead letters a line keeps, newest first (whole entries, frames included, "
+        "so that they can be replayed)",
+    )
     samples: SampleConfig = Field(default_factory=SampleConfig, description="see below")
     lines: list[LineConfig] = Field(default_factory=list, description="see below")
 
@@ -375,6 +386,7 @@ class Settings(BaseSettings):
             max_deliveries=self.max_deliveries,
             max_image_pixels=self.max_image_pixels,
             max_entry_bytes=self.max_entry_bytes,
+            dead_letter_maxlen=self.dead_letter_maxlen,
             sample_dir=self.sample_dir.resolve(),
             retention=self.samples,
             candidates_dir=(self.model_dir / line.id / "candidates").resolve(),

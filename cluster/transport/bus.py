@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER_STREAM = "deadletter"
 DEFAULT_MAXLEN = 100_000
+# Dead letters keep whole entries (they can be replayed): frames of 300 kB each.
+DEFAULT_DEAD_LETTER_MAXLEN = 2_000
 # Bytes an entry may have (fields and values): a larger one is dead-lettered undecoded.
 DEFAULT_MAX_ENTRY_BYTES = 64 * 2**20
 # Per stream, a hash: consumer group -> entries trimmed (``maxlen``) before it acknowledged them.
@@ -142,6 +144,7 @@ class StreamBus:
         maxlen: int = DEFAULT_MAXLEN,
         max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
         dead_letter_stream: str = DEAD_LETTER_STREAM,
+        dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN,
         on_dead_letter: Callable[[str, str], None] = lambda stream, reason: None,
     ):
         """``on_dead_letter(stream, reason)`` is told of every entry dead-lettered (undecodable,
@@ -152,6 +155,7 @@ class StreamBus:
         self.maxlen = maxlen
         self.max_entry_bytes = max_entry_bytes
         self.dead_letter_stream = dead_letter_stream
+        self.dead_letter_maxlen = dead_letter_maxlen
         self.on_dead_letter = on_dead_letter
         # Registered once, run by hash (EVALSHA); reloaded by redis-py when Redis has lost them.
         self._publish = client.register_script(_PUBLISH)
@@ -367,7 +371,7 @@ class StreamBus:
         fields_and_values = [part for item in record.items() for part in item]
         added = self._dead_letter(
             keys=[stream, self.dead_letter_stream],
-            args=[group, entry_id, self.maxlen, *fields_and_values],
+            args=[group, entry_id, self.dead_letter_maxlen, *fields_and_values],
         )
         log.warning("%s entry %s (group %s) dead-lettered: %s", stream, entry_id, group, reason)
         if added:
