@@ -152,8 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
     bundle = load_model(model_dir)
     curve, best_t = _tta_curve(bundle, config, args, val, measured)
     # The full evaluation (pixel AUROC needs a backward pass per image) runs at the default T.
+    sources = ["memory", "gradient"] if bundle.model.uses_memory else None
     full = evaluate_folder(
-        bundle, args.data, samples=measured, out_dir=args.out / f"eval-{args.head}"
+        bundle,
+        args.data,
+        samples=measured,
+        out_dir=args.out / f"eval-{args.head}",
+        map_sources=sources,
     )
     result = {
         "data": str(args.data),
@@ -171,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
         "image_auroc": full["image_auroc"],
         "per_defect_auroc": full["per_defect_auroc"],
         "pixel_auroc": full.get("pixel_auroc"),
+        "pixel_aupro": full.get("pixel_aupro"),
+        "map_source": bundle.model.map_source,
+        "pixel_by_map_source": full.get("pixel"),
         "accuracy_at_model_threshold": full["model_threshold_accuracy"],
         "train_seconds": round(train_seconds, 1),
         "embed_seconds": meta["training"]["embed_seconds"],

@@ -67,7 +67,8 @@ def test_training_separates_good_from_defective_tiles(trained, data, tmp_path):
     assert report["image_auroc"] == 1.0
     assert set(report["per_defect_auroc"]) == {"scratch", "spot"}
     assert report["n_good"] == 6 and report["n_defect"] == 6
-    assert report["pixel_auroc"] > 0.7
+    assert report["pixel_auroc"] > 0.7 and 0.0 < report["pixel_aupro"] <= 1.0
+    assert set(report["pixel"][report_source(trained)]["per_defect"]) == {"scratch", "spot"}
     assert report["tpr"] >= 0.85
     assert report["score_ms_per_image"] > 0
     # Every image's score, so that users can aggregate products or re-threshold offline.
@@ -236,3 +237,35 @@ def test_alexnet_loads_from_a_local_weights_file_and_never_downloads(data, tmp_p
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["config"]["backbone"] == "alexnet" and meta["feature_dim"] == 3 * 2 * 256
     assert load_model(tmp_path / "m").model.config.backbone == "alexnet"
+
+
+def report_source(model_dir) -> str:
+    return load_model(model_dir).model.map_source
+
+
+def test_a_defect_map_peaks_on_the_painted_defect_from_every_source(trained, data, tmp_path):
+    bundle = load_model(trained)
+    model = bundle.model
+    sources = {"local": ["local"], "memory": ["memory", "gradient"], "gradient": ["gradient"]}
+    for path in sorted((data / "test" / "spot").glob("*.png"))[:3]:
+        rgb = load_image(path)
+        truth = load_image(data / "ground_truth" / "spot" / f"{path.stem}_mask.png")[:, :, 0] > 0
+        for source in sources[model.map_source]:
+            [result] = model.defect_maps([model.prepare(rgb)], source)
+            assert result.defect_map.shape == rgb.shape[:2]
+            y, x = np.unravel_index(np.argmax(result.defect_map), result.defect_map.shape)
+            near = truth[max(0, y - 4) : y + 5, max(0, x - 4) : x + 5]
+            assert near.any(), (source, path.name, (y, x))
+    evaluated = invoke(
+        "eval",
+        trained,
+        data,
+        "--json",
+        tmp_path / "e.json",
+        "--worst",
+        0,
+        *(["--maps-from", "gradient"] if model.map_source == "memory" else []),
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    measured = json.loads((tmp_path / "e.json").read_text())["pixel"]
+    assert set(measured) == set(sources[model.map_source])

@@ -60,6 +60,9 @@ class DifferNetConfig(BaseModel):
     jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
     tta: int = Field(default=1, ge=1, le=len(D4))
     map_sigma: float = Field(default=3.0, ge=0.0, description="Gaussian sigma, input pixels")
+    # What a defect map shows: each position's distance to the patch memory's nearest good one,
+    # or the gradient of the score (the paper's); None: the memory's where there is one.
+    map_source: Literal["memory", "gradient"] | None = None
     # The patch memory (0 positions: the flow alone), its subspace and the positions queried.
     memory_size: int = Field(default=262144, ge=0, le=4_000_000)
     memory_taps: tuple[int, ...] = DEFAULT_MEMORY_TAPS["efficientnet-lite0"]
@@ -338,10 +341,46 @@ class DifferNet(nn.Module):
         up = F.interpolate(filled[None, None], size=(size, size), mode="bilinear")[0, 0]
         return crop_to_source(up, box)
 
-    def defect_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
-        """Scores with defect maps over each source image."""
+    @property
+    def map_source(self) -> str:
+        """Where defect maps come from (``local``: the local head's own NLL map)."""
         if self.config.head == "local":
+            return "local"
+        if self.config.map_source is not None:
+            return self.config.map_source
+        return "memory" if self.uses_memory else "gradient"
+
+    def defect_maps(self, images: list[PreparedImage], source: str | None = None):
+        """Scores with defect maps over each source image, from ``source`` (default: the
+        model's :attr:`map_source`)."""
+        source = source or self.map_source
+        if source == "local":
             return self.score_batch(images)
+        if source == "memory":
+            return self.memory_maps(images)
+        if source != "gradient":
+            raise ValueError(f"no defect maps from {source!r}: memory, gradient or local")
+        return self.gradient_maps(images)
+
+    @torch.no_grad()
+    def memory_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
+        """Scores with the patch memory's maps: every position's distance to its nearest good
+        position, over the source image (the memory sees the whole image, no letterbox), its
+        cells smoothed as the map_sigma input pixels say at the source's scale."""
+        if not self.uses_memory:
+            raise ValueError("this model has no patch memory: its maps come from the gradient")
+        out = []
+        for scored, im in zip(self.score_batch(images), images, strict=True):
+            cells = self.memory.distance_map(im.for_memory)
+            filled = torch.nan_to_num(cells, nan=float(np.nanmin(cells.numpy())))
+            source = im.box.source_shape
+            up = F.interpolate(filled[None, None], size=source, mode="bilinear")[0, 0].numpy()
+            sigma = self.config.map_sigma * max(source) / self.config.image_size
+            out.append(ScoredImage(scored.score, gaussian_filter(up, sigma) if sigma else up))
+        return out
+
+    def gradient_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
+        """Scores with the gradient of each image's score with respect to its pixels."""
         self.eval()
         results = []
         tta = range(self.config.tta)

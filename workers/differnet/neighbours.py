@@ -94,6 +94,13 @@ class PatchMemory(nn.Module):
     @torch.no_grad()
     def positions(self, image: MemoryImage, transform: int = 0) -> torch.Tensor:
         """``(n, dim)`` raw features of the product's positions under a D4 ``transform``."""
+        feats, valid = self.grid(image, transform)
+        return feats[valid]
+
+    @torch.no_grad()
+    def grid(self, image: MemoryImage, transform: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, w, dim)`` raw features of every position, and ``(h, w)``: which are the
+        product's."""
         device = self.center.device
         pixels = apply_d4(image.pixels, transform)[None].to(device)
         mask = apply_d4(image.mask, transform)[None].to(device)
@@ -107,7 +114,7 @@ class PatchMemory(nn.Module):
         valid = cover >= 0.5
         if not valid.any():  # a sliver of product: any coverage counts
             valid = cover > 0 if (cover > 0).any() else torch.ones_like(valid)
-        return feats.permute(1, 2, 0)[valid]
+        return feats.permute(1, 2, 0), valid
 
     def project(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.center) @ self.basis
@@ -184,6 +191,16 @@ class PatchMemory(nn.Module):
         if leave_out is not None and self.owner is not None:
             d[:, self.owner[lo:hi] == leave_out] = float("inf")
         return d.min(1).values
+
+    @torch.no_grad()
+    def distance_map(self, image: MemoryImage) -> torch.Tensor:
+        """``(h, w)``: each product position's distance to its nearest good one (NaN off the
+        product): where the image differs from every good product seen, which is the map
+        PatchCore draws."""
+        feats, valid = self.grid(image)
+        out = torch.full(valid.shape, float("nan"))
+        out[valid.cpu()] = self.distances(self.project(feats[valid])).cpu()
+        return out
 
     @torch.no_grad()
     def score(self, image: MemoryImage, leave_out: int | None = None) -> float:

@@ -135,22 +135,27 @@ def train_from_folder(
     return metadata
 
 
-def _maps_report(model, loaded, prepared, scores, masked, out_dir, worst, chosen) -> dict:
-    """Pixel AUROC over the images with masks (and the goods), and in ``out_dir`` the ROC and
-    the defect maps of the ``worst`` highest-scored images."""
-    from workers.differnet.reports import overlay_png, pixel_auroc, roc_plot
+def _maps_report(model, loaded, prepared, scores, masked, out_dir, worst, chosen, sources):
+    """Pixel AUROC and AUPRO of the maps of each of ``sources`` over the images with masks (and
+    the goods), overall and per defect type; in ``out_dir`` the ROC and the default maps of the
+    ``worst`` highest-scored images."""
+    from workers.differnet.reports import overlay_png, pixel_metrics, roc_plot
 
     order = np.argsort(-scores)
-    need_maps = set(order[:worst].tolist())
+    shown = set(order[:worst].tolist()) if out_dir is not None else set()
     with_masks = any(loaded.samples[i].mask_path for i in masked)
-    if with_masks:
-        need_maps |= set(masked)
-    maps = {i: model.defect_maps([prepared[i]])[0].defect_map for i in sorted(need_maps)}
-    report = {}
-    if with_masks:
-        report["pixel_auroc"] = pixel_auroc(
-            [maps[i] for i in masked], [loaded.samples[i].mask_path for i in masked]
-        )
+    report: dict = {"pixel": {}}
+    maps: dict[int, np.ndarray] = {}
+    for source in sources:
+        need = sorted((set(masked) if with_masks else set()) | shown)
+        drawn = {i: model.defect_maps([prepared[i]], source)[0].defect_map for i in need}
+        if source == model.map_source:
+            maps = drawn
+        if with_masks:
+            report["pixel"][source] = _pixel_report(loaded.samples, masked, drawn, pixel_metrics)
+    if model.map_source in report["pixel"]:
+        default = report["pixel"][model.map_source]
+        report |= {"pixel_auroc": default["auroc"], "pixel_aupro": default["aupro"]}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +166,18 @@ def _maps_report(model, loaded, prepared, scores, masked, out_dir, worst, chosen
             name = f"worst{rank + 1:02d}_{s.category}_{s.path.stem}.png"
             (out_dir / name).write_bytes(overlay_png(loaded.rgb[i], maps[i]))
     return report
+
+
+def _pixel_report(samples, masked: list[int], maps: dict, pixel_metrics) -> dict:
+    """Pixel metrics over every masked image, then per defect type (with the goods)."""
+
+    def over(chosen: list[int]) -> dict:
+        return pixel_metrics([maps[i] for i in chosen], [samples[i].mask_path for i in chosen])
+
+    good = [i for i in masked if not samples[i].is_defect]
+    types = sorted({samples[i].category for i in masked} - {"good"})
+    per_defect = {t: over(good + [i for i in masked if samples[i].category == t]) for t in types}
+    return over(masked) | {"per_defect": per_defect}
 
 
 def _run_record(options: TrainingOptions, report, seconds: float) -> dict:
@@ -215,13 +232,15 @@ def evaluate_folder(
     worst: int = 8,
     samples: list[Sample] | None = None,
     pixel_metrics: bool = True,
+    map_sources: list[str] | None = None,
     progress: Progress = _no_progress,
     on_skip: OnSkip = _ignore,
 ) -> dict:
     """Image (and pixel, with masks) metrics on DATA_DIR/test, or on ``samples`` when given.
 
-    Pixel AUROC needs a defect map per image (a backward pass each): ``pixel_metrics=False``
-    skips it.
+    Pixel AUROC and AUPRO need a defect map per image (the gradient's: a backward pass each):
+    ``pixel_metrics=False`` skips them. ``map_sources``: which maps are measured (default: the
+    model's own).
     """
     samples = list_test_samples(data_dir) if samples is None else samples
     if not samples:
@@ -270,5 +289,8 @@ def evaluate_folder(
     if not pixel_metrics:
         masked = []
     if out_dir is not None or any(loaded.samples[i].mask_path for i in masked):
-        report |= _maps_report(model, loaded, prepared, scores, masked, out_dir, worst, chosen)
+        sources = [model.map_source] + [m for m in map_sources or [] if m != model.map_source]
+        report |= _maps_report(
+            model, loaded, prepared, scores, masked, out_dir, worst, chosen, sources
+        )
     return report

@@ -129,9 +129,13 @@ def evaluate(
     json_out: Path = typer.Option(..., "--json", help="metrics file to write"),
     target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
     worst: int = typer.Option(8, min=0, help="defect-map overlays of the worst-scored images"),
+    maps_from: list[str] = typer.Option(
+        [], "--maps-from", help="also measure maps from memory or gradient (repeatable)"
+    ),
     device: str = DEVICE,
 ):
-    """Evaluate a model on DATA_DIR/test: AUROC, per-defect AUROC, threshold, speed."""
+    """Evaluate a model on DATA_DIR/test: image AUROC per defect type, threshold, speed, and
+    with ground_truth masks pixel AUROC and AUPRO of its defect maps."""
     from workers.differnet.recipes import evaluate_folder
     from workers.differnet.store import ModelError, load_model
 
@@ -144,6 +148,7 @@ def evaluate(
                 target_tpr=target_tpr,
                 out_dir=json_out.parent / f"{json_out.stem}-plots",
                 worst=worst,
+                map_sources=maps_from,
                 progress=progress,
                 on_skip=warn_skip,
             )
