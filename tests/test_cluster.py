@@ -58,6 +58,21 @@ def simulate(data, out, products, seed):
     )
 
 
+def good_score(camera: str, seq: int, captured_at: float) -> ViewScore:
+    """A good view's score of product ``seq`` of line ``l``, as a scorer publishes it."""
+    return ViewScore(
+        product_id=f"l:{seq}",
+        line="l",
+        camera=camera,
+        product_seq=seq,
+        captured_at=captured_at,
+        score=0.0,
+        threshold=1.0,
+        is_defect=False,
+        model_version="v1",
+    )
+
+
 def verdicts(client, line):
     return [Verdict.from_entry(f) for _, f in client.xrange(Streams(line).verdicts)]
 
@@ -305,18 +320,7 @@ def test_a_product_whose_every_view_was_lost_still_gets_a_verdict(local_ray, tmp
         run = aggregator.run.remote()
         for seq in [n for n in range(15) if n != 3]:
             for cam in cams:
-                score = ViewScore(
-                    product_id=f"l:{seq}",
-                    line="l",
-                    camera=cam,
-                    product_seq=seq,
-                    captured_at=1000.0 + seq,
-                    score=0.0,
-                    threshold=1.0,
-                    is_defect=False,
-                    model_version="v1",
-                )
-                client.xadd(Streams("l").scores, score.to_entry())
+                client.xadd(Streams("l").scores, good_score(cam, seq, 1000.0 + seq).to_entry())
         deadline = time.monotonic() + 30
         while len(verdicts(client, "l")) < 15 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -356,17 +360,7 @@ def test_a_restarted_aggregator_numbers_a_re_synchronised_camera_as_before(local
                 number = seq - 1 if cam == "cam3" and seq >= 2 else seq
                 if cam == "cam3" and seq == 1:
                     continue
-                score = ViewScore(
-                    product_id=f"l:{number}",
-                    line="l",
-                    camera=cam,
-                    product_seq=number,
-                    captured_at=1000.0 + seq,
-                    score=0.0,
-                    threshold=1.0,
-                    is_defect=False,
-                    model_version="v1",
-                )
+                score = good_score(cam, number, captured_at=1000.0 + seq)
                 client.xadd(Streams("l").scores, score.to_entry())
 
         def wait_for(n: int) -> dict[int, Verdict]:
