@@ -4,6 +4,7 @@ The test set is split in two halves per category: one validates (epoch choice, t
 the other measures. Nothing chosen is chosen on the measured half.
 
     python -m bench.accuracy --data ../shared/data/mtd --json bench-out/accuracy.json
+        [--layout strips]    # also long images of 3 to 5 tiles (bench/strips.py)
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="evaluate the model a previous run trained")
+    p.add_argument(
+        "--layout",
+        choices=["tiles", "strips"],
+        default="tiles",
+        help="strips: also score long images of 3 to 5 measured tiles side by side",
+    )
     return p.parse_args(argv)
 
 
@@ -189,7 +196,21 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(bundle.model.device),
     }
+    if args.layout == "strips":
+        result["strips"] = _strips(bundle, args, measured)
     return emit(result, args.json)
+
+
+def _strips(bundle, args, measured: list[Sample]) -> dict:
+    """Image (and pixel) metrics on strips built from the measured half only."""
+    from bench.strips import build_strips
+
+    out = args.out / f"strips-{args.seed}"
+    strips = build_strips(measured, out, args.seed)
+    sources = ["memory", "gradient"] if bundle.model.uses_memory else None
+    r = evaluate_folder(bundle, out, samples=strips, out_dir=None, map_sources=sources)
+    keys = ("image_auroc", "per_defect_auroc", "pixel_auroc", "pixel_aupro", "score_ms_per_image")
+    return {k: r.get(k) for k in keys} | {"n_strips": len(strips), "pixel": r.get("pixel")}
 
 
 if __name__ == "__main__":

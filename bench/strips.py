@@ -1,0 +1,85 @@
+"""Long parts from MTD tiles: 3 to 5 tiles of one acquisition group side by side, at the tiles'
+own scale (each brought to the shortest one's height, never enlarged). A defective strip holds
+one defective tile among good ones, its ground-truth mask placed where that tile went; a good
+strip holds good tiles only. Written in MVTec AD layout, so that the scorer's evaluation reads
+them as it reads the tiles: how a defect of a few percent of a long image fares.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from workers.datasets import Sample
+from workers.images import load_image
+
+TILES_PER_STRIP = (3, 4, 5)
+
+
+def group_of(sample: Sample) -> str:
+    """MTD's acquisition group (``exp3`` of ``exp3_num_1234.jpg``)."""
+    return sample.path.stem.split("_")[0]
+
+
+def build_strips(samples: list[Sample], out: Path, seed: int) -> list[Sample]:
+    """One defective strip per defective sample and as many good strips, from ``samples`` only;
+    returns them as samples of ``out`` (MVTec AD layout)."""
+    rng = random.Random(seed)
+    goods: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        if not s.is_defect:
+            goods[group_of(s)].append(s)
+    anywhere = [s for group in goods.values() for s in group]
+    strips = []
+    defects = [s for s in samples if s.is_defect]
+    for i, defect in enumerate(defects):
+        others = _goods(
+            goods.get(group_of(defect)) or anywhere, rng.choice(TILES_PER_STRIP) - 1, rng
+        )
+        tiles = others[:]
+        tiles.insert(rng.randrange(len(tiles) + 1), defect)
+        strips.append(_write(tiles, out, defect.category, f"strip{i:03d}", defect))
+    groups = sorted(g for g, members in goods.items() if members)
+    for i in range(len(defects)):
+        group = goods[rng.choice(groups)]
+        tiles = _goods(group, rng.choice(TILES_PER_STRIP), rng)
+        strips.append(_write(tiles, out, "good", f"strip{i:03d}", None))
+    return strips
+
+
+def _goods(pool: list[Sample], n: int, rng: random.Random) -> list[Sample]:
+    return rng.sample(pool, n) if len(pool) >= n else [rng.choice(pool) for _ in range(n)]
+
+
+def _write(tiles: list[Sample], out: Path, category: str, name: str, defect: Sample | None):
+    images = [load_image(t.path) for t in tiles]
+    height = min(im.shape[0] for im in images)
+    resized = [_to_height(im, height) for im in images]
+    strip = np.concatenate(resized, axis=1)
+    path = out / "test" / category / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), strip[:, :, ::-1])
+    if defect is None:
+        return Sample(path, category)
+    mask = np.zeros(strip.shape[:2], np.uint8)
+    left = 0
+    for tile, image in zip(tiles, resized, strict=True):
+        if tile is defect and defect.mask_path is not None:
+            truth = _to_height(load_image(defect.mask_path), height)[:, :, 0]
+            mask[:, left : left + image.shape[1]] = np.where(truth > 127, 255, 0)
+        left += image.shape[1]
+    mask_path = out / "ground_truth" / category / f"{name}_mask.png"
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(mask_path), mask)
+    return Sample(path, category, mask_path)
+
+
+def _to_height(image: np.ndarray, height: int) -> np.ndarray:
+    if image.shape[0] == height:
+        return image
+    width = max(1, round(image.shape[1] * height / image.shape[0]))
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
