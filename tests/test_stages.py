@@ -1,15 +1,14 @@
 """Stage logic without Redis or Ray: ingest from a folder, detect+matte."""
 
 import http.server
-import struct
 import threading
 import time
-import zlib
 
 import cv2
 import numpy as np
 import pytest
 
+from bench.chaos import png_claiming
 from schemas import CameraFrame
 from tests.synthetic import one_camera_video
 from workers.contract import CropSpec
@@ -75,30 +74,18 @@ def test_detect_matte_refuses_corrupt_frames_and_empty_belts():
         DetectMatte().process(frame.model_copy(update={"mask": png.tobytes()}))
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` grey pixels, with almost no data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-
-
 def test_images_claiming_too_many_pixels_are_refused_from_their_header():
     spec = LineSpec(products=1, width=240, height=160, lead_frames=1, gap_frames=0)
     frame = _gated_frame(spec)
     started = time.perf_counter()
     with pytest.raises(ImageError, match="not a readable image"):  # Pillow's own bomb limit
-        decode_image(_png_claiming(30_000, 30_000), "bomb.png")
+        decode_image(png_claiming(30_000, 30_000), "bomb.png")
     with pytest.raises(ImageError, match="max_image_pixels"):
-        decode_image(_png_claiming(5_000, 5_000), "big.png", max_pixels=1_000_000)
+        decode_image(png_claiming(5_000, 5_000), "big.png", max_pixels=1_000_000)
     assert time.perf_counter() - started < 1.0  # nothing was decoded
     with pytest.raises(ImageError, match="240x160 pixels, more than the 10,000 allowed"):
         DetectMatte(max_pixels=10_000).process(frame)
-    bomb_mask = frame.model_copy(update={"mask": _png_claiming(30_000, 30_000)})
+    bomb_mask = frame.model_copy(update={"mask": png_claiming(30_000, 30_000)})
     with pytest.raises(ImageError, match="mask"):
         DetectMatte().process(bomb_mask)
 

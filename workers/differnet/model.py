@@ -370,13 +370,14 @@ class DifferNet(nn.Module):
         if not self.uses_memory:
             raise ValueError("this model has no patch memory: its maps come from the gradient")
         out = []
-        for scored, im in zip(self.score_batch(images), images, strict=True):
+        for flow, im in zip(self.flow_scores(images), images, strict=True):
             cells = self.memory.distance_map(im.for_memory)
+            score = self.fuse(flow.score, self.memory.score_of_map(cells))
             filled = torch.nan_to_num(cells, nan=float(np.nanmin(cells.numpy())))
             source = im.box.source_shape
             up = F.interpolate(filled[None, None], size=source, mode="bilinear")[0, 0].numpy()
             sigma = self.config.map_sigma * max(source) / self.config.image_size
-            out.append(ScoredImage(scored.score, gaussian_filter(up, sigma) if sigma else up))
+            out.append(ScoredImage(score, gaussian_filter(up, sigma) if sigma else up))
         return out
 
     def gradient_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:

@@ -206,9 +206,19 @@ class PatchMemory(nn.Module):
     def score(self, image: MemoryImage, leave_out: int | None = None) -> float:
         """Mean nearest-good distance over at most ``queries`` evenly spread product positions."""
         raw = self.positions(image)
-        if len(raw) > self.queries:
-            raw = raw[torch.linspace(0, len(raw) - 1, self.queries).round().long()]
-        return float(self.distances(self.project(raw), leave_out).mean())
+        return float(self.distances(self.project(raw[self._spread(len(raw))]), leave_out).mean())
+
+    def score_of_map(self, cells: torch.Tensor) -> float:
+        """:meth:`score` from a :meth:`distance_map` already drawn (the same positions, in the
+        same order): no second pass of the backbone."""
+        distances = cells[~torch.isnan(cells)]
+        return float(distances[self._spread(len(distances))].mean())
+
+    def _spread(self, n: int) -> torch.Tensor:
+        """At most ``queries`` evenly spread indices of ``n`` positions."""
+        if n <= self.queries:
+            return torch.arange(n)
+        return torch.linspace(0, n - 1, self.queries).round().long()
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
