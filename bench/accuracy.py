@@ -4,7 +4,8 @@ The test set is split in two halves per category: one validates (epoch choice, t
 the other measures. Nothing chosen is chosen on the measured half.
 
     python -m bench.accuracy --data ../shared/data/mtd --json bench-out/accuracy.json
-        [--layout strips]    # also long images of 3 to 5 tiles (bench/strips.py)
+        [--layout strips]    # also long images of 3 to 5 tiles (bench/strips.py); the model
+                             # then learns from good strips of training tiles too
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 import torch
 
 from bench.report import emit
-from workers.datasets import Sample, list_test_samples, split_stratified
-from workers.differnet.model import DifferNetConfig
+from workers.datasets import Sample, list_test_samples, list_train_samples, split_stratified
+from workers.differnet.model import DifferNetConfig, ScoredImage, TiledImage, gathered, units
 from workers.differnet.recipes import evaluate_folder, load_samples, train_from_folder
 from workers.differnet.store import load_model
 from workers.differnet.training import TrainingOptions
+from workers.images import load_image
 from workers.threshold import auroc
 
 
@@ -57,10 +59,10 @@ def score_parts_auroc(bundle, images: list[dict]) -> dict:
         return {}
     samples = [Sample(Path(i["path"]), i["category"]) for i in images]
     prepared = load_samples(samples).prepared(model)
-    flow = [
-        r.score for i in range(0, len(prepared), 8) for r in model.flow_scores(prepared[i : i + 8])
-    ]
-    memory = [model.memory.score(im.for_memory) for im in prepared]
+    tiles = units(prepared)
+    flow = [r for i in range(0, len(tiles), 8) for r in model.flow_scores(tiles[i : i + 8])]
+    memory = [ScoredImage(model.memory.score(im.for_memory)) for im in tiles]
+    flow, memory = ([r.score for r in gathered(prepared, s)] for s in (flow, memory))
     labels = [int(s.is_defect) for s in samples]
     return {
         "image_auroc_flow_alone": auroc(flow, labels),
@@ -101,14 +103,14 @@ def _log(task: str, done: int, total: int) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {task} {done}/{total}", file=sys.stderr, flush=True)
 
 
-def _trained(args, config: DifferNetConfig, val: list[Sample], model_dir: Path):
+def _trained(args, config: DifferNetConfig, val: list[Sample], model_dir: Path, data: Path):
     """The model's metadata and its training seconds: trained now, or reused with ``--reuse``."""
     if args.reuse and (model_dir / "model.json").exists():
         meta = json.loads((model_dir / "model.json").read_text())
         return meta, meta["training"]["train_seconds"]
     t0 = time.perf_counter()
     meta = train_from_folder(
-        args.data,
+        data,
         model_dir,
         config,
         TrainingOptions(epochs=args.epochs, seed=args.seed),
@@ -153,8 +155,17 @@ def main(argv: list[str] | None = None) -> dict:
         memory_size=args.memory_size,
     )
     name = f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
+    data = args.data
+    if args.layout == "strips":
+        from bench.strips import build_strips, training_set
+
+        train = list_train_samples(args.data)
+        folder = args.out / f"strips-train-{args.seed}"
+        data = training_set(train, folder, len(train) // 4, args.seed)
+        val = val + build_strips(val, args.out / f"strips-val-{args.seed}", args.seed)
+        name += "-strips"
     model_dir = args.out / name
-    meta, train_seconds = _trained(args, config, val, model_dir)
+    meta, train_seconds = _trained(args, config, val, model_dir, data)
     print(f"[{time.strftime('%H:%M:%S')}] trained: {meta['metrics']}", file=sys.stderr, flush=True)
     bundle = load_model(model_dir)
     curve, best_t = _tta_curve(bundle, config, args, val, measured)
@@ -210,7 +221,12 @@ def _strips(bundle, args, measured: list[Sample]) -> dict:
     sources = ["memory", "gradient"] if bundle.model.uses_memory else None
     r = evaluate_folder(bundle, out, samples=strips, out_dir=None, map_sources=sources)
     keys = ("image_auroc", "per_defect_auroc", "pixel_auroc", "pixel_aupro", "score_ms_per_image")
-    return {k: r.get(k) for k in keys} | {"n_strips": len(strips), "pixel": r.get("pixel")}
+    tiled = sum(isinstance(bundle.model.prepare(load_image(s.path)), TiledImage) for s in strips)
+    return (
+        {k: r.get(k) for k in keys}
+        | score_parts_auroc(bundle, r["images"])
+        | {"n_strips": len(strips), "n_tiled": tiled, "pixel": r.get("pixel")}
+    )
 
 
 if __name__ == "__main__":

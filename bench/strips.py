@@ -3,6 +3,11 @@ own scale (each brought to the shortest one's height, never enlarged). A defecti
 one defective tile among good ones, its ground-truth mask placed where that tile went; a good
 strip holds good tiles only. Written in MVTec AD layout, so that the scorer's evaluation reads
 them as it reads the tiles: how a defect of a few percent of a long image fares.
+
+A strip's seams, where one tile meets the next, are part of a long part's good look here: a model
+that never saw one takes every seam for a defect. So the model that scores strips learns from
+good strips too (``training_set``), made from the training tiles only, as a plant's model learns
+from its own long parts.
 """
 
 from __future__ import annotations
@@ -29,10 +34,7 @@ def build_strips(samples: list[Sample], out: Path, seed: int) -> list[Sample]:
     """One defective strip per defective sample and as many good strips, from ``samples`` only;
     returns them as samples of ``out`` (MVTec AD layout)."""
     rng = random.Random(seed)
-    goods: dict[str, list[Sample]] = defaultdict(list)
-    for s in samples:
-        if not s.is_defect:
-            goods[group_of(s)].append(s)
+    goods = _by_group(samples)
     anywhere = [s for group in goods.values() for s in group]
     strips = []
     defects = [s for s in samples if s.is_defect]
@@ -42,12 +44,37 @@ def build_strips(samples: list[Sample], out: Path, seed: int) -> list[Sample]:
         )
         tiles = others[:]
         tiles.insert(rng.randrange(len(tiles) + 1), defect)
-        strips.append(_write(tiles, out, defect.category, f"strip{i:03d}", defect))
+        strips.append(_write(tiles, out / "test", defect.category, f"strip{i:03d}", defect, out))
+    return strips + _good_strips(goods, len(defects), out / "test", rng)
+
+
+def training_set(train: list[Sample], out: Path, strips: int, seed: int) -> Path:
+    """A training folder (``out/train/good``) of the good ``train`` tiles (linked) and
+    ``strips`` good strips made from them."""
+    folder = out / "train" / "good"
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in train:
+        link = folder / s.path.name
+        if not link.exists():
+            link.symlink_to(s.path.resolve())
+    _good_strips(_by_group(train), strips, out / "train", random.Random(seed))
+    return out
+
+
+def _by_group(samples: list[Sample]) -> dict[str, list[Sample]]:
+    goods: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        if not s.is_defect:
+            goods[group_of(s)].append(s)
+    return goods
+
+
+def _good_strips(goods: dict[str, list[Sample]], n: int, folder: Path, rng) -> list[Sample]:
     groups = sorted(g for g, members in goods.items() if members)
-    for i in range(len(defects)):
-        group = goods[rng.choice(groups)]
-        tiles = _goods(group, rng.choice(TILES_PER_STRIP), rng)
-        strips.append(_write(tiles, out, "good", f"strip{i:03d}", None))
+    strips = []
+    for i in range(n):
+        tiles = _goods(goods[rng.choice(groups)], rng.choice(TILES_PER_STRIP), rng)
+        strips.append(_write(tiles, folder, "good", f"strip{i:03d}", None, folder.parent))
     return strips
 
 
@@ -55,12 +82,13 @@ def _goods(pool: list[Sample], n: int, rng: random.Random) -> list[Sample]:
     return rng.sample(pool, n) if len(pool) >= n else [rng.choice(pool) for _ in range(n)]
 
 
-def _write(tiles: list[Sample], out: Path, category: str, name: str, defect: Sample | None):
+def _write(tiles: list[Sample], folder: Path, category: str, name: str, defect, out: Path):
+    """The strip in ``folder/category``; the defect's mask in ``out/ground_truth``."""
     images = [load_image(t.path) for t in tiles]
     height = min(im.shape[0] for im in images)
     resized = [_to_height(im, height) for im in images]
     strip = np.concatenate(resized, axis=1)
-    path = out / "test" / category / f"{name}.png"
+    path = folder / category / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), strip[:, :, ::-1])
     if defect is None:

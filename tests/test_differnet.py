@@ -99,6 +99,8 @@ def test_model_folder_holds_weights_metadata_and_roc(trained):
         },
         "image_size": 96,
         "resize": "letterbox",
+        "tile_above": 2.0,
+        "tile_overlap": 0.25,
         "channels": "rgb",
     }
     # Both scores are standardised on the validation goods, when there is a patch memory.

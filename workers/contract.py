@@ -57,6 +57,11 @@ class InputContract(BaseModel):
     # feeds the model (another runtime, another line) reads one place.
     image_size: int = Field(ge=32, description="views are letterboxed to this square")
     resize: Literal["letterbox"] = "letterbox"
+    # A view longer than tile_above input sizes is cut into overlapping squares of image_size
+    # pixels at its own scale (overlapping by tile_overlap), each letterboxed, and scores its
+    # worst one. None: every view is letterboxed whole.
+    tile_above: float | None = Field(default=2.0, ge=1.0)
+    tile_overlap: float = Field(default=0.25, ge=0.0, le=0.75)
     channels: Literal["rgb"] = "rgb"  # views are RGBA PNGs; the alpha is the product mask
 
     @classmethod

@@ -37,7 +37,15 @@ from workers.differnet.backbone import (
 )
 from workers.differnet.flow import build_flow, negative_log_likelihood
 from workers.differnet.neighbours import MemoryImage, PatchMemory, memory_image
-from workers.differnet.views import D4, Letterbox, apply_d4, crop_to_source, letterbox, undo_d4
+from workers.differnet.views import (
+    D4,
+    Letterbox,
+    apply_d4,
+    crop_to_source,
+    letterbox,
+    tile_boxes,
+    undo_d4,
+)
 
 EMBED_CHUNK = 8  # images per backbone pass when scoring
 
@@ -72,6 +80,11 @@ class DifferNetConfig(BaseModel):
     # Products are compared at an area of memory_side squared pixels: a position then covers
     # the same share of any product, and sees more of its surroundings (docs/benchmarks.md).
     memory_side: int = Field(default=160, ge=32, le=4096)
+    # An image whose longer side exceeds tile_above input sizes is scored as overlapping tiles of
+    # image_size pixels at its own scale, and scores its worst tile: letterboxed whole, a long
+    # part shrinks several times and a thin crack on it vanishes. None: always letterboxed.
+    tile_above: float | None = Field(default=2.0, ge=1.0)
+    tile_overlap: float = Field(default=0.25, ge=0.0, le=0.75)
 
     @field_validator("image_size")
     @classmethod
@@ -99,9 +112,61 @@ class PreparedImage:
 
 
 @dataclass
+class Tile:
+    top: int
+    left: int
+    image: PreparedImage
+
+
+@dataclass
+class TiledImage:
+    """An image much larger than the input, as overlapping tiles cut at its own scale."""
+
+    source_shape: tuple[int, int]
+    tiles: list[Tile]
+
+
+Prepared = PreparedImage | TiledImage
+
+
+def units(images: list[Prepared]) -> list[PreparedImage]:
+    """What the network sees of each image, in order: the image itself, or its tiles."""
+    return [
+        part
+        for im in images
+        for part in ([t.image for t in im.tiles] if isinstance(im, TiledImage) else [im])
+    ]
+
+
+@dataclass
 class ScoredImage:
     score: float
     defect_map: np.ndarray | None = None  # (H, W) over the source image, larger = more anomalous
+
+
+def gathered(images: list[Prepared], results: list[ScoredImage]) -> list[ScoredImage]:
+    """Each image's result from its :func:`units`' results: a tiled image scores its worst
+    tile, and its map is its tiles' maps placed where they were cut (the larger where they
+    overlap)."""
+    out, at = [], 0
+    for im in images:
+        if not isinstance(im, TiledImage):
+            out.append(results[at])
+            at += 1
+            continue
+        mine = results[at : at + len(im.tiles)]
+        at += len(im.tiles)
+        defect_map = None
+        if all(r.defect_map is not None for r in mine):
+            defect_map = np.full(im.source_shape, np.nan, dtype=np.float32)
+            for tile, r in zip(im.tiles, mine, strict=True):
+                h, w = r.defect_map.shape
+                region = defect_map[tile.top : tile.top + h, tile.left : tile.left + w]
+                np.fmax(region, r.defect_map, out=region)
+            # Tiles with no product in them were not scored: nothing was found there.
+            defect_map = np.nan_to_num(defect_map, nan=float(np.nanmin(defect_map)))
+        out.append(ScoredImage(max(r.score for r in mine), defect_map))
+    return out
 
 
 class Embedder(nn.Module):
@@ -210,14 +275,29 @@ class DifferNet(nn.Module):
 
     # -- features ---------------------------------------------------------------------------
 
-    def prepare(self, rgb: np.ndarray, product_mask: np.ndarray | None = None) -> PreparedImage:
-        """Letterbox ``rgb``; ``product_mask`` (``(H, W)``, >0 = product) limits what counts."""
+    def prepare(self, rgb: np.ndarray, product_mask: np.ndarray | None = None) -> Prepared:
+        """Letterbox ``rgb``, or cut it into tiles at its own scale when it is more than
+        ``tile_above`` input sizes long; ``product_mask`` (``(H, W)``, >0 = product) limits what
+        counts, and a tile without product is left out."""
+        if product_mask is not None and product_mask.shape != rgb.shape[:2]:
+            raise ValueError(f"mask shape {product_mask.shape} is not the image's {rgb.shape[:2]}")
+        size, above = self.config.image_size, self.config.tile_above
+        if above is None or max(rgb.shape[:2]) <= above * size:
+            return self._letterboxed(rgb, product_mask)
+        tiles = []
+        for top, left, h, w in tile_boxes(rgb.shape[:2], size, self.config.tile_overlap):
+            cut = (slice(top, top + h), slice(left, left + w))
+            mask = None if product_mask is None else product_mask[cut]
+            if mask is None or mask.any():
+                image = self._letterboxed(np.ascontiguousarray(rgb[cut]), mask)
+                tiles.append(Tile(top, left, image))
+        if not tiles:  # no product anywhere: judged whole, as a sliver of product is
+            return self._letterboxed(rgb, product_mask)
+        return TiledImage(rgb.shape[:2], tiles)
+
+    def _letterboxed(self, rgb: np.ndarray, product_mask: np.ndarray | None) -> PreparedImage:
         pixels, mask, box = letterbox(rgb, self.config.image_size)
         if product_mask is not None:
-            if product_mask.shape != rgb.shape[:2]:
-                raise ValueError(
-                    f"mask shape {product_mask.shape} is not the image's {rgb.shape[:2]}"
-                )
             m = np.repeat((product_mask > 0).astype(np.uint8)[:, :, None], 3, axis=2) * 255
             mask = mask * letterbox(m, self.config.image_size)[0][:1].round()
         for_memory = (
@@ -263,15 +343,16 @@ class DifferNet(nn.Module):
         return pix.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def score_batch(self, images: list[PreparedImage]) -> list[ScoredImage]:
+    def score_batch(self, images: list[Prepared]) -> list[ScoredImage]:
         """Scores (and, for the local head, defect maps) without gradients: the streaming path."""
-        flow = self.flow_scores(images)
-        if not self.uses_memory:
-            return flow
-        return [
-            ScoredImage(self.fuse(r.score, self.memory.score(im.for_memory)), r.defect_map)
-            for r, im in zip(flow, images, strict=True)
-        ]
+        flat = units(images)
+        scored = self.flow_scores(flat)
+        if self.uses_memory:
+            scored = [
+                ScoredImage(self.fuse(r.score, self.memory.score(im.for_memory)), r.defect_map)
+                for r, im in zip(scored, flat, strict=True)
+            ]
+        return gathered(images, scored)
 
     def fuse(self, flow_score: float, memory_score: float) -> float:
         """Sum of the two scores, each standardised on held-out good images."""
@@ -279,12 +360,14 @@ class DifferNet(nn.Module):
         return (flow_score - flow_mean) / flow_std + (memory_score - memory_mean) / memory_std
 
     @torch.no_grad()
-    def calibrate(self, good: list[PreparedImage], owners: list[int] | None = None) -> dict:
-        """Standardise both scores on ``good`` images the flow did not learn from.
+    def calibrate(self, good: list[Prepared], owners: list[int] | None = None) -> dict:
+        """Standardise both scores on ``good`` images the flow did not learn from, tile by tile.
 
-        ``owners``: when the images are the training images themselves, their indices in the
-        memory's training set, so that each is compared with the others' positions only.
+        ``owners``: when the images are the training images themselves, the index of each of
+        their :func:`units` in the memory's training set, so that each is compared with the
+        others' positions only.
         """
+        good = units(good)
         if len(good) < 2:
             raise ValueError(f"calibration needs at least 2 good images, got {len(good)}")
         chunks = [good[i : i + EMBED_CHUNK] for i in range(0, len(good), EMBED_CHUNK)]
@@ -350,20 +433,20 @@ class DifferNet(nn.Module):
             return self.config.map_source
         return "memory" if self.uses_memory else "gradient"
 
-    def defect_maps(self, images: list[PreparedImage], source: str | None = None):
+    def defect_maps(self, images: list[Prepared], source: str | None = None):
         """Scores with defect maps over each source image, from ``source`` (default: the
         model's :attr:`map_source`)."""
         source = source or self.map_source
         if source == "local":
             return self.score_batch(images)
         if source == "memory":
-            return self.memory_maps(images)
+            return gathered(images, self._memory_maps(units(images)))
         if source != "gradient":
             raise ValueError(f"no defect maps from {source!r}: memory, gradient or local")
-        return self.gradient_maps(images)
+        return gathered(images, self._gradient_maps(units(images)))
 
     @torch.no_grad()
-    def memory_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
+    def _memory_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
         """Scores with the patch memory's maps: every position's distance to its nearest good
         position, over the source image (the memory sees the whole image, no letterbox), its
         cells smoothed as the map_sigma input pixels say at the source's scale."""
@@ -380,7 +463,7 @@ class DifferNet(nn.Module):
             out.append(ScoredImage(score, gaussian_filter(up, sigma) if sigma else up))
         return out
 
-    def gradient_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
+    def _gradient_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
         """Scores with the gradient of each image's score with respect to its pixels."""
         self.eval()
         results = []

@@ -13,7 +13,7 @@ import torch
 from workers.contract import CropSpec
 from workers.datasets import Sample, fingerprint, list_test_samples, list_train_samples
 from workers.devices import choose_device
-from workers.differnet.model import DifferNet, DifferNetConfig, PreparedImage, ScoredImage
+from workers.differnet.model import DifferNet, DifferNetConfig, Prepared, ScoredImage, units
 from workers.differnet.store import ModelBundle, save_feature_cache, save_model
 from workers.differnet.training import (
     Progress,
@@ -40,7 +40,7 @@ class Loaded:
     rgb: list[np.ndarray]
     alpha: list[np.ndarray | None]  # an RGBA image's alpha marks the product (matted crops)
 
-    def prepared(self, model: DifferNet) -> list[PreparedImage]:
+    def prepared(self, model: DifferNet) -> list[Prepared]:
         return [model.prepare(rgb, alpha) for rgb, alpha in zip(self.rgb, self.alpha, strict=True)]
 
 
@@ -200,7 +200,7 @@ def _calibrate(model: DifferNet, good_val: list, train_images: list) -> dict:
     optimistic for the flow, which learned them: said in the metadata)."""
     if len(good_val) >= 2:
         return model.calibrate(good_val) | {"source": "validation goods", "n": len(good_val)}
-    owners = list(range(len(train_images)))
+    owners = list(range(len(units(train_images))))
     calibration = model.calibrate(train_images, owners=owners)
     return calibration | {"source": "training goods", "n": len(train_images)}
 
@@ -214,9 +214,7 @@ def defect_map_overlay(bundle: ModelBundle, image_path: Path) -> bytes:
     return overlay_png(rgb, result.defect_map)
 
 
-def score_images(
-    model: DifferNet, images: list[PreparedImage], batch: int = 8
-) -> list[ScoredImage]:
+def score_images(model: DifferNet, images: list[Prepared], batch: int = 8) -> list[ScoredImage]:
     out: list[ScoredImage] = []
     for i in range(0, len(images), batch):
         out += model.score_batch(images[i : i + batch])

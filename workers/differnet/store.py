@@ -77,9 +77,12 @@ def save_model(
         "sha256": sha,
         "threshold": float(threshold),
         "created": time.time(),
-        "input_contract": InputContract(crops=crops, image_size=model.config.image_size).model_dump(
-            mode="json"
-        )
+        "input_contract": InputContract(
+            crops=crops,
+            image_size=model.config.image_size,
+            tile_above=model.config.tile_above,
+            tile_overlap=model.config.tile_overlap,
+        ).model_dump(mode="json")
         if crops is not None
         else None,
         **(extra or {}),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from workers.differnet.model import DifferNet, PreparedImage
+from workers.differnet.model import DifferNet, Prepared, ScoredImage, gathered, units
 from workers.differnet.views import apply_d4, color_jitter
 from workers.threshold import auroc
 
@@ -57,14 +57,15 @@ class TrainingReport:
 
 
 def embed_training_set(
-    model: DifferNet, images: list[PreparedImage], options: TrainingOptions, progress: Progress
+    model: DifferNet, images: list[Prepared], options: TrainingOptions, progress: Progress
 ) -> torch.Tensor:
-    """Raw features of every image under every training transform.
+    """Raw features of every image (every tile of a tiled one) under every training transform.
 
     Pooled head: ``(N * K, D)``. Local head: the valid positions of every map, ``(M, D)``, as
     float16 to keep the cache small.
     """
     config = model.config
+    images = units(images)
     generator = torch.Generator().manual_seed(options.seed)
     jobs = [(im, t) for im in images for t in range(config.train_transforms)]
     chunks = []
@@ -88,7 +89,7 @@ def embed_training_set(
 
 @torch.no_grad()
 def build_memory(
-    model: DifferNet, images: list[PreparedImage], options: TrainingOptions, progress: Progress
+    model: DifferNet, images: list[Prepared], options: TrainingOptions, progress: Progress
 ) -> None:
     """Fill the model's patch memory with positions of the good ``images``, evenly per image."""
     pool, owner = memory_pool(model, images, options, progress)
@@ -97,11 +98,13 @@ def build_memory(
 
 @torch.no_grad()
 def memory_pool(
-    model: DifferNet, images: list[PreparedImage], options: TrainingOptions, progress: Progress
+    model: DifferNet, images: list[Prepared], options: TrainingOptions, progress: Progress
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw features of about ``memory_size`` positions drawn evenly from the images' views,
-    and the index of the image each came from."""
+    """Raw features of about ``memory_size`` positions drawn evenly from the images' views
+    (a tiled image's tiles count as images), and the index of the tile or image each came
+    from."""
     config = model.config
+    images = units(images)
     per_image = config.memory_size / (len(images) * options.memory_positions_per_view)
     views = max(1, min(config.train_transforms, math.ceil(per_image)))
     per_view = math.ceil(config.memory_size / (len(images) * views))
@@ -121,7 +124,7 @@ def train_flow(
     model: DifferNet,
     cache: torch.Tensor,
     options: TrainingOptions,
-    validation: tuple[list[PreparedImage], list[int]] | None = None,
+    validation: tuple[list[Prepared], list[int]] | None = None,
     progress: Progress = _no_progress,
     *,
     fine_tune: bool = False,
@@ -137,7 +140,7 @@ def train_flow(
     val_feats = val_masks = None
     if validation is not None and len(set(validation[1])) == 2:
         with torch.no_grad():
-            val_pix, val_masks = model.transformed(validation[0], range(model.config.tta))
+            val_pix, val_masks = model.transformed(units(validation[0]), range(model.config.tta))
             val_feats = torch.cat(
                 [
                     model.embed(
@@ -215,6 +218,9 @@ def validation_scores(
     """Scores from cached raw features, exactly as :meth:`DifferNet.score_batch` computes them."""
     model.eval()
     nll = model.nll(feats).cpu()
+    flat = units(images)
     if model.config.head == "differnet":
-        return nll.view(len(images), model.config.tta).mean(1).tolist()
-    return [r.score for r in model._local_results(images, nll, masks.cpu())]
+        scored = [ScoredImage(s) for s in nll.view(len(flat), model.config.tta).mean(1).tolist()]
+    else:
+        scored = model._local_results(flat, nll, masks.cpu())
+    return [r.score for r in gathered(images, scored)]

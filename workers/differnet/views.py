@@ -79,3 +79,24 @@ def crop_to_source(square_map: torch.Tensor, box: Letterbox) -> np.ndarray:
     inner = square_map[box.top : box.top + box.height, box.left : box.left + box.width]
     out = F.interpolate(inner[None, None], size=box.source_shape, mode="bilinear")
     return out[0, 0].numpy()
+
+
+Box = tuple[int, int, int, int]  # top, left, height, width
+
+
+def tile_boxes(shape: tuple[int, int], side: int, overlap: float) -> list[Box]:
+    """``(top, left, height, width)`` of overlapping ``side``-pixel tiles covering an image of
+    ``shape``, spread evenly so that the first and the last touch the borders (a side shorter
+    than ``side`` is taken whole): every tile lies inside the image, none is padded but the
+    image's own border."""
+
+    def starts(length: int) -> list[int]:
+        if length <= side:
+            return [0]
+        stride = max(1, round(side * (1.0 - overlap)))
+        count = -(-(length - side) // stride) + 1
+        return [round(i * (length - side) / (count - 1)) for i in range(count)]
+
+    h, w = shape
+    th, tw = min(h, side), min(w, side)
+    return [(top, left, th, tw) for top in starts(h) for left in starts(w)]

@@ -1,0 +1,88 @@
+"""Large images scored as tiles at their own scale: where the tiles go, and what they find."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.synthetic import textured_tile
+from workers.contract import InputContract
+from workers.differnet.model import DifferNet, DifferNetConfig, PreparedImage, TiledImage
+from workers.differnet.training import TrainingOptions, build_memory
+from workers.differnet.views import tile_boxes
+
+CONFIG = DifferNetConfig(image_size=64, train_transforms=2, tta=1, memory_size=100_000)
+
+
+@pytest.mark.parametrize("shape", [(64, 500), (200, 130), (64, 129), (300, 300)])
+def test_tiles_cover_the_image_from_border_to_border_inside_it(shape):
+    boxes = tile_boxes(shape, 64, 0.25)
+    covered = np.zeros(shape, bool)
+    for top, left, h, w in boxes:
+        assert top >= 0 and left >= 0 and top + h <= shape[0] and left + w <= shape[1]
+        assert (h, w) == (min(64, shape[0]), min(64, shape[1]))
+        covered[top : top + h, left : left + w] = True
+    assert covered.all()
+    lefts = sorted({left for _, left, _, _ in boxes})
+    # Neighbours overlap by at least the asked share; no more tiles than that needs.
+    assert all(0 < b - a <= 48 for a, b in zip(lefts, lefts[1:], strict=False))
+    assert len(lefts) == (1 if shape[1] <= 64 else -(-(shape[1] - 64) // 48) + 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    net = DifferNet(CONFIG)
+    goods = [net.prepare(textured_tile(rng, 64, 80)) for _ in range(8)]
+    build_memory(net, goods, TrainingOptions(), lambda *a: None)
+    # The flow is untrained here: only the memory's evidence counts.
+    net.calibration.copy_(torch.tensor([0.0, 1e9, 0.0, 1.0]))
+    return net
+
+
+def long_part(seed: int, spot: tuple[int, int] | None = None) -> np.ndarray:
+    rgb = textured_tile(np.random.default_rng(seed), 64, 480)
+    if spot is not None:
+        yy, xx = np.ogrid[:64, :480]
+        rgb[(yy - spot[0]) ** 2 + (xx - spot[1]) ** 2 <= 49] = 240
+    return rgb
+
+
+def test_a_long_image_is_cut_into_tiles_and_its_map_peaks_on_a_small_defect(model):
+    spotted = model.prepare(long_part(1, spot=(30, 333)))
+    assert isinstance(spotted, TiledImage) and len(spotted.tiles) == 10
+    assert all(t.image.box.source_shape == (64, 64) for t in spotted.tiles)
+    [result] = model.defect_maps([spotted])
+    assert result.defect_map.shape == (64, 480)
+    y, x = np.unravel_index(np.argmax(result.defect_map), result.defect_map.shape)
+    assert abs(y - 30) <= 6 and abs(x - 333) <= 6, (y, x)
+    # The defect covers 0.5 % of the image: scored by its tiles it stands out; letterboxed
+    # whole, the image is compared at a scale no good image had and the defect is lost.
+    goods = [long_part(seed) for seed in (2, 3, 4)]
+    tiled = [r.score for r in model.score_batch([model.prepare(g) for g in goods])]
+    [tiled_spot] = [r.score for r in model.score_batch([spotted])]
+    whole = model_copy(model, tile_above=None)
+    assert isinstance(whole.prepare(goods[0]), PreparedImage)
+    whole_goods = [r.score for r in whole.score_batch([whole.prepare(g) for g in goods])]
+    [whole_spot] = [r.score for r in whole.score_batch([whole.prepare(long_part(1, (30, 333)))])]
+    assert tiled_spot > 1.05 * max(tiled)
+    assert tiled_spot / max(tiled) > whole_spot / max(whole_goods)
+
+
+def model_copy(model: DifferNet, **changes) -> DifferNet:
+    model.config = model.config.model_copy(update=changes)
+    return model
+
+
+def test_tiles_without_product_are_left_out_and_the_contract_records_the_rule(model):
+    model_copy(model, tile_above=2.0)
+    rgb = long_part(5)
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    mask[:, :150] = 255
+    prepared = model.prepare(rgb, mask)
+    assert isinstance(prepared, TiledImage)
+    assert [t.left for t in prepared.tiles] == [0, 46, 92, 139]
+    # A mask with no product at all: the image is judged whole, as a sliver would be.
+    assert isinstance(model.prepare(rgb, np.zeros_like(mask)), PreparedImage)
+    contract = InputContract(crops={}, image_size=64)
+    assert (contract.tile_above, contract.tile_overlap) == (2.0, 0.25)
