@@ -9,6 +9,11 @@ A stream entry is a flat map of byte strings. A message becomes:
 
 Nothing is pickled: a reader in any language needs only JSON and the JSON Schema that
 ``defectflow schemas`` writes.
+
+Versions: a kind's schema version grows when it gains a field. A reader reads every version from
+``oldest_version`` to its own, and a writer writes each message at the oldest version that holds
+it (a message that leaves the new field empty is written as before), so that readers not yet
+upgraded go on reading every message they can. A rolling upgrade upgrades readers first.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Message(Part):
 
     kind: ClassVar[str]
     schema_version: ClassVar[int] = 1
+    oldest_version: ClassVar[int] = 1
     binary_fields: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
@@ -65,9 +71,10 @@ class Message(Part):
 
     def to_entry(self) -> dict[bytes, bytes]:
         meta = self.model_dump(mode="json", exclude=set(self.binary_fields))
+        version = self.written_version(meta)
         entry = {
             KIND_FIELD: self.kind.encode(),
-            VERSION_FIELD: str(self.schema_version).encode(),
+            VERSION_FIELD: str(version).encode(),
             META_FIELD: json.dumps(meta, separators=(",", ":"), allow_nan=False).encode(),
         }
         for name in self.binary_fields:
@@ -82,9 +89,10 @@ class Message(Part):
         if kind != cls.kind:
             raise SchemaError("kind", f"expected {cls.kind!r}, got {kind!r}")
         version = _text(fields, VERSION_FIELD)
-        if version != str(cls.schema_version):
+        readable = [str(v) for v in range(cls.oldest_version, cls.schema_version + 1)]
+        if version not in readable:
             raise SchemaError(
-                "v", f"{cls.kind} schema version {version!r} is not {cls.schema_version}"
+                "v", f"{cls.kind} schema version {version!r} is not one of {', '.join(readable)}"
             )
         try:
             meta = json.loads(_text(fields, META_FIELD))
@@ -92,6 +100,7 @@ class Message(Part):
             raise SchemaError("meta", f"not JSON ({exc.msg})") from None
         if not isinstance(meta, dict):
             raise SchemaError("meta", "not a JSON object")
+        cls.check_version(meta, int(version))
         for name in cls.binary_fields:
             if name in meta:
                 raise SchemaError(name, "binary field found in meta")
@@ -111,6 +120,14 @@ class Message(Part):
         except ValidationError as exc:
             raise _first_error(exc) from None
 
+    def written_version(self, meta: dict[str, Any]) -> int:
+        """The oldest version that holds this message, ``meta`` cut down to it in place."""
+        return self.schema_version
+
+    @classmethod
+    def check_version(cls, meta: dict[str, Any], version: int) -> None:
+        """Raise :class:`SchemaError` where ``meta`` holds a field its ``version`` has not."""
+
     @classmethod
     def entry_json_schema(cls) -> dict[str, Any]:
         """JSON Schema of the ``meta`` field, annotated with the layout of the whole entry."""
@@ -121,6 +138,7 @@ class Message(Part):
         schema["x-stream-entry"] = {
             "kind": cls.kind,
             "v": str(cls.schema_version),
+            "readable_versions": list(range(cls.oldest_version, cls.schema_version + 1)),
             "meta": "UTF-8 JSON object validated by this schema",
             "binary_fields": {n: "raw bytes, a separate stream field" for n in cls.binary_fields},
         }

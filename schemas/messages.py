@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
-from .base import Message, Part
+from .base import Message, Part, SchemaError
 
 Name = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -44,7 +44,7 @@ def _names_its_product(message):
 
 
 class BBox(Part):
-    """Axis-aligned box in frame pixels."""
+    """Axis-aligned box in pixels (of the camera frame, unless named otherwise)."""
 
     x: int = Field(ge=0)
     y: int = Field(ge=0)
@@ -115,10 +115,33 @@ class ProductView(_ImageMessage):
     _product_id = model_validator(mode="after")(_names_its_product)
 
 
+# A view reports at most this many defect regions (workers.differnet.regions.MAX_REGIONS).
+MAX_REGIONS = 8
+
+
+class Region(Part):
+    """Where a view's defect map rises above its model's region threshold."""
+
+    box: BBox = Field(description="in the view's pixels")
+    frame_box: BBox = Field(description="in the camera frame's pixels")
+    area: int = Field(gt=0, description="view pixels above the threshold")
+    peak: float = Field(description="the map's highest value in the region")
+
+
+Regions = Annotated[list[Region], Field(max_length=MAX_REGIONS)]
+
+
+def _no_regions_before_v2(meta: dict, version: int, where: str) -> None:
+    if version < 2 and "regions" in meta:
+        raise SchemaError(where, "not in schema version 1 (regions came with version 2)")
+
+
 class ViewScore(Message):
-    """A scorer's result for one view."""
+    """A scorer's result for one view. Version 2 added ``regions``; one without regions is
+    written as version 1."""
 
     kind: ClassVar[str] = "score"
+    schema_version: ClassVar[int] = 2
     product_id: str = Field(min_length=1)
     line: Name
     camera: Name
@@ -129,9 +152,20 @@ class ViewScore(Message):
     is_defect: bool
     model_version: str = Field(min_length=1)
     defect_map_ref: str | None = None
+    regions: Regions = Field(default_factory=list)
     stage_ms: Milliseconds = Field(default_factory=dict)
 
     _product_id = model_validator(mode="after")(_names_its_product)
+
+    def written_version(self, meta: dict) -> int:
+        if self.regions:
+            return 2
+        del meta["regions"]
+        return 1
+
+    @classmethod
+    def check_version(cls, meta: dict, version: int) -> None:
+        _no_regions_before_v2(meta, version, "regions")
 
 
 class ViewResult(Part):
@@ -142,12 +176,15 @@ class ViewResult(Part):
     threshold: float
     is_defect: bool
     model_version: str = Field(min_length=1)
+    regions: Regions = Field(default_factory=list)
 
 
 class Verdict(Message):
-    """The product-level decision QA consumes: defective if any view is."""
+    """The product-level decision QA consumes: defective if any view is. Version 2 added the
+    views' ``regions``; a verdict none of whose views has one is written as version 1."""
 
     kind: ClassVar[str] = "verdict"
+    schema_version: ClassVar[int] = 2
     product_id: str = Field(min_length=1)
     line: Name
     product_seq: int = Field(ge=0, lt=MAX_PRODUCT_SEQ)
@@ -161,6 +198,20 @@ class Verdict(Message):
     latency_ms: Milliseconds = Field(default_factory=dict)
 
     _product_id = model_validator(mode="after")(_names_its_product)
+
+    def written_version(self, meta: dict) -> int:
+        if any(v.regions for v in self.views):
+            return 2
+        for view in meta["views"]:
+            del view["regions"]
+        return 1
+
+    @classmethod
+    def check_version(cls, meta: dict, version: int) -> None:
+        views = meta.get("views")
+        for i, view in enumerate(views if isinstance(views, list) else []):
+            if isinstance(view, dict):
+                _no_regions_before_v2(view, version, f"views.{i}.regions")
 
 
 class Label(Message):

@@ -12,6 +12,7 @@ from schemas import (
     Label,
     ModelVersion,
     ProductView,
+    Region,
     RetrainOutcome,
     RetrainRequest,
     Verdict,
@@ -60,6 +61,10 @@ bboxes = st.builds(
     w=st.integers(1, 5000),
     h=st.integers(1, 5000),
 )
+regions = st.lists(
+    st.builds(Region, box=bboxes, frame_box=bboxes, area=st.integers(1, 10**6), peak=finite),
+    max_size=3,
+)
 view_results = st.builds(
     ViewResult,
     camera=names,
@@ -67,6 +72,7 @@ view_results = st.builds(
     threshold=finite,
     is_defect=st.booleans(),
     model_version=texts,
+    regions=regions,
 )
 
 frames = st.builds(
@@ -100,6 +106,7 @@ scores = st.builds(
     is_defect=st.booleans(),
     model_version=texts,
     defect_map_ref=st.none() | texts,
+    regions=regions,
     stage_ms=millis,
 )
 verdicts = st.builds(

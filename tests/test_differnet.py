@@ -271,3 +271,58 @@ def test_a_defect_map_peaks_on_the_painted_defect_from_every_source(trained, dat
     assert evaluated.exit_code == 0, evaluated.output
     measured = json.loads((tmp_path / "e.json").read_text())["pixel"]
     assert set(measured) == set(sources[model.map_source])
+
+
+def test_a_defective_view_carries_regions_around_its_defect_in_view_and_frame_pixels(trained, data):
+    import io
+
+    from schemas import BBox, ProductView, Verdict
+    from workers.line.scoring import ViewScorer
+
+    bundle = load_model(trained)
+    assert bundle.region_threshold is not None
+    assert bundle.metadata["regions"]["source"] == "validation goods"
+    views = []
+    for path in sorted((data / "test" / "spot").glob("*.png")):
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").save(buffer, "PNG")
+        rgb = load_image(path)
+        views.append(
+            ProductView(
+                product_id=f"l:{len(views)}",
+                line="l",
+                camera="c",
+                product_seq=len(views),
+                captured_at=0,
+                codec="png",
+                shape=rgb.shape,
+                image=buffer.getvalue(),
+                # The view is a crop of the frame at (100, 50), shrunk to half its size.
+                bbox=BBox(x=100, y=50, w=2 * rgb.shape[1], h=2 * rgb.shape[0]),
+                mask_coverage=1.0,
+                mask_shrink=0.0,
+            )
+        )
+    scored = ViewScorer(bundle).score(views)
+    found = 0
+    spots = sorted((data / "test" / "spot").glob("*.png"))
+    for score, path in zip(scored, spots, strict=True):
+        if not score.is_defect:
+            assert score.regions == []
+            continue
+        truth = load_image(data / "ground_truth" / "spot" / f"{path.stem}_mask.png")[:, :, 0] > 0
+        ys, xs = np.nonzero(truth)
+        cy, cx = ys.mean(), xs.mean()
+        assert score.regions, path.name
+        box, frame = score.regions[0].box, score.regions[0].frame_box
+        assert box.x <= cx <= box.x + box.w and box.y <= cy <= box.y + box.h, (box, cx, cy)
+        fx, fy = 100 + 2 * cx, 50 + 2 * cy
+        assert frame.x <= fx <= frame.x + frame.w and frame.y <= fy <= frame.y + frame.h
+        assert score.regions[0].area <= truth.size / 4
+        found += 1
+    assert found >= 2
+    # Regions travel in the view score's entry (version 2) and on into the verdict's.
+    entry = scored[0].to_entry()
+    assert type(scored[0]).from_entry(entry) == scored[0]
+    assert entry[b"v"] == (b"2" if scored[0].regions else b"1")
+    assert "regions" in Verdict.entry_json_schema()["$defs"]["ViewResult"]["properties"]

@@ -117,3 +117,41 @@ def test_every_kind_has_a_distinct_name_and_a_version():
     kinds = [m.kind for m in STREAM_MESSAGES]
     assert len(set(kinds)) == len(kinds)
     assert all(m.schema_version >= 1 for m in STREAM_MESSAGES)
+
+
+def verdict_with(regions: list[dict]) -> Verdict:
+    view = {"camera": "c", "score": 2.0, "threshold": 1, "is_defect": True, "model_version": "m"}
+    return Verdict.build(
+        product_id="l:1",
+        line="l",
+        product_seq=1,
+        decision="defect",
+        status="complete",
+        views=[view | {"regions": regions}, view | {"camera": "d"}],
+        captured_at=0,
+        decided_at=0,
+    )
+
+
+def test_a_verdict_with_regions_is_version_2_and_one_without_reads_as_version_1():
+    box = {"x": 3, "y": 4, "w": 5, "h": 6}
+    region = {"box": box, "frame_box": box | {"x": 103}, "area": 20, "peak": 7.5}
+    with_regions = verdict_with([region])
+    entry = with_regions.to_entry()
+    assert entry[b"v"] == b"2"
+    jsonschema.validate(json.loads(entry[b"meta"]), Verdict.entry_json_schema())
+    assert Verdict.from_entry(entry) == with_regions
+    assert Verdict.from_entry(entry).views[0].regions[0].frame_box.x == 103
+    # Without regions, the entry is what version 1 wrote: readers not yet upgraded read it.
+    plain = verdict_with([]).to_entry()
+    assert plain[b"v"] == b"1"
+    v1_view = {"camera", "score", "threshold", "is_defect", "model_version"}
+    assert all(set(v) == v1_view for v in json.loads(plain[b"meta"])["views"])
+    assert Verdict.from_entry(plain) == verdict_with([])
+    # A version 1 entry cannot hold regions; a version this reader does not know is refused.
+    forged = entry | {b"v": b"1"}
+    with pytest.raises(SchemaError) as info:
+        Verdict.from_entry(forged)
+    assert info.value.field == "views.0.regions"
+    with pytest.raises(SchemaError, match="not one of 1, 2"):
+        Verdict.from_entry(entry | {b"v": b"3"})

@@ -21,7 +21,7 @@ from workers.contract import InputContract
 from workers.datasets import Sample, list_train_samples
 from workers.devices import choose_device
 from workers.differnet.model import DifferNet
-from workers.differnet.recipes import OnSkip, _ignore, load_samples
+from workers.differnet.recipes import OnSkip, _ignore, load_samples, region_rule
 from workers.differnet.store import (
     ModelBundle,
     load_feature_cache,
@@ -230,13 +230,14 @@ def retrain(
     report = train_flow(model, cache, options, None, progress, fine_tune=mode == "finetune")
     n_parent = int(parent.metadata.get("training", {}).get("n_images") or 0)
     n_images = n_parent + len(loaded.rgb)
+    good_views = [v for p in validation if p.label == 0 for v in p.views]
+    held_out = load_samples([Sample(v, "good") for v in good_views], on_skip).prepared(model)
     calibration = None
     if model.uses_memory:
         share = len(loaded.rgb) / max(1, n_images)
-        calibration = _extend_memory(
-            model, parent, new_images, share, validation, options, progress, on_skip
-        )
+        calibration = _extend_memory(model, parent, new_images, share, held_out, options, progress)
     model.eval()
+    regions = region_rule(model, held_out, "held-out good products") if held_out else None
 
     parent_point = operating_point(product_scores(parent, validation), labels, target_tpr)
     candidate = ModelBundle(model, 0.0, {"sha256": "0" * 64})
@@ -253,6 +254,7 @@ def retrain(
             "threshold_rule": {"rule": f"target-tpr {target_tpr:g}", "source": "QA labels"},
             "metrics": {k: v for k, v in candidate_point.items() if v is not None},
             "calibration": calibration,
+            "regions": regions,
             "parent": parent.version,
             "training": {
                 "data_dir": parent.metadata.get("training", {}).get("data_dir"),
@@ -288,16 +290,14 @@ def _check_pool(new_good: list[Path], validation: list[LabelledProduct]) -> list
     return labels
 
 
-def _extend_memory(model, parent, new_images, share, validation, options, progress, on_skip):
+def _extend_memory(model, parent, new_images, share, held_out, options, progress):
     """The parent's memory, standing for its training images, with the new views' share added;
-    both scores standardised again on the held-out good products. Their calibration."""
+    both scores standardised again on the ``held_out`` good views. Their calibration."""
     model.memory.adopt(parent.model.memory)
     pool, _ = memory_pool(model, new_images, options, progress)
     model.memory.extend(pool, share, model.config.memory_size, options.seed)
-    good_views = [v for p in validation if p.label == 0 for v in p.views]
-    held_out = load_samples([Sample(v, "good") for v in good_views], on_skip)
-    calibration = model.calibrate(held_out.prepared(model))
-    return calibration | {"source": "held-out good products", "n": len(held_out.rgb)}
+    calibration = model.calibrate(held_out)
+    return calibration | {"source": "held-out good products", "n": len(held_out)}
 
 
 def _backbone_weights(bundle: ModelBundle) -> Path | None:

@@ -433,28 +433,31 @@ class DifferNet(nn.Module):
             return self.config.map_source
         return "memory" if self.uses_memory else "gradient"
 
-    def defect_maps(self, images: list[Prepared], source: str | None = None):
+    def defect_maps(
+        self, images: list[Prepared], source: str | None = None, owners: list[int] | None = None
+    ):
         """Scores with defect maps over each source image, from ``source`` (default: the
-        model's :attr:`map_source`)."""
+        model's :attr:`map_source`). ``owners``: as for :meth:`calibrate` (memory maps only)."""
         source = source or self.map_source
         if source == "local":
             return self.score_batch(images)
         if source == "memory":
-            return gathered(images, self._memory_maps(units(images)))
+            return gathered(images, self._memory_maps(units(images), owners))
         if source != "gradient":
             raise ValueError(f"no defect maps from {source!r}: memory, gradient or local")
         return gathered(images, self._gradient_maps(units(images)))
 
     @torch.no_grad()
-    def _memory_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
+    def _memory_maps(self, images: list[PreparedImage], owners=None) -> list[ScoredImage]:
         """Scores with the patch memory's maps: every position's distance to its nearest good
         position, over the source image (the memory sees the whole image, no letterbox), its
         cells smoothed as the map_sigma input pixels say at the source's scale."""
         if not self.uses_memory:
             raise ValueError("this model has no patch memory: its maps come from the gradient")
         out = []
-        for flow, im in zip(self.flow_scores(images), images, strict=True):
-            cells = self.memory.distance_map(im.for_memory)
+        owners = owners or [None] * len(images)
+        for flow, im, owner in zip(self.flow_scores(images), images, owners, strict=True):
+            cells = self.memory.distance_map(im.for_memory, owner)
             score = self.fuse(flow.score, self.memory.score_of_map(cells))
             filled = torch.nan_to_num(cells, nan=float(np.nanmin(cells.numpy())))
             source = im.box.source_shape

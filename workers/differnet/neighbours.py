@@ -193,13 +193,13 @@ class PatchMemory(nn.Module):
         return d.min(1).values
 
     @torch.no_grad()
-    def distance_map(self, image: MemoryImage) -> torch.Tensor:
+    def distance_map(self, image: MemoryImage, leave_out: int | None = None) -> torch.Tensor:
         """``(h, w)``: each product position's distance to its nearest good one (NaN off the
         product): where the image differs from every good product seen, which is the map
-        PatchCore draws."""
+        PatchCore draws. ``leave_out``: as for :meth:`distances`."""
         feats, valid = self.grid(image)
         out = torch.full(valid.shape, float("nan"))
-        out[valid.cpu()] = self.distances(self.project(feats[valid])).cpu()
+        out[valid.cpu()] = self.distances(self.project(feats[valid]), leave_out).cpu()
         return out
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from workers.contract import CropSpec
 from workers.datasets import Sample, fingerprint, list_test_samples, list_train_samples
 from workers.devices import choose_device
 from workers.differnet.model import DifferNet, DifferNetConfig, Prepared, ScoredImage, units
+from workers.differnet.regions import GOOD_PIXEL_SHARE, region_threshold
 from workers.differnet.store import ModelBundle, save_feature_cache, save_model
 from workers.differnet.training import (
     Progress,
@@ -93,10 +94,11 @@ def train_from_folder(
     validated = (val_images, val_labels) if val_images else None
     report = train_flow(model, cache, options, validated, progress, started=t0)
     calibration = None
+    good = [im for im, label in zip(val_images, val_labels, strict=True) if label == 0]
     if config.memory_size:
         build_memory(model, train_images, options, progress)
-        good = [im for im, label in zip(val_images, val_labels, strict=True) if label == 0]
         calibration = _calibrate(model, good, train_images)
+    regions = _regions(model, good, train_images)
     metrics: dict = {}
     if val_images:
         scores = [r.score for r in score_images(model, val_images)]
@@ -117,6 +119,7 @@ def train_from_folder(
             | {"source": "validation" if val_images else "training goods"},
             "metrics": metrics,
             "calibration": calibration,
+            "regions": regions,
             "training": {
                 "data_dir": str(data_dir),
                 "fingerprint": fingerprint(train.samples),
@@ -203,6 +206,37 @@ def _calibrate(model: DifferNet, good_val: list, train_images: list) -> dict:
     owners = list(range(len(units(train_images))))
     calibration = model.calibrate(train_images, owners=owners)
     return calibration | {"source": "training goods", "n": len(train_images)}
+
+
+def _regions(model: DifferNet, good_val: list, train_images: list) -> dict:
+    """The region threshold from the validation goods' maps, else from the training images'
+    (each against the other images' positions, as in :func:`_calibrate`)."""
+    if len(good_val) >= 2:
+        return region_rule(model, good_val, "validation goods")
+    owners = list(range(len(units(train_images))))
+    return region_rule(model, train_images, "training goods", owners)
+
+
+def region_rule(model: DifferNet, good: list, source: str, owners: list[int] | None = None):
+    """The region threshold from the maps of ``good`` images, and how it was chosen.
+
+    ``owners``: as for :meth:`DifferNet.calibrate`, when ``good`` are the training images.
+    """
+    maps = []
+    for i in range(0, len(good), 8):
+        chunk = good[i : i + 8]
+        mine = None
+        if owners is not None:
+            start = len(units(good[:i]))
+            mine = owners[start : start + len(units(chunk))]
+        maps += [r.defect_map for r in model.defect_maps(chunk, owners=mine)]
+    return {
+        "threshold": region_threshold(maps),
+        "rule": f"{GOOD_PIXEL_SHARE:.1%} of good pixels above",
+        "map_source": model.map_source,
+        "source": source,
+        "n": len(maps),
+    }
 
 
 def defect_map_overlay(bundle: ModelBundle, image_path: Path) -> bytes:

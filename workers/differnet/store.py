@@ -47,6 +47,12 @@ class ModelBundle:
     def version(self) -> str:
         return self.metadata["sha256"][:16]
 
+    @property
+    def region_threshold(self) -> float | None:
+        """Where the defect map marks a region (None: a model validated before regions)."""
+        regions = self.metadata.get("regions") or {}
+        return None if regions.get("threshold") is None else float(regions["threshold"])
+
 
 def save_model(
     model: DifferNet,

@@ -401,6 +401,7 @@ class VerdictJoin:
                     threshold=v.threshold,
                     is_defect=v.is_defect,
                     model_version=v.model_version,
+                    regions=v.regions,
                 )
                 for v in views
             ],

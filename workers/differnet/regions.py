@@ -1,0 +1,70 @@
+"""Defect regions: where a view's defect map rises above the model's region threshold.
+
+The threshold is chosen when the model is validated, as the image threshold is, but from good
+images alone (a line's validation products have labels, not masks): the map value that only
+:data:`GOOD_PIXEL_SHARE` of the good validation pixels reach. A region is a connected patch of
+the map above it, and above half-way from the view's median to its peak, as a box in the image's
+pixels with its area and its peak. The second bound is the view's own: a gradient map, or the
+local head's, rises over the whole of a view that scores high, and would otherwise mark all of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# Share of good validation pixels allowed above the region threshold.
+GOOD_PIXEL_SHARE = 0.001
+# A view reports at most this many regions, the strongest first: a map that lights up in dozens
+# of places says "the whole view", which its score already says.
+MAX_REGIONS = 8
+# Pixels drawn from each good map to choose the threshold: bounds the memory a large
+# validation set takes, and is plenty for a 0.1 % quantile.
+SAMPLE_PER_MAP = 20_000
+
+
+@dataclass(frozen=True)
+class DefectRegion:
+    """A box in the image's pixels, the pixels of the map above threshold in it, its peak."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    area: int
+    peak: float
+
+
+def find_regions(defect_map: np.ndarray, threshold: float) -> list[DefectRegion]:
+    """The connected patches of ``defect_map`` at or above ``threshold`` and half-way from
+    its median to its peak, strongest first."""
+    level = max(threshold, (float(np.median(defect_map)) + float(defect_map.max())) / 2)
+    above = (defect_map >= level).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+    if count <= 1:
+        return []
+    # Peak of each component in one pass: the largest map value per label.
+    peaks = np.full(count, -np.inf)
+    np.maximum.at(peaks, labels.ravel(), defect_map.ravel())
+    regions = [
+        DefectRegion(int(x), int(y), int(w), int(h), int(area), float(peaks[i]))
+        for i, (x, y, w, h, area) in enumerate(stats)
+        if i > 0
+    ]
+    return sorted(regions, key=lambda r: -r.peak)[:MAX_REGIONS]
+
+
+def region_threshold(good_maps: list[np.ndarray], seed: int = 0) -> float:
+    """The map value that :data:`GOOD_PIXEL_SHARE` of the good maps' pixels reach."""
+    if not good_maps:
+        raise ValueError("a region threshold needs the maps of good images")
+    rng = np.random.default_rng(seed)
+    values = np.concatenate(
+        [
+            m.ravel() if m.size <= SAMPLE_PER_MAP else rng.choice(m.ravel(), SAMPLE_PER_MAP)
+            for m in good_maps
+        ]
+    )
+    return float(np.quantile(values, 1.0 - GOOD_PIXEL_SHARE))
