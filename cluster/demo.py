@@ -293,8 +293,13 @@ def write_outputs(
                 record["truth"] = "defect" if truth[v.product_seq]["defective"] else "good"
             f.write(json.dumps(record) + "\n")
     decisions = {v.product_seq: v.decision for v in verdicts}
+    regions: dict[str, dict[int, list]] = {}
+    for v in verdicts:
+        for view in v.views:
+            boxes = [(b.x, b.y, b.w, b.h) for b in (r.frame_box for r in view.regions)]
+            regions.setdefault(view.camera, {})[v.product_seq] = boxes
     for cam, video in camera_videos(line_dir).items():
-        annotate_video(video, out / f"annotated_{cam}.mp4", decisions, fps)
+        annotate_video(video, out / f"annotated_{cam}.mp4", decisions, fps, regions.get(cam))
 
 
 def watch_verdicts(client, line: str, last_id: str, on_verdict: Callable[[Verdict], None]) -> str:

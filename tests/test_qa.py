@@ -28,19 +28,30 @@ from cluster.transport.qa import (
     record_label,
 )
 from cluster.transport.streams import DecidedProducts, Streams, reset_line
-from schemas import Label, Verdict, ViewResult
+from schemas import BBox, Label, Region, Verdict, ViewResult
 from tests.conftest import free_port
 from workers.images import encode_png
 from workers.qa.samples import SampleError, SampleStore, parse_product_id
 
 CAMERAS = ["cam0", "cam1"]
+# Where a defective view's map found its defect: in the crop, and in the frame.
+REGION = Region(
+    box=BBox(x=3, y=4, w=5, h=6), frame_box=BBox(x=103, y=54, w=5, h=6), area=25, peak=4.5
+)
 
 
 def decide(client, store: SampleStore, line: str, seq: int, scores: list[float], at=None):
     """What the scorers and the aggregator leave behind for one product."""
     at = time.time() if at is None else at
     views = [
-        ViewResult(camera=c, score=s, threshold=1.0, is_defect=s >= 1.0, model_version="m1")
+        ViewResult(
+            camera=c,
+            score=s,
+            threshold=1.0,
+            is_defect=s >= 1.0,
+            model_version="m1",
+            regions=[REGION] if s >= 1.0 else [],
+        )
         for c, s in zip(CAMERAS, scores, strict=True)
     ]
     verdict = Verdict(
@@ -194,6 +205,7 @@ def test_report_has_distributions_roc_and_worst_defects(line_state, embedded_red
     page = out.read_text()
     assert "Worst defects (2)" in page and "line-a:3" in page
     assert page.count("data:image/png;base64") == 2 + 2 * 2  # histogram, ROC, 2 crops x 2
+    assert page.count("region 5x6 px at (3, 4), frame (103, 54)") == 2  # one per defect
     missing = cli("report", "--line", "nope", "--out", str(out), "--redis", url)
     assert missing.exit_code == 1 and "no verdicts" in missing.output
 
@@ -228,6 +240,7 @@ def test_dashboard_lists_lines_verdicts_stats_and_products(dashboard):
     product = web.get("/api/products/line-a:3").json()
     assert product["verdict"]["decision"] == "defect"
     assert [(v["camera"], v["score"]) for v in product["views"]] == [("cam0", 2.5), ("cam1", 0.3)]
+    assert [len(v["regions"]) for v in product["views"]] == [1, 0]  # the pages draw them
     image = web.get(product["views"][0]["image"])
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
     assert web.get("/api/products/line-a:77").status_code == 404
@@ -429,6 +442,8 @@ def test_readme_node_consumer_reads_verdicts_with_a_consumer_group(tmp_path):
             (v.product_id, v.decision) for v in decided
         ]
         assert rows[0]["defective_views"] == ["cam1"]
+        assert rows[0]["regions"] == [{"camera": "cam1", "x": 103, "y": 54, "w": 5, "h": 6}]
+        assert rows[1]["regions"] == []  # written as version 1: read as before
         group = client.xinfo_groups("verdicts:{l1}")[0]
         assert group["name"] == b"qa-system" and group["pending"] == 0
     finally:

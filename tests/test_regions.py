@@ -26,3 +26,29 @@ def test_regions_are_the_patches_above_the_threshold_strongest_first():
     regions = find_regions(speckled, 1.0)
     assert len(regions) == MAX_REGIONS
     assert [r.peak for r in regions] == sorted((r.peak for r in regions), reverse=True)
+
+
+def test_annotated_videos_draw_a_products_regions_where_it_goes(tmp_path):
+    from tests.synthetic import LINE_FRAME, one_camera_video
+    from workers.frontend.detect import read_frames
+    from workers.simulation.annotate import annotate_video
+
+    video = one_camera_video(tmp_path, products=2)
+    width, height = LINE_FRAME["width"], LINE_FRAME["height"]
+    region = (width // 2 - 6, height // 2 - 6, 12, 12)  # where product 0 was captured
+    out = tmp_path / "annotated.mp4"
+    decisions = {0: "defect", 1: "good"}
+
+    def magenta(frame):
+        b, g, r = (frame[:, :, i].astype(int) for i in range(3))
+        return (b > 180) & (r > 180) & (g < 100)
+
+    assert annotate_video(video, out, decisions, regions={0: [region]}) > 0
+    drawn = [np.flatnonzero(magenta(f).any(0)) for _, f in read_frames(out)]
+    marked = [cols for cols in drawn if len(cols)]
+    assert marked, "no region drawn"
+    # Drawn in the frames where product 0 is seen, moving with it along the belt.
+    assert len({int(cols.min()) for cols in marked}) > 3
+    plain = tmp_path / "plain.mp4"
+    annotate_video(video, plain, decisions)
+    assert not any(magenta(f).any() for _, f in read_frames(plain))

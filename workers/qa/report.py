@@ -122,10 +122,10 @@ def render_report(data: ReportData, images_of: ImagesOf, worst: int = 8) -> str:
         shown = images_of(v["product_id"])
         if not shown:
             parts.append("<p>no crops kept (pruned from the sample store)</p>")
+        regions = {view["camera"]: view.get("regions") or [] for view in v.get("views") or []}
         for camera, png in shown:
-            parts.append(
-                f"<figure>{_img(png)}<figcaption>{html.escape(camera)}</figcaption></figure>"
-            )
+            caption = html.escape(camera) + _regions_text(regions.get(camera, []))
+            parts.append(f"<figure>{_img(png)}<figcaption>{caption}</figcaption></figure>")
         parts.append("</div>")
     style = (
         "body{font:14px system-ui,sans-serif;margin:24px;max-width:1100px}"
@@ -138,6 +138,15 @@ def render_report(data: ReportData, images_of: ImagesOf, worst: int = 8) -> str:
         f"<title>QA report {html.escape(data.line)}</title><style>{style}</style></head><body>"
         + "\n".join(parts)
         + "</body></html>\n"
+    )
+
+
+def _regions_text(regions: list[dict]) -> str:
+    """Where the view's defect regions are, in its crop's pixels."""
+    return "".join(
+        f"<br>region {r['box']['w']}x{r['box']['h']} px at ({r['box']['x']}, {r['box']['y']}), "
+        f"frame ({r['frame_box']['x']}, {r['frame_box']['y']}), peak {r['peak']:.2f}"
+        for r in regions
     )
 
 

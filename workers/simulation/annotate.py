@@ -1,4 +1,5 @@
-"""Annotated videos: every frame with the product's box and its verdict, as QA would watch it."""
+"""Annotated videos: every frame with the product's box, its verdict and its defect regions, as
+QA would watch it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,28 @@ from workers.frontend.detect import read_frames
 from workers.frontend.motion import MotionGate
 
 COLOURS = {"good": (60, 200, 60), "defect": (40, 40, 230), "unknown": (0, 200, 230)}
+REGION_COLOUR = (255, 0, 255)
+
+# (x, y, w, h) in frame pixels
+Box = tuple[int, int, int, int]
 
 
-def annotate_video(video: Path, out: Path, decisions: dict[int, str], fps: float = 15.0) -> int:
-    """Draw each product's box and verdict on every frame it is seen; returns frames written.
+def annotate_video(
+    video: Path,
+    out: Path,
+    decisions: dict[int, str],
+    fps: float = 15.0,
+    regions: dict[int, list[Box]] | None = None,
+) -> int:
+    """Draw each product's box and verdict on every frame it is seen, and the defect regions
+    this camera's view of it had (``regions``: by product number, in the pixels of the frame
+    it was captured in); returns frames written.
 
     The same motion gate as the ingest tells which product a blob is: before it crosses the
-    centre it is the next product, after it the one just counted.
+    centre it is the next product, after it the one just counted. A product is captured as its
+    centre crosses the frame's, so its regions move with it from there.
     """
+    regions = regions or {}
     gate = MotionGate()
     writer = None
     n = 0
@@ -35,6 +50,9 @@ def annotate_video(video: Path, out: Path, decisions: dict[int, str], fps: float
             x, y, bw, bh = blob.bbox
             colour = COLOURS.get(decision, (200, 200, 200))
             cv2.rectangle(frame, (x, y), (x + bw, y + bh), colour, 2)
+            shift = round(blob.centroid[0] - centre)
+            for rx, ry, rw, rh in regions.get(seq, []):
+                cv2.rectangle(frame, (rx + shift, ry), (rx + shift + rw, ry + rh), REGION_COLOUR, 1)
             cv2.putText(
                 frame,
                 f"#{seq} {decision.upper()}",
