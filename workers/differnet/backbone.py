@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BackboneName = Literal["efficientnet-lite0", "alexnet"]
@@ -108,11 +109,31 @@ def _efficientnet_lite0(weights: Path | None, taps: tuple[int, ...]) -> Backbone
         net.load_state_dict(_load_state_dict(Path(weights)))
     except RuntimeError as exc:
         raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights ({exc})") from None
+    for module in net.modules():
+        if type(module).__name__ == "Conv2dDynamicSamePadding":
+            module.__class__ = SamePaddingConv2d
     stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
     blocks = list(net._blocks)
     channels = [b._block_args.output_filters for b in blocks]
     # The weights were converted from TensorFlow, whose Lite models take (x - 127) / 128.
     return Backbone(stem, blocks, taps, channels, (0.498,) * 3, (0.502,) * 3)
+
+
+class SamePaddingConv2d(nn.Conv2d):
+    """TensorFlow's 'same' padding for any input size, as efficientnet-lite-pytorch pads, in
+    integer arithmetic: its float ``math.ceil`` and ``if pad > 0`` branch on the input's size,
+    which keeps an exported graph (ONNX) from taking images of any size. The padding is the
+    same: ``(k - s) + (-i mod s)`` in total per side pair, never negative for these kernels. The
+    modulo is taken of non-negative numbers only: runtimes differ on the sign of ``-i mod s``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        pad_h = (kh - 1) * self.dilation[0] + 1 - sh + (sh - ih % sh) % sh
+        pad_w = (kw - 1) * self.dilation[1] + 1 - sw + (sw - iw % sw) % sw
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _alexnet(weights: Path | None, taps: tuple[int, ...]) -> Backbone:

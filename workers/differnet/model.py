@@ -179,17 +179,41 @@ class Embedder(nn.Module):
         n_pool = 2 if config.pooling == "mean+max" else 1
         self.pooled_dim = len(config.scales) * n_pool * sum(backbone.channels)
         self.dense_dim = sum(backbone.channels)
+        self._grid_sizes: dict[int, list[tuple[int, int]]] = {}
 
     def pooled(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` in [0, 1] -> ``(B, pooled_dim)``, pooled over the product only."""
-        parts = []
+        return self.pooled_scaled(*self.scaled(x, mask))
+
+    def scaled(self, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """The images at each scale, each followed by its mask at each tap's grid (the share of
+        each cell that is product). Done before the network, in PyTorch, for every runtime:
+        OpenVINO resizes with antialiasing, and averages over cells that do not divide the
+        image evenly, otherwise than PyTorch does."""
+        out = []
         size = x.shape[-1]
         for scale in self.config.scales:
             s = max(32, round(size * scale))
             xs = x if s == size else F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
             ms = mask if s == size else F.interpolate(mask, size=(s, s), mode="area")
-            for fmap in self._features(xs):
-                w = F.interpolate(ms, size=fmap.shape[-2:], mode="area")
+            out += [xs] + [F.interpolate(ms, size=hw, mode="area") for hw in self._grids(s)]
+        return out
+
+    def _grids(self, size: int) -> list[tuple[int, int]]:
+        """The taps' feature map sizes for a ``size`` x ``size`` input."""
+        if size not in self._grid_sizes:
+            probe = torch.zeros(1, 3, size, size, device=self.backbone.mean.device)
+            with torch.no_grad():
+                self._grid_sizes[size] = [tuple(f.shape[-2:]) for f in self.backbone(probe)]
+        return self._grid_sizes[size]
+
+    def pooled_scaled(self, *scaled: torch.Tensor) -> torch.Tensor:
+        """:meth:`pooled` of :meth:`scaled`'s images and masks."""
+        parts = []
+        group = 1 + len(self.backbone.taps)
+        for at in range(0, len(scaled), group):
+            xs, covers = scaled[at], scaled[at + 1 : at + group]
+            for fmap, w in zip(self._features(xs), covers, strict=True):
                 keep = (w >= 0.5).float()
                 # A sliver of an image may cover no whole cell: fall back to any coverage.
                 keep = torch.where(
@@ -238,6 +262,14 @@ class DifferNet(nn.Module):
         )
         # Mean and spread of the flow's score and of the memory's on held-out good images.
         self.register_buffer("calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        # Exported graphs standing in for the networks (workers.differnet.export): None, PyTorch.
+        self.exported = None
+
+    def use_exported(self, exported) -> None:
+        """Run the pooled flow and the memory's backbone as ``exported``'s graphs."""
+        if self.config.head != "differnet":
+            raise ValueError("only the pooled (differnet) head runs as an exported graph")
+        self.exported = self.memory.exported = exported
 
     @property
     def feature_dim(self) -> int:
@@ -304,6 +336,11 @@ class DifferNet(nn.Module):
             memory_image(rgb, product_mask, self.config.memory_side) if self.uses_memory else None
         )
         return PreparedImage(pixels, mask, box, for_memory)
+
+    def pooled_nll(self, *scaled: torch.Tensor) -> torch.Tensor:
+        """Letterboxed images and masks at every scale (:meth:`Embedder.scaled`) -> ``(B,)``
+        NLL of the pooled head."""
+        return self.nll(self.embedder.pooled_scaled(*scaled))
 
     def embed(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Raw (unstandardised) features of a batch: ``(B, D)`` or ``(B, D, h, w)``."""
@@ -393,14 +430,14 @@ class DifferNet(nn.Module):
         pix, mask = self.transformed(images, tta)
         # Backbone passes in chunks: on a CPU, one huge batch runs slower per image than several
         # cache-sized ones.
-        chunk = EMBED_CHUNK
-        feats = torch.cat(
-            [self.embed(pix[i : i + chunk], mask[i : i + chunk]) for i in range(0, len(pix), chunk)]
-        )
-        nll = self.nll(feats).cpu()
+        step = EMBED_CHUNK
+        chunks = [(pix[i : i + step], mask[i : i + step]) for i in range(0, len(pix), step)]
         if self.config.head == "differnet":
+            run = self.pooled_nll if self.exported is None else self.exported.pooled_nll
+            nll = torch.cat([run(*self.embedder.scaled(p, m)).cpu() for p, m in chunks])
             per_image = nll.view(len(images), len(tta)).mean(1)
             return [ScoredImage(float(s)) for s in per_image]
+        nll = self.nll(torch.cat([self.embed(p, m) for p, m in chunks])).cpu()
         return self._local_results(images, nll, mask.cpu())
 
     def _local_results(self, images, nll: torch.Tensor, mask: torch.Tensor) -> list[ScoredImage]:

@@ -84,6 +84,8 @@ class PatchMemory(nn.Module):
         # Which training image each remembered position came from (not saved: only used to
         # leave an image's own positions out when calibrating on the training images).
         self.owner: torch.Tensor | None = None
+        # An exported graph standing in for :meth:`features` (workers.differnet.export).
+        self.exported = None
 
     SIZED_BY_TRAINING = ("bank", "centroids", "offsets")
 
@@ -104,17 +106,23 @@ class PatchMemory(nn.Module):
         device = self.center.device
         pixels = apply_d4(image.pixels, transform)[None].to(device)
         mask = apply_d4(image.mask, transform)[None].to(device)
-        maps = self.backbone(self.backbone.normalize(pixels))
-        grid = maps[0].shape[-2:]
-        feats = torch.cat([F.interpolate(m, size=grid, mode="bilinear") for m in maps], dim=1)
-        # 3 x 3 neighbourhood average: a position describes its patch, not one cell (PatchCore).
-        # The zero padding counts: it marks the image's border, where breaks and frays sit.
-        feats = F.avg_pool2d(feats, 3, 1, 1)[0]
+        run = self.features if self.exported is None else self.exported.memory_features
+        feats = run(pixels)[0]
+        grid = feats.shape[-2:]
         cover = F.interpolate(mask, size=grid, mode="area")[0, 0]
         valid = cover >= 0.5
         if not valid.any():  # a sliver of product: any coverage counts
             valid = cover > 0 if (cover > 0).any() else torch.ones_like(valid)
         return feats.permute(1, 2, 0), valid
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(1, 3, h, w)`` in [0, 1] -> ``(1, dim, h', w')``: all taps at the finest one's grid."""
+        maps = self.backbone(self.backbone.normalize(pixels))
+        grid = maps[0].shape[-2:]
+        feats = torch.cat([F.interpolate(m, size=grid, mode="bilinear") for m in maps], dim=1)
+        # 3 x 3 neighbourhood average: a position describes its patch, not one cell (PatchCore).
+        # The zero padding counts: it marks the image's border, where breaks and frays sit.
+        return F.avg_pool2d(feats, 3, 1, 1)
 
     def project(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.center) @ self.basis

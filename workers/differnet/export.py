@@ -1,0 +1,226 @@
+"""Exported models: the scorer's networks as graphs that ONNX Runtime or OpenVINO runs.
+
+    MODEL_DIR/export-onnx/export.json   the model it came from (its sha256), every file's
+                                        sha256, the opset, the model's input contract
+    MODEL_DIR/export-onnx/pooled.onnx   backbone, pooling, standardisation and flow: letterboxed
+                                        views at each scale (pixels_i) with their product cover
+                                        at each tap's grid (cover_i_t) -> NLL (N,)
+    MODEL_DIR/export-onnx/memory.onnx   the patch memory's backbone: a view at the memory's size
+                                        (1, 3, h, w), any h and w -> features (1, D, h', w')
+    MODEL_DIR/export-openvino/          the same graphs in OpenVINO's IR (.xml and .bin)
+
+What is data rather than computation stays in the model folder and its checked weights file: the
+memory's positions, the calibration, the thresholds. Views are prepared (letterbox, memory size,
+tiles) by the same code for every runtime, and the memory is searched by the same code, so a
+runtime replaces only the networks and its scores agree with PyTorch's to float precision.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from workers.weights import sha256_of, verified
+
+Runtime = Literal["torch", "onnx", "openvino"]
+ExportFormat = Literal["onnx", "openvino"]
+EXPORT_FILE = "export.json"
+OPSET = 18
+# The graphs' inputs: a batch of views, or one view at the memory's size.
+MAX_BATCH = 4096
+MAX_SIDE = 8192
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported, or an export that cannot be used; says why."""
+
+
+def export_folder(model_dir: Path, fmt: ExportFormat) -> Path:
+    return Path(model_dir) / f"export-{fmt}"
+
+
+class _PooledNLL(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *scaled: torch.Tensor) -> torch.Tensor:
+        return self.model.pooled_nll(*scaled)
+
+
+class _MemoryFeatures(nn.Module):
+    def __init__(self, memory):
+        super().__init__()
+        self.memory = memory
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.memory.features(pixels)
+
+
+def export_model(model_dir: Path, fmt: ExportFormat, out: Path | None = None) -> Path:
+    """Write the graphs of the model in ``model_dir`` as ``fmt`` into ``out`` (default:
+    :func:`export_folder`); returns the folder."""
+    from workers.differnet.store import load_model
+
+    if fmt not in ("onnx", "openvino"):
+        raise ExportError(f"unknown export format {fmt!r}: onnx or openvino")
+    bundle = load_model(model_dir, "cpu")
+    model = bundle.model
+    if model.config.head != "differnet":
+        raise ExportError("only the pooled (differnet) head exports; the local head does not")
+    out = Path(out) if out is not None else export_folder(model_dir, fmt)
+    out.mkdir(parents=True, exist_ok=True)
+    size = model.config.image_size
+    graphs = {"pooled": out / "pooled.onnx"}
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    scaled = model.embedder.scaled(torch.rand(2, 3, size, size), torch.ones(2, 1, size, size))
+    taps = len(model.embedder.backbone.taps)
+    names = [
+        name
+        for i in range(len(model.config.scales))
+        for name in [f"pixels_{i}"] + [f"cover_{i}_{t}" for t in range(taps)]
+    ]
+    dynamic = [({0: batch},) * len(names)]  # forward(*scaled): one argument, a tuple
+    _onnx(_PooledNLL(model), tuple(scaled), graphs["pooled"], dynamic, names, "nll")
+    if model.uses_memory:
+        graphs["memory"] = out / "memory.onnx"
+        side = model.config.memory_side
+        h, w = (torch.export.Dim(n, min=32, max=MAX_SIDE) for n in ("height", "width"))
+        _onnx(
+            _MemoryFeatures(model.memory),
+            (torch.rand(1, 3, side, side + 8),),
+            graphs["memory"],
+            [{2: h, 3: w}],
+            ["pixels"],
+            "features",
+        )
+    if fmt == "openvino":
+        graphs = {name: _to_openvino(path) for name, path in graphs.items()}
+    files = sorted(p.name for p in out.iterdir() if p.name != EXPORT_FILE)
+    record = {
+        "format": fmt,
+        "model_sha256": bundle.metadata["sha256"],
+        "graphs": {name: path.name for name, path in graphs.items()},
+        "files": {name: sha256_of(out / name) for name in files},
+        "opset": OPSET,
+        "input_contract": bundle.metadata.get("input_contract"),
+        "exported": time.time(),
+        "torch": torch.__version__,
+    }
+    tmp = out / (EXPORT_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out / EXPORT_FILE)
+    return out
+
+
+def _onnx(module, example, path: Path, dynamic, inputs: list[str], output: str) -> None:
+    with torch.no_grad():
+        torch.onnx.export(
+            module.eval(),
+            example,
+            str(path),
+            input_names=inputs,
+            output_names=[output],
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def _to_openvino(onnx_path: Path) -> Path:
+    import openvino as ov
+
+    xml = onnx_path.with_suffix(".xml")
+    # Weights kept in float32 (save_model halves them by default): the scores must be the model's.
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    onnx_path.unlink()
+    return xml
+
+
+class ExportedNetworks:
+    """The graphs of an export, checked against the model and their recorded sha256, run by
+    ONNX Runtime or OpenVINO on the CPU with as many threads as PyTorch uses."""
+
+    def __init__(self, folder: Path, runtime: ExportFormat, model_sha256: str):
+        folder = Path(folder)
+        path = folder / EXPORT_FILE
+        if not path.is_file():
+            raise ExportError(
+                f"{folder}: no {runtime} export here (defectflow export MODEL_DIR --format "
+                f"{runtime} writes one)"
+            )
+        try:
+            record = json.loads(path.read_text())
+            files, graphs = dict(record["files"]), dict(record["graphs"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ExportError(f"{path}: not an export record ({exc})") from None
+        if record.get("format") != runtime:
+            raise ExportError(f"{folder}: a {record.get('format')} export, not {runtime}")
+        if record.get("model_sha256") != model_sha256:
+            raise ExportError(
+                f"{folder}: exported from model {str(record.get('model_sha256'))[:16]}, not "
+                f"{model_sha256[:16]}: export this model again"
+            )
+        for name, sha in files.items():
+            verified(folder / name, sha, f"{runtime} graph")
+        threads = torch.get_num_threads()
+        run = _onnxruntime if runtime == "onnx" else _openvino
+        self.runtime = runtime
+        self._pooled = run(folder / graphs["pooled"], threads)
+        self._memory = run(folder / graphs["memory"], threads) if "memory" in graphs else None
+
+    def pooled_nll(self, *scaled: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._pooled([_array(x) for x in scaled]))
+
+    def memory_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._memory is None:
+            raise ExportError("this export has no patch memory graph")
+        return torch.from_numpy(self._memory([_array(pixels)]))
+
+
+def _array(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().cpu().float().numpy())
+
+
+def _onnxruntime(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return lambda arrays: session.run(None, dict(zip(names, arrays, strict=True)))[0]
+
+
+def _openvino(path: Path, threads: int):
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    # float32 throughout: on a CPU with bfloat16 OpenVINO would compute in it by default, and
+    # the scores would no longer be the model's.
+    config = {hints.inference_precision: ov.Type.f32, props.inference_num_threads: threads}
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda arrays: request.infer(arrays)[compiled.output(0)].copy()
+
+
+def use_runtime(bundle, model_dir: Path, runtime: Runtime):
+    """``bundle`` scoring with ``runtime``'s graphs from the model folder's export; PyTorch's
+    own networks for ``torch``."""
+    if runtime == "torch":
+        return bundle
+    if runtime not in ("onnx", "openvino"):
+        raise ExportError(f"unknown runtime {runtime!r}: torch, onnx or openvino")
+    folder = export_folder(model_dir, runtime)
+    bundle.model.use_exported(ExportedNetworks(folder, runtime, bundle.metadata["sha256"]))
+    return bundle
