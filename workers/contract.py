@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MaskShape = Literal["silhouette", "hull", "box"]
 # Where the product's box comes from: the classical contour detector, or YOLO weights.
 BoxSource = Literal["contour", "yolo"]
+# What runs a model's networks: PyTorch, or its export's graphs (workers.differnet.export).
+Runtime = Literal["torch", "onnx", "openvino"]
 
 # Views travel at most this many pixels on their longer side. The scorers use less (the flow
 # letterboxes to its input size, 224 or 320 px; the patch memory compares at 160 x 160 px of

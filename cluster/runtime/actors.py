@@ -275,6 +275,7 @@ class ScorerActor(_Loop):
         self.streams = Streams(line.id)
         self.threshold = line.threshold
         self.max_image_pixels = run.max_image_pixels
+        self.runtime = run.runtime
         # A version that learned from crops cut otherwise is refused, however it was activated.
         self.crops = line.crops
         self.samples = SampleStore(run.sample_dir) if run.sample_dir else None
@@ -284,9 +285,12 @@ class ScorerActor(_Loop):
         self.scorer: ViewScorer | None = None
         self.shadow: ViewScorer | None = None
         self._refused: str | None = None
+        self._why_refused = "none is active"
         self._follow_registry()
         if self.scorer is None:
-            raise RuntimeError(f"line {line.id}: no usable active model in the registry")
+            raise RuntimeError(
+                f"line {line.id}: no usable active model in the registry ({self._why_refused})"
+            )
         source = StageInput(
             [self.streams.views],
             self.streams.score_group,
@@ -330,7 +334,7 @@ class ScorerActor(_Loop):
 
         try:
             version = self.registry.get(version_id)
-            bundle = load_model(Path(version.path), granted_device())
+            bundle = load_model(Path(version.path), granted_device(), self.runtime)
             if bundle.metadata["sha256"] != version.sha256:  # the folder replaced since
                 raise ModelError(f"{version.path} no longer holds version {version_id}")
             resolve_crops(self.crops.model_dump(), InputContract.of(bundle.metadata), version_id)
@@ -338,6 +342,7 @@ class ScorerActor(_Loop):
             self.count("model_load_failures")
             self.metrics.incidents.inc(1, self.tags | {"kind": "model_refused"})
             log.warning("%s: model %s refused: %s", self.streams.line, version_id, exc)
+            self._why_refused = f"model {version_id} refused: {exc}"
             return None
         return ViewScorer(bundle, self.threshold, self.max_image_pixels)
 
@@ -569,6 +574,7 @@ class TrainerActor(_Loop):
         self.streams = Streams(line.id)
         self.samples = SampleStore(run.sample_dir)
         self.candidates_dir = run.candidates_dir
+        self.runtime = run.runtime
         self.config = line.retrain
         self.target_tpr = line.target_tpr
         self.registry = Registry(self.bus.client, line.id)
@@ -611,6 +617,7 @@ class TrainerActor(_Loop):
         import time
 
         from cluster.transport.qa import labels_of
+        from workers.differnet.export import ExportError, export_model
         from workers.differnet.learning import RetrainError, gather_labelled, retrain
         from workers.differnet.store import ModelError
         from workers.differnet.training import TrainingOptions
@@ -636,7 +643,9 @@ class TrainerActor(_Loop):
                 options=TrainingOptions(epochs=epochs, device=granted_device()),
                 target_tpr=self.target_tpr,
             )
-        except (RetrainError, ModelError) as exc:
+            if self.runtime != "torch":  # the scorers run the candidate's export
+                export_model(out, self.runtime)
+        except (RetrainError, ModelError, ExportError) as exc:
             event |= {"outcome": "not retrained", "why": str(exc)}
         else:
             candidate = self.registry.register(out, parent=active.id)

@@ -30,7 +30,7 @@ from cluster.transport.bus import (
     LAG_COUNT_LIMIT,
 )
 from cluster.transport.connection import RedisAccess, line_password_env, split_credentials
-from workers.contract import BoxSource, CropSpec, InputContract, MaskShape, resolve_crops
+from workers.contract import BoxSource, CropSpec, InputContract, MaskShape, Runtime, resolve_crops
 from workers.frontend.sources import is_live, shown
 from workers.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT
 
@@ -304,6 +304,7 @@ class LineRun(_Strict):
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=10_000, le=MAX_PIXELS_LIMIT)
     max_entry_bytes: int = Field(default=DEFAULT_MAX_ENTRY_BYTES, ge=65_536, le=512 * 2**20)
     dead_letter_maxlen: int = Field(default=DEFAULT_DEAD_LETTER_MAXLEN, ge=10)
+    runtime: Runtime = "torch"
     sample_dir: Path | None = Field(default=None, description="None: no sample store")
     retention: SampleConfig = Field(default_factory=SampleConfig)
     candidates_dir: Path | None = Field(
@@ -365,6 +366,11 @@ class Settings(BaseSettings):
         description="dead letters a line keeps, newest first (whole entries, frames included, "
         "so that they can be replayed)",
     )
+    runtime: Runtime = Field(
+        default="torch",
+        description="what runs the scorers' networks: torch, or onnx / openvino, which run each "
+        "model's export (defectflow export; the trainer exports its candidates)",
+    )
     samples: SampleConfig = Field(default_factory=SampleConfig, description="see below")
     lines: list[LineConfig] = Field(default_factory=list, description="see below")
 
@@ -387,6 +393,7 @@ class Settings(BaseSettings):
             max_image_pixels=self.max_image_pixels,
             max_entry_bytes=self.max_entry_bytes,
             dead_letter_maxlen=self.dead_letter_maxlen,
+            runtime=self.runtime,
             sample_dir=self.sample_dir.resolve(),
             retention=self.samples,
             candidates_dir=(self.model_dir / line.id / "candidates").resolve(),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -26,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers.contract import Runtime
 from workers.weights import sha256_of, verified
 
-Runtime = Literal["torch", "onnx", "openvino"]
 ExportFormat = Literal["onnx", "openvino"]
 EXPORT_FILE = "export.json"
 OPSET = 18
@@ -120,7 +121,9 @@ def export_model(model_dir: Path, fmt: ExportFormat, out: Path | None = None) ->
 
 
 def _onnx(module, example, path: Path, dynamic, inputs: list[str], output: str) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Every input's batch axis is one dimension, named once: the exporter says so, at length.
+        warnings.filterwarnings("ignore", message="The axis name")
         torch.onnx.export(
             module.eval(),
             example,

@@ -137,9 +137,14 @@ def check_model(model_dir: Path) -> tuple[dict, DifferNetConfig, bytes]:
     return metadata, config, data
 
 
-def load_model(model_dir: Path, device: str | torch.device | None = None) -> ModelBundle:
-    """Load and check a model folder onto ``device`` (see :func:`choose_device`)."""
+def load_model(
+    model_dir: Path, device: str | torch.device | None = None, runtime: str = "torch"
+) -> ModelBundle:
+    """Load and check a model folder onto ``device`` (see :func:`choose_device`); with
+    ``runtime`` onnx or openvino, its networks run as its export's graphs, on the CPU."""
     metadata, config, data = check_model(model_dir)
+    if runtime != "torch":
+        device = "cpu"  # the views are prepared where the graphs run
     weights_path = Path(model_dir) / metadata["weights_file"]
     threshold = float(metadata["threshold"])
     backbone_weights = metadata.get("backbone_weights")
@@ -150,7 +155,16 @@ def load_model(model_dir: Path, device: str | torch.device | None = None) -> Mod
     except Exception as exc:  # unpickling and shape errors come in many types
         raise ModelError(f"{weights_path}: weights do not load ({exc})") from None
     model.eval()
-    return ModelBundle(model.to(choose_device(device)), threshold, metadata)
+    bundle = ModelBundle(model.to(choose_device(device)), threshold, metadata)
+    if runtime == "torch":
+        return bundle
+    from workers.differnet.export import ExportError, use_runtime
+    from workers.weights import WeightsError
+
+    try:
+        return use_runtime(bundle, Path(model_dir), runtime)
+    except (ExportError, WeightsError, FileNotFoundError) as exc:
+        raise ModelError(str(exc)) from None
 
 
 FEATURE_CACHE = "features.pt"

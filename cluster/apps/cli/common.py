@@ -59,6 +59,9 @@ def progress_bars():
 
 
 DEVICE = typer.Option("auto", help="auto (CUDA when there is a GPU) | cpu | cuda | cuda:N")
+RUNTIME = typer.Option(
+    "torch", help="torch | onnx | openvino: the latter run the model's export (defectflow export)"
+)
 
 
 REDIS_URL = typer.Option(

@@ -9,6 +9,7 @@ import typer
 
 from cluster.apps.cli.common import (
     DEVICE,
+    RUNTIME,
     app,
     console,
     fail,
@@ -133,6 +134,7 @@ def evaluate(
         [], "--maps-from", help="also measure maps from memory or gradient (repeatable)"
     ),
     device: str = DEVICE,
+    runtime: str = RUNTIME,
 ):
     """Evaluate a model on DATA_DIR/test: image AUROC per defect type, threshold, speed, and
     with ground_truth masks pixel AUROC and AUPRO of its defect maps."""
@@ -140,7 +142,7 @@ def evaluate(
     from workers.differnet.store import ModelError, load_model
 
     try:
-        bundle = load_model(model_dir, device)
+        bundle = load_model(model_dir, device, runtime)
         with progress_bars() as progress:
             report = evaluate_folder(
                 bundle,
@@ -160,11 +162,31 @@ def evaluate(
 
 
 @app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="a model folder"),
+    fmt: str = typer.Option(..., "--format", help="onnx | openvino"),
+    out: Path | None = typer.Option(None, "--out", help="default: MODEL_DIR/export-FORMAT"),
+):
+    """Export a model's networks for ONNX Runtime or OpenVINO (`--runtime` of the scorers),
+    each file's sha256 recorded beside them."""
+    from workers.differnet.export import ExportError, export_model
+    from workers.differnet.store import ModelError
+
+    try:
+        folder = export_model(model_dir, fmt, out)
+    except (ExportError, ModelError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"wrote {folder}")
+    typer.echo(str(folder))
+
+
+@app.command()
 def score(
     model_dir: Path = typer.Argument(...),
     images: list[Path] = typer.Argument(..., help="image files"),
     maps: Path | None = typer.Option(None, "--maps", help="write defect-map overlays here"),
     device: str = DEVICE,
+    runtime: str = RUNTIME,
 ):
     """Score images: one JSON line each (path, score, threshold, is_defect)."""
     from workers.differnet.reports import overlay_png
@@ -172,7 +194,7 @@ def score(
     from workers.images import ImageError, load_with_alpha
 
     try:
-        bundle = load_model(model_dir, device)
+        bundle = load_model(model_dir, device, runtime)
     except ValueError as exc:  # a ModelError too
         raise fail(str(exc)) from None
     if maps is not None:
