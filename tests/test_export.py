@@ -8,12 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.synthetic import make_dataset, textured_tile
-from workers.contract import CropSpec
 from workers.datasets import list_test_samples
-from workers.differnet.model import DifferNetConfig, TiledImage
-from workers.differnet.recipes import load_samples, train_from_folder
+from workers.differnet.model import TiledImage
+from workers.differnet.recipes import load_samples
 from workers.differnet.store import ModelError, load_model
-from workers.differnet.training import TrainingOptions
 
 runner = CliRunner()
 
@@ -25,15 +23,13 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    data = make_dataset(root / "data", n_train=10, n_good=4, n_defect=2)
-    config = DifferNetConfig(image_size=96, train_transforms=2, memory_size=20_000)
-    train_from_folder(data, root / "model", config, TrainingOptions(epochs=3), crops=CropSpec())
+def exported(contract_line, tmp_path_factory):
+    """The production path's line model, exported both ways, and a few images to score."""
+    model, _ = contract_line
     for fmt in ("onnx", "openvino"):
-        result = cli("export", root / "model", "--format", fmt)
+        result = cli("export", model, "--format", fmt)
         assert result.exit_code == 0, result.output
-    return root / "model", data
+    return model, make_dataset(tmp_path_factory.mktemp("images"), n_train=0, n_good=3, n_defect=2)
 
 
 def images(data):
