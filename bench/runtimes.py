@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _arguments(argv)
     for fmt in ("onnx", "openvino"):
         if not (export_folder(args.model, fmt) / EXPORT_FILE).exists():
-            export_model(args.model, fmt)
+            export_model(load_model(args.model, "cpu"), fmt, export_folder(args.model, fmt))
     samples = list_test_samples(args.data)
     step = max(1, len(samples) // args.views)
     loaded = load_samples(samples[::step][: args.views])

@@ -16,3 +16,8 @@ ViewScore.defect_map_ref
 Message.build
 # Tells a caller whether leaving the context stops the server.
 EmbeddedRedis.owned
+# Attributes set for other libraries, which read them: ONNX Runtime's session options, and the
+# class of EfficientNet's convolutions (workers.differnet.backbone).
+options.intra_op_num_threads  # noqa: F821
+options.inter_op_num_threads  # noqa: F821
+module.__class__  # noqa: F821

@@ -617,9 +617,9 @@ class TrainerActor(_Loop):
         import time
 
         from cluster.transport.qa import labels_of
-        from workers.differnet.export import ExportError, export_model
+        from workers.differnet.export import ExportError, export_folder, export_model
         from workers.differnet.learning import RetrainError, gather_labelled, retrain
-        from workers.differnet.store import ModelError
+        from workers.differnet.store import ModelError, load_model
         from workers.differnet.training import TrainingOptions
 
         event: dict = {"line": self.line, "trigger": trigger, "at": time.time()}
@@ -644,7 +644,7 @@ class TrainerActor(_Loop):
                 target_tpr=self.target_tpr,
             )
             if self.runtime != "torch":  # the scorers run the candidate's export
-                export_model(out, self.runtime)
+                export_model(load_model(out, "cpu"), self.runtime, export_folder(out, self.runtime))
         except (RetrainError, ModelError, ExportError) as exc:
             event |= {"outcome": "not retrained", "why": str(exc)}
         else:

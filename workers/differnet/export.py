@@ -64,18 +64,15 @@ class _MemoryFeatures(nn.Module):
         return self.memory.features(pixels)
 
 
-def export_model(model_dir: Path, fmt: ExportFormat, out: Path | None = None) -> Path:
-    """Write the graphs of the model in ``model_dir`` as ``fmt`` into ``out`` (default:
-    :func:`export_folder`); returns the folder."""
-    from workers.differnet.store import load_model
-
+def export_model(bundle, fmt: ExportFormat, out: Path) -> Path:
+    """Write the graphs of a loaded model (a ``ModelBundle`` on the CPU) as ``fmt`` into
+    ``out`` (the runtimes look in :func:`export_folder`); returns the folder."""
     if fmt not in ("onnx", "openvino"):
         raise ExportError(f"unknown export format {fmt!r}: onnx or openvino")
-    bundle = load_model(model_dir, "cpu")
     model = bundle.model
     if model.config.head != "differnet":
         raise ExportError("only the pooled (differnet) head exports; the local head does not")
-    out = Path(out) if out is not None else export_folder(model_dir, fmt)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size = model.config.image_size
     graphs = {"pooled": out / "pooled.onnx"}

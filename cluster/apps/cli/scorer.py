@@ -169,11 +169,13 @@ def export(
 ):
     """Export a model's networks for ONNX Runtime or OpenVINO (`--runtime` of the scorers),
     each file's sha256 recorded beside them."""
-    from workers.differnet.export import ExportError, export_model
-    from workers.differnet.store import ModelError
+    from workers.differnet.export import ExportError, export_folder, export_model
+    from workers.differnet.store import ModelError, load_model
 
     try:
-        folder = export_model(model_dir, fmt, out)
+        folder = export_model(
+            load_model(model_dir, "cpu"), fmt, out or export_folder(model_dir, fmt)
+        )
     except (ExportError, ModelError) as exc:
         raise fail(str(exc)) from None
     console.print(f"wrote {folder}")
