@@ -129,6 +129,11 @@ def test_score_prints_one_json_line_per_image_and_skips_corrupt_ones(trained, da
     lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
     assert [line["path"] for line in lines] == [str(good), str(spot)]
     assert lines[1]["is_defect"] and lines[1]["score"] > lines[0]["score"]
+    # A defective image says where: its regions, in its pixels; a good one has none.
+    assert lines[1]["regions"] and {"x", "y", "w", "h", "area", "peak"} <= set(
+        lines[1]["regions"][0]
+    )
+    assert "regions" not in lines[0]
     assert "broken.png" in result.stderr and "Traceback" not in result.output
     assert len(list((tmp_path / "maps").glob("*.png"))) == 2
 

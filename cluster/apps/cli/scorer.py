@@ -190,7 +190,11 @@ def score(
     device: str = DEVICE,
     runtime: str = RUNTIME,
 ):
-    """Score images: one JSON line each (path, score, threshold, is_defect)."""
+    """Score images: one JSON line each (path, score, threshold, is_defect; with --maps, the
+    map's file and a defective image's regions)."""
+    from dataclasses import asdict
+
+    from workers.differnet.regions import find_regions
     from workers.differnet.reports import overlay_png
     from workers.differnet.store import load_model
     from workers.images import ImageError, load_with_alpha
@@ -219,12 +223,16 @@ def score(
             line["map"] = str(map_path)
         else:
             result = bundle.model.score_batch([prepared])[0]
+        is_defect = result.score >= bundle.threshold
         line |= {
             "score": result.score,
             "threshold": bundle.threshold,
-            "is_defect": result.score >= bundle.threshold,
+            "is_defect": is_defect,
             "model_version": bundle.version,
         }
+        if maps is not None and is_defect and bundle.region_threshold is not None:
+            found = find_regions(result.defect_map, bundle.region_threshold)
+            line["regions"] = [asdict(r) for r in found]  # in the image's pixels
         typer.echo(json.dumps(line))
     if failed:
         raise fail(f"{failed} of {len(images)} images could not be read", code=2)
