@@ -230,11 +230,17 @@ def _inspect_demo_line(
         typer.echo(json.dumps(summary.to_dict()))
         if web is not None:
             console.print(f"dashboard still on http://127.0.0.1:{dashboard_port}/ (Ctrl-C to stop)")
+            server, thread = web
             try:
-                while web.is_alive():
-                    web.join(0.5)
+                while thread.is_alive():
+                    thread.join(0.5)
             except KeyboardInterrupt:
                 pass
+            finally:
+                # Stopped while Redis still runs: a live feed blocked on it returns within a
+                # poll, where with Redis gone it would retry for a minute and hold the exit.
+                server.should_exit = True
+                thread.join(10)
 
 
 def _serve_dashboard(client, samples, model_dir: Path, line_id: str, port: int, tokens):
@@ -248,8 +254,11 @@ def _serve_dashboard(client, samples, model_dir: Path, line_id: str, port: int, 
 
     bundle = load_model(model_dir)
     web = create_app(lambda line: client, samples, tokens, lambda line: bundle, [line_id])
-    server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(
+        web, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
     thread.start()
     console.print(f"QA dashboard on http://127.0.0.1:{port}/")
-    return thread
+    return server, thread
