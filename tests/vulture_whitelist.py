@@ -21,3 +21,4 @@ EmbeddedRedis.owned
 options.intra_op_num_threads  # noqa: F821
 options.inter_op_num_threads  # noqa: F821
 module.__class__  # noqa: F821
+server.should_exit  # noqa: F821  (uvicorn's server reads it: the dashboard thread stops)
