@@ -140,7 +140,13 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
         try:
             code = process.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGUSR1)  # its threads' stacks, into the log
+            time.sleep(2)
             process.kill()
-            raise
+            log.close()
+            stacks = (tmp_path / "demo.log").read_text()[-6000:]
+            raise AssertionError(
+                f"the demo did not stop within 60 s of Ctrl-C:\n{stacks}"
+            ) from None
         log.close()
     assert code == 0, (tmp_path / "demo.log").read_text()[-3000:]

@@ -19,7 +19,7 @@ from cluster.runtime.actors import (
     TrainerActor,
 )
 from cluster.runtime.settings import CameraConfig, LineConfig, LineRun
-from cluster.transport.bus import StreamBus
+from cluster.transport.bus import INFRASTRUCTURE_ERRORS, StreamBus
 from cluster.transport.connection import RedisAccess
 from cluster.transport.registry import Registry, RegistryError
 from cluster.transport.streams import JoinSteps, Streams, line_groups, next_product_seq
@@ -384,7 +384,13 @@ def drain_and_stop(
             for r in lines:
                 _release(r.ingest + r.workers)
             raise
-        if all(sources_done(r) for r in lines) and sum(backlog(r) for r in lines) == 0:
+        try:
+            drained = all(sources_done(r) for r in lines) and sum(backlog(r) for r in lines) == 0
+        except INFRASTRUCTURE_ERRORS:
+            # A stream overwritten with another type (Redis's own errors are handled as by the
+            # stages): the stage that uses it fails, and says so, at the next check.
+            drained = False
+        if drained:
             break
         if while_waiting is not None:
             while_waiting()

@@ -3,6 +3,8 @@ bars, the settings every command reads, and the options that override them."""
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +25,8 @@ stdout = Console()  # tables asked for
 @app.callback()
 def main() -> None:
     """Train and run defect inspection on factory lines."""
+    # `kill -USR1 PID` prints every thread's stack to stderr: where a stuck command waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
