@@ -61,6 +61,11 @@ def wait_for(url: str, process: subprocess.Popen, timeout_s: float) -> None:
     raise AssertionError(f"{url} did not answer within {timeout_s} s")
 
 
+def _terminal_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -84,6 +89,10 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
         env=os.environ | {"DEFECTFLOW_DASHBOARD_TOKENS": str(tokens)},
         stdout=log,
         stderr=subprocess.STDOUT,
+        # As from a terminal: after the suite's earlier tests (their local Ray clusters), the
+        # child was seen never to take Ctrl-C: a signal disposition or mask inherited from
+        # this process. The demo gets both as a shell gives them.
+        preexec_fn=_terminal_signals,
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,12 +125,6 @@ def demo(
     console.print(f"[bold]3/3 inspecting:[/] Ray actors over Redis streams, model {version}")
     tokens = dashboard_tokens(tokens_file) if dashboard_port else None
     _inspect_demo_line(settings, manifest, out, dashboard_port, tokens)
-    if dashboard_port is not None:
-        # Everything is written and the line stopped. The dashboard's request threads (AnyIO's,
-        # not daemons) may still wait on the stopped Redis, retrying for a minute: leave now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 def _line_model(
