@@ -215,10 +215,8 @@ def _openvino(path: Path, threads: int):
 
 
 def use_runtime(bundle, model_dir: Path, runtime: Runtime):
-    """``bundle`` scoring with ``runtime``'s graphs from the model folder's export; PyTorch's
-    own networks for ``torch``."""
-    if runtime == "torch":
-        return bundle
+    """``bundle`` scoring with ``runtime``'s graphs (onnx or openvino) from the model folder's
+    export."""
     if runtime not in ("onnx", "openvino"):
         raise ExportError(f"unknown runtime {runtime!r}: torch, onnx or openvino")
     folder = export_folder(model_dir, runtime)

@@ -13,7 +13,14 @@ import torch
 from workers.contract import CropSpec
 from workers.datasets import Sample, fingerprint, list_test_samples, list_train_samples
 from workers.devices import choose_device
-from workers.differnet.model import DifferNet, DifferNetConfig, Prepared, ScoredImage, units
+from workers.differnet.model import (
+    EMBED_CHUNK,
+    DifferNet,
+    DifferNetConfig,
+    Prepared,
+    ScoredImage,
+    units,
+)
 from workers.differnet.regions import GOOD_PIXEL_SHARE, region_threshold
 from workers.differnet.store import ModelBundle, save_feature_cache, save_model
 from workers.differnet.training import (
@@ -197,45 +204,45 @@ def _run_record(options: TrainingOptions, report, seconds: float) -> dict:
     }
 
 
-def _calibrate(model: DifferNet, good_val: list, train_images: list) -> dict:
-    """Standardise the flow's and the memory's scores on held-out good images: the validation
-    goods, else each training image against the others' positions (held out in effect, and
-    optimistic for the flow, which learned them: said in the metadata)."""
+def _held_out_goods(good_val: list, train_images: list):
+    """Good images the model is standardised and thresholded on: the validation goods, else the
+    training images, each against the others' positions (held out in effect, and optimistic for
+    the flow, which learned them: said in the metadata). Their units' memory owners (None for
+    validation goods), and which they are."""
     if len(good_val) >= 2:
-        return model.calibrate(good_val) | {"source": "validation goods", "n": len(good_val)}
-    owners = list(range(len(units(train_images))))
-    calibration = model.calibrate(train_images, owners=owners)
-    return calibration | {"source": "training goods", "n": len(train_images)}
+        return good_val, None, "validation goods"
+    return train_images, list(range(len(units(train_images)))), "training goods"
+
+
+def _calibrate(model: DifferNet, good_val: list, train_images: list) -> dict:
+    """Standardise the flow's and the memory's scores on held-out good images."""
+    good, owners, source = _held_out_goods(good_val, train_images)
+    return model.calibrate(good, owners=owners) | {"source": source, "n": len(good)}
 
 
 def _regions(model: DifferNet, good_val: list, train_images: list) -> dict:
-    """The region threshold from the validation goods' maps, else from the training images'
-    (each against the other images' positions, as in :func:`_calibrate`)."""
-    if len(good_val) >= 2:
-        return region_rule(model, good_val, "validation goods")
-    owners = list(range(len(units(train_images))))
-    return region_rule(model, train_images, "training goods", owners)
+    """The region threshold from the held-out good images' maps."""
+    good, owners, source = _held_out_goods(good_val, train_images)
+    return region_rule(model, good, source, owners)
 
 
 def region_rule(model: DifferNet, good: list, source: str, owners: list[int] | None = None):
-    """The region threshold from the maps of ``good`` images, and how it was chosen.
-
-    ``owners``: as for :meth:`DifferNet.calibrate`, when ``good`` are the training images.
-    """
-    maps = []
-    for i in range(0, len(good), 8):
-        chunk = good[i : i + 8]
-        mine = None
-        if owners is not None:
-            start = len(units(good[:i]))
-            mine = owners[start : start + len(units(chunk))]
-        maps += [r.defect_map for r in model.defect_maps(chunk, owners=mine)]
+    """The region threshold from the maps of ``good`` images (tile by tile), and how it was
+    chosen. ``owners``: as for :meth:`DifferNet.calibrate`, when ``good`` are the training
+    images."""
+    tiles = units(good)
+    owners = owners or [None] * len(tiles)
+    maps = [
+        r.defect_map
+        for i in range(0, len(tiles), EMBED_CHUNK)
+        for r in model.defect_maps(tiles[i : i + EMBED_CHUNK], owners=owners[i : i + EMBED_CHUNK])
+    ]
     return {
         "threshold": region_threshold(maps),
         "rule": f"{GOOD_PIXEL_SHARE:.1%} of good pixels above",
         "map_source": model.map_source,
         "source": source,
-        "n": len(maps),
+        "n": len(good),
     }
 
 
