@@ -311,10 +311,10 @@ def test_a_line_shows_every_image_once_before_it_repeats_one(line):
     data, _, _ = line
     good = list_train_samples(data)
     spec = LineSpec(products=len(good) // 2, cameras=2, defect_rate=0, seed=1)
-    shown = [v.source for plan in plan_line(good, [], spec) for v in plan.views]
+    shown = [v.source for plan in plan_line(good, [], spec).products for v in plan.views]
     assert sorted(shown) == sorted(str(s.path) for s in good)
     twice = LineSpec(products=len(good), cameras=2, defect_rate=0, seed=1)
-    shown = [v.source for plan in plan_line(good, [], twice) for v in plan.views]
+    shown = [v.source for plan in plan_line(good, [], twice).products for v in plan.views]
     assert all(shown.count(str(s.path)) == 2 for s in good)
 
 
@@ -326,9 +326,11 @@ def test_the_front_end_benchmark_runs_and_counts_every_product_once(tmp_path, li
     out = tmp_path / "bench.json"
     args = ["--data", str(data), "--json", str(out), "--out", str(tmp_path / "line")]
     result = frontend.main(args + ["--products", "3", "--frame-stride", str(stride)])
-    assert result["trigger_exactly_once_rate"] == 1.0 and result["crop_iou_min"] > 0.8
-    per_camera = result["frames_recorded"] // result["cameras"]
-    assert result["frames_gated"] == result["cameras"] * -(-per_camera // stride)
+    (row,) = result["rows"]
+    assert row["trigger_exactly_once_rate"] == 1.0 and row["crop_iou_min"] > 0.8
+    assert row["scene"] == "easy" and row["detector"] == "contour"
+    per_camera = json.loads((tmp_path / "line" / "easy" / "manifest.json").read_text())["frames"]
+    assert row["frames_gated"] == result["cameras"] * -(-per_camera // stride)
     assert json.loads(out.read_text()) == result
 
 

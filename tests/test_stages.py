@@ -16,11 +16,11 @@ from workers.frontend import sources
 from workers.frontend.sources import is_live, open_source
 from workers.frontend.stages import CameraIngest, DetectMatte, NoProductFound
 from workers.images import ImageError, decode_image, decode_with_alpha
-from workers.simulation.simulate import LineSpec, belt_texture, render_camera
+from workers.simulation.simulate import LineSpec, Scene, belt_texture, render_camera
 
 
 def _gated_frame(spec) -> CameraFrame:
-    _, frame = next(render_camera(spec, [], 0))  # the empty belt
+    _, frame = next(render_camera(spec, Scene([]), 0))  # the empty belt
     frame[40:100, 60:160] = 200  # a bright product on the dark belt
     mask = np.zeros(frame.shape[:2], np.uint8)
     mask[40:100, 60:160] = 255
@@ -97,10 +97,10 @@ def test_ingest_from_a_folder_skips_corrupt_frames_and_fires_once_per_product(tm
     from workers.simulation.simulate import plan_line
 
     data = make_dataset(tmp_path / "tiles", n_train=4, n_good=1, n_defect=1)
-    plans = plan_line(list_train_samples(data), [], LineSpec(**{**spec.__dict__, "defect_rate": 0}))
+    scene = plan_line(list_train_samples(data), [], LineSpec(**{**spec.__dict__, "defect_rate": 0}))
     folder = tmp_path / "frames"
     folder.mkdir()
-    for index, frame in render_camera(spec, plans, 0):
+    for index, frame in render_camera(spec, scene, 0):
         cv2.imwrite(str(folder / f"{index:05d}.png"), frame)
     (folder / "00005.png").write_bytes(b"corrupt")
     ingest = CameraIngest("l", "cam0", str(folder))
@@ -169,10 +169,10 @@ def test_a_gated_jpeg_frame_is_sent_on_as_the_camera_encoded_it(tmp_path):
 
     spec = LineSpec(products=2, cameras=1, defect_rate=0, width=240, height=160, seed=2)
     data = make_dataset(tmp_path / "tiles", n_train=4, n_good=1, n_defect=1)
-    plans = plan_line(list_train_samples(data), [], spec)
+    scene = plan_line(list_train_samples(data), [], spec)
     folder = tmp_path / "frames"
     folder.mkdir()
-    for index, frame in render_camera(spec, plans, 0):
+    for index, frame in render_camera(spec, scene, 0):
         cv2.imwrite(str(folder / f"{index:05d}.jpg"), frame, [cv2.IMWRITE_JPEG_QUALITY, 97])
     frames = list(CameraIngest("l", "cam0", str(folder)).frames())
     assert [f.product_seq for f in frames] == [0, 1]

@@ -228,7 +228,7 @@ class DetectMatteActor(_Loop):
         self.streams = Streams(line.id)
         self.metrics, self.tags = LineMetrics(line.id), {"line": line.id}
         detector = None
-        if line.yolo_weights:
+        if line.box_source == "yolo":
             from workers.frontend.detect import YoloDetector
 
             detector = YoloDetector(
@@ -249,8 +249,12 @@ class DetectMatteActor(_Loop):
         return self.stats()
 
     def _handle(self, batch: list[Delivery]) -> None:
-        views = [self.stage.process(d.message) for d in batch]
+        views = self.stage.process_batch([d.message for d in batch])
         for d, view in zip(batch, views, strict=True):
+            if view is None:  # the gate fired on something that is not a product
+                self.bus.ack(d)
+                self.count("not_products")
+                continue
             self.bus.publish(self.streams.views, view)
             self.bus.ack(d)
             self.count("views")

@@ -100,7 +100,7 @@ def _gpu_shares(line: LineConfig) -> dict[str, float]:
     return {
         "score_gpus": 0.5,
         "train_gpus": 1.0,
-        "detect_gpus": 0.25 if line.yolo_weights else 0.0,
+        "detect_gpus": 0.25 if line.box_source == "yolo" else 0.0,
         "ingest_gpus": 0.25 if any(c.matting_model for c in line.cameras) else 0.0,
     }
 

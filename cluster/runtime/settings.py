@@ -216,8 +216,14 @@ class LineConfig(_Strict):
         description="views are scaled down to this many pixels on their longer side [the "
         "model's, else 320]",
     )
+    detector: BoxSource | None = Field(
+        default=None,
+        description="what finds the product in a gated frame: `contour` (the largest foreground "
+        "region) or `yolo` (needs `yolo_weights`) [yolo where yolo_weights are given]",
+    )
     yolo_weights: Path | None = Field(
-        default=None, description="Ultralytics weights; default: the contour detector"
+        default=None,
+        description="Ultralytics weights (`defectflow detector bootstrap` trains them)",
     )
     yolo_weights_sha256: Sha256 | None = Field(
         default=None,
@@ -246,6 +252,13 @@ class LineConfig(_Strict):
     @model_validator(mode="after")
     def _yolo_weights_recorded(self):
         _require_sha256(self.yolo_weights, self.yolo_weights_sha256, "yolo_weights")
+        if self.detector == "yolo" and self.yolo_weights is None:
+            raise ValueError(
+                "detector: yolo needs yolo_weights (and yolo_weights_sha256): `defectflow "
+                "detector bootstrap` trains them"
+            )
+        if self.detector == "contour" and self.yolo_weights is not None:
+            raise ValueError("yolo_weights are given but detector is contour: leave one out")
         return self
 
     @model_validator(mode="after")
@@ -261,7 +274,7 @@ class LineConfig(_Strict):
 
     @property
     def box_source(self) -> BoxSource:
-        return "yolo" if self.yolo_weights else "contour"
+        return self.detector or ("yolo" if self.yolo_weights else "contour")
 
     def following(self, contract: InputContract | None, model: str) -> LineConfig:
         """This line with its crop settings resolved against its model's input contract: the

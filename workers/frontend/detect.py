@@ -1,14 +1,16 @@
 """Finding the product in a frame: Ultralytics YOLO from the user's weights, or contours.
 
-Both return :class:`Detection` boxes, best first. ``bootstrap_yolo`` gives a line a YOLO without
-hand labelling: the contour detector labels the products of a few videos, and a YOLOv8n built from
-``yolov8n.yaml`` (no pretrained weights, nothing downloaded) trains on those labels.
+Both return :class:`Detection` boxes, best first; :func:`triggering_product` picks the one the
+motion gate fired on. ``bootstrap_yolo`` gives a line a YOLO as a plant can: the contour detector
+labels the products where the scene is easy, the plant's corrected labels (YOLO format, as CVAT
+exports them) cover the rest, and a YOLOv8n built from ``yolov8n.yaml`` (no pretrained weights,
+nothing downloaded) trains on both.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +33,35 @@ class Detector(Protocol):
     def detect(self, frame: np.ndarray, foreground: np.ndarray | None = None) -> list[Detection]:
         """Products in a BGR frame, best first; ``foreground`` is the gate's mask if known."""
         ...
+
+    def detect_batch(
+        self, frames: list[np.ndarray], foregrounds: list[np.ndarray | None]
+    ) -> list[list[Detection]]:
+        """:meth:`detect` for several frames at once (a network takes them as one batch)."""
+        ...
+
+
+# A detection is the gate's product when the gate's mask covers at least this share of its box:
+# a product elsewhere in the frame, beside a thing the gate fired on, is not it.
+MIN_MASK_COVER = 0.5
+
+
+def triggering_product(found: list[Detection], mask: np.ndarray | None) -> Detection | None:
+    """Which of a gated frame's detections the gate fired on: of those its mask covers, the one
+    nearest the centre line the gate watches (where products touch, the gate sees one blob and
+    fires when its middle crosses: the product nearest the line is then the one to take).
+    None when no detection is under the mask: the gate fired on something that is not a product
+    (a glove, a tool, a shadow)."""
+    if mask is None:
+        return found[0] if found else None
+    width = mask.shape[1]
+    under = []
+    for d in found:
+        x, y, w, h = d.bbox
+        cover = np.count_nonzero(mask[y : y + h, x : x + w]) / max(1, w * h)
+        if cover >= MIN_MASK_COVER:
+            under.append(d)
+    return min(under, key=lambda d: abs(d.bbox[0] + d.bbox[2] / 2 - width / 2), default=None)
 
 
 class ContourDetector:
@@ -73,6 +104,11 @@ class ContourDetector:
                 found.append((area, Detection((x, y, w, h), min(1.0, area / (w * h)))))
         return [d for _, d in sorted(found, key=lambda t: -t[0])]
 
+    def detect_batch(
+        self, frames: list[np.ndarray], foregrounds: list[np.ndarray | None]
+    ) -> list[list[Detection]]:
+        return [self.detect(f, m) for f, m in zip(frames, foregrounds, strict=True)]
+
 
 class YoloDetector:
     """Ultralytics YOLO from a local weights file (.pt or an exported format)."""
@@ -84,9 +120,10 @@ class YoloDetector:
         *,
         classes: list[int] | None = None,
         confidence: float = 0.25,
-        image_size: int = 640,
+        image_size: int | None = None,
         device: str | None = None,
     ):
+        """``image_size``: the network's input size [the size the weights were trained at]."""
         from ultralytics import YOLO
         from ultralytics.nn.tasks import torch_safe_load
 
@@ -107,14 +144,25 @@ class YoloDetector:
         self.device = str(choose_device(device))
 
     def detect(self, frame: np.ndarray, foreground: np.ndarray | None = None) -> list[Detection]:
-        result = self.model.predict(
-            frame,
+        return self.detect_batch([frame], [foreground])[0]
+
+    def detect_batch(
+        self, frames: list[np.ndarray], foregrounds: list[np.ndarray | None]
+    ) -> list[list[Detection]]:
+        """The frames as one batch through the network (the gate's masks are not needed)."""
+        size = {"imgsz": self.image_size} if self.image_size else {}
+        results = self.model.predict(
+            frames,
             conf=self.confidence,
             classes=self.classes,
-            imgsz=self.image_size,
             device=self.device,
             verbose=False,
-        )[0]
+            **size,
+        )
+        return [self._detections(r) for r in results]
+
+    @staticmethod
+    def _detections(result) -> list[Detection]:
         out = []
         for (x0, y0, x1, y1), conf, cls in zip(
             result.boxes.xyxy.tolist(),
@@ -158,21 +206,132 @@ def read_frames(video: Path) -> Iterable[tuple[int, np.ndarray]]:
         raise ValueError(f"{video}: no frames (empty or unreadable video)")
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def auto_label(videos: list[Path], images: Path, labels: Path) -> tuple[int, int]:
+    """Label the products of ``videos`` where the scene is easy: a trigger frame in which the
+    gate sees one thing alone, boxed by the contour detector; a few empty-belt frames become
+    negatives. Returns (labelled frames, negatives)."""
+    detector = ContourDetector()
+    n_pos = n_neg = 0
+    for v, video in enumerate(videos):
+        gate = MotionGate()
+        for index, frame in read_frames(video):
+            trigger = gate.update(index, frame)
+            name = f"auto{v}_f{index:06d}"
+            if trigger is not None and gate.objects_in_view == 1:
+                dets = detector.detect(frame, trigger.composite_mask)
+                if not dets:
+                    continue
+                cv2.imwrite(str(images / f"{name}.jpg"), frame)
+                (labels / f"{name}.txt").write_text(yolo_line(dets[0].bbox, frame.shape[:2]))
+                n_pos += 1
+            elif index % 25 == 10 and gate.objects_in_view == 0:
+                cv2.imwrite(str(images / f"{name}.jpg"), frame)
+                (labels / f"{name}.txt").write_text("")
+                n_neg += 1
+    return n_pos, n_neg
+
+
+def yolo_line(bbox: tuple[int, int, int, int], shape: tuple[int, int], cls: int = 0) -> str:
+    """A box as a line of a YOLO label file: class, centre and size as shares of the frame."""
+    h, w = shape
+    x, y, bw, bh = bbox
+    return f"{cls} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}\n"
+
+
+def _class_names(folder: Path) -> list[str] | None:
+    """The label set's class names: CVAT's ``obj.names`` or an Ultralytics ``data.yaml``."""
+    import yaml
+
+    if (folder / "obj.names").is_file():
+        return [n.strip() for n in (folder / "obj.names").read_text().splitlines() if n.strip()]
+    for name in ("data.yaml", "dataset.yaml"):
+        if (folder / name).is_file():
+            names = (yaml.safe_load((folder / name).read_text()) or {}).get("names")
+            if isinstance(names, dict):
+                return [names[k] for k in sorted(names)]
+            if isinstance(names, list):
+                return names
+    return None
+
+
+def _label_file(image: Path) -> Path | None:
+    """An image's label file: beside it, or under ``labels/`` where it is under ``images/``."""
+    beside = image.with_suffix(".txt")
+    if beside.is_file():
+        return beside
+    parts = list(image.parts)
+    if "images" in parts:
+        parts[len(parts) - 1 - parts[::-1].index("images")] = "labels"
+        mirrored = Path(*parts).with_suffix(".txt")
+        if mirrored.is_file():
+            return mirrored
+    return None
+
+
+def import_labels(folder: Path, images: Path, labels: Path, prefix: str) -> tuple[int, int]:
+    """Copy a labelled set in YOLO format (Ultralytics' layout or CVAT's "YOLO 1.1" export)
+    into the training set, keeping the product class only (other classes, a glove say, are
+    background to a product detector). An image without a label file is a negative. A
+    malformed line is an error naming its file and line. Returns (with products, negatives)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such labels folder")
+    names = _class_names(folder)
+    if names is None or len(names) == 1:
+        product = 0
+    elif "product" in names:
+        product = names.index("product")
+    else:
+        raise ValueError(f"{folder}: no class named 'product' among {names}")
+    n_pos = n_neg = 0
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        kept = []
+        source = _label_file(image)
+        lines = source.read_text().splitlines() if source else []
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                cls, *box = int(fields[0]), *(float(v) for v in fields[1:])
+            except ValueError:
+                cls, box = -1, []
+            if len(box) != 4 or cls < 0 or not all(0 <= v <= 1 for v in box):
+                raise ValueError(f"{source}:{number}: not a YOLO box line: {line!r}")
+            if cls == product:
+                kept.append(f"0 {' '.join(fields[1:])}\n")
+        name = f"{prefix}_{len(list(images.iterdir())):06d}"
+        shutil.copyfile(image, images / f"{name}{image.suffix.lower()}")
+        (labels / f"{name}.txt").write_text("".join(kept))
+        n_pos += bool(kept)
+        n_neg += not kept
+    if n_pos + n_neg == 0:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return n_pos, n_neg
+
+
 def bootstrap_yolo(
     videos: list[Path],
     out: Path,
     *,
+    labelled: list[Path] = (),
     epochs: int = 1,
     image_size: int = 320,
     work_dir: Path | None = None,
     seed: int = 0,
+    device: str | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Auto-label the products of ``videos`` with the gate + contour detector and train YOLOv8n.
-
-    Returns counts and where the weights went. Every trigger frame becomes a labelled image; a
-    few empty-belt frames become negatives.
-    """
+    """Train a YOLOv8n (built from ``yolov8n.yaml``: no pretrained weights, nothing downloaded)
+    on the products of ``videos``, labelled automatically where the scene is easy, and on the
+    ``labelled`` folders (YOLO format: a plant's corrected labels for the rest). ``on_epoch``
+    hears (epochs done, epochs). Returns counts, where the weights went and their sha256."""
     from ultralytics import YOLO
+
+    from workers.devices import choose_device
 
     work = Path(work_dir or Path(out).with_suffix(".bootstrap"))
     if work.exists():
@@ -180,43 +339,26 @@ def bootstrap_yolo(
     images, labels = work / "images" / "train", work / "labels" / "train"
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
-    detector = ContourDetector()
-    n_pos = n_neg = 0
-    for v, video in enumerate(videos):
-        gate = MotionGate()
-        for index, frame in read_frames(video):
-            trigger = gate.update(index, frame)
-            name = f"v{v}_f{index:06d}"
-            if trigger is not None:
-                dets = detector.detect(frame, trigger.composite_mask)
-                if not dets:
-                    continue
-                h, w = frame.shape[:2]
-                x, y, bw, bh = dets[0].bbox
-                cv2.imwrite(str(images / f"{name}.jpg"), frame)
-                (labels / f"{name}.txt").write_text(
-                    f"0 {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}\n"
-                )
-                n_pos += 1
-            elif (
-                index % 25 == 10 and gate.objects_in_view == 0
-            ):  # an empty belt: a negative example
-                cv2.imwrite(str(images / f"{name}.jpg"), frame)
-                (labels / f"{name}.txt").write_text("")
-                n_neg += 1
-    if n_pos == 0:
-        raise ValueError("no product was found in the videos: nothing to train on")
+    auto, negatives = auto_label(videos, images, labels)
+    given = 0
+    for i, folder in enumerate(labelled):
+        pos, neg = import_labels(folder, images, labels, f"given{i}")
+        given, negatives = given + pos, negatives + neg
+    if auto + given == 0:
+        raise ValueError("no product was found or labelled: nothing to train on")
     (work / "data.yaml").write_text(
         f"path: {work.resolve()}\ntrain: images/train\nval: images/train\nnames:\n  0: product\n"
     )
     model = YOLO("yolov8n.yaml")
+    if on_epoch is not None:
+        model.add_callback("on_train_epoch_end", lambda t: on_epoch(t.epoch + 1, t.epochs))
     model.train(
         data=str(work / "data.yaml"),
         epochs=epochs,
         imgsz=image_size,
         batch=8,
-        device="cpu",
-        amp=False,
+        device=str(choose_device(device)),
+        amp=False,  # Ultralytics' AMP check downloads a model
         plots=False,
         workers=0,
         seed=seed,
@@ -232,7 +374,9 @@ def bootstrap_yolo(
     return {
         "weights": str(out),
         "sha256": sha256_of(Path(out)),  # what the line file records as yolo_weights_sha256
-        "labelled_products": n_pos,
-        "negatives": n_neg,
+        "auto_labelled": auto,
+        "given_labelled": given,
+        "negatives": negatives,
         "epochs": epochs,
+        "image_size": image_size,
     }

@@ -14,6 +14,9 @@ It sees every gated frame of every camera, so it works at most ``work_width`` pi
 or that it scales down by a whole factor itself, and it scales its boxes and masks back up to the
 camera's frame. At 480 x 270 scaling down cut its time per frame from 2.1 to 0.6 ms, time the
 scorers get instead, with the same crops (IoU against the true boxes 0.95 either way).
+
+Each frame is first brought to the belt model's brightness (one gain, from the medians): light
+that drifts or flickers then does not turn the whole belt into foreground.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class MotionGate:
         self.frame_shape: tuple[int, int] | None = None
         self._work_shape: tuple[int, int] | None = None  # (h, w) the gate works at
         self._work_plate: np.ndarray | None = None
+        self._belt: np.ndarray | None = None  # where the last frame showed belt
         self._previous: list[_Blob] = []
         self._recent: deque[_Blob] = deque(maxlen=composite_frames)
         self._open = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
@@ -164,6 +168,7 @@ class MotionGate:
         if self.plate is not None and self._work_plate is None:
             self._work_plate = self._shrink(self.plate)
         self._frames_seen += 1
+        work = self._relit(work)
         if self._work_plate is None:
             rate = LEARNING_RATE_WITH_PRODUCT if self._previous else -1  # -1: MOG2's own
             fg = self._subtractor.apply(work, learningRate=rate)
@@ -176,6 +181,7 @@ class MotionGate:
             fg = (self.matter.alpha(work, self._background()) > 0.5).astype(np.uint8) * 255
         fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, self._open)
         fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, self._close)
+        self._belt = cv2.dilate(fg, self._close) == 0
         blobs = self._blobs(fg)
         trigger = None
         centre = fg.shape[1] / 2.0
@@ -199,6 +205,24 @@ class MotionGate:
             self._recent.clear()
         self._previous = blobs
         return trigger
+
+    def _relit(self, work: np.ndarray) -> np.ndarray:
+        """The frame brought to the belt model's brightness. Light that drifts or flickers
+        changes the whole frame at once: while a product is in view the model all but stops
+        learning, so without this the whole belt turned foreground and products merged or went
+        uncounted. The gain is the median ratio over pixels that were belt in the frame before
+        (a product that has moved onto some of them since is outvoted)."""
+        if self._belt is None:
+            return work
+        belt = self._belt[::2, ::2]
+        now = work[::2, ::2].sum(axis=2, dtype=np.float32)[belt]
+        then = self._background()[::2, ::2].sum(axis=2, dtype=np.float32)[belt]
+        if now.size < belt.size // 5:
+            return work
+        gain = float(np.median(then / np.maximum(now, 1.0)))
+        if abs(gain - 1) < 0.005:
+            return work
+        return cv2.convertScaleAbs(work, alpha=gain)
 
     def _shrink(self, image: np.ndarray) -> np.ndarray:
         h, w = self._work_shape

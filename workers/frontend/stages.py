@@ -17,7 +17,7 @@ import numpy as np
 
 from schemas import BBox, CameraFrame, ProductView, make_product_id
 from workers.contract import CropSpec
-from workers.frontend.detect import ContourDetector, Detector
+from workers.frontend.detect import ContourDetector, Detector, triggering_product
 from workers.frontend.matte import DeepMatter, matte
 from workers.frontend.motion import MotionGate
 from workers.frontend.sources import RECONNECT_WAITS_S, SourceFrame, is_live, open_source
@@ -195,7 +195,34 @@ class DetectMatte:
         self.max_pixels = max_pixels
 
     def process(self, frame: CameraFrame) -> ProductView:
+        """One frame's view; :class:`NoProductFound` when the gate fired on no product."""
+        view = self.process_batch([frame])[0]
+        if view is None:
+            raise NoProductFound(
+                f"no product in {frame.line}/{frame.camera} frame {frame.sequence}"
+            )
+        return view
+
+    def process_batch(self, frames: list[CameraFrame]) -> list[ProductView | None]:
+        """The frames' views, the detector run on all of them at once; None for a frame in
+        which the gate fired on no product (a glove, a tool, a shadow). A frame that does not
+        decode raises :class:`ImageError`."""
         t0 = time.perf_counter()
+        decoded = [self._decode(f) for f in frames]
+        t1 = time.perf_counter()
+        found = self.detector.detect_batch([bgr for bgr, _ in decoded], [m for _, m in decoded])
+        detect_ms = (time.perf_counter() - t1) * 1e3 / len(frames)
+        decode_ms = (t1 - t0) * 1e3 / len(frames)
+        views = []
+        for frame, (bgr, mask), detections in zip(frames, decoded, found, strict=True):
+            product = triggering_product(detections, mask)
+            if product is None:
+                views.append(None)
+                continue
+            views.append(self._view(frame, bgr, mask, product.bbox, decode_ms, detect_ms))
+        return views
+
+    def _decode(self, frame: CameraFrame) -> tuple[np.ndarray, np.ndarray | None]:
         source = f"{frame.line}/{frame.camera}#{frame.sequence}"
         rgb = decode_image(frame.image, source, self.max_pixels)
         if rgb.shape != tuple(frame.shape[:2]) + (3,):
@@ -206,16 +233,21 @@ class DetectMatte:
             mask = decode_grey(frame.mask, f"{source} mask", self.max_pixels)
             if mask.shape != bgr.shape[:2]:
                 raise ImageError("the frame's mask does not decode to the frame's size")
-        t1 = time.perf_counter()
-        found = self.detector.detect(bgr, mask)
-        if not found:
-            raise NoProductFound(
-                f"no product in {frame.line}/{frame.camera} frame {frame.sequence}"
-            )
+        return bgr, mask
+
+    def _view(
+        self,
+        frame: CameraFrame,
+        bgr: np.ndarray,
+        mask: np.ndarray | None,
+        bbox: tuple[int, int, int, int],
+        decode_ms: float,
+        detect_ms: float,
+    ) -> ProductView:
         t2 = time.perf_counter()
         result = matte(
             bgr,
-            found[0].bbox,
+            bbox,
             mask,
             shrink=self.crops.mask_shrink,
             margin=self.crops.box_margin,
@@ -237,9 +269,5 @@ class DetectMatte:
             bbox=BBox(x=x, y=y, w=w, h=h),
             mask_coverage=min(1.0, result.coverage),
             mask_shrink=self.crops.mask_shrink,
-            stage_ms={
-                "decode": (t1 - t0) * 1e3,
-                "detect": (t2 - t1) * 1e3,
-                "matte": (t3 - t2) * 1e3,
-            },
+            stage_ms={"decode": decode_ms, "detect": detect_ms, "matte": (t3 - t2) * 1e3},
         )

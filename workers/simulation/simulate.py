@@ -6,10 +6,16 @@ moves with them, under per-camera lighting, noise, slight blur and position jitt
 enter on the left, cross the centre and leave on the right, one at a time, with empty belt
 between them. The conveyor's texture runs along the direction of travel, so a moving belt looks
 still to a background model, as a real belt does to a camera fixed above it.
+
+That is an easy scene. The scene options of :class:`LineSpec` (``SCENES["hard"]`` combines
+them) make it as hard as real lines are: products close together or touching, belt seams,
+stains and glare, moving shadows, drifting and flickering light, things that are not products
+crossing on the belt, mixed product sizes (``workers/simulation/scene.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -23,6 +29,20 @@ import numpy as np
 
 from workers.datasets import Sample, list_test_samples, list_train_samples
 from workers.images import load_image
+from workers.simulation.scene import (
+    DistractorPlan,
+    SceneLight,
+    belt_marks,
+    distractor_sprite,
+    glare,
+    left_edge,
+    plan_distractors,
+    plan_shadows,
+    roll,
+    shadow_gain,
+    sprite_size,
+    start_after,
+)
 
 # How a camera's recording is written: OpenCV backend, FourCC, file suffix, writer parameters.
 # MPEG-4 Part 2 at OpenCV's default bitrate is small but smears fine texture (37 dB PSNR on a
@@ -56,6 +76,16 @@ class LineSpec:
     # A product's height as a share of the frame's, drawn per view from this range.
     product_scale: tuple[float, float] = (0.45, 0.6)
     codec: str = "mjpeg"  # a key of VIDEO_CODECS
+    # -- scene options (all off: an easy scene; SCENES["hard"] sets them) --
+    # Share of products that follow the one before closely: a gap of 0 (touching) to a quarter
+    # of a product's length in the camera where they come closest, two in view at once.
+    close_products: float = 0.0
+    belt_marks: bool = False  # seams and stains moving with the belt, glare from the lamps
+    shadows: bool = False  # soft shadows sweeping across the view now and then
+    lighting_drift: float = 0.0  # the scene's brightness drifts by a gain of 1 +- this
+    flicker: float = 0.0  # and flickers frame to frame by a gain of 1 +- this
+    # Share of the gaps between products in which a glove or a tool rides through on the belt.
+    distractors: float = 0.0
 
     def __post_init__(self):
         if self.products < 1 or self.cameras < 1:
@@ -73,10 +103,38 @@ class LineSpec:
             )
         if self.codec not in VIDEO_CODECS:
             raise ValueError(f"codec must be one of {sorted(VIDEO_CODECS)}, got {self.codec!r}")
+        for name in ("close_products", "distractors"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("lighting_drift", "flicker"):
+            if not 0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)}")
         if self.width < 64 or self.height < 64:
             raise ValueError(
                 f"frame size must be at least 64 x 64, got {self.width} x {self.height}"
             )
+
+
+# Named scenes: LineSpec fields each sets. "hard" is what real lines show a detector.
+SCENES: dict[str, dict] = {
+    "easy": {},
+    "hard": {
+        "close_products": 0.35,
+        "belt_marks": True,
+        "shadows": True,
+        "lighting_drift": 0.15,
+        "flicker": 0.04,
+        "distractors": 0.25,
+        "product_scale": (0.3, 0.7),
+    },
+}
+
+
+def scene_spec(scene: str, **fields) -> LineSpec:
+    """A LineSpec of the named scene; ``fields`` set the rest (and may override the scene)."""
+    if scene not in SCENES:
+        raise ValueError(f"scene must be one of {sorted(SCENES)}, got {scene!r}")
+    return LineSpec(**{**SCENES[scene], **fields})
 
 
 @dataclass
@@ -96,8 +154,16 @@ class ViewPlan:
 class ProductPlan:
     seq: int
     defective: bool
-    start: int  # frame at which the product's leading edge enters
+    start: float  # frame at which the product's leading edge enters
     views: list[ViewPlan]
+
+
+@dataclass
+class Scene:
+    """What a line's cameras show: its products, and what else rides through on the belt."""
+
+    products: list[ProductPlan]
+    distractors: list[DistractorPlan] = field(default_factory=list)
 
 
 def parse_frame_size(text: str) -> tuple[int, int]:
@@ -113,7 +179,7 @@ def camera_names(n: int) -> list[str]:
     return [f"cam{i}" for i in range(n)]
 
 
-def plan_line(good: list[Sample], defects: list[Sample], spec: LineSpec) -> list[ProductPlan]:
+def plan_line(good: list[Sample], defects: list[Sample], spec: LineSpec) -> Scene:
     if not good:
         raise ValueError("the simulator needs good images")
     if spec.defect_rate > 0 and not defects:
@@ -143,7 +209,51 @@ def plan_line(good: list[Sample], defects: list[Sample], spec: LineSpec) -> list
             )
         start = spec.lead_frames + seq * (spec.crossing_frames + spec.gap_frames)
         plans.append(ProductPlan(seq, defective, start, views))
-    return plans
+    # The scene's options draw from their own generator: an easy scene plans as before them.
+    scene_rng = random.Random(spec.seed + 7919)
+    if spec.close_products > 0:
+        _bring_closer(plans, spec, scene_rng)
+    distractors = []
+    if spec.distractors > 0:
+        widths = [_widths(p, spec) for p in plans]
+        after = [(p.start, w) for p, w in zip(plans[1:], widths[1:], strict=True)]
+        starts = [
+            (p.start, w, *nxt)
+            for p, w, nxt in zip(plans, widths, after + [(None, None)], strict=True)
+        ]
+        distractors = plan_distractors(
+            starts, cams, spec.distractors, spec.width, spec.height, spec.crossing_frames, scene_rng
+        )
+    return Scene(plans, distractors)
+
+
+def _widths(plan: ProductPlan, spec: LineSpec) -> list[int]:
+    """The product's width in each camera's frames."""
+    return [
+        sprite_size(_image_shape(v.source), v.scale, spec.width, spec.height)[0] for v in plan.views
+    ]
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_shape(path: str) -> tuple[int, int]:
+    return load_image(path).shape[:2]
+
+
+def _bring_closer(plans: list[ProductPlan], spec: LineSpec, rng: random.Random) -> None:
+    """Move a ``close_products`` share of the products up behind the one before them: a gap of
+    0 to a quarter of its length where they come closest; everything after moves up too."""
+    widths = [_widths(p, spec) for p in plans]
+    for i in range(1, len(plans)):
+        usual = plans[i - 1].start + spec.crossing_frames + spec.gap_frames
+        if rng.random() < spec.close_products:
+            share = rng.choice([0.0, rng.uniform(0, 0.25)])  # touching half the time
+            gaps = [share * max(widths[i])] * spec.cameras
+            close = start_after(
+                plans[i - 1].start, widths[i - 1], widths[i], gaps, spec.width, spec.crossing_frames
+            )
+            plans[i].start = min(usual, close)
+        else:
+            plans[i].start = usual
 
 
 def _shuffled_passes(samples: list[Sample], rng: random.Random) -> Iterator[Sample]:
@@ -155,12 +265,10 @@ def _shuffled_passes(samples: list[Sample], rng: random.Random) -> Iterator[Samp
         yield from order
 
 
-def total_frames(spec: LineSpec) -> int:
-    return (
-        spec.lead_frames
-        + spec.products * (spec.crossing_frames + spec.gap_frames)
-        + spec.gap_frames
-    )
+def total_frames(spec: LineSpec, scene: Scene) -> int:
+    """Frames recorded: empty belt, the products, and a gap after the last."""
+    last = max([p.start for p in scene.products] + [d.start for d in scene.distractors], default=0)
+    return int(np.ceil(last)) + spec.crossing_frames + spec.gap_frames
 
 
 def belt_texture(spec: LineSpec, camera_index: int) -> np.ndarray:
@@ -173,7 +281,7 @@ def belt_texture(spec: LineSpec, camera_index: int) -> np.ndarray:
 
 
 def render_camera(
-    spec: LineSpec, plans: list[ProductPlan], camera_index: int
+    spec: LineSpec, scene: Scene, camera_index: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Frames (BGR uint8) of one camera; fills each view's ``frames`` and ``bboxes``."""
     rng = np.random.default_rng(spec.seed * 1000 + camera_index)
@@ -185,11 +293,26 @@ def render_camera(
     # frame (a quarter of the time a 960 x 540 frame took).
     lighting = np.asarray(spec.lighting, np.float32)
     belt = belt_texture(spec, camera_index) * rng.uniform(0.9, 1.1) * lighting
+    scene_rng = np.random.default_rng(spec.seed * 1000 + camera_index + 7919)
+    marks = None
+    if spec.belt_marks:
+        belt = belt + glare(spec.width, spec.height, scene_rng)
+        marks = belt_marks(spec.width, spec.height, scene_rng) * lighting
     lit_belt = belt.astype(np.float32)
+    frames = total_frames(spec, scene)
+    shadows = plan_shadows(frames, scene_rng) if spec.shadows else []
+    light = SceneLight(
+        spec.lighting_drift, spec.flicker, float(scene_rng.uniform(0, 2 * np.pi)), scene_rng
+    )
+    # The belt moves as fast as a product of 40 % of the frame's width.
+    belt_speed = 1.4 * spec.width / spec.crossing_frames
     sprites: dict[int, np.ndarray] = {}
-    for f in range(total_frames(spec)):
+    things: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for f in range(frames):
         frame = lit_belt.copy()
-        for plan in plans:
+        if marks is not None:
+            frame += roll(marks, spec.width, belt_speed * f)
+        for plan in scene.products:
             t = f - plan.start
             if not 0 <= t < spec.crossing_frames:
                 continue
@@ -199,41 +322,63 @@ def render_camera(
                 sprite = _sprite(view, spec) * lighting
                 sprites[plan.seq] = sprite
             h, w = sprite.shape[:2]
-            # The product's centre travels from fully left of the view to fully right of it.
-            cx = -w / 2 + (spec.width + w) * (t + 0.5) / spec.crossing_frames
-            x0 = int(round(cx - w / 2))
+            x0 = int(round(left_edge(plan.start, w, spec.width, spec.crossing_frames, f)))
             y0 = (spec.height - h) // 2 + view.dy
             box = _paste(frame, sprite, x0, y0)
             if box is not None:
                 view.bboxes[f] = box
-            if t == spec.crossing_frames - 1:
+            if t + 1 >= spec.crossing_frames:
                 del sprites[plan.seq]  # the product has left: free its image
+        for thing in scene.distractors:
+            t = f - thing.start
+            if not 0 <= t < spec.crossing_frames:
+                continue
+            view = thing.views[camera_index]
+            if thing.seq not in things:
+                bgr, alpha = distractor_sprite(thing.kind, view.size, view.seed)
+                things[thing.seq] = (bgr * lighting, alpha)
+            bgr, alpha = things[thing.seq]
+            h, w = bgr.shape[:2]
+            x0 = int(round(left_edge(thing.start, w, spec.width, spec.crossing_frames, f)))
+            box = _paste(frame, bgr, x0, (spec.height - h) // 2, alpha)
+            if box is not None:
+                view.bboxes[f] = box
+            if t + 1 >= spec.crossing_frames:
+                del things[thing.seq]
+        if shadows and (dark := shadow_gain(shadows, f, spec.width, spec.height)) is not None:
+            frame *= dark
+        if spec.lighting_drift or spec.flicker:
+            frame *= light.gain(f)
         frame += cv2.randn(noise, 0.0, 2.5)
         frame = cv2.GaussianBlur(frame.clip(0, 255).astype(np.uint8), (3, 3), 0.6)
         yield f, frame
-    for plan in plans:
-        view = plan.views[camera_index]
+    for view in [p.views[camera_index] for p in scene.products] + [
+        d.views[camera_index] for d in scene.distractors
+    ]:
         view.frames = (min(view.bboxes), max(view.bboxes)) if view.bboxes else (0, -1)
 
 
 def _sprite(view: ViewPlan, spec: LineSpec) -> np.ndarray:
     rgb = load_image(view.source)
-    # Very wide tiles are shrunk to keep a crossing-sized footprint (never squashed: a squashed
-    # texture is an anomaly of its own).
-    factor = min(spec.height * view.scale / rgb.shape[0], spec.width * 0.6 / rgb.shape[1])
-    h = max(8, int(rgb.shape[0] * factor))
-    w = max(8, int(round(rgb.shape[1] * factor)))
+    w, h = sprite_size(rgb.shape[:2], view.scale, spec.width, spec.height)
     bgr = cv2.resize(rgb[:, :, ::-1], (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
     return (bgr * view.gain + view.offset).clip(0, 255)
 
 
-def _paste(frame: np.ndarray, sprite: np.ndarray, x0: int, y0: int):
+def _paste(frame: np.ndarray, sprite: np.ndarray, x0: int, y0: int, alpha=None):
+    """Paste ``sprite`` (blended by ``alpha`` where given) with its corner at (x0, y0); return
+    the box of it that is in view, or None."""
     h, w = sprite.shape[:2]
     fx0, fy0 = max(0, x0), max(0, y0)
     fx1, fy1 = min(frame.shape[1], x0 + w), min(frame.shape[0], y0 + h)
     if fx1 <= fx0 or fy1 <= fy0:
         return None
-    frame[fy0:fy1, fx0:fx1] = sprite[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
+    part = sprite[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
+    if alpha is None:
+        frame[fy0:fy1, fx0:fx1] = part
+    else:
+        a = alpha[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0, None]
+        frame[fy0:fy1, fx0:fx1] = a * part + (1 - a) * frame[fy0:fy1, fx0:fx1]
     return (fx0, fy0, fx1 - fx0, fy1 - fy0)
 
 
@@ -248,7 +393,7 @@ def simulate_line(data_dir: Path, out: Path, spec: LineSpec) -> dict:
 
 def render_line(good: list[Sample], defects: list[Sample], out: Path, spec: LineSpec) -> dict:
     """Write one video per camera and ``manifest.json`` under ``out``; return the manifest."""
-    plans = plan_line(good, defects, spec)
+    scene = plan_line(good, defects, spec)
     out.mkdir(parents=True, exist_ok=True)
     cams = camera_names(spec.cameras)
     backend, fourcc, suffix, params = VIDEO_CODECS[spec.codec]
@@ -266,7 +411,7 @@ def render_line(good: list[Sample], defects: list[Sample], out: Path, spec: Line
         )
         if not writer.isOpened():
             raise RuntimeError(f"OpenCV cannot write {path} (no {fourcc} encoder?)")
-        for _, frame in render_camera(spec, plans, index):
+        for _, frame in render_camera(spec, scene, index):
             writer.write(frame)
         writer.release()
 
@@ -274,26 +419,33 @@ def render_line(good: list[Sample], defects: list[Sample], out: Path, spec: Line
     # each camera fills only its own views' boxes and draws from its own seeded generators.
     with ThreadPoolExecutor(max_workers=min(len(cams), os.cpu_count() or 1)) as pool:
         list(pool.map(record, range(len(cams))))
+
+    def seen(view) -> dict:
+        return {
+            "frames": list(view.frames),
+            "bboxes": {str(k): list(b) for k, b in sorted(view.bboxes.items())},
+        }
+
     manifest = {
         "spec": asdict(spec),
         "cameras": cams,
         "videos": videos,
-        "frames": total_frames(spec),
+        "frames": total_frames(spec, scene),
         "products": [
             {
                 "seq": p.seq,
                 "defective": p.defective,
                 "views": {
-                    v.camera: {
-                        "source": v.source,
-                        "category": v.category,
-                        "frames": list(v.frames),
-                        "bboxes": {str(k): list(b) for k, b in sorted(v.bboxes.items())},
-                    }
+                    v.camera: {"source": v.source, "category": v.category, **seen(v)}
                     for v in p.views
                 },
             }
-            for p in plans
+            for p in scene.products
+        ],
+        # Things on the belt that are not products: the line must give them no verdict.
+        "distractors": [
+            {"seq": d.seq, "kind": d.kind, "views": {v.camera: seen(v) for v in d.views}}
+            for d in scene.distractors
         ],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
