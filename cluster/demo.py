@@ -34,10 +34,13 @@ from workers.differnet.store import (
     update_metadata,
 )
 from workers.differnet.training import Progress, TrainingOptions
+from workers.frontend.detect import Detector, YoloDetector, bootstrap_yolo
 from workers.simulation.annotate import annotate_video
 from workers.simulation.harvest import Boxes, harvest_crops
-from workers.simulation.simulate import LineSpec, camera_videos, render_line
+from workers.simulation.labels import truth_labels
+from workers.simulation.simulate import LineSpec, camera_videos, render_line, scene_spec
 from workers.threshold import auroc, auroc_interval, target_tpr_threshold
+from workers.weights import sha256_of
 
 LINE = "demo"
 # The demo's crops are small (about 130 px tall): a 224 px input keeps their detail, and is fast.
@@ -63,6 +66,12 @@ TRAIN_PASSES = 2
 # 480 x 270), so that the line's model forgives a border a few pixels off instead of learning
 # each product's border exactly; twice as much did worse (docs/benchmarks.md, "Tried").
 TRAIN_BOX_JITTER = 0.006
+# With `--detector yolo` the line first learns a YOLOv8n from a labelled run of this many
+# products (the simulator's truth stands for a plant's corrected labels; every third frame of
+# each camera), for this many epochs at this input size: within 15 minutes on 2 CPU cores.
+YOLO_TRAIN_PRODUCTS = 24
+YOLO_EPOCHS = 30
+YOLO_IMAGE_SIZE = 256
 
 
 @dataclass
@@ -87,15 +96,60 @@ class DemoSummary:
 
 
 def demo_line_spec(
-    products: int, defect_rate: float, seed: int, frame_size: tuple[int, int] | None = None
+    products: int,
+    defect_rate: float,
+    seed: int,
+    frame_size: tuple[int, int] | None = None,
+    scene: str = "easy",
 ) -> LineSpec:
     """The demo's simulated lines: an inspection station's controlled light, 3 % exposure
-    jitter (the simulator's default is 15 %). ``frame_size``: (width, height), else the
-    simulator's."""
+    jitter (the simulator's default is 15 %), in the named scene (``SCENES``).
+    ``frame_size``: (width, height), else the simulator's."""
     size = dict(zip(("width", "height"), frame_size, strict=True)) if frame_size else {}
-    return LineSpec(
-        products=products, defect_rate=defect_rate, seed=seed, exposure_jitter=0.03, **size
+    return scene_spec(
+        scene,
+        products=products,
+        defect_rate=defect_rate,
+        seed=seed,
+        exposure_jitter=0.03,
+        **size,
     )
+
+
+def demo_crops(detector: str) -> CropSpec:
+    """How the demo line cuts its crops with the named detector."""
+    return DEMO_CROPS.model_copy(update={"box_source": detector})
+
+
+def train_yolo(data_dir: Path, work: Path, *, scene: str, seed: int, on_epoch=None) -> Path:
+    """A YOLOv8n for the demo line, trained on the truth of a labelled run of its scene (the
+    training images only); reused while its record says it was trained so. The weights."""
+    weights, record_file = work / "yolo.pt", work / "yolo.json"
+    record = {
+        "scene": scene,
+        "products": YOLO_TRAIN_PRODUCTS,
+        "epochs": YOLO_EPOCHS,
+        "image_size": YOLO_IMAGE_SIZE,
+        "seed": seed,
+    }
+    if weights.is_file() and record_file.is_file():
+        kept = json.loads(record_file.read_text())
+        if kept.get("trained") == record and kept.get("sha256") == sha256_of(weights):
+            return weights
+    spec = demo_line_spec(YOLO_TRAIN_PRODUCTS, 0.0, seed + 4, scene=scene)
+    render_line(list_train_samples(data_dir), [], work / "line-yolo", spec)
+    truth_labels(work / "line-yolo", work / "yolo-labels", every=3)
+    report = bootstrap_yolo(
+        [],
+        weights,
+        labelled=[work / "yolo-labels"],
+        epochs=YOLO_EPOCHS,
+        image_size=YOLO_IMAGE_SIZE,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
+    record_file.write_text(json.dumps({"trained": record, "sha256": report["sha256"]}))
+    return weights
 
 
 def split_halves(data_dir: Path, seed: int):
@@ -116,20 +170,26 @@ def train_line_model(
     progress: Progress,
     frame_size: tuple[int, int] | None = None,
     boxes: Boxes = "detected",
+    scene: str = "easy",
+    yolo_weights: Path | None = None,
 ) -> Path:
     """Simulate, harvest and train; returns the model folder. ``train_products``: by default as
     many as show every training image ``TRAIN_PASSES`` times. ``boxes="true"`` harvests at the
     simulator's boxes instead of the front end's: the reference model a front end is measured
-    against."""
+    against. ``yolo_weights``: the line's detector is YOLO (else contours)."""
     (val_good, val_bad), _ = split_halves(data_dir, seed)
     crops = work / "crops"
     train_line = work / "line-train"
     train = list_train_samples(data_dir)
     train_products = train_products or TRAIN_PASSES * -(-len(train) // LineSpec.cameras)
-    spec = demo_line_spec(train_products, defect_rate=0.0, seed=seed + 1, frame_size=frame_size)
+    spec = demo_line_spec(train_products, 0.0, seed + 1, frame_size, scene)
     render_line(train, [], train_line, spec)
     jitter = TRAIN_BOX_JITTER if boxes == "detected" else 0.0
-    harvest_crops(train_line, crops, "train", DEMO_CROPS, DEMO_FRAME_STRIDE, boxes, jitter)
+    detector: Detector | None = None
+    if yolo_weights is not None:
+        detector = YoloDetector(yolo_weights, sha256_of(yolo_weights))
+    cut = demo_crops("yolo" if detector else "contour")
+    harvest_crops(train_line, crops, "train", cut, DEMO_FRAME_STRIDE, boxes, jitter, detector)
     # The crops are what the model learns from; the videos (about 0.8 GB) go.
     for video in camera_videos(train_line).values():
         video.unlink()
@@ -139,30 +199,35 @@ def train_line_model(
         val_good,
         val_bad,
         val_line,
-        demo_line_spec(val_products, defect_rate=0.5, seed=seed + 2, frame_size=frame_size),
+        demo_line_spec(val_products, 0.5, seed + 2, frame_size, scene),
     )
-    harvest_crops(val_line, crops, "test", DEMO_CROPS, DEMO_FRAME_STRIDE, boxes)
+    harvest_crops(val_line, crops, "test", cut, DEMO_FRAME_STRIDE, boxes, detector=detector)
     model_dir = work / "model"
     train_from_folder(
         crops,
         model_dir,
         DEMO_MODEL,
         TrainingOptions(epochs=epochs, seed=seed),
-        crops=DEMO_CROPS,
+        crops=cut,
         progress=progress,
     )
     set_product_threshold(model_dir, crops)
-    update_metadata(model_dir, harvest=harvest_record(boxes))
+    update_metadata(model_dir, harvest=harvest_record(boxes, scene))
     return model_dir
 
 
-def harvest_record(boxes: Boxes = "detected") -> dict:
+def harvest_record(boxes: Boxes = "detected", scene: str = "easy") -> dict:
     """How the training crops were harvested beyond the input contract: whose boxes, jittered
-    by how much (recorded in the model's metadata)."""
-    return {"boxes": boxes, "train_box_jitter": TRAIN_BOX_JITTER if boxes == "detected" else 0.0}
+    by how much, from which scene (recorded in the model's metadata)."""
+    jitter = TRAIN_BOX_JITTER if boxes == "detected" else 0.0
+    # An easy scene is not named: models harvested before scenes existed stay reusable.
+    named = {"scene": scene} if scene != "easy" else {}
+    return {"boxes": boxes, "train_box_jitter": jitter} | named
 
 
-def reusable_line_model(model_dir: Path, boxes: Boxes = "detected") -> ModelBundle | None:
+def reusable_line_model(
+    model_dir: Path, boxes: Boxes = "detected", scene: str = "easy", detector: str = "contour"
+) -> ModelBundle | None:
     """The model in ``model_dir`` if it learned from crops cut and harvested as the demo cuts
     and harvests them now, else None."""
     try:
@@ -170,8 +235,9 @@ def reusable_line_model(model_dir: Path, boxes: Boxes = "detected") -> ModelBund
     except ModelError:
         return None
     contract = InputContract.of(bundle.metadata)
-    same = contract is not None and contract.crops == DEMO_CROPS
-    return bundle if same and bundle.metadata.get("harvest") == harvest_record(boxes) else None
+    same = contract is not None and contract.crops == demo_crops(detector)
+    harvest = bundle.metadata.get("harvest")
+    return bundle if same and harvest == harvest_record(boxes, scene) else None
 
 
 def set_product_threshold(model_dir: Path, crops: Path, target_tpr: float = 0.85) -> None:
@@ -208,18 +274,31 @@ def simulate_test_line(
     products: int,
     seed: int,
     frame_size: tuple[int, int] | None = None,
+    scene: str = "easy",
 ) -> dict:
     _, (test_good, test_bad) = split_halves(data_dir, seed)
-    spec = demo_line_spec(products, defect_rate=0.25, seed=seed + 3, frame_size=frame_size)
+    spec = demo_line_spec(products, 0.25, seed + 3, frame_size, scene)
     return render_line(test_good, test_bad, work / "line-test", spec)
 
 
 def line_config(
-    line_dir: Path, cameras: list[str], replicas: ReplicaConfig, fps: float | None = None
+    line_dir: Path,
+    cameras: list[str],
+    replicas: ReplicaConfig,
+    fps: float | None = None,
+    yolo_weights: Path | None = None,
 ) -> LineConfig:
-    """The simulated line's config; ``fps`` replays the videos at the cameras' rate. Its crops
-    are cut as its model says (the model's input contract)."""
+    """The simulated line's config; ``fps`` replays the videos at the cameras' rate;
+    ``yolo_weights``: its detector is YOLO. Its crops are cut as its model says (the model's
+    input contract)."""
     videos = camera_videos(line_dir)
+    yolo = {}
+    if yolo_weights is not None:
+        yolo = {
+            "detector": "yolo",
+            "yolo_weights": yolo_weights,
+            "yolo_weights_sha256": sha256_of(yolo_weights),
+        }
     return LineConfig(
         id=LINE,
         cameras=[
@@ -231,13 +310,17 @@ def line_config(
         # Replayed at the cameras' rate, the views of a product are captured together (within
         # a frame); unpaced, each camera stamps when it read, which says nothing of the product.
         max_camera_spread_s=DEMO_MAX_CAMERA_SPREAD_S if fps else None,
+        **yolo,
     )
 
 
-def demo_settings(out: Path, model_dir: Path, cameras: list[str], fps: float) -> dict:
+def demo_settings(
+    out: Path, model_dir: Path, cameras: list[str], fps: float, yolo_weights: Path | None = None
+) -> dict:
     """What the demo sets on top of the settings every command reads: its state under ``out``
-    and its one line, replayed at the cameras' rate, inspected with ``model_dir``."""
-    line = line_config(out / "line-test", cameras, ReplicaConfig(), fps=fps)
+    and its one line, replayed at the cameras' rate, inspected with ``model_dir`` (and YOLO
+    where ``yolo_weights`` are given)."""
+    line = line_config(out / "line-test", cameras, ReplicaConfig(), fps, yolo_weights)
     return {
         "data_dir": out,
         "model_dir": out,  # the trainer's candidates: OUT/demo/candidates

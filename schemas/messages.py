@@ -136,6 +136,18 @@ def _no_regions_before_v2(meta: dict, version: int, where: str) -> None:
         raise SchemaError(where, "not in schema version 1 (regions came with version 2)")
 
 
+class NoProduct(Message):
+    """A camera's gate fired on something its detector found no product in (a glove, a tool,
+    a shadow): the camera's word that this number is no product of its. The detector sends it
+    on the scores stream, so that the aggregator decides the number without a verdict."""
+
+    kind: ClassVar[str] = "no_product"
+    line: Name
+    camera: Name
+    product_seq: int = Field(ge=0, lt=MAX_PRODUCT_SEQ)
+    captured_at: Timestamp
+
+
 class ViewScore(Message):
     """A scorer's result for one view. Version 2 added ``regions``; one without regions is
     written as version 1."""
@@ -272,6 +284,7 @@ STREAM_MESSAGES: tuple[type[Message], ...] = (
     CameraFrame,
     ProductView,
     ViewScore,
+    NoProduct,
     Verdict,
     Label,
     ModelVersion,

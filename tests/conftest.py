@@ -128,3 +128,12 @@ def contract_line(tmp_path_factory):
     from tests.synthetic import make_line
 
     return make_line(tmp_path_factory.mktemp("contract"), products=3, crops=CONTRACT_CROPS)
+
+
+@pytest.fixture(scope="session")
+def touching_scene(tmp_path_factory):
+    """A short hard scene (touching products, gloves and tools) and a tiny YOLO trained on its
+    truth: ``tests.synthetic.touching_scene``."""
+    from tests.synthetic import touching_scene
+
+    return touching_scene(tmp_path_factory.mktemp("touching"))

@@ -414,3 +414,52 @@ def test_chaos_every_product_one_verdict_under_every_fault(line_model, local_ray
     # Each one landed mid-run: the line still had products to decide after it.
     assert [f["fault"] for f in report["faults"] if f["next_verdict_s"] is None] == []
     assert report["actors"]["aggregate"]["images_trimmed"] > 0
+
+
+def test_a_yolo_line_inspects_its_products_and_gives_gloves_and_tools_no_view(
+    touching_scene, local_ray, tmp_path
+):
+    from workers.contract import CropSpec
+    from workers.differnet.model import DifferNetConfig
+    from workers.differnet.recipes import train_from_folder
+    from workers.differnet.training import TrainingOptions
+    from workers.frontend.detect import YoloDetector, iou
+    from workers.simulation.harvest import harvest_crops
+
+    line_dir, manifest, report = touching_scene
+    weights = Path(report["weights"])
+    # The line's model learned from crops its YOLO cut (its input contract says so).
+    crops = CropSpec(box_source="yolo")
+    yolo = YoloDetector(weights, report["sha256"])
+    harvest_crops(line_dir, tmp_path / "crops", "train", crops, detector=yolo)
+    tiny = DifferNetConfig(image_size=96, train_transforms=2, tta=1)
+    train_from_folder(
+        tmp_path / "crops", tmp_path / "model", tiny, TrainingOptions(epochs=2), crops=crops
+    )
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        line = line_config(line_dir, manifest["cameras"], ReplicaConfig()).model_copy(
+            update={
+                "detector": "yolo",
+                "yolo_weights": weights,
+                "yolo_weights_sha256": report["sha256"],
+            }
+        )
+        running = start_line(line, server.access, tmp_path / "model", resources=SMALL)
+        stats = drain_and_stop([running], timeout_s=300)
+        views = [ProductView.from_entry(f) for _, f in client.xrange(Streams("demo").views)]
+        got = verdicts(client, "demo")
+    # The gate fired on gloves and tools too: the detectors said so, and the aggregator decided
+    # those numbers without a verdict.
+    not_products = sum(s.get("not_products", 0) for s in stats["demo"]["detect"])
+    assert not_products >= 2 and stats["demo"]["aggregate"]["not_products"] == not_products
+    assert views and sorted(v.product_seq for v in got) == sorted(v.product_seq for v in views)
+    assert all(v.status == "complete" for v in got)
+
+    def best(kind: str, box: tuple) -> float:
+        boxes = [b for t in manifest[kind] for b in t["views"]["cam0"]["bboxes"].values()]
+        return max((iou(box, tuple(b)) for b in boxes), default=0.0)
+
+    for view in views:  # each view is a product's, none a glove's or a tool's
+        box = (view.bbox.x, view.bbox.y, view.bbox.w, view.bbox.h)
+        assert best("products", box) > 0.6 and best("distractors", box) < 0.4, box

@@ -1,6 +1,7 @@
 """Simulator, motion gate, detectors and matting on a small simulated line."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cluster.apps.cli import app
+from schemas import CameraFrame
 from tests.synthetic import difference_matting_model, make_dataset
 from workers.datasets import list_train_samples
 from workers.frontend.detect import (
@@ -21,6 +23,7 @@ from workers.frontend.detect import (
 )
 from workers.frontend.matte import matte, shrink_mask
 from workers.frontend.motion import MotionGate
+from workers.frontend.stages import DetectMatte, NoProductFound
 from workers.simulation.harvest import JitteredDetector, harvest_crops
 from workers.simulation.simulate import (
     LineSpec,
@@ -194,20 +197,104 @@ def test_simulate_command_writes_videos_and_manifest(line, tmp_path):
     assert bad.exit_code == 1 and "--size" in bad.output
 
 
-def test_yolo_bootstrap_trains_on_auto_labels_and_then_predicts(line, tmp_path):
-    _, out, manifest = line
-    report = bootstrap_yolo(
-        list(camera_videos(out).values()), tmp_path / "yolo.pt", epochs=1, image_size=160
-    )
-    assert report["labelled_products"] == 10
-    assert report["sha256"] == sha256_of(tmp_path / "yolo.pt")
-    detector = YoloDetector(tmp_path / "yolo.pt", report["sha256"], confidence=0.0, image_size=160)
+def test_yolo_bootstrap_takes_auto_labels_and_corrected_ones_and_refuses_bad_lines(
+    line, touching_scene, tmp_path
+):
+    _, out, _ = line
+    _, _, trained = touching_scene
+    # Corrected labels as CVAT exports them (YOLO 1.1): obj.names, obj_train_data/*.jpg + .txt;
+    # a glove class is background to a product detector.
+    cvat = tmp_path / "cvat"
+    (cvat / "obj_train_data").mkdir(parents=True)
+    (cvat / "obj.names").write_text("glove\nproduct\n")
     frame = next(f for i, f in read_frames(camera_videos(out)["cam0"]) if i == 40)
-    detections = detector.detect(frame)
-    assert all(len(d.bbox) == 4 for d in detections)  # one epoch: boxes, not yet good ones
-    assert (
-        cv2.imread(str(next((tmp_path / "yolo.bootstrap" / "images" / "train").glob("*.jpg"))))
-        is not None
+    cv2.imwrite(str(cvat / "obj_train_data" / "a.jpg"), frame)
+    (cvat / "obj_train_data" / "a.txt").write_text("1 0.5 0.5 0.3 0.4\n0 0.1 0.1 0.05 0.05\n")
+    cv2.imwrite(str(cvat / "obj_train_data" / "empty.jpg"), frame)  # no label file: negative
+    report = bootstrap_yolo(
+        list(camera_videos(out).values()),
+        tmp_path / "yolo.pt",
+        labelled=[cvat],
+        epochs=1,
+        image_size=96,
+        architecture=trained["architecture"],
+    )
+    assert report["auto_labelled"] == 10 and report["given_labelled"] == 1
+    assert report["sha256"] == sha256_of(tmp_path / "yolo.pt")
+    given = sorted((tmp_path / "yolo.bootstrap" / "labels" / "train").glob("given0_*.txt"))
+    assert [p.read_text() for p in given] == ["0 0.5 0.5 0.3 0.4\n", ""]
+    (cvat / "obj_train_data" / "a.txt").write_text("1 0.5 0.5 1.3\n")
+    with pytest.raises(ValueError, match=r"a.txt:1: not a YOLO box line"):
+        bootstrap_yolo([], tmp_path / "bad.pt", labelled=[cvat])
+    with pytest.raises(FileNotFoundError, match="no such labels folder"):
+        bootstrap_yolo([], tmp_path / "bad.pt", labelled=[tmp_path / "absent"])
+
+
+def fully_in_view(manifest: dict, kind: str, index: int, width: int) -> list[tuple]:
+    """True boxes of the products (or distractors) wholly in view in frame ``index``."""
+    boxes = [t["views"]["cam0"]["bboxes"].get(str(index)) for t in manifest[kind]]
+    return [tuple(b) for b in boxes if b and b[0] > 0 and b[0] + b[2] < width]
+
+
+def test_yolo_separates_touching_products_that_the_contour_detector_merges(touching_scene):
+    line_dir, manifest, report = touching_scene
+    yolo = YoloDetector(Path(report["weights"]), report["sha256"])
+    merged = []
+    for trigger, frame, found in gate_run(camera_videos(line_dir)["cam0"]):
+        box = found[0].bbox
+        inside = [
+            t
+            for t in fully_in_view(manifest, "products", trigger.frame_index, frame.shape[1])
+            if iou(box, t) > 0 and _covered(t, box) > 0.8
+        ]
+        if len(inside) >= 2:
+            merged.append((frame, box, inside))
+    assert merged  # the gate saw touching products as one, and the contours boxed them as one
+    for frame, box, inside in merged:
+        assert all(iou(box, t) < 0.6 for t in inside)
+        boxes = [d.bbox for d in yolo.detect(frame)]
+        assert all(max(iou(b, t) for b in boxes) > 0.6 for t in inside), (boxes, inside)
+
+
+def _covered(inner: tuple, outer: tuple) -> float:
+    """The share of box ``inner`` inside box ``outer``."""
+    x, y, w, h = inner
+    ox, oy, ow, oh = outer
+    ix = max(0, min(x + w, ox + ow) - max(x, ox))
+    iy = max(0, min(y + h, oy + oh) - max(y, oy))
+    return ix * iy / (w * h)
+
+
+def test_a_glove_or_tool_the_gate_fires_on_gets_a_view_from_contours_and_none_from_yolo(
+    touching_scene,
+):
+    line_dir, manifest, report = touching_scene
+    yolo = DetectMatte(YoloDetector(Path(report["weights"]), report["sha256"]))
+    contours = DetectMatte()
+    on_distractors = []
+    for trigger, frame, found in gate_run(camera_videos(line_dir)["cam0"]):
+        things = fully_in_view(manifest, "distractors", trigger.frame_index, frame.shape[1])
+        if any(iou(found[0].bbox, t) > 0.5 for t in things):
+            on_distractors.append(_camera_frame(frame, trigger))
+    assert on_distractors
+    assert all(v is not None for v in contours.process_batch(on_distractors))
+    assert yolo.process_batch(on_distractors) == [None] * len(on_distractors)
+    with pytest.raises(NoProductFound):
+        yolo.process(on_distractors[0])
+
+
+def _camera_frame(frame: np.ndarray, trigger) -> CameraFrame:
+    """A gated frame as the camera ingest sends it on."""
+    return CameraFrame(
+        line="l",
+        camera="cam0",
+        sequence=trigger.frame_index,
+        product_seq=trigger.product_seq,
+        timestamp=0.0,
+        codec="jpeg",
+        shape=frame.shape,
+        image=cv2.imencode(".jpg", frame)[1].tobytes(),
+        mask=cv2.imencode(".png", trigger.composite_mask)[1].tobytes(),
     )
 
 
@@ -361,7 +448,7 @@ def test_training_crops_boxes_move_by_at_most_their_jitter_and_stay_in_the_frame
     jittered = JitteredDetector(Fixed(), 0.01, seed=1)  # 5 px at 480 px across
     frame = np.zeros((270, 480, 3), np.uint8)
     found = [jittered.detect(frame) for _ in range(500)]
-    assert all(f[1] == Detection((300, 10, 20, 20), 0.1) for f in found)
+    assert all(len(f) == 1 for f in found)  # the product the gate fired on, jittered
     sides = np.array([(x, y, x + w, y + h) for (x, y, w, h) in (f[0].bbox for f in found)])
     moved = sides - np.array((0, 50, 80, 170))
     assert sides[:, 0].min() == 0 and np.abs(moved).max() == 5  # kept inside the frame

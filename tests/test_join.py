@@ -3,7 +3,7 @@ cameras whose product numbers fall out of step re-synchronised by capture time."
 
 import pytest
 
-from schemas import ViewScore
+from schemas import NoProduct, ViewScore
 from workers.line.join import VerdictJoin
 
 CAMS = ["cam0", "cam1", "cam2", "cam3"]
@@ -214,3 +214,23 @@ def test_a_tolerance_not_under_half_the_time_between_products_is_warned_of(caplo
         for c in CAMS:
             join.add(score(q, c, captured_at=100.0 + 1.7 * q), now=q)
     assert "max_camera_spread_s" not in caplog.text
+
+
+def no_product(seq, camera):
+    return NoProduct(line="l", camera=camera, product_seq=seq, captured_at=100.0 + seq)
+
+
+def test_a_number_every_camera_saw_no_product_at_is_decided_without_a_verdict():
+    join = VerdictJoin("l", CAMS)
+    for c in CAMS[:3]:
+        assert join.add(no_product(0, c), now=1.0, receipt=c) == []
+    [settled] = join.add(no_product(0, "cam3"), now=1.0, receipt="cam3")
+    assert settled.verdict is None and settled.no_product == 0
+    assert sorted(settled.receipts) == CAMS  # every notice is acknowledged with it
+    # A camera that saw a glove over a product it could not make out: the others' views judge.
+    for c in CAMS[:3]:
+        join.add(score(1, c), now=2.0)
+    [half] = verdicts(join.add(no_product(1, "cam3"), now=2.0))
+    assert half.status == "incomplete" and half.missing_cameras == ["cam3"]
+    assert "cam3 saw no product there" in half.reason and half.decision == "unknown"
+    assert join.pending_products == []

@@ -36,6 +36,7 @@ from cluster.transport.streams import (
 from schemas import (
     CameraFrame,
     Label,
+    NoProduct,
     ProductView,
     RetrainOutcome,
     RetrainRequest,
@@ -252,6 +253,14 @@ class DetectMatteActor(_Loop):
         views = self.stage.process_batch([d.message for d in batch])
         for d, view in zip(batch, views, strict=True):
             if view is None:  # the gate fired on something that is not a product
+                frame = d.message
+                notice = NoProduct(
+                    line=frame.line,
+                    camera=frame.camera,
+                    product_seq=frame.product_seq,
+                    captured_at=frame.timestamp,
+                )
+                self.bus.publish(self.streams.scores, notice)
                 self.bus.ack(d)
                 self.count("not_products")
                 continue
@@ -409,7 +418,7 @@ class AggregatorActor(_Loop):
             [self.streams.scores],
             self.streams.aggregate_group,
             "aggregate-0",
-            ViewScore,
+            (ViewScore, NoProduct),
             batch_size=64,
             block_ms=200,
         )
@@ -487,6 +496,12 @@ class AggregatorActor(_Loop):
 
     def _publish(self, settled: Settled) -> None:
         verdict, entries = settled.verdict, settled.receipts
+        if settled.no_product is not None:  # every camera saw no product there: no verdict
+            ids = [d.entry_id for d in entries]
+            acks = (self.streams.scores, self.streams.aggregate_group, ids)
+            self.decided.settle(settled.no_product, acks)
+            self.count("not_products")
+            return
         if verdict is None:  # views dropped: a camera the line lacks, a decided product seen again
             self.bus.ack(*entries)
             return

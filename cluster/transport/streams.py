@@ -194,6 +194,16 @@ class DecidedProducts:
         keys = [self.key, verdicts, stream, unread_trimmed_key(verdicts)]
         return bool(self._publish_script(keys=keys, args=args))
 
+    def settle(self, seq: int, acks: tuple[str, str, list[str]]) -> None:
+        """Mark ``seq`` decided without a verdict (no camera saw a product there) and
+        acknowledge the entries ``acks`` (stream, group, ids) that said so, together."""
+        stream, group, ids = acks
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.setbit(self.key, seq, 1)
+            if ids:
+                pipe.xack(stream, group, *ids)
+            pipe.execute()
+
     def __contains__(self, seq: int) -> bool:
         return bool(self.client.getbit(self.key, seq))
 

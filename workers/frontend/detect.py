@@ -38,7 +38,7 @@ class Detector(Protocol):
         self, frames: list[np.ndarray], foregrounds: list[np.ndarray | None]
     ) -> list[list[Detection]]:
         """:meth:`detect` for several frames at once (a network takes them as one batch)."""
-        ...
+        return [self.detect(f, m) for f, m in zip(frames, foregrounds, strict=True)]
 
 
 # A detection is the gate's product when the gate's mask covers at least this share of its box:
@@ -64,7 +64,7 @@ def triggering_product(found: list[Detection], mask: np.ndarray | None) -> Detec
     return min(under, key=lambda d: abs(d.bbox[0] + d.bbox[2] / 2 - width / 2), default=None)
 
 
-class ContourDetector:
+class ContourDetector(Detector):
     """The largest foreground region, for lines without YOLO weights.
 
     Uses the motion gate's foreground mask when given, otherwise the difference from a
@@ -104,13 +104,8 @@ class ContourDetector:
                 found.append((area, Detection((x, y, w, h), min(1.0, area / (w * h)))))
         return [d for _, d in sorted(found, key=lambda t: -t[0])]
 
-    def detect_batch(
-        self, frames: list[np.ndarray], foregrounds: list[np.ndarray | None]
-    ) -> list[list[Detection]]:
-        return [self.detect(f, m) for f, m in zip(frames, foregrounds, strict=True)]
 
-
-class YoloDetector:
+class YoloDetector(Detector):
     """Ultralytics YOLO from a local weights file (.pt or an exported format)."""
 
     def __init__(
@@ -207,6 +202,34 @@ def read_frames(video: Path) -> Iterable[tuple[int, np.ndarray]]:
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _training_set(work: Path, videos: list[Path], labelled: list[Path]) -> tuple[int, int, int]:
+    """Ultralytics' dataset under ``work``: the auto-labelled frames of ``videos`` and the
+    ``labelled`` folders. Returns (auto-labelled, given labelled, negatives)."""
+    if work.exists():
+        shutil.rmtree(work)
+    images, labels = work / "images" / "train", work / "labels" / "train"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    auto, negatives = auto_label(videos, images, labels)
+    given = 0
+    for i, folder in enumerate(labelled):
+        pos, neg = import_labels(folder, images, labels, f"given{i}")
+        given, negatives = given + pos, negatives + neg
+    if auto + given == 0:
+        raise ValueError("no product was found or labelled: nothing to train on")
+    # Ultralytics validates after the last epoch whatever `val` says: on one image, as nothing
+    # here is judged by it (bench.frontend measures the detector on the line).
+    first = next(p for p in sorted(images.iterdir()) if (labels / f"{p.stem}.txt").read_text())
+    (work / "images" / "val").mkdir()
+    (work / "labels" / "val").mkdir()
+    shutil.copyfile(first, work / "images" / "val" / first.name)
+    shutil.copyfile(labels / f"{first.stem}.txt", work / "labels" / "val" / f"{first.stem}.txt")
+    (work / "data.yaml").write_text(
+        f"path: {work.resolve()}\ntrain: images/train\nval: images/val\nnames:\n  0: product\n"
+    )
+    return auto, given, negatives
 
 
 def auto_label(videos: list[Path], images: Path, labels: Path) -> tuple[int, int]:
@@ -320,45 +343,37 @@ def bootstrap_yolo(
     labelled: list[Path] = (),
     epochs: int = 1,
     image_size: int = 320,
+    architecture: str = "yolov8n.yaml",
+    batch: int = 16,
     work_dir: Path | None = None,
     seed: int = 0,
     device: str | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Train a YOLOv8n (built from ``yolov8n.yaml``: no pretrained weights, nothing downloaded)
-    on the products of ``videos``, labelled automatically where the scene is easy, and on the
-    ``labelled`` folders (YOLO format: a plant's corrected labels for the rest). ``on_epoch``
-    hears (epochs done, epochs). Returns counts, where the weights went and their sha256."""
+    """Train a YOLO built from ``architecture`` (an Ultralytics model YAML: ``yolov8n.yaml``,
+    ``yolov8s.yaml`` or a file; no pretrained weights, nothing downloaded) on the products of
+    ``videos``, labelled automatically where the scene is easy, and on the ``labelled`` folders
+    (YOLO format: a plant's corrected labels for the rest). ``on_epoch`` hears (epochs done,
+    epochs). Returns counts, where the weights went and their sha256."""
     from ultralytics import YOLO
 
     from workers.devices import choose_device
 
     work = Path(work_dir or Path(out).with_suffix(".bootstrap"))
-    if work.exists():
-        shutil.rmtree(work)
-    images, labels = work / "images" / "train", work / "labels" / "train"
-    images.mkdir(parents=True)
-    labels.mkdir(parents=True)
-    auto, negatives = auto_label(videos, images, labels)
-    given = 0
-    for i, folder in enumerate(labelled):
-        pos, neg = import_labels(folder, images, labels, f"given{i}")
-        given, negatives = given + pos, negatives + neg
-    if auto + given == 0:
-        raise ValueError("no product was found or labelled: nothing to train on")
-    (work / "data.yaml").write_text(
-        f"path: {work.resolve()}\ntrain: images/train\nval: images/train\nnames:\n  0: product\n"
-    )
-    model = YOLO("yolov8n.yaml")
+    auto, given, negatives = _training_set(work, videos, labelled)
+    model = YOLO(architecture)
     if on_epoch is not None:
         model.add_callback("on_train_epoch_end", lambda t: on_epoch(t.epoch + 1, t.epochs))
     model.train(
         data=str(work / "data.yaml"),
         epochs=epochs,
         imgsz=image_size,
-        batch=8,
+        batch=batch,
         device=str(choose_device(device)),
         amp=False,  # Ultralytics' AMP check downloads a model
+        # A short run from scratch: one warm-up epoch (of 3), mosaics off for the last five.
+        warmup_epochs=1,
+        close_mosaic=5,
         plots=False,
         workers=0,
         seed=seed,
@@ -379,4 +394,5 @@ def bootstrap_yolo(
         "negatives": negatives,
         "epochs": epochs,
         "image_size": image_size,
+        "architecture": architecture,
     }

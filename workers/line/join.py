@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas import Verdict, ViewResult, ViewScore, make_product_id
+from schemas import NoProduct, Verdict, ViewResult, ViewScore, make_product_id
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,12 @@ def line_number(steps: list[tuple[int, int]], product_seq: int) -> int:
 class Settled:
     """What the join is done with: a verdict to publish, or None for views it drops (from a
     camera the line does not have; a second view of a product already decided), and the
-    receipts given with those views, to acknowledge with the verdict."""
+    receipts given with those views, to acknowledge with the verdict. ``no_product``: a number
+    every camera said was no product (a glove, a tool): decided, without a verdict."""
 
     verdict: Verdict | None
     receipts: list[Any] = field(default_factory=list)
+    no_product: int | None = None
 
 
 @dataclass
@@ -47,6 +49,11 @@ class _Pending:
     first_seen: float
     views: dict[str, ViewScore] = field(default_factory=dict)
     receipts: dict[str, list[Any]] = field(default_factory=dict)  # by camera, duplicates too
+    absent: set[str] = field(default_factory=set)  # cameras that saw no product there
+
+    def heard(self, camera: str) -> bool:
+        """Whether ``camera`` has given its view of this product, or said there was none."""
+        return camera in self.views or camera in self.absent
 
     def times(self, but: str | None = None) -> list[float]:
         return [v.captured_at for c, v in self.views.items() if c != but]
@@ -125,9 +132,12 @@ class VerdictJoin:
         """The line's number for the product a camera numbered ``product_seq``."""
         return line_number(self._steps.get(camera, []), product_seq)
 
-    def add(self, score: ViewScore, now: float | None = None, receipt: Any = None) -> list[Settled]:
-        """Take one view (``receipt``: what the caller needs to acknowledge it, given back with
-        the verdict that uses it); returns the verdicts it completes."""
+    def add(
+        self, score: ViewScore | NoProduct, now: float | None = None, receipt: Any = None
+    ) -> list[Settled]:
+        """Take one view, or a camera's word that there was no product (``receipt``: what the
+        caller needs to acknowledge it, given back with the verdict that uses it); returns the
+        verdicts it completes."""
         now = time.time() if now is None else now
         receipts = [] if receipt is None else [receipt]
         if score.camera not in self.cameras:
@@ -145,7 +155,10 @@ class VerdictJoin:
             self._latest_capture.get(score.camera, score.captured_at), score.captured_at
         )
         seq = self.line_seq(score.camera, score.product_seq)
-        placed = {seq} if self._place(score, seq, now, receipts) else set()
+        if isinstance(score, NoProduct):
+            placed = {seq} if self._place_absence(score.camera, seq, now, receipts) else set()
+        else:
+            placed = {seq} if self._place(score, seq, now, receipts) else set()
         received, dropped = self._rehome(now)
         # A product waiting for a view to find its own product may be done now.
         return dropped + self._settle(placed | received | self._waiting, now)
@@ -174,6 +187,17 @@ class VerdictJoin:
         self._max_seq[view.camera] = max(self._max_seq.get(view.camera, -1), seq)
         return True
 
+    def _place_absence(self, camera: str, seq: int, now: float, receipts: list) -> bool:
+        """Note that ``camera`` saw no product ``seq``; False if it had said so already."""
+        entry = self._pending.setdefault(seq, _Pending(now))
+        entry.receipts.setdefault(camera, []).extend(receipts)
+        if entry.heard(camera):
+            self.duplicates += 1
+            return False
+        entry.absent.add(camera)
+        self._max_seq[camera] = max(self._max_seq.get(camera, -1), seq)
+        return True
+
     def _settle(self, seqs: set[int], now: float, give_up: bool = False) -> list[Settled]:
         """Verdicts of the products ``seqs`` that have a view from every camera (all of them
         when given up on). One holding a displaced view waits while that view's own product may
@@ -184,7 +208,7 @@ class VerdictJoin:
             if entry is None:
                 continue
             if not give_up:
-                if len(entry.views) < len(self.cameras):
+                if not all(entry.heard(c) for c in self.cameras):
                     self._waiting.discard(seq)  # a moved camera's view of it is still to come
                     continue
                 if any(self._may_find_its_product(entry, c) for c in self._displaced(entry)):
@@ -308,12 +332,12 @@ class VerdictJoin:
 
     def _given_up(self, seq: int, entry: _Pending, now: float) -> bool:
         skipped = self._skipped.get(seq, set())
-        if skipped and all(c in entry.views or c in skipped for c in self.cameras):
+        if skipped and all(entry.heard(c) or c in skipped for c in self.cameras):
             return True  # what it lacks will never come
         if now - entry.first_seen < self.timeout_s:
             return False
         for camera in self.cameras:
-            if camera in entry.views or camera in skipped:
+            if entry.heard(camera) or camera in skipped:
                 continue
             silent = now - self._last_seen.get(camera, entry.first_seen) >= self.timeout_s
             moved_on = self._max_seq.get(camera, -1) >= seq + self.reorder_window
@@ -351,6 +375,10 @@ class VerdictJoin:
 
     def _emit(self, seq: int, now: float) -> Settled:
         entry = self._pending.pop(seq)
+        if not entry.views and all(c in entry.absent for c in self.cameras):
+            self._skipped.pop(seq, None)
+            receipts = [r for rs in entry.receipts.values() for r in rs]
+            return Settled(None, receipts, no_product=seq)
         present = [entry.views[c] for c in self.cameras if c in entry.views]
         out_of_step = self._out_of_step(present)
         self.out_of_step += len(out_of_step)
@@ -379,7 +407,9 @@ class VerdictJoin:
         unseen = [c for c in self.cameras if c not in entry.views and c in skipped]
         if unseen:
             reasons.append(f"{', '.join(unseen)} did not see it (numbers re-synchronised past it)")
-        late = [c for c in self.cameras if c not in entry.views and c not in skipped]
+        if entry.absent:
+            reasons.append(f"{', '.join(sorted(entry.absent))} saw no product there")
+        late = [c for c in self.cameras if not entry.heard(c) and c not in skipped]
         if late:
             reasons.append(f"no view from {', '.join(late)} within {self.timeout_s:g} s")
         status = "incomplete" if reasons else "complete"

@@ -16,7 +16,13 @@ from typing import Literal
 import numpy as np
 
 from workers.contract import CropSpec
-from workers.frontend.detect import ContourDetector, Detection, Detector, read_frames
+from workers.frontend.detect import (
+    ContourDetector,
+    Detection,
+    Detector,
+    read_frames,
+    triggering_product,
+)
 from workers.frontend.matte import Matted, matte
 from workers.frontend.stages import CameraIngest, DetectMatte, NoProductFound
 from workers.images import encode_png
@@ -33,6 +39,7 @@ def harvest_crops(
     frame_stride: int = 1,
     boxes: Boxes = "detected",
     box_jitter: float = 0.0,
+    detector: Detector | None = None,
 ) -> dict[str, int]:
     """Crops of every product in ``line_dir`` (videos, manifest) into ``out/split/<category>``.
 
@@ -42,11 +49,12 @@ def harvest_crops(
     against. Either way, RGBA PNGs whose alpha is the product mask, named
     ``<camera>_<product seq>.png``. Returns counts per category.
     ``box_jitter``: each side of a detected box moves by up to this share of the frame's width
-    at random (``JitteredDetector``), for crops a model learns from.
+    at random (``JitteredDetector``), for crops a model learns from. ``detector``: the line's
+    (YOLO where ``crops.box_source`` says so) [contours].
     """
     manifest = json.loads((Path(line_dir) / "manifest.json").read_text())
     counts: dict[str, int] = {}
-    cut = _crops(line_dir, manifest, crops, frame_stride, boxes, box_jitter)
+    cut = _crops(line_dir, manifest, crops, frame_stride, boxes, box_jitter, detector)
     for cam, seq, png in cut:
         category = manifest["products"][seq]["views"][cam]["category"]
         folder = Path(out) / split / category
@@ -63,13 +71,14 @@ def _crops(
     frame_stride: int,
     boxes: Boxes,
     box_jitter: float,
+    detector: Detector | None,
 ) -> Iterator[tuple[str, int, bytes]]:
     """(camera, product seq, RGBA PNG) of every view the chosen boxes cut."""
     if boxes == "true":
         for cam, seq, cut in true_box_crops(line_dir, manifest, crops):
             yield cam, seq, encode_png(np.ascontiguousarray(cut.crop[:, :, ::-1]), cut.mask)
         return
-    detector = ContourDetector()
+    detector = detector or ContourDetector()
     if box_jitter:
         detector = JitteredDetector(detector, box_jitter, seed=manifest["spec"]["seed"])
     cut = DetectMatte(detector, crops)
@@ -83,7 +92,7 @@ def _crops(
                 continue
 
 
-class JitteredDetector:
+class JitteredDetector(Detector):
     """Another detector's best box with each side moved by up to ``share`` of the frame's width,
     at random: crops whose borders vary as much as the front end's boxes do between products,
     so that a model does not learn one product's border to the pixel (docs/benchmarks.md, "The
@@ -95,17 +104,16 @@ class JitteredDetector:
         self.rng = np.random.default_rng(seed)
 
     def detect(self, frame: np.ndarray, foreground: np.ndarray | None = None) -> list[Detection]:
-        found = self.detector.detect(frame, foreground)
-        if not found:
-            return found
+        product = triggering_product(self.detector.detect(frame, foreground), foreground)
+        if product is None:
+            return []
         fh, fw = frame.shape[:2]
         reach = max(1, round(self.share * fw))
-        x, y, w, h = found[0].bbox
+        x, y, w, h = product.bbox
         dx0, dy0, dx1, dy1 = self.rng.integers(-reach, reach + 1, size=4)
         x0, y0 = min(max(0, x + dx0), x + w - 2), min(max(0, y + dy0), y + h - 2)
         x1, y1 = max(min(fw, x + w + dx1), x0 + 2), max(min(fh, y + h + dy1), y0 + 2)
-        moved = replace(found[0], bbox=(int(x0), int(y0), int(x1 - x0), int(y1 - y0)))
-        return [moved, *found[1:]]
+        return [replace(product, bbox=(int(x0), int(y0), int(x1 - x0), int(y1 - y0)))]
 
 
 def true_box_crops(

@@ -87,17 +87,9 @@ def simulate(
         raise fail(str(exc)) from None
     defective = sum(p["defective"] for p in manifest["products"])
     console.print(f"wrote {len(manifest['cameras'])} videos and manifest.json to {out}")
-    typer.echo(
-        json.dumps(
-            {
-                "out": str(out),
-                "products": products,
-                "defective": defective,
-                "frames": manifest["frames"],
-                "distractors": len(manifest["distractors"]),
-            }
-        )
-    )
+    distractors = len(manifest["distractors"])
+    summary = {"out": str(out), "products": products, "defective": defective}
+    typer.echo(json.dumps(summary | {"frames": manifest["frames"], "distractors": distractors}))
 
 
 detector_app = typer.Typer(help="Product detectors.", no_args_is_help=True)
@@ -113,8 +105,11 @@ def detector_bootstrap(
     labels: list[Path] = typer.Option(
         [], "--labels", help="a labelled folder, YOLO format (CVAT's YOLO 1.1 export); repeatable"
     ),
-    epochs: int = typer.Option(10, min=1),
-    image_size: int = typer.Option(320, min=64),
+    epochs: int = typer.Option(30, min=1),
+    image_size: int = typer.Option(256, min=64),
+    architecture: str = typer.Option(
+        "yolov8n.yaml", help="yolov8n.yaml (nano), yolov8s.yaml (small) or a model YAML file"
+    ),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 [a GPU where one is]"),
 ):
     """Train a YOLOv8n on a line's products: labelled automatically where the scene is easy
@@ -134,6 +129,7 @@ def detector_bootstrap(
                 labelled=labels,
                 epochs=epochs,
                 image_size=image_size,
+                architecture=architecture,
                 device=device,
                 on_epoch=lambda done, _: progress.update(task, completed=done),
             )

@@ -102,24 +102,36 @@ def demo(
         None, help="also serve the QA dashboard on this port, until Ctrl-C after the run"
     ),
     tokens_file: Path | None = DASHBOARD_TOKENS,
+    scene: str = typer.Option(
+        "easy",
+        help="easy, or hard: close products, marked belt, shadows, changing light, "
+        "gloves and tools on the belt, mixed sizes",
+    ),
+    detector: str = typer.Option(
+        "contour", help="contour, or yolo: a YOLOv8n learns the line first (minutes on CPU)"
+    ),
 ):
     """The main job on the embedded defaults: train, simulate a 4-camera line, inspect it live
     (as `defectflow run` does: the same settings, the same start)."""
     from cluster import demo as line_demo
     from workers.datasets import DatasetError
+    from workers.simulation.simulate import SCENES
 
     if not (data / "train" / "good").is_dir():
         raise fail(f"{data}: no data in MVTec AD layout (train/good); pass --data DIR")
+    if scene not in SCENES or detector not in ("contour", "yolo"):
+        raise fail("--scene is easy or hard, --detector contour or yolo")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        version = _line_model(data, out, retrain, train_products, epochs, seed)
-        console.print(f"[bold]2/3 simulating[/] a 4-camera test line of {products} products")
-        manifest = line_demo.simulate_test_line(data, out, products, seed)
+        weights = _line_detector(data, out, detector, scene, seed)
+        version = _line_model(data, out, retrain, train_products, epochs, seed, scene, weights)
+        console.print(f"[bold]2/3 simulating[/] a 4-camera {scene} line of {products} products")
+        manifest = line_demo.simulate_test_line(data, out, products, seed, scene=scene)
     except (DatasetError, ValueError) as exc:
         raise fail(str(exc)) from None
     settings = load_cli_settings(None, redis_url=redis_url, ray_address=ray_address).model_copy(
         update=line_demo.demo_settings(
-            out, out / "model", manifest["cameras"], manifest["spec"]["fps"]
+            out, out / "model", manifest["cameras"], manifest["spec"]["fps"], weights
         )
     )
     console.print(f"[bold]3/3 inspecting:[/] Ray actors over Redis streams, model {version}")
@@ -127,8 +139,35 @@ def demo(
     _inspect_demo_line(settings, manifest, out, dashboard_port, tokens)
 
 
+def _line_detector(data: Path, out: Path, detector: str, scene: str, seed: int) -> Path | None:
+    """The demo line's YOLO weights (trained, or reused from OUT), or None for contours."""
+    from rich.progress import Progress
+
+    from cluster import demo as line_demo
+
+    if detector != "yolo":
+        return None
+    console.print("[bold]0/3 learning to find the products:[/] YOLOv8n on a labelled run")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("training YOLO", total=line_demo.YOLO_EPOCHS)
+        return line_demo.train_yolo(
+            data,
+            out,
+            scene=scene,
+            seed=seed,
+            on_epoch=lambda done, _: progress.update(task, completed=done),
+        )
+
+
 def _line_model(
-    data: Path, out: Path, retrain: bool, train_products: int | None, epochs: int, seed: int
+    data: Path,
+    out: Path,
+    retrain: bool,
+    train_products: int | None,
+    epochs: int,
+    seed: int,
+    scene: str,
+    yolo_weights: Path | None,
 ) -> str:
     """The demo line's model in OUT/model: reused where it learned the line as the demo cuts it
     now, else trained. Its version."""
@@ -136,7 +175,10 @@ def _line_model(
     from workers.differnet.store import load_model
 
     model_dir = out / "model"
-    bundle = None if retrain else line_demo.reusable_line_model(model_dir)
+    detector = "yolo" if yolo_weights else "contour"
+    bundle = None
+    if not retrain:
+        bundle = line_demo.reusable_line_model(model_dir, "detected", scene, detector)
     if bundle is not None:
         console.print(f"reusing model {bundle.version} from {model_dir} (--retrain to train again)")
         return bundle.version
@@ -150,7 +192,14 @@ def _line_model(
     )
     with progress_bars() as progress:
         line_demo.train_line_model(
-            data, out, train_products=train_products, epochs=epochs, seed=seed, progress=progress
+            data,
+            out,
+            train_products=train_products,
+            epochs=epochs,
+            seed=seed,
+            progress=progress,
+            scene=scene,
+            yolo_weights=yolo_weights,
         )
     return load_model(model_dir).version
 
