@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = _arguments(argv)
     for fmt in ("onnx", "openvino"):
         if not (export_folder(args.model, fmt) / EXPORT_FILE).exists():
-            export_model(load_model(args.model, "cpu"), fmt, export_folder(args.model, fmt))
+            bundle = load_model(args.model, "cpu")
+            onnx = export_folder(args.model, "onnx")
+            export_model(bundle, fmt, export_folder(args.model, fmt), onnx)
     samples = list_test_samples(args.data)
     step = max(1, len(samples) // args.views)
     loaded = load_samples(samples[::step][: args.views])

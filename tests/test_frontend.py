@@ -228,6 +228,31 @@ def test_yolo_bootstrap_takes_auto_labels_and_corrected_ones_and_refuses_bad_lin
         bootstrap_yolo([], tmp_path / "bad.pt", labelled=[cvat])
     with pytest.raises(FileNotFoundError, match="no such labels folder"):
         bootstrap_yolo([], tmp_path / "bad.pt", labelled=[tmp_path / "absent"])
+    nothing = CliRunner().invoke(app, ["detector", "bootstrap", "--out", str(tmp_path / "x.pt")])
+    assert nothing.exit_code == 1 and "give videos, --labels folders, or both" in nothing.output
+
+
+def test_a_simulated_lines_truth_becomes_a_labelled_set(line, tmp_path):
+    _, out, manifest = line
+    result = CliRunner().invoke(
+        app, ["detector", "labels", str(out), "--out", str(tmp_path / "set"), "--every", "5"]
+    )
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.output.strip().splitlines()[-1])
+    labels = sorted((tmp_path / "set" / "labels").glob("*.txt"))
+    assert counts["frames"] == len(labels) == len(list((tmp_path / "set" / "images").iterdir()))
+    boxes = [line.split() for p in labels for line in p.read_text().splitlines()]
+    assert counts["boxes"] == len(boxes) > 0 and all(b[0] == "0" and len(b) == 5 for b in boxes)
+    # A frame holding one product: its true box, as YOLO writes one.
+    index, (x, y, w, h) = next(
+        (int(k), b)
+        for p in manifest["products"]
+        for k, b in p["views"]["cam0"]["bboxes"].items()
+        if int(k) % 5 == 0
+    )
+    (text,) = (tmp_path / "set" / "labels" / f"cam0_f{index:06d}.txt").read_text().splitlines()
+    expected = [(x + w / 2) / 240, (y + h / 2) / 160, w / 240, h / 160]
+    assert np.allclose([float(v) for v in text.split()[1:]], expected, atol=1e-5)
 
 
 def fully_in_view(manifest: dict, kind: str, index: int, width: int) -> list[tuple]:

@@ -18,6 +18,7 @@ runtime replaces only the networks and its scores agree with PyTorch's to float 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -64,9 +65,11 @@ class _MemoryFeatures(nn.Module):
         return self.memory.features(pixels)
 
 
-def export_model(bundle, fmt: ExportFormat, out: Path) -> Path:
+def export_model(bundle, fmt: ExportFormat, out: Path, onnx: Path | None = None) -> Path:
     """Write the graphs of a loaded model (a ``ModelBundle`` on the CPU) as ``fmt`` into
-    ``out`` (the runtimes look in :func:`export_folder`); returns the folder."""
+    ``out`` (the runtimes look in :func:`export_folder`); returns the folder. ``onnx``: a folder
+    that may hold this model's ONNX export, which OpenVINO then converts (tracing the model
+    again gives the same graphs, in seconds more)."""
     if fmt not in ("onnx", "openvino"):
         raise ExportError(f"unknown export format {fmt!r}: onnx or openvino")
     model = bundle.model
@@ -74,6 +77,39 @@ def export_model(bundle, fmt: ExportFormat, out: Path) -> Path:
         raise ExportError("only the pooled (differnet) head exports; the local head does not")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    traced = None
+    if fmt == "openvino" and onnx is not None:
+        try:
+            traced = read_export(onnx, "onnx", bundle.metadata["sha256"])
+        except ExportError:
+            traced = None  # not there, or not this model's: traced below
+    if traced is not None:
+        graphs = {name: out / path.name for name, path in traced.items()}
+        for name, path in traced.items():
+            shutil.copyfile(path, graphs[name])
+    else:
+        graphs = _traced(model, out)
+    if fmt == "openvino":
+        graphs = {name: _to_openvino(path) for name, path in graphs.items()}
+    files = sorted(p.name for p in out.iterdir() if p.name != EXPORT_FILE)
+    record = {
+        "format": fmt,
+        "model_sha256": bundle.metadata["sha256"],
+        "graphs": {name: path.name for name, path in graphs.items()},
+        "files": {name: sha256_of(out / name) for name in files},
+        "opset": OPSET,
+        "input_contract": bundle.metadata.get("input_contract"),
+        "exported": time.time(),
+        "torch": torch.__version__,
+    }
+    tmp = out / (EXPORT_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out / EXPORT_FILE)
+    return out
+
+
+def _traced(model, out: Path) -> dict[str, Path]:
+    """The model's pooled flow (and patch memory backbone) traced to ONNX files in ``out``."""
     size = model.config.image_size
     graphs = {"pooled": out / "pooled.onnx"}
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
@@ -98,23 +134,7 @@ def export_model(bundle, fmt: ExportFormat, out: Path) -> Path:
             ["pixels"],
             "features",
         )
-    if fmt == "openvino":
-        graphs = {name: _to_openvino(path) for name, path in graphs.items()}
-    files = sorted(p.name for p in out.iterdir() if p.name != EXPORT_FILE)
-    record = {
-        "format": fmt,
-        "model_sha256": bundle.metadata["sha256"],
-        "graphs": {name: path.name for name, path in graphs.items()},
-        "files": {name: sha256_of(out / name) for name in files},
-        "opset": OPSET,
-        "input_contract": bundle.metadata.get("input_contract"),
-        "exported": time.time(),
-        "torch": torch.__version__,
-    }
-    tmp = out / (EXPORT_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out / EXPORT_FILE)
-    return out
+    return graphs
 
 
 def _onnx(module, example, path: Path, dynamic, inputs: list[str], output: str) -> None:
@@ -145,37 +165,44 @@ def _to_openvino(onnx_path: Path) -> Path:
     return xml
 
 
+def read_export(folder: Path, fmt: ExportFormat, model_sha256: str) -> dict[str, Path]:
+    """The graphs of the ``fmt`` export in ``folder``, by name, once the export is shown to be
+    of the model ``model_sha256`` and every file to hash as recorded."""
+    folder = Path(folder)
+    path = folder / EXPORT_FILE
+    if not path.is_file():
+        raise ExportError(
+            f"{folder}: no {fmt} export here (defectflow export MODEL_DIR --format {fmt} writes "
+            "one)"
+        )
+    try:
+        record = json.loads(path.read_text())
+        files, graphs = dict(record["files"]), dict(record["graphs"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{path}: not an export record ({exc})") from None
+    if record.get("format") != fmt:
+        raise ExportError(f"{folder}: a {record.get('format')} export, not {fmt}")
+    if record.get("model_sha256") != model_sha256:
+        raise ExportError(
+            f"{folder}: exported from model {str(record.get('model_sha256'))[:16]}, not "
+            f"{model_sha256[:16]}: export this model again"
+        )
+    for name, sha in files.items():
+        verified(folder / name, sha, f"{fmt} graph")
+    return {name: folder / file for name, file in graphs.items()}
+
+
 class ExportedNetworks:
     """The graphs of an export, checked against the model and their recorded sha256, run by
     ONNX Runtime or OpenVINO on the CPU with as many threads as PyTorch uses."""
 
     def __init__(self, folder: Path, runtime: ExportFormat, model_sha256: str):
-        folder = Path(folder)
-        path = folder / EXPORT_FILE
-        if not path.is_file():
-            raise ExportError(
-                f"{folder}: no {runtime} export here (defectflow export MODEL_DIR --format "
-                f"{runtime} writes one)"
-            )
-        try:
-            record = json.loads(path.read_text())
-            files, graphs = dict(record["files"]), dict(record["graphs"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ExportError(f"{path}: not an export record ({exc})") from None
-        if record.get("format") != runtime:
-            raise ExportError(f"{folder}: a {record.get('format')} export, not {runtime}")
-        if record.get("model_sha256") != model_sha256:
-            raise ExportError(
-                f"{folder}: exported from model {str(record.get('model_sha256'))[:16]}, not "
-                f"{model_sha256[:16]}: export this model again"
-            )
-        for name, sha in files.items():
-            verified(folder / name, sha, f"{runtime} graph")
+        graphs = read_export(folder, runtime, model_sha256)
         threads = torch.get_num_threads()
         run = _onnxruntime if runtime == "onnx" else _openvino
         self.runtime = runtime
-        self._pooled = run(folder / graphs["pooled"], threads)
-        self._memory = run(folder / graphs["memory"], threads) if "memory" in graphs else None
+        self._pooled = run(graphs["pooled"], threads)
+        self._memory = run(graphs["memory"], threads) if "memory" in graphs else None
 
     def pooled_nll(self, *scaled: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._pooled([_array(x) for x in scaled]))

@@ -377,7 +377,8 @@ def bootstrap_yolo(
         plots=False,
         workers=0,
         seed=seed,
-        project=str(work / "runs"),
+        # Absolute: Ultralytics puts a relative project under its own runs folder.
+        project=str((work / "runs").resolve()),
         name="train",
         exist_ok=True,
         verbose=False,

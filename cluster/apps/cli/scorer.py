@@ -173,9 +173,10 @@ def export(
     from workers.differnet.store import ModelError, load_model
 
     try:
-        folder = export_model(
-            load_model(model_dir, "cpu"), fmt, out or export_folder(model_dir, fmt)
-        )
+        bundle = load_model(model_dir, "cpu")
+        # An OpenVINO export converts the model's ONNX export where there is one.
+        onnx = export_folder(model_dir, "onnx")
+        folder = export_model(bundle, fmt, out or export_folder(model_dir, fmt), onnx)
     except (ExportError, ModelError) as exc:
         raise fail(str(exc)) from None
     console.print(f"wrote {folder}")
