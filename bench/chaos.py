@@ -124,7 +124,6 @@ def poison_entries(line: LineConfig, seq: int, frame_hw: tuple[int, int]) -> lis
                 b"meta": json.dumps(meta | {"codec": "png", "shape": [40_000, 40_000, 1]}).encode(),
             },
         ),
-        Poison("empty belt (no product)", frames, entry),
         Poison("entry over max_entry_bytes", frames, entry | {b"image": bytes(MAX_ENTRY_BYTES)}),
         Poison("undecodable view", s.views, view.to_entry()),
         Poison("malformed score", s.scores, {b"kind": b"score"} | bad_meta),

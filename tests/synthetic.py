@@ -150,7 +150,8 @@ TOUCHING_SCENE = {
     "distractors": 1.0,
     "seed": 2,
     "lead_frames": 20,
-    **LINE_FRAME,
+    "width": 192,
+    "height": 128,
 }
 
 
@@ -176,8 +177,8 @@ def touching_scene(root: Path) -> tuple[Path, dict, dict]:
         [],
         root / "yolo.pt",
         labelled=[root / "labels"],
-        epochs=40,
-        image_size=160,
+        epochs=30,
+        image_size=128,
         architecture=str(root / "yolov8t.yaml"),
         batch=8,
     )

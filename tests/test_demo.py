@@ -47,6 +47,9 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path, monkeypatch
         f"annotated_cam{i}.mp4" for i in range(4)
     ]
     assert (out / "model" / "model.json").exists() and (out / "model" / "roc.png").exists()
+    # The embedded Redis kept its verdicts under the demo's data folder.
+    with EmbeddedRedis(out / "redis") as embedded:
+        assert redis.Redis.from_url(embedded.url).xlen(Streams("demo").verdicts) == 5
 
     # The README's production command on the demo's videos and model, against a
     # password-protected Redis, gives the demo's verdicts: its line file names no crop settings,
@@ -90,35 +93,6 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path, monkeypatch
 def test_demo_without_data_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--data", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "MVTec AD layout" in result.output
-
-
-def test_run_inspects_every_line_of_a_config_file(tmp_path, contract_line):
-    model, videos = contract_line
-    config = {
-        "data_dir": str(tmp_path / "state"),
-        "lines": [
-            {
-                "id": lid,
-                "model_dir": str(model),
-                "cameras": [{"id": v.stem, "source": str(v)} for v in videos],
-            }
-            for lid in ("east", "west")
-        ],
-    }
-    path = tmp_path / "lines.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(app, ["run", "--config", str(path)])
-    assert result.exit_code == 0, result.output
-    stats = json.loads(result.stdout.strip().splitlines()[-1])
-    for lid in ("east", "west"):
-        assert (
-            stats[lid]["aggregate"].get("verdicts_complete", 0)
-            + stats[lid]["aggregate"].get("verdicts_incomplete", 0)
-            == 3
-        )
-    # The embedded Redis kept the verdicts under the configured data folder.
-    with EmbeddedRedis(tmp_path / "state" / "redis") as server:
-        assert redis.Redis.from_url(server.url).xlen(Streams("west").verdicts) == 3
 
 
 def test_run_with_a_bad_config_is_a_clear_error(tmp_path):

@@ -1,17 +1,9 @@
-"""A line on a real two-node Ray cluster (ray.cluster_utils): actors land on both nodes."""
+"""Ray's GPU grants on a real two-node cluster (ray.cluster_utils). A line on two nodes, with
+status and metrics, is tests/test_operations.py."""
 
 import pytest
 import ray
-import redis
 from ray.cluster_utils import Cluster
-
-from cluster.demo import line_config
-from cluster.runtime.graph import drain_and_stop, start_line
-from cluster.runtime.settings import ReplicaConfig
-from cluster.transport.connection import EmbeddedRedis
-from cluster.transport.streams import Streams
-from schemas import Verdict
-from tests.test_cluster import SMALL, line_model, simulate  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +14,6 @@ def two_nodes():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
-
-
-def test_a_line_spreads_over_two_nodes_and_inspects_every_product(line_model, two_nodes, tmp_path):  # noqa: F811
-    data, root = line_model
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    manifest = simulate(data, tmp_path / "line", 4, seed=7)
-    with EmbeddedRedis(tmp_path / "redis") as server:
-        client = redis.Redis.from_url(server.url)
-        line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig(detect=2, score=2))
-        running = start_line(line, server.access, root / "model", resources=SMALL)
-        actors = running.ingest + running.workers
-        nodes = set(ray.get([a.node_id.remote() for a in actors]))
-        drain_and_stop([running], timeout_s=300)
-        got = [Verdict.from_entry(f) for _, f in client.xrange(Streams("demo").verdicts)]
-    assert len(nodes) == 2
-    assert sorted(v.product_seq for v in got) == list(range(4))
 
 
 def test_an_actor_runs_its_models_on_the_gpu_ray_gave_it_else_on_the_cpu(two_nodes):

@@ -49,9 +49,10 @@ MIN_MASK_COVER = 0.5
 def triggering_product(found: list[Detection], mask: np.ndarray | None) -> Detection | None:
     """Which of a gated frame's detections the gate fired on: of those its mask covers, the one
     nearest the centre line the gate watches (where products touch, the gate sees one blob and
-    fires when its middle crosses: the product nearest the line is then the one to take).
-    None when no detection is under the mask: the gate fired on something that is not a product
-    (a glove, a tool, a shadow)."""
+    fires when its middle crosses: the product nearest the line is then the one to take; the
+    most confident one instead was another trigger's as often, bench.frontend). None when no
+    detection is under the mask: the gate fired on something that is not a product (a glove, a
+    tool, a shadow)."""
     if mask is None:
         return found[0] if found else None
     width = mask.shape[1]
