@@ -195,6 +195,18 @@ def test_simulate_command_writes_videos_and_manifest(line, tmp_path):
         app, ["simulate", str(data), "--out", str(tmp_path), "--products", "2", "--size", "big"]
     )
     assert bad.exit_code == 1 and "--size" in bad.output
+    # A hard scene, one of its options changed: the manifest says what was drawn.
+    base = ["simulate", str(data), "--products", "3", "--cameras", "1", "--size", "160x120"]
+    hard = CliRunner().invoke(
+        app, base + ["--out", str(tmp_path / "hard"), "--scene", "hard", "--no-shadows"]
+    )
+    assert hard.exit_code == 0, hard.output
+    spec = json.loads((tmp_path / "hard" / "manifest.json").read_text())["spec"]
+    assert spec["belt_marks"] and spec["distractors"] == 0.25 and not spec["shadows"]
+    assert spec["product_scale"] == [0.3, 0.7]
+    for wrong, said in (["--scene", "night"], "scene"), (["--flicker", "0.7"], "flicker"):
+        refused = CliRunner().invoke(app, base + ["--out", str(tmp_path / "x"), *wrong])
+        assert refused.exit_code == 1 and said in refused.output
 
 
 def test_yolo_bootstrap_takes_auto_labels_and_corrected_ones_and_refuses_bad_lines(

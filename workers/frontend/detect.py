@@ -9,6 +9,7 @@ nothing downloaded) trains on both.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -365,26 +366,33 @@ def bootstrap_yolo(
     model = YOLO(architecture)
     if on_epoch is not None:
         model.add_callback("on_train_epoch_end", lambda t: on_epoch(t.epoch + 1, t.epochs))
-    model.train(
-        data=str(work / "data.yaml"),
-        epochs=epochs,
-        imgsz=image_size,
-        batch=batch,
-        device=str(choose_device(device)),
-        amp=False,  # Ultralytics' AMP check downloads a model
-        # A short run from scratch: one warm-up epoch (of 3), mosaics off for the last five.
-        warmup_epochs=1,
-        close_mosaic=5,
-        plots=False,
-        workers=0,
-        seed=seed,
-        # Absolute: Ultralytics puts a relative project under its own runs folder.
-        project=str((work / "runs").resolve()),
-        name="train",
-        exist_ok=True,
-        verbose=False,
-        val=False,
-    )
+    # Ultralytics' own log and progress bars only at WARNING: the caller shows the progress.
+    ultralytics_log = logging.getLogger("ultralytics")
+    level = ultralytics_log.level
+    ultralytics_log.setLevel(logging.WARNING)
+    try:
+        model.train(
+            data=str(work / "data.yaml"),
+            epochs=epochs,
+            imgsz=image_size,
+            batch=batch,
+            device=str(choose_device(device)),
+            amp=False,  # Ultralytics' AMP check downloads a model
+            # A short run from scratch: one warm-up epoch (of 3), mosaics off for the last five.
+            warmup_epochs=1,
+            close_mosaic=5,
+            plots=False,
+            workers=0,
+            seed=seed,
+            # Absolute: Ultralytics puts a relative project under its own runs folder.
+            project=str((work / "runs").resolve()),
+            name="train",
+            exist_ok=True,
+            verbose=False,
+            val=False,
+        )
+    finally:
+        ultralytics_log.setLevel(level)
     trained = work / "runs" / "train" / "weights" / "last.pt"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(trained, out)
