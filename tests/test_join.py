@@ -233,4 +233,9 @@ def test_a_number_every_camera_saw_no_product_at_is_decided_without_a_verdict():
     [half] = verdicts(join.add(no_product(1, "cam3"), now=2.0))
     assert half.status == "incomplete" and half.missing_cameras == ["cam3"]
     assert "cam3 saw no product there" in half.reason and half.decision == "unknown"
+    # Some cameras said no product, the others never sent anything: given up on, no verdict.
+    for c in CAMS[:2]:
+        join.add(no_product(2, c), now=3.0)
+    [given_up] = join.expire(now=3.0, flush=True)
+    assert given_up.verdict is None and given_up.no_product == 2
     assert join.pending_products == []

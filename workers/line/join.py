@@ -375,7 +375,9 @@ class VerdictJoin:
 
     def _emit(self, seq: int, now: float) -> Settled:
         entry = self._pending.pop(seq)
-        if not entry.views and all(c in entry.absent for c in self.cameras):
+        if not entry.views and entry.absent:
+            # No camera showed a product there, some said so: the others were re-synchronised
+            # past the number or are late with nothing to show.
             self._skipped.pop(seq, None)
             receipts = [r for rs in entry.receipts.values() for r in rs]
             return Settled(None, receipts, no_product=seq)

@@ -20,6 +20,7 @@ from workers.frontend.detect import (
     ContourDetector,
     Detection,
     Detector,
+    iou,
     read_frames,
     triggering_product,
 )
@@ -83,13 +84,32 @@ def _crops(
         detector = JitteredDetector(detector, box_jitter, seed=manifest["spec"]["seed"])
     cut = DetectMatte(detector, crops)
     for cam, video in camera_videos(line_dir).items():
+        seen: set[int] = set()
         for frame in CameraIngest("harvest", cam, str(video), frame_stride=frame_stride).frames():
-            if frame.product_seq >= len(manifest["products"]):
-                continue  # a double trigger: the simulator knows no such product
             try:
-                yield cam, frame.product_seq, cut.process(frame).image
+                view = cut.process(frame)
             except NoProductFound:
                 continue
+            # The product is the one the simulator has under the view's box in that frame, not
+            # the gate's count: on a hard scene the gate counts gloves and misses touching
+            # products, and every later count would name another product's category.
+            seq = _product_at(manifest, cam, frame.sequence, view.bbox)
+            if seq is None or seq in seen:
+                continue  # a glove, a stray box, or a product triggered twice
+            seen.add(seq)
+            yield cam, seq, view.image
+
+
+def _product_at(manifest: dict, cam: str, index: int, bbox) -> int | None:
+    """The product whose true box in frame ``index`` overlaps ``bbox`` most (IoU >= 0.3)."""
+    box = (bbox.x, bbox.y, bbox.w, bbox.h)
+    shown = [
+        (iou(box, tuple(p["views"][cam]["bboxes"][str(index)])), p["seq"])
+        for p in manifest["products"]
+        if str(index) in p["views"][cam]["bboxes"]
+    ]
+    overlap, seq = max(shown, default=(0.0, None))
+    return seq if overlap >= 0.3 else None
 
 
 class JitteredDetector(Detector):
