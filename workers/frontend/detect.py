@@ -312,7 +312,8 @@ def import_labels(folder: Path, images: Path, labels: Path, prefix: str) -> tupl
     else:
         raise ValueError(f"{folder}: no class named 'product' among {names}")
     n_pos = n_neg = 0
-    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for index, image in enumerate(found):
         kept = []
         source = _label_file(image)
         lines = source.read_text().splitlines() if source else []
@@ -328,7 +329,7 @@ def import_labels(folder: Path, images: Path, labels: Path, prefix: str) -> tupl
                 raise ValueError(f"{source}:{number}: not a YOLO box line: {line!r}")
             if cls == product:
                 kept.append(f"0 {' '.join(fields[1:])}\n")
-        name = f"{prefix}_{len(list(images.iterdir())):06d}"
+        name = f"{prefix}_{index:06d}"
         shutil.copyfile(image, images / f"{name}{image.suffix.lower()}")
         (labels / f"{name}.txt").write_text("".join(kept))
         n_pos += bool(kept)

@@ -211,11 +211,13 @@ def plan_line(good: list[Sample], defects: list[Sample], spec: LineSpec) -> Scen
         plans.append(ProductPlan(seq, defective, start, views))
     # The scene's options draw from their own generator: an easy scene plans as before them.
     scene_rng = random.Random(spec.seed + 7919)
+    if not (spec.close_products > 0 or spec.distractors > 0):
+        return Scene(plans)
+    widths = [_widths(p, spec) for p in plans]
     if spec.close_products > 0:
-        _bring_closer(plans, spec, scene_rng)
+        _bring_closer(plans, widths, spec, scene_rng)
     distractors = []
     if spec.distractors > 0:
-        widths = [_widths(p, spec) for p in plans]
         after = [(p.start, w) for p, w in zip(plans[1:], widths[1:], strict=True)]
         starts = [
             (p.start, w, *nxt)
@@ -239,10 +241,12 @@ def _image_shape(path: str) -> tuple[int, int]:
     return load_image(path).shape[:2]
 
 
-def _bring_closer(plans: list[ProductPlan], spec: LineSpec, rng: random.Random) -> None:
+def _bring_closer(
+    plans: list[ProductPlan], widths: list[list[int]], spec: LineSpec, rng: random.Random
+) -> None:
     """Move a ``close_products`` share of the products up behind the one before them: a gap of
-    0 to a quarter of its length where they come closest; everything after moves up too."""
-    widths = [_widths(p, spec) for p in plans]
+    0 to a quarter of its length where they come closest; everything after moves up too.
+    ``widths``: each product's width in each camera."""
     for i in range(1, len(plans)):
         usual = plans[i - 1].start + spec.crossing_frames + spec.gap_frames
         if rng.random() < spec.close_products:

@@ -11,6 +11,7 @@ from cluster.apps.cli.common import (
     app,
     console,
     fail,
+    progress_bars,
 )
 
 
@@ -114,14 +115,11 @@ def detector_bootstrap(
 ):
     """Train a YOLOv8n on a line's products: labelled automatically where the scene is easy
     (motion gate + contours), and from your corrected labels for the rest."""
-    from rich.progress import Progress
-
     from workers.frontend.detect import bootstrap_yolo
 
     if not videos and not labels:
         raise fail("give videos, --labels folders, or both")
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("training YOLO", total=epochs)
+    with progress_bars() as progress:
         try:
             report = bootstrap_yolo(
                 videos or [],
@@ -131,7 +129,7 @@ def detector_bootstrap(
                 image_size=image_size,
                 architecture=architecture,
                 device=device,
-                on_epoch=lambda done, _: progress.update(task, completed=done),
+                on_epoch=lambda done, total: progress("YOLO", done, total),
             )
         except (FileNotFoundError, ValueError) as exc:
             raise fail(str(exc)) from None

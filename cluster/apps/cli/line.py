@@ -141,21 +141,18 @@ def demo(
 
 def _line_detector(data: Path, out: Path, detector: str, scene: str, seed: int) -> Path | None:
     """The demo line's YOLO weights (trained, or reused from OUT), or None for contours."""
-    from rich.progress import Progress
-
     from cluster import demo as line_demo
 
     if detector != "yolo":
         return None
     console.print("[bold]0/3 learning to find the products:[/] YOLOv8n on a labelled run")
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("training YOLO", total=line_demo.YOLO_EPOCHS)
+    with progress_bars() as progress:
         return line_demo.train_yolo(
             data,
             out,
             scene=scene,
             seed=seed,
-            on_epoch=lambda done, _: progress.update(task, completed=done),
+            on_epoch=lambda done, total: progress("YOLO", done, total),
         )
 
 
