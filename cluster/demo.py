@@ -35,7 +35,7 @@ from workers.differnet.store import (
 )
 from workers.differnet.training import Progress, TrainingOptions
 from workers.frontend.detect import Detector, YoloDetector, bootstrap_yolo
-from workers.simulation.annotate import annotate_video
+from workers.simulation.annotate import annotate_video, frame_outline
 from workers.simulation.harvest import Boxes, harvest_crops
 from workers.simulation.labels import truth_labels
 from workers.simulation.simulate import LineSpec, camera_videos, render_line, scene_spec
@@ -379,8 +379,8 @@ def write_outputs(
     regions: dict[str, dict[int, list]] = {}
     for v in verdicts:
         for view in v.views:
-            boxes = [(b.x, b.y, b.w, b.h) for b in (r.frame_box for r in view.regions)]
-            regions.setdefault(view.camera, {})[v.product_seq] = boxes
+            outlines = [frame_outline(r) for r in view.regions]
+            regions.setdefault(view.camera, {})[v.product_seq] = outlines
     for cam, video in camera_videos(line_dir).items():
         annotate_video(video, out / f"annotated_{cam}.mp4", decisions, fps, regions.get(cam))
 

@@ -19,12 +19,13 @@ let seen = 0;
 while (!stopAfter || seen < Number(stopAfter)) {
   const reply = await client.xReadGroup(group, consumer, { key: stream, id: ">" }, { COUNT: 10, BLOCK: 2000 });
   for (const { id, message } of reply?.[0]?.messages ?? []) {
-    // Entry fields: kind, v (schema version), meta (JSON, see verdict.v2.schema.json).
-    // Version 2 added each view's defect regions; a verdict without any is written as version 1.
-    if (message.kind === "verdict" && ["1", "2"].includes(message.v)) {
+    // Entry fields: kind, v (schema version), meta (JSON, see verdict.v3.schema.json).
+    // Version 2 added each view's defect regions, version 3 their outlines; each verdict is
+    // written at the oldest version that holds it (one without regions as version 1).
+    if (message.kind === "verdict" && ["1", "2", "3"].includes(message.v)) {
       const v = JSON.parse(message.meta);
       const bad = v.views.filter((r) => r.is_defect).map((r) => r.camera);
-      const where = v.views.flatMap((r) => (r.regions ?? []).map((g) => ({ camera: r.camera, ...g.frame_box })));
+      const where = v.views.flatMap((r) => (r.regions ?? []).map((g) => ({ camera: r.camera, ...g.frame_box, ...(g.frame_outline ? { outline: g.frame_outline } : {}) })));
       console.log(JSON.stringify({ id, product: v.product_id, decision: v.decision, status: v.status, defective_views: bad, regions: where }));
     }
     await client.xAck(stream, group, id); // acknowledged only once handled

@@ -115,25 +115,63 @@ class ProductView(_ImageMessage):
     _product_id = model_validator(mode="after")(_names_its_product)
 
 
-# A view reports at most this many defect regions (workers.differnet.regions.MAX_REGIONS).
+# A view reports at most this many defect regions (workers.differnet.regions.MAX_REGIONS), and
+# an outline at most this many corners (MAX_OUTLINE_POINTS there).
 MAX_REGIONS = 8
+MAX_OUTLINE_POINTS = 32
+
+Point = tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
+Outline = Annotated[list[Point], Field(min_length=1, max_length=MAX_OUTLINE_POINTS)]
 
 
 class Region(Part):
-    """Where a view's defect map rises above its model's region threshold."""
+    """Where a view's defect map rises above its model's region threshold. Version 3 of the
+    messages that carry regions added the outlines."""
 
     box: BBox = Field(description="in the view's pixels")
     frame_box: BBox = Field(description="in the camera frame's pixels")
     area: int = Field(gt=0, description="view pixels above the threshold")
     peak: float = Field(description="the map's highest value in the region")
+    outline: Outline | None = Field(
+        default=None, description="the region's polygon, [x, y] corners in the view's pixels"
+    )
+    frame_outline: Outline | None = Field(
+        default=None, description="the same polygon in the camera frame's pixels"
+    )
 
 
 Regions = Annotated[list[Region], Field(max_length=MAX_REGIONS)]
+# What a scorer tells of a defective view's regions: none (no maps drawn: the cheapest), boxes,
+# or boxes and outlines (messages then written as schema version 3).
+RegionDetail = Literal["off", "boxes", "outlines"]
+_OUTLINES = ("outline", "frame_outline")
 
 
-def _no_regions_before_v2(meta: dict, version: int, where: str) -> None:
-    if version < 2 and "regions" in meta:
+def _regions_version(region_lists: list[list[dict]]) -> int:
+    """The oldest version that holds these regions' meta (1: none, 2: boxes, 3: outlines);
+    the outline fields of regions without one are cut out in place."""
+    regions = [r for listed in region_lists for r in listed]
+    if any(r.get(name) is not None for r in regions for name in _OUTLINES):
+        return 3
+    for r in regions:
+        for name in _OUTLINES:
+            r.pop(name, None)
+    return 2 if regions else 1
+
+
+def _regions_fit(meta: dict, version: int, where: str) -> None:
+    """Refuse regions in a version-1 entry, and outlines in one older than version 3."""
+    if "regions" not in meta:
+        return
+    if version < 2:
         raise SchemaError(where, "not in schema version 1 (regions came with version 2)")
+    regions = meta["regions"]
+    for i, region in enumerate(regions if isinstance(regions, list) else []):
+        for name in _OUTLINES:
+            if version < 3 and isinstance(region, dict) and name in region:
+                raise SchemaError(
+                    f"{where}.{i}.{name}", "not before schema version 3 (outlines came with it)"
+                )
 
 
 class NoProduct(Message):
@@ -149,11 +187,11 @@ class NoProduct(Message):
 
 
 class ViewScore(Message):
-    """A scorer's result for one view. Version 2 added ``regions``; one without regions is
-    written as version 1."""
+    """A scorer's result for one view. Version 2 added ``regions``, version 3 their outlines;
+    each is written at the oldest version that holds it."""
 
     kind: ClassVar[str] = "score"
-    schema_version: ClassVar[int] = 2
+    schema_version: ClassVar[int] = 3
     product_id: str = Field(min_length=1)
     line: Name
     camera: Name
@@ -170,14 +208,14 @@ class ViewScore(Message):
     _product_id = model_validator(mode="after")(_names_its_product)
 
     def written_version(self, meta: dict) -> int:
-        if self.regions:
-            return 2
-        del meta["regions"]
-        return 1
+        version = _regions_version([meta["regions"]])
+        if version == 1:
+            del meta["regions"]
+        return version
 
     @classmethod
     def check_version(cls, meta: dict, version: int) -> None:
-        _no_regions_before_v2(meta, version, "regions")
+        _regions_fit(meta, version, "regions")
 
 
 class ViewResult(Part):
@@ -193,10 +231,11 @@ class ViewResult(Part):
 
 class Verdict(Message):
     """The product-level decision QA consumes: defective if any view is. Version 2 added the
-    views' ``regions``; a verdict none of whose views has one is written as version 1."""
+    views' ``regions``, version 3 their outlines; each verdict is written at the oldest version
+    that holds it (one none of whose views has a region, as version 1)."""
 
     kind: ClassVar[str] = "verdict"
-    schema_version: ClassVar[int] = 2
+    schema_version: ClassVar[int] = 3
     product_id: str = Field(min_length=1)
     line: Name
     product_seq: int = Field(ge=0, lt=MAX_PRODUCT_SEQ)
@@ -212,18 +251,18 @@ class Verdict(Message):
     _product_id = model_validator(mode="after")(_names_its_product)
 
     def written_version(self, meta: dict) -> int:
-        if any(v.regions for v in self.views):
-            return 2
-        for view in meta["views"]:
-            del view["regions"]
-        return 1
+        version = _regions_version([view["regions"] for view in meta["views"]])
+        if version == 1:
+            for view in meta["views"]:
+                del view["regions"]
+        return version
 
     @classmethod
     def check_version(cls, meta: dict, version: int) -> None:
         views = meta.get("views")
         for i, view in enumerate(views if isinstance(views, list) else []):
             if isinstance(view, dict):
-                _no_regions_before_v2(view, version, f"views.{i}.regions")
+                _regions_fit(view, version, f"views.{i}.regions")
 
 
 class Label(Message):

@@ -61,8 +61,19 @@ bboxes = st.builds(
     w=st.integers(1, 5000),
     h=st.integers(1, 5000),
 )
+outlines = st.none() | st.lists(
+    st.tuples(st.integers(0, 5000), st.integers(0, 5000)), min_size=1, max_size=32
+)
 regions = st.lists(
-    st.builds(Region, box=bboxes, frame_box=bboxes, area=st.integers(1, 10**6), peak=finite),
+    st.builds(
+        Region,
+        box=bboxes,
+        frame_box=bboxes,
+        area=st.integers(1, 10**6),
+        peak=finite,
+        outline=outlines,
+        frame_outline=outlines,
+    ),
     max_size=3,
 )
 view_results = st.builds(

@@ -106,8 +106,8 @@ def test_schemas_command_writes_one_schema_per_message(tmp_path):
     result = CliRunner().invoke(app, ["schemas", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert "verdict.v2.schema.json" in written and len(written) == len(STREAM_MESSAGES)
-    verdict = json.loads((tmp_path / "verdict.v2.schema.json").read_text())
+    assert "verdict.v3.schema.json" in written and len(written) == len(STREAM_MESSAGES)
+    verdict = json.loads((tmp_path / "verdict.v3.schema.json").read_text())
     assert verdict["x-stream-entry"]["kind"] == "verdict"
     assert "decision" in verdict["properties"]
 

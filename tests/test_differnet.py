@@ -324,10 +324,19 @@ def test_a_defective_view_carries_regions_around_its_defect_in_view_and_frame_pi
         fx, fy = 100 + 2 * cx, 50 + 2 * cy
         assert frame.x <= fx <= frame.x + frame.w and frame.y <= fy <= frame.y + frame.h
         assert score.regions[0].area <= truth.size / 4
+        # The outline lies in its box, in the view's pixels and in the frame's.
+        region = score.regions[0]
+        for (x, y), (fx, fy) in zip(region.outline, region.frame_outline, strict=True):
+            assert box.x <= x < box.x + box.w and box.y <= y < box.y + box.h
+            assert frame.x <= fx < frame.x + frame.w and frame.y <= fy < frame.y + frame.h
         found += 1
     assert found >= 2
     # Regions travel in the view score's entry (version 2) and on into the verdict's.
     entry = scored[0].to_entry()
     assert type(scored[0]).from_entry(entry) == scored[0]
-    assert entry[b"v"] == (b"2" if scored[0].regions else b"1")
+    assert entry[b"v"] == (b"3" if scored[0].regions else b"1")
+    boxes_only = ViewScorer(bundle, regions="boxes").score(views)
+    assert [len(s.regions) for s in boxes_only] == [len(s.regions) for s in scored]
+    assert all(r.outline is None for s in boxes_only for r in s.regions)
+    assert all(s.regions == [] for s in ViewScorer(bundle, regions="off").score(views))
     assert "regions" in Verdict.entry_json_schema()["$defs"]["ViewResult"]["properties"]

@@ -28,6 +28,30 @@ def test_regions_are_the_patches_above_the_threshold_strongest_first():
     assert [r.peak for r in regions] == sorted((r.peak for r in regions), reverse=True)
 
 
+def test_a_regions_outline_follows_its_shape_in_a_few_corners():
+    import cv2
+
+    from workers.differnet.regions import MAX_OUTLINE_POINTS
+
+    view = np.zeros((120, 160))
+    # A thin crack that wanders across the view: its box is mostly empty, its outline is not.
+    xs = np.arange(10, 150)
+    ys = (60 + 30 * np.sin(xs / 12)).astype(int)
+    for dx in range(-1, 2):
+        view[ys + dx, xs] = 2.0
+    (crack,) = find_regions(view, 1.0)
+    assert 3 <= len(crack.outline) <= MAX_OUTLINE_POINTS
+    polygon = np.array(crack.outline, np.float32)
+    inside = [
+        cv2.pointPolygonTest(polygon, (float(x), float(y)), True)
+        for x, y in zip(xs, ys, strict=True)
+    ]
+    assert min(inside) >= -2.5  # every crack pixel on or within 2.5 px of the outline
+    filled = np.zeros_like(view, np.uint8)
+    cv2.fillPoly(filled, [polygon.astype(np.int32)], 1)
+    assert filled.sum() < 0.3 * crack.w * crack.h  # the polygon, not the box
+
+
 def test_annotated_videos_draw_a_products_regions_where_it_goes(tmp_path):
     from tests.synthetic import LINE_FRAME, one_camera_video
     from workers.frontend.detect import read_frames
@@ -35,7 +59,8 @@ def test_annotated_videos_draw_a_products_regions_where_it_goes(tmp_path):
 
     video = one_camera_video(tmp_path, products=2)
     width, height = LINE_FRAME["width"], LINE_FRAME["height"]
-    region = (width // 2 - 6, height // 2 - 6, 12, 12)  # where product 0 was captured
+    x, y = width // 2 - 6, height // 2 - 6  # where product 0 was captured
+    region = [(x, y), (x + 12, y), (x + 12, y + 12), (x, y + 12)]
     out = tmp_path / "annotated.mp4"
     decisions = {0: "defect", 1: "good"}
 

@@ -133,7 +133,7 @@ def verdict_with(regions: list[dict]) -> Verdict:
     )
 
 
-def test_a_verdict_with_regions_is_version_2_and_one_without_reads_as_version_1():
+def test_a_verdict_is_written_at_the_oldest_version_that_holds_its_regions():
     box = {"x": 3, "y": 4, "w": 5, "h": 6}
     region = {"box": box, "frame_box": box | {"x": 103}, "area": 20, "peak": 7.5}
     with_regions = verdict_with([region])
@@ -153,5 +153,16 @@ def test_a_verdict_with_regions_is_version_2_and_one_without_reads_as_version_1(
     with pytest.raises(SchemaError) as info:
         Verdict.from_entry(forged)
     assert info.value.field == "views.0.regions"
-    with pytest.raises(SchemaError, match="not one of 1, 2"):
-        Verdict.from_entry(entry | {b"v": b"3"})
+    # Outlines make it version 3; a version 2 entry cannot hold them.
+    outline = [(3, 4), (8, 4), (8, 10)]
+    outlined = verdict_with([region | {"outline": outline, "frame_outline": outline}])
+    entry3 = outlined.to_entry()
+    assert entry3[b"v"] == b"3"
+    jsonschema.validate(json.loads(entry3[b"meta"]), Verdict.entry_json_schema())
+    assert Verdict.from_entry(entry3) == outlined
+    assert "outline" not in json.loads(entry[b"meta"])["views"][0]["regions"][0]
+    with pytest.raises(SchemaError) as info:
+        Verdict.from_entry(entry3 | {b"v": b"2"})
+    assert info.value.field == "views.0.regions.0.outline"
+    with pytest.raises(SchemaError, match="not one of 1, 2, 3"):
+        Verdict.from_entry(entry | {b"v": b"4"})

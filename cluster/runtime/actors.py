@@ -287,6 +287,7 @@ class ScorerActor(_Loop):
         super().__init__(access, run, line.id, "score")
         self.streams = Streams(line.id)
         self.threshold = line.threshold
+        self.regions = line.regions
         self.max_image_pixels = run.max_image_pixels
         self.runtime = run.runtime
         # A version that learned from crops cut otherwise is refused, however it was activated.
@@ -357,7 +358,7 @@ class ScorerActor(_Loop):
             log.warning("%s: model %s refused: %s", self.streams.line, version_id, exc)
             self._why_refused = f"model {version_id} refused: {exc}"
             return None
-        return ViewScorer(bundle, self.threshold, self.max_image_pixels)
+        return ViewScorer(bundle, self.threshold, self.max_image_pixels, self.regions)
 
     def _score(self, batch: list[Delivery]) -> None:
         """All or nothing: an undecodable view raises before any score is published."""

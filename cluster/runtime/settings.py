@@ -30,6 +30,7 @@ from cluster.transport.bus import (
     LAG_COUNT_LIMIT,
 )
 from cluster.transport.connection import RedisAccess, line_password_env, split_credentials
+from schemas import RegionDetail
 from workers.contract import BoxSource, CropSpec, InputContract, MaskShape, Runtime, resolve_crops
 from workers.frontend.sources import is_live, shown
 from workers.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT
@@ -163,6 +164,12 @@ class LineConfig(_Strict):
         default=0.85, gt=0.0, le=1.0, description="recall the trainer's threshold rule keeps"
     )
     threshold: float | None = Field(default=None, description="overrides the model's threshold")
+    regions: RegionDetail = Field(
+        default="outlines",
+        description="where a defective view's defect is, in its score and verdict: `outlines` "
+        "(boxes and polygons, schema version 3), `boxes` (version 2, for consumers not yet "
+        "reading version 3) or `off` (no defect maps drawn in the line)",
+    )
     view_timeout_s: float = Field(
         default=10.0, gt=0, le=3600, description="a product missing a view this long: incomplete"
     )

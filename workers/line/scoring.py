@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 
-from schemas import BBox, ProductView, Region, ViewScore
+from schemas import BBox, ProductView, Region, RegionDetail, ViewScore
 from workers.differnet.model import ScoredImage
 from workers.differnet.regions import DefectRegion, find_regions
 from workers.differnet.store import ModelBundle
@@ -16,9 +16,10 @@ from workers.images import DEFAULT_MAX_PIXELS, decode_with_alpha
 class ViewScorer:
     """Scores batches of views with one model version; swapping versions happens between batches.
 
-    A view judged defective carries its defect regions (when the model has a region threshold).
-    Maps from the patch memory or the local head come with the score, so every view gets one;
-    gradient maps cost a backward pass each and are drawn for the views judged defective only.
+    A view judged defective carries its defect regions (when the model has a region threshold
+    and ``regions`` is not ``off``). Maps from the patch memory or the local head come with the
+    score, so every view gets one; gradient maps cost a backward pass each and are drawn for the
+    views judged defective only.
     """
 
     def __init__(
@@ -26,10 +27,12 @@ class ViewScorer:
         bundle: ModelBundle,
         threshold: float | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        regions: RegionDetail = "outlines",
     ):
         self.bundle = bundle
         self.max_pixels = max_pixels
         self.threshold = bundle.threshold if threshold is None else threshold
+        self.regions = regions
 
     @property
     def version(self) -> str:
@@ -64,7 +67,7 @@ class ViewScorer:
 
     def _scored(self, prepared: list) -> list[ScoredImage]:
         model = self.bundle.model
-        if self.bundle.region_threshold is None:
+        if self.bundle.region_threshold is None or self.regions == "off":
             return model.score_batch(prepared)
         if model.map_source != "gradient":
             return model.defect_maps(prepared)
@@ -77,19 +80,34 @@ class ViewScorer:
 
     def _regions(self, view: ProductView, result: ScoredImage) -> list[Region]:
         threshold = self.bundle.region_threshold
-        if result.score < self.threshold or threshold is None or result.defect_map is None:
+        drawn = result.defect_map is not None and self.regions != "off"
+        if result.score < self.threshold or threshold is None or not drawn:
             return []
-        return [in_frame(view, r) for r in find_regions(result.defect_map, threshold)]
+        outlines = self.regions == "outlines"
+        return [in_frame(view, r, outlines) for r in find_regions(result.defect_map, threshold)]
 
 
-def in_frame(view: ProductView, region: DefectRegion) -> Region:
+def in_frame(view: ProductView, region: DefectRegion, outline: bool = True) -> Region:
     """A region of ``view``'s pixels, also in its camera frame's (the view is its frame's crop
-    ``view.bbox``, scaled to its size)."""
+    ``view.bbox``, scaled to its size); its outline in both, or neither."""
     height, width = view.shape[:2]
     sx, sy = view.bbox.w / width, view.bbox.h / height
     left, top = math.floor(region.x * sx), math.floor(region.y * sy)
     right = min(view.bbox.w, math.ceil((region.x + region.w) * sx))
     bottom = min(view.bbox.h, math.ceil((region.y + region.h) * sy))
+    corners = {}
+    if outline:
+        # An outline's corners are boundary pixels: in the frame, the pixel under each centre.
+        corners = {
+            "outline": list(region.outline),
+            "frame_outline": [
+                (
+                    view.bbox.x + min(view.bbox.w - 1, math.floor((x + 0.5) * sx)),
+                    view.bbox.y + min(view.bbox.h - 1, math.floor((y + 0.5) * sy)),
+                )
+                for x, y in region.outline
+            ],
+        }
     return Region(
         box=BBox(x=region.x, y=region.y, w=region.w, h=region.h),
         frame_box=BBox(
@@ -100,4 +118,5 @@ def in_frame(view: ProductView, region: DefectRegion) -> Region:
         ),
         area=region.area,
         peak=region.peak,
+        **corners,
     )

@@ -146,6 +146,7 @@ def _regions_text(regions: list[dict]) -> str:
     return "".join(
         f"<br>region {r['box']['w']}x{r['box']['h']} px at ({r['box']['x']}, {r['box']['y']}), "
         f"frame ({r['frame_box']['x']}, {r['frame_box']['y']}), peak {r['peak']:.2f}"
+        + (f", outline of {len(r['outline'])} corners" if r.get("outline") else "")
         for r in regions
     )
 

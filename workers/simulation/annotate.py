@@ -6,15 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import numpy as np
 
+from schemas import Region
 from workers.frontend.detect import read_frames
 from workers.frontend.motion import MotionGate
 
 COLOURS = {"good": (60, 200, 60), "defect": (40, 40, 230), "unknown": (0, 200, 230)}
 REGION_COLOUR = (255, 0, 255)
 
-# (x, y, w, h) in frame pixels
-Box = tuple[int, int, int, int]
+# A region's outline: (x, y) corners in frame pixels (a box is its four corners).
+Outline = list[tuple[int, int]]
+
+
+def frame_outline(region: Region) -> Outline:
+    """A region's outline in its frame: the polygon where it has one, else its box's corners."""
+    if region.frame_outline is not None:
+        return region.frame_outline
+    b = region.frame_box
+    return [(b.x, b.y), (b.x + b.w, b.y), (b.x + b.w, b.y + b.h), (b.x, b.y + b.h)]
 
 
 def annotate_video(
@@ -22,11 +32,11 @@ def annotate_video(
     out: Path,
     decisions: dict[int, str],
     fps: float = 15.0,
-    regions: dict[int, list[Box]] | None = None,
+    regions: dict[int, list[Outline]] | None = None,
 ) -> int:
     """Draw each product's box and verdict on every frame it is seen, and the defect regions
-    this camera's view of it had (``regions``: by product number, in the pixels of the frame
-    it was captured in); returns frames written.
+    this camera's view of it had (``regions``: outlines by product number, in the pixels of the
+    frame it was captured in); returns frames written.
 
     The same motion gate as the ingest tells which product a blob is: before it crosses the
     centre it is the next product, after it the one just counted. A product is captured as its
@@ -51,8 +61,9 @@ def annotate_video(
             colour = COLOURS.get(decision, (200, 200, 200))
             cv2.rectangle(frame, (x, y), (x + bw, y + bh), colour, 2)
             shift = round(blob.centroid[0] - centre)
-            for rx, ry, rw, rh in regions.get(seq, []):
-                cv2.rectangle(frame, (rx + shift, ry), (rx + shift + rw, ry + rh), REGION_COLOUR, 1)
+            for outline in regions.get(seq, []):
+                corners = np.array(outline, np.int32) + np.array([shift, 0], np.int32)
+                cv2.polylines(frame, [corners], True, REGION_COLOUR, 1)
             cv2.putText(
                 frame,
                 f"#{seq} {decision.upper()}",
