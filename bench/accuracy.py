@@ -53,7 +53,8 @@ def products_auroc(
 
 
 def score_parts_auroc(bundle, images: list[dict]) -> dict:
-    """AUROC of the flow alone and of the patch memory alone, on the images of ``images``."""
+    """AUROC of the flow alone and of the patch memory alone, on the images of ``images``,
+    overall and per defect type (its images against the goods)."""
     model = bundle.model
     if not model.uses_memory:
         return {}
@@ -63,11 +64,20 @@ def score_parts_auroc(bundle, images: list[dict]) -> dict:
     flow = [r for i in range(0, len(tiles), 8) for r in model.flow_scores(tiles[i : i + 8])]
     memory = [ScoredImage(model.memory.score(im.for_memory)) for im in tiles]
     flow, memory = ([r.score for r in gathered(prepared, s)] for s in (flow, memory))
-    labels = [int(s.is_defect) for s in samples]
-    return {
-        "image_auroc_flow_alone": auroc(flow, labels),
-        "image_auroc_memory_alone": auroc(memory, labels),
-    }
+    kinds = [s.category for s in samples]
+
+    def over(scores: list[float], keep) -> float:
+        chosen = [(x, k) for x, k in zip(scores, kinds, strict=True) if keep(k)]
+        return auroc([x for x, _ in chosen], [int(k != "good") for _, k in chosen])
+
+    types = sorted(set(kinds) - {"good"})
+    result = {}
+    for name, scores in (("flow", flow), ("memory", memory)):
+        result[f"image_auroc_{name}_alone"] = over(scores, lambda k: True)
+        result[f"per_defect_auroc_{name}_alone"] = {
+            t: over(scores, lambda k, t=t: k in ("good", t)) for t in types
+        }
+    return result
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:

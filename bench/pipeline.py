@@ -20,7 +20,10 @@ the ranking's share of a gap from the validation line's (where it put the thresh
 ``throughput_ratio`` = pipeline products/s over standalone scoring's: what the line adds to
 scoring, its front end included;
 ``orchestration_ratio`` = pipeline products/s over the standalone stages': what Ray and Redis
-cost (median round). The pipeline's products/s counts from the first frame published to the
+cost (median round). ``maps_cost_share`` = 1 - the line's products/s over its products/s with
+``regions: off`` (no defect maps drawn), both in the round: what drawing a map for every view
+and cutting its regions costs the line; ``standalone_maps_cost_share``, the same for scoring
+alone. The pipeline's products/s counts from the first frame published to the
 last verdict; the cameras are not paced (they deliver as fast as they decode), so the line runs
 as fast as its slowest stage.
 """
@@ -56,7 +59,7 @@ from cluster.runtime.settings import CameraConfig, LineConfig, ReplicaConfig
 from cluster.transport.bus import StreamBus
 from cluster.transport.connection import EmbeddedRedis, RedisAccess
 from cluster.transport.streams import Streams, reset_line
-from schemas import CameraFrame, ProductView, Verdict
+from schemas import CameraFrame, ProductView, RegionDetail, Verdict
 from workers.differnet.store import load_model
 from workers.frontend.stages import CameraIngest, DetectMatte, NoProductFound
 from workers.images import encode_png
@@ -120,9 +123,12 @@ def _load_scorer(model_dir: str) -> None:
     _standalone = ViewScorer(load_model(Path(model_dir)))
 
 
-def _score_share(access: RedisAccess, stream: str, share: int, shares: int) -> float:
+def _score_share(
+    access: RedisAccess, stream: str, share: int, shares: int, regions: RegionDetail
+) -> float:
     """Score every ``shares``-th view from ``share`` on; the seconds that took."""
     views = [v for _, v in StreamBus(access.connect()).read(stream, ProductView)][share::shares]
+    _standalone.regions = regions
     t0 = time.monotonic()
     for i in range(0, len(views), 8):
         _standalone.score(views[i : i + 8])
@@ -130,11 +136,17 @@ def _score_share(access: RedisAccess, stream: str, share: int, shares: int) -> f
 
 
 def standalone_scoring_s(
-    pool: ProcessPoolExecutor, workers: int, access: RedisAccess, stream: str
+    pool: ProcessPoolExecutor,
+    workers: int,
+    access: RedisAccess,
+    stream: str,
+    regions: RegionDetail = "outlines",
 ) -> float:
     """The line's views scored by ``workers`` processes as the line's scorers are set up (one
     thread each, batches of 8), side by side, without Ray or streams in between."""
-    shares = [pool.submit(_score_share, access, stream, i, workers) for i in range(workers)]
+    shares = [
+        pool.submit(_score_share, access, stream, i, workers, regions) for i in range(workers)
+    ]
     return max(f.result() for f in shares)
 
 
@@ -222,11 +234,9 @@ def _train_models(args, frame_size) -> Path:
     return reference
 
 
-def _one_round(args, server, line: LineConfig, manifest: dict, pool, workers: int) -> dict:
-    """The line through the cluster, then the same model scoring the same views standalone,
-    then the same stages standalone. The round's figures, its verdicts and summary."""
+def _inspect(args, server, line: LineConfig, manifest: dict) -> float:
+    """The line through the cluster, its streams emptied first; the window's seconds."""
     client = server.access.connect()
-    s = Streams(line.id)
     reset_line(client, line.id, [c.id for c in line.cameras])
     # Ray is up only while the line runs: its own processes take some CPU too.
     cpus = max(2, int(line_cpus(line) + 1))
@@ -236,13 +246,24 @@ def _one_round(args, server, line: LineConfig, manifest: dict, pool, workers: in
         drain_and_stop([running], timeout_s=3600)
     finally:
         ray.shutdown()
-    pipeline_s = steady_window_s(client, s, manifest["cameras"])
+    return steady_window_s(client, Streams(line.id), manifest["cameras"])
+
+
+def _one_round(args, server, line: LineConfig, manifest: dict, pool, workers: int) -> dict:
+    """The line through the cluster without defect maps, then as set up; then the same model
+    scoring the same views standalone, then the same stages standalone. The round's figures,
+    its verdicts and summary."""
+    client = server.access.connect()
+    s = Streams(line.id)
+    unmapped_s = _inspect(args, server, line.model_copy(update={"regions": "off"}), manifest)
+    pipeline_s = _inspect(args, server, line, manifest)
     verdicts = [v for _, v in StreamBus(client).read(s.verdicts, Verdict)]
     views = [v for _, v in StreamBus(client).read(s.views, ProductView)]
     summary = summarize(manifest, verdicts, pipeline_s, 0)
     # The same model on the same views, standalone: the cost of scoring alone.
-    scoring_s = standalone_scoring_s(pool, workers, server.access, s.views)
-    standalone_pps = (len(views) / len(manifest["cameras"])) / scoring_s
+    products = len(views) / len(manifest["cameras"])
+    standalone_pps = products / standalone_scoring_s(pool, workers, server.access, s.views)
+    unmapped_pps = products / standalone_scoring_s(pool, workers, server.access, s.views, "off")
     # The same stages standalone: what Ray and Redis themselves cost.
     stages_pps = args.products / standalone_stages_s(pool, workers, line)
     figures = {
@@ -251,6 +272,8 @@ def _one_round(args, server, line: LineConfig, manifest: dict, pool, workers: in
         "throughput_ratio": summary.products_per_s / standalone_pps,
         "stages_standalone_products_per_s": stages_pps,
         "orchestration_ratio": summary.products_per_s / stages_pps,
+        "maps_cost_share": 1 - unmapped_s / pipeline_s,
+        "standalone_maps_cost_share": 1 - standalone_pps / unmapped_pps,
         "exactly_one_verdict_per_product": sorted(v.product_seq for v in verdicts)
         == list(range(args.products)),
     }

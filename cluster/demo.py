@@ -78,6 +78,7 @@ YOLO_IMAGE_SIZE = 256
 class DemoSummary:
     products: int
     verdicts: int
+    matched: int  # simulated products with a verdict (TruthMatch)
     complete: int
     defective_truth: int
     defects_found: int
@@ -334,20 +335,74 @@ def product_score(verdict: Verdict) -> float:
     return max((r.score - r.threshold for r in verdict.views), default=0.0)
 
 
+class TruthMatch:
+    """Which simulated product a verdict is about.
+
+    With ``replay_epoch`` (when a paced replay's frame 0 was due: ``RunningLine.replay_epochs``)
+    by capture time: the product whose centre crossed the cameras' centre line nearest the
+    verdict's capture, within half the usual time between two products; the line's own numbers
+    differ from the simulator's wherever a gate counted a glove or two touching products once.
+    Without it (an unpaced replay stamps frames when read) by number, which holds on easy scenes.
+    """
+
+    def __init__(self, manifest: dict, replay_epoch: float | None = None):
+        self.defective = {p["seq"]: bool(p["defective"]) for p in manifest["products"]}
+        self.epoch = replay_epoch
+        fps, centre = manifest["spec"]["fps"], manifest["spec"]["width"] / 2
+        self.crossing = {}  # product -> seconds after frame 0 its centre crossed the line
+        for p in manifest["products"]:
+            frames = [
+                min(boxes, key=lambda f: abs(boxes[f][0] + boxes[f][2] / 2 - centre))
+                for boxes in (view["bboxes"] for view in p["views"].values())
+                if boxes
+            ]
+            if frames:
+                self.crossing[p["seq"]] = float(np.median([int(f) for f in frames])) / fps
+        times = sorted(self.crossing.values())
+        self.tolerance_s = float(np.median(np.diff(times))) / 2 if len(times) > 1 else 1.0
+
+    def nearest(self, verdict: Verdict) -> tuple[int, float] | None:
+        """The product this verdict is about and how far its crossing is from the capture."""
+        if self.epoch is None:
+            seq = verdict.product_seq
+            return (seq, 0.0) if seq in self.defective else None
+        at = verdict.captured_at - self.epoch
+        seq = min(self.crossing, key=lambda q: abs(self.crossing[q] - at), default=None)
+        gap = abs(self.crossing[seq] - at) if seq is not None else np.inf
+        return (seq, gap) if gap < self.tolerance_s else None
+
+    def matched(self, verdicts: list[Verdict]) -> dict[int, Verdict]:
+        """Each simulated product's verdict (the nearest where two claim it); products with
+        none are left out."""
+        best: dict[int, tuple[float, Verdict]] = {}
+        for v in verdicts:
+            found = self.nearest(v)
+            if found is not None and found[1] < best.get(found[0], (np.inf,))[0]:
+                best[found[0]] = (found[1], v)
+        return {seq: v for seq, (_, v) in sorted(best.items())}
+
+
 def summarize(
-    manifest: dict, verdicts: list[Verdict], elapsed_s: float, dead_letters: int
+    manifest: dict,
+    verdicts: list[Verdict],
+    elapsed_s: float,
+    dead_letters: int,
+    replay_epoch: float | None = None,
 ) -> DemoSummary:
-    truth = {p["seq"]: p["defective"] for p in manifest["products"]}
-    judged = [v for v in verdicts if v.product_seq in truth]
-    labels = [int(truth[v.product_seq]) for v in judged]
+    """The verdicts against the simulator's truth (matched as :class:`TruthMatch` says)."""
+    truth = TruthMatch(manifest, replay_epoch)
+    matched = truth.matched(verdicts)
+    judged = list(matched.values())
+    labels = [int(truth.defective[seq]) for seq in matched]
     scores = [product_score(v) for v in judged]
     said_defect = [v.decision != "good" for v in judged]
     latencies = [v.latency_ms["frame_to_verdict"] / 1e3 for v in judged]
     return DemoSummary(
-        products=len(truth),
+        products=len(truth.defective),
         verdicts=len(verdicts),
+        matched=len(matched),
         complete=sum(v.status == "complete" for v in verdicts),
-        defective_truth=sum(truth.values()),
+        defective_truth=sum(truth.defective.values()),
         defects_found=sum(d and t for d, t in zip(said_defect, labels, strict=True)),
         false_alarms=sum(d and not t for d, t in zip(said_defect, labels, strict=True)),
         product_accuracy=float(
@@ -366,14 +421,24 @@ def summarize(
 
 
 def write_outputs(
-    out: Path, line_dir: Path, manifest: dict, verdicts: list[Verdict], fps: float
+    out: Path,
+    line_dir: Path,
+    manifest: dict,
+    verdicts: list[Verdict],
+    fps: float,
+    replay_epoch: float | None = None,
 ) -> None:
-    truth = {p["seq"]: p for p in manifest["products"]}
+    """verdicts.jsonl (each with the simulated product it is about and its truth, where
+    :class:`TruthMatch` finds one) and the annotated videos."""
+    truth = TruthMatch(manifest, replay_epoch)
+    about = {v.product_id: seq for seq, v in truth.matched(verdicts).items()}
     with (out / "verdicts.jsonl").open("w") as f:
         for v in sorted(verdicts, key=lambda v: v.product_seq):
             record = v.model_dump(mode="json")
-            if v.product_seq in truth:
-                record["truth"] = "defect" if truth[v.product_seq]["defective"] else "good"
+            if v.product_id in about:
+                seq = about[v.product_id]
+                record["simulated_product"] = seq
+                record["truth"] = "defect" if truth.defective[seq] else "good"
             f.write(json.dumps(record) + "\n")
     decisions = {v.product_seq: v.decision for v in verdicts}
     regions: dict[str, dict[int, list]] = {}

@@ -39,10 +39,12 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["products"] == 5 and summary["verdicts"] == 5
+    assert summary["matched"] == 5  # each verdict tied to its product by capture time
     assert summary["latency_p99_s"] >= summary["latency_p50_s"] > 0
     lines = [json.loads(x) for x in (out / "verdicts.jsonl").read_text().splitlines()]
     assert sorted(v["product_seq"] for v in lines) == list(range(5))
     assert all(v["truth"] in ("good", "defect") and len(v["views"]) == 4 for v in lines)
+    assert [v["simulated_product"] for v in lines] == list(range(5))
     assert sorted(p.name for p in out.glob("annotated_*.mp4")) == [
         f"annotated_cam{i}.mp4" for i in range(4)
     ]
@@ -102,3 +104,47 @@ def test_run_with_a_bad_config_is_a_clear_error(tmp_path):
     assert (
         result.exit_code == 1 and "lines.0.cameras" in result.output and str(path) in result.output
     )
+
+
+def test_verdicts_meet_their_products_by_capture_time_where_the_numbers_slip():
+    from cluster.demo import TruthMatch, summarize
+
+    # Three products crossing the centre (x 40 of an 80 px frame) at frames 10, 30 and 50.
+    def product(seq: int, defective: bool) -> dict:
+        boxes = {str(f): [f - 20 * seq + 25, 0, 10, 10] for f in range(0, 80)}
+        return {"seq": seq, "defective": defective, "views": {"cam0": {"bboxes": boxes}}}
+
+    manifest = {
+        "spec": {"fps": 10.0, "width": 80},
+        "products": [product(0, False), product(1, True), product(2, False)],
+    }
+    epoch = 1000.0
+
+    def verdict(number: int, frame: float, decision: str) -> Verdict:
+        view = {"camera": "cam0", "score": 2.0 if decision == "defect" else 0.0}
+        return Verdict.build(
+            product_id=f"l:{number}",
+            line="l",
+            product_seq=number,
+            decision=decision,
+            status="complete",
+            views=[
+                view | {"threshold": 1.0, "is_defect": decision == "defect", "model_version": "m"}
+            ],
+            captured_at=epoch + frame / 10,
+            decided_at=epoch + 9,
+            latency_ms={"frame_to_verdict": 300.0},
+        )
+
+    # The gate counted a glove first (number 0, no verdict), and product 2 twice.
+    verdicts = [verdict(1, 10.2, "good"), verdict(2, 29.9, "defect"), verdict(3, 50, "good")]
+    verdicts.append(verdict(4, 51, "good"))
+    truth = TruthMatch(manifest, epoch)
+    matched = truth.matched(verdicts)
+    assert {q: v.product_seq for q, v in matched.items()} == {0: 1, 1: 2, 2: 3}
+    assert truth.nearest(verdict(5, 20, "good")) is None  # between two products: neither
+    summary = summarize(manifest, verdicts, 10.0, 0, epoch)
+    assert (summary.matched, summary.defects_found, summary.false_alarms) == (3, 1, 0)
+    assert summary.product_auroc == 1.0
+    # By number (no epoch), the slip would judge every product by another's verdict.
+    assert summarize(manifest, verdicts, 10.0, 0).defects_found == 0

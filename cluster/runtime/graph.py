@@ -147,6 +147,9 @@ class RunningLine:
     runs: dict = field(default_factory=dict)  # actor handle -> ObjectRef of its run()
     cameras: dict = field(default_factory=dict)  # ingest actor -> its camera's id
     retired: dict = field(default_factory=dict)  # finished ingest actors -> their run()
+    # camera id -> when frame 0 of its replayed recording was due (a paced replay's frames are
+    # stamped from it: what ties a verdict to a moment of the recording)
+    replay_epochs: dict = field(default_factory=dict)
     resources: LineResources = field(default_factory=LineResources)
 
     @property
@@ -310,6 +313,7 @@ def start_ingest(running: RunningLine, cameras: list[CameraConfig]) -> None:
     epoch = time.time()
     for actor in started:
         running.runs[actor] = actor.run.remote(epoch)
+        running.replay_epochs[running.cameras[actor]] = epoch
 
 
 def sources_done(running: RunningLine) -> bool:

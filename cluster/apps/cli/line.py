@@ -204,16 +204,17 @@ def _line_model(
 class _VerdictTable:
     """The demo's live table: the newest verdicts, each marked right or wrong by the truth."""
 
-    def __init__(self, line: str, manifest: dict):
+    def __init__(self, line: str, truth):
         self.line = line
-        self.truth = {p["seq"]: p["defective"] for p in manifest["products"]}
+        self.truth = truth  # cluster.demo.TruthMatch
         self.verdicts: list = []
         self.recent: deque = deque(maxlen=16)
 
     def add(self, verdict) -> None:
         self.verdicts.append(verdict)
         colour = {"defect": "red", "good": "green"}.get(verdict.decision, "yellow")
-        ok = (verdict.decision != "good") == self.truth.get(verdict.product_seq)
+        found = self.truth.nearest(verdict)
+        ok = found is None or (verdict.decision != "good") == self.truth.defective[found[0]]
         scores = sorted(verdict.views, key=lambda r: r.camera)
         self.recent.append(
             (
@@ -226,7 +227,7 @@ class _VerdictTable:
         )
 
     def render(self) -> Table:
-        title = f"verdicts:{self.line}  ({len(self.verdicts)}/{len(self.truth)})"
+        title = f"verdicts:{self.line}  ({len(self.verdicts)}/{len(self.truth.defective)})"
         table = Table("product", "verdict", "status", "view scores", "latency s", title=title)
         for row in self.recent:
             table.add_row(*row)
@@ -246,9 +247,10 @@ def _inspect_demo_line(
     from workers.qa.samples import SampleStore
 
     line = settings.lines[0]
-    table = _VerdictTable(line.id, manifest)
     # Replayed: the demo's recordings number their products from 0 again; its model is active.
     with started_lines(settings, replay=True, activate=True) as lines:
+        epoch = min(lines.running[0].replay_epochs.values())
+        table = _VerdictTable(line.id, line_demo.TruthMatch(manifest, epoch))
         client = lines.redis(line.id)
         samples = SampleStore(settings.sample_dir)
         web = None
@@ -266,9 +268,9 @@ def _inspect_demo_line(
             stats = finish_lines(lines, while_waiting=show_verdicts)
             show_verdicts()
         dead = StreamBus(client).length(Streams(line.id).dead_letters)
-        summary = line_demo.summarize(manifest, table.verdicts, elapsed(), dead)
+        summary = line_demo.summarize(manifest, table.verdicts, elapsed(), dead, epoch)
         fps = manifest["spec"]["fps"]
-        line_demo.write_outputs(out, out / "line-test", manifest, table.verdicts, fps)
+        line_demo.write_outputs(out, out / "line-test", manifest, table.verdicts, fps, epoch)
         (out / "summary.json").write_text(
             json.dumps(summary.to_dict() | {"actors": stats}, indent=2) + "\n"
         )
