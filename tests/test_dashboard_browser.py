@@ -159,3 +159,65 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
             ) from None
         log.close()
     assert code == 0, (tmp_path / "demo.log").read_text()[-3000:]
+
+
+def test_a_views_defect_outline_is_drawn_over_its_crop(tmp_path, redis_client):
+    import threading
+
+    import numpy as np
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from cluster.apps.dashboard.app import create_app
+    from cluster.apps.dashboard.tokens import QaTokens
+    from cluster.transport.streams import Streams
+    from schemas import BBox, Region, Verdict, ViewResult
+    from workers.images import encode_png
+    from workers.qa.samples import SampleStore
+
+    store = SampleStore(tmp_path / "samples")
+    outline = [(20, 10), (60, 30), (40, 70), (10, 50)]
+    region = Region(
+        box=BBox(x=10, y=10, w=51, h=61),
+        frame_box=BBox(x=110, y=60, w=51, h=61),
+        area=900,
+        peak=4.5,
+        outline=outline,
+        frame_outline=[(x + 100, y + 50) for x, y in outline],
+    )
+    view = ViewResult(
+        camera="cam0", score=2.0, threshold=1.0, is_defect=True, model_version="m", regions=[region]
+    )
+    verdict = Verdict(
+        product_id="l:1",
+        line="l",
+        product_seq=1,
+        decision="defect",
+        status="complete",
+        views=[view],
+        captured_at=1.0,
+        decided_at=2.0,
+    )
+    store.put_view("l", 1, "cam0", encode_png(np.full((80, 120, 4), 200, np.uint8)))
+    store.put_verdict("l", 1, verdict.model_dump_json())
+    redis_client.xadd(Streams("l").verdicts, verdict.to_entry())
+    app = create_app(lambda line: redis_client, store, QaTokens.session()[0], lines=["l"])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/product/l:1")
+            polygon = page.wait_for_selector("svg.outlines polygon", state="attached")
+            # The polygon's corners, at pixel centres, over the crop it was found in.
+            assert polygon.get_attribute("points") == "20.5,10.5 60.5,30.5 40.5,70.5 10.5,50.5"
+            svg = page.eval_on_selector("svg.outlines", "s => s.getBoundingClientRect().toJSON()")
+            img = page.eval_on_selector(".crop img", "i => i.getBoundingClientRect().toJSON()")
+            assert svg == img
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
