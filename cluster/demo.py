@@ -230,7 +230,8 @@ def reusable_line_model(
     model_dir: Path, boxes: Boxes = "detected", scene: str = "easy", detector: str = "contour"
 ) -> ModelBundle | None:
     """The model in ``model_dir`` if it learned from crops cut and harvested as the demo cuts
-    and harvests them now, else None."""
+    and harvests them now, and has a region threshold (one from before defect regions would
+    give the line none), else None."""
     try:
         bundle = load_model(model_dir)
     except ModelError:
@@ -238,7 +239,8 @@ def reusable_line_model(
     contract = InputContract.of(bundle.metadata)
     same = contract is not None and contract.crops == demo_crops(detector)
     harvest = bundle.metadata.get("harvest")
-    return bundle if same and harvest == harvest_record(boxes, scene) else None
+    current = same and harvest == harvest_record(boxes, scene)
+    return bundle if current and bundle.region_threshold is not None else None
 
 
 def set_product_threshold(model_dir: Path, crops: Path, target_tpr: float = 0.85) -> None:
