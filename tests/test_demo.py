@@ -49,6 +49,9 @@ def test_demo_trains_inspects_a_simulated_line_and_reports(tmp_path, monkeypatch
         f"annotated_cam{i}.mp4" for i in range(4)
     ]
     assert (out / "model" / "model.json").exists() and (out / "model" / "roc.png").exists()
+    # Its threshold was chosen on validation products (each its worst view), as a line judges.
+    rule = load_model(out / "model").metadata["threshold_rule"]
+    assert rule["source"] == "validation products"
     # The embedded Redis kept its verdicts under the demo's data folder.
     with EmbeddedRedis(out / "redis") as embedded:
         assert redis.Redis.from_url(embedded.url).xlen(Streams("demo").verdicts) == 5

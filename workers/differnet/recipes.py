@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +77,17 @@ def train_from_folder(
     shots: int | None = None,
     validation: list[Sample] | None = None,
     target_tpr: float = 0.85,
+    product_of: Callable[[Sample], Hashable] | None = None,
     progress: Progress = _no_progress,
     on_skip: OnSkip = _ignore,
 ) -> dict:
     """Train on DATA_DIR/train/good; validate (epoch choice, threshold) on ``validation``.
 
     ``validation`` defaults to DATA_DIR/test when it exists. ``crops``: how a line's front end
-    cut the images (the model's input contract). Returns the saved metadata.
+    cut the images (the model's input contract). ``product_of``: which product a validation
+    image is a view of; the threshold is then chosen on products (each its highest view score,
+    defective if any view is), as a line judges them: a view-level threshold gives each good
+    product one chance per view to raise a false alarm. Returns the saved metadata.
     """
     torch.manual_seed(options.seed)
     model = DifferNet(config, backbone_weights).to(choose_device(options.device))
@@ -106,15 +110,8 @@ def train_from_folder(
         build_memory(model, train_images, options, progress)
         calibration = _calibrate(model, good, train_images)
     regions = _regions(model, good, train_images)
-    metrics: dict = {}
-    if val_images:
-        scores = [r.score for r in score_images(model, val_images)]
-        chosen = target_tpr_threshold(scores, val_labels, target_tpr)
-        metrics = {"val_auroc": auroc(scores, val_labels), "n_val": len(scores)}
-    else:
-        # No validation data: bound false alarms by the training goods (optimistic, says so).
-        scores = [r.score for r in score_images(model, train_images)]
-        chosen = target_tpr_threshold(scores, [0] * len(scores), target_tpr)
+    checked = (val.samples, val_images) if val_images else None
+    chosen, metrics, on = _threshold(model, checked, train_images, target_tpr, product_of)
     metadata = save_model(
         model,
         out,
@@ -122,8 +119,7 @@ def train_from_folder(
         crops=crops,
         backbone_weights=backbone_weights,
         extra={
-            "threshold_rule": chosen.to_dict()
-            | {"source": "validation" if val_images else "training goods"},
+            "threshold_rule": chosen.to_dict() | {"source": on.source},
             "metrics": metrics,
             "calibration": calibration,
             "regions": regions,
@@ -141,8 +137,45 @@ def train_from_folder(
     if val_images:
         from workers.differnet.reports import roc_plot
 
-        roc_plot(scores, val_labels, Path(out) / "roc.png", chosen.value, "validation")
+        roc_plot(on.scores, on.labels, Path(out) / "roc.png", chosen.value, on.source)
     return metadata
+
+
+@dataclass
+class _ChosenOn:
+    """What a threshold was chosen on: scores, their labels, and what they are of."""
+
+    source: str
+    scores: list[float]
+    labels: list[int]
+
+
+def _threshold(model: DifferNet, checked, train_images: list, target_tpr: float, product_of):
+    """The threshold by the ZeroBox rule on the validation (samples, images), per product with
+    ``product_of``; the validation metrics, and what the threshold was chosen on."""
+    if checked is None:
+        # No validation data: bound false alarms by the training goods (optimistic, says so).
+        scores = [r.score for r in score_images(model, train_images)]
+        on = _ChosenOn("training goods", scores, [0] * len(scores))
+        return target_tpr_threshold(on.scores, on.labels, target_tpr), {}, on
+    samples, images = checked
+    labels = [int(s.is_defect) for s in samples]
+    scores = [r.score for r in score_images(model, images)]
+    metrics = {"val_auroc": auroc(scores, labels), "n_val": len(scores)}
+    on = _ChosenOn("validation", scores, labels)
+    if product_of is not None:
+        on = _ChosenOn("validation products", *_products(samples, scores, product_of))
+        metrics["n_val_products"] = len(on.scores)
+    return target_tpr_threshold(on.scores, on.labels, target_tpr), metrics, on
+
+
+def _products(samples: list[Sample], scores: list[float], product_of) -> tuple[list, list]:
+    """Each product's highest view score, and 1 where any of its views is defective."""
+    products: dict = {}
+    for sample, score in zip(samples, scores, strict=True):
+        best, bad = products.get(product_of(sample), (float("-inf"), False))
+        products[product_of(sample)] = (max(best, score), bad or sample.is_defect)
+    return [v[0] for v in products.values()], [int(v[1]) for v in products.values()]
 
 
 def _maps_report(model, loaded, prepared, scores, masked, out_dir, worst, chosen, sources):

@@ -191,11 +191,6 @@ def load_feature_cache(model_dir: Path, feature_dim: int) -> torch.Tensor | None
     return cache
 
 
-def set_threshold(model_dir: Path, threshold: float, rule: dict) -> None:
-    """Change a saved model's threshold (metadata only: the weights and their hash stay)."""
-    update_metadata(model_dir, threshold=float(threshold), threshold_rule=rule)
-
-
 def update_metadata(model_dir: Path, **fields) -> None:
     """Set fields of a saved model's metadata; the weights and their hash stay."""
     path = Path(model_dir) / METADATA_FILE
