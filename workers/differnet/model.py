@@ -144,6 +144,16 @@ class ScoredImage:
     defect_map: np.ndarray | None = None  # (H, W) over the source image, larger = more anomalous
 
 
+@dataclass
+class Evidence:
+    """What one unit's fused score and memory map are made of, before calibration: the flow's
+    raw score and the memory's distance cells."""
+
+    flow: float
+    cells: torch.Tensor  # (h, w), NaN off the product
+    source_shape: tuple[int, int]
+
+
 def gathered(images: list[Prepared], results: list[ScoredImage]) -> list[ScoredImage]:
     """Each image's result from its :func:`units`' results: a tiled image scores its worst
     tile, and its map is its tiles' maps placed where they were cut (the larger where they
@@ -404,15 +414,14 @@ class DifferNet(nn.Module):
         their :func:`units` in the memory's training set, so that each is compared with the
         others' positions only.
         """
-        good = units(good)
+        return self.calibrate_on(self.evidence(units(good), owners))
+
+    def calibrate_on(self, good: list[Evidence]) -> dict:
+        """:meth:`calibrate` from the evidence of good units already drawn."""
         if len(good) < 2:
             raise ValueError(f"calibration needs at least 2 good images, got {len(good)}")
-        chunks = [good[i : i + EMBED_CHUNK] for i in range(0, len(good), EMBED_CHUNK)]
-        flow = np.array([r.score for chunk in chunks for r in self.flow_scores(chunk)])
-        owners = owners or [None] * len(good)
-        memory = np.array(
-            [self.memory.score(im.for_memory, o) for im, o in zip(good, owners, strict=True)]
-        )
+        flow = np.array([e.flow for e in good])
+        memory = np.array([self.memory.score_of_map(e.cells) for e in good])
         values = {
             "flow_mean": float(flow.mean()),
             "flow_std": max(float(flow.std()), 1e-6),
@@ -485,23 +494,35 @@ class DifferNet(nn.Module):
         return gathered(images, self._gradient_maps(units(images)))
 
     @torch.no_grad()
-    def _memory_maps(self, images: list[PreparedImage], owners=None) -> list[ScoredImage]:
-        """Scores with the patch memory's maps: every position's distance to its nearest good
-        position, over the source image (the memory sees the whole image, no letterbox), its
-        cells smoothed as the map_sigma input pixels say at the source's scale."""
+    def evidence(self, images: list[PreparedImage], owners=None) -> list[Evidence]:
+        """Each unit's :class:`Evidence`, the backbone run once per unit and scale. ``owners``:
+        as for :meth:`calibrate`."""
         if not self.uses_memory:
             raise ValueError("this model has no patch memory: its maps come from the gradient")
-        out = []
         owners = owners or [None] * len(images)
-        for flow, im, owner in zip(self.flow_scores(images), images, owners, strict=True):
-            cells = self.memory.distance_map(im.for_memory, owner)
-            score = self.fuse(flow.score, self.memory.score_of_map(cells))
-            filled = torch.nan_to_num(cells, nan=float(np.nanmin(cells.numpy())))
-            source = im.box.source_shape
-            up = F.interpolate(filled[None, None], size=source, mode="bilinear")[0, 0].numpy()
-            sigma = self.config.map_sigma * max(source) / self.config.image_size
-            out.append(ScoredImage(score, gaussian_filter(up, sigma) if sigma else up))
-        return out
+        chunks = [images[i : i + EMBED_CHUNK] for i in range(0, len(images), EMBED_CHUNK)]
+        flows = [r.score for chunk in chunks for r in self.flow_scores(chunk)]
+        return [
+            Evidence(flow, self.memory.distance_map(im.for_memory, owner), im.box.source_shape)
+            for flow, im, owner in zip(flows, images, owners, strict=True)
+        ]
+
+    def scored(self, evidence: Evidence) -> ScoredImage:
+        """The fused score and the memory's map of one unit's evidence: every position's
+        distance to its nearest good position, over the source image (the memory sees the whole
+        image, no letterbox), its cells smoothed as the map_sigma input pixels say at the
+        source's scale."""
+        cells = evidence.cells
+        score = self.fuse(evidence.flow, self.memory.score_of_map(cells))
+        filled = torch.nan_to_num(cells, nan=float(np.nanmin(cells.numpy())))
+        source = evidence.source_shape
+        up = F.interpolate(filled[None, None], size=source, mode="bilinear")[0, 0].numpy()
+        sigma = self.config.map_sigma * max(source) / self.config.image_size
+        return ScoredImage(score, gaussian_filter(up, sigma) if sigma else up)
+
+    def _memory_maps(self, images: list[PreparedImage], owners=None) -> list[ScoredImage]:
+        """Scores with the patch memory's maps (:meth:`scored`)."""
+        return [self.scored(e) for e in self.evidence(images, owners)]
 
     def _gradient_maps(self, images: list[PreparedImage]) -> list[ScoredImage]:
         """Scores with the gradient of each image's score with respect to its pixels."""

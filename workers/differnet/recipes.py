@@ -19,6 +19,7 @@ from workers.differnet.model import (
     DifferNetConfig,
     Prepared,
     ScoredImage,
+    gathered,
     units,
 )
 from workers.differnet.regions import GOOD_PIXEL_SHARE, region_threshold
@@ -104,13 +105,10 @@ def train_from_folder(
     cache = embed_training_set(model, train_images, options, progress)
     validated = (val_images, val_labels) if val_images else None
     report = train_flow(model, cache, options, validated, progress, started=t0)
-    calibration = None
-    good = [im for im, label in zip(val_images, val_labels, strict=True) if label == 0]
     if config.memory_size:
         build_memory(model, train_images, options, progress)
-        calibration = _calibrate(model, good, train_images)
-    regions = _regions(model, good, train_images)
-    checked = (val.samples, val_images) if val_images else None
+    calibration, regions, val_scores = _held_out_rules(model, val_images, val_labels, train_images)
+    checked = (val.samples, val_images, val_scores) if val_images else None
     chosen, metrics, on = _threshold(model, checked, train_images, target_tpr, product_of)
     metadata = save_model(
         model,
@@ -151,16 +149,17 @@ class _ChosenOn:
 
 
 def _threshold(model: DifferNet, checked, train_images: list, target_tpr: float, product_of):
-    """The threshold by the ZeroBox rule on the validation (samples, images), per product with
-    ``product_of``; the validation metrics, and what the threshold was chosen on."""
+    """The threshold by the ZeroBox rule on the validation (samples, images, their scores if
+    drawn already), per product with ``product_of``; the validation metrics, and what the
+    threshold was chosen on."""
     if checked is None:
         # No validation data: bound false alarms by the training goods (optimistic, says so).
         scores = [r.score for r in score_images(model, train_images)]
         on = _ChosenOn("training goods", scores, [0] * len(scores))
         return target_tpr_threshold(on.scores, on.labels, target_tpr), {}, on
-    samples, images = checked
+    samples, images, scores = checked
     labels = [int(s.is_defect) for s in samples]
-    scores = [r.score for r in score_images(model, images)]
+    scores = scores or [r.score for r in score_images(model, images)]
     metrics = {"val_auroc": auroc(scores, labels), "n_val": len(scores)}
     on = _ChosenOn("validation", scores, labels)
     if product_of is not None:
@@ -247,16 +246,31 @@ def _held_out_goods(good_val: list, train_images: list):
     return train_images, list(range(len(units(train_images)))), "training goods"
 
 
-def _calibrate(model: DifferNet, good_val: list, train_images: list) -> dict:
-    """Standardise the flow's and the memory's scores on held-out good images."""
-    good, owners, source = _held_out_goods(good_val, train_images)
-    return model.calibrate(good, owners=owners) | {"source": source, "n": len(good)}
-
-
-def _regions(model: DifferNet, good_val: list, train_images: list) -> dict:
-    """The region threshold from the held-out good images' maps."""
-    good, owners, source = _held_out_goods(good_val, train_images)
-    return region_rule(model, good, source, owners)
+def _held_out_rules(model: DifferNet, val_images: list, val_labels: list, train_images: list):
+    """The calibration (memory models) and the region rule, from held-out good images; and
+    the validation images' scores where they come with them: a memory model with validation
+    goods draws every validation tile's evidence once, for all three."""
+    good = [im for im, label in zip(val_images, val_labels, strict=True) if label == 0]
+    if not (model.uses_memory and model.map_source == "memory" and len(good) >= 2):
+        held, owners, source = _held_out_goods(good, train_images)
+        calibration = None
+        if model.uses_memory:
+            calibration = model.calibrate(held, owners=owners) | {"source": source, "n": len(held)}
+        return calibration, region_rule(model, held, source, owners), None
+    tiles = units(val_images)
+    is_good = [
+        label == 0 for im, label in zip(val_images, val_labels, strict=True) for _ in units([im])
+    ]
+    evidence = model.evidence(tiles)
+    calibration = model.calibrate_on([e for e, g in zip(evidence, is_good, strict=True) if g])
+    scored = [model.scored(e) for e in evidence]
+    maps = [r.defect_map for r, g in zip(scored, is_good, strict=True) if g]
+    source = "validation goods"
+    return (
+        calibration | {"source": source, "n": len(good)},
+        _region_record(model, maps, source, len(good)),
+        [r.score for r in gathered(val_images, scored)],
+    )
 
 
 def region_rule(model: DifferNet, good: list, source: str, owners: list[int] | None = None):
@@ -270,12 +284,16 @@ def region_rule(model: DifferNet, good: list, source: str, owners: list[int] | N
         for i in range(0, len(tiles), EMBED_CHUNK)
         for r in model.defect_maps(tiles[i : i + EMBED_CHUNK], owners=owners[i : i + EMBED_CHUNK])
     ]
+    return _region_record(model, maps, source, len(good))
+
+
+def _region_record(model: DifferNet, maps: list, source: str, n: int) -> dict:
     return {
         "threshold": region_threshold(maps),
         "rule": f"{GOOD_PIXEL_SHARE:.1%} of good pixels above",
         "map_source": model.map_source,
         "source": source,
-        "n": len(good),
+        "n": n,
     }
 
 
