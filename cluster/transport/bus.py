@@ -83,7 +83,9 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
 if #groups == 0 then return 0 end
 local now = redis.call('TIME')
-local cutoff_ms = math.max(0, now[1] * 1000 + math.floor(now[2] / 1000) - ARGV[1])
+-- Entries at least ARGV[1] ms old go: MINID keeps ids from the cutoff on, so it is one past them
+-- (with 0, an entry of this very millisecond goes too).
+local cutoff_ms = math.max(0, now[1] * 1000 + math.floor(now[2] / 1000) - ARGV[1] + 1)
 local cutoff_seq = 0
 local function lower_to(id, next_one)
     local ms, seq = string.match(id, '(%d+)-(%d+)')
@@ -342,7 +344,7 @@ class StreamBus:
 
     def trim_processed(self, stream: str, older_than_s: float = 0.0) -> int:
         """Delete the entries of ``stream`` that every consumer group has acknowledged and that
-        are older than ``older_than_s`` (Redis clock); returns how many went.
+        are at least ``older_than_s`` old (Redis clock); returns how many went.
 
         ``maxlen`` alone keeps that many entries long after they were processed: 100,000 frames
         of a 1080p camera, at 300 kB a JPEG, are 30 GB of Redis memory. A stream no group reads
