@@ -115,8 +115,8 @@ class ProductView(_ImageMessage):
     _product_id = model_validator(mode="after")(_names_its_product)
 
 
-# A view reports at most this many defect regions (workers.differnet.regions.MAX_REGIONS), and
-# an outline at most this many corners (MAX_OUTLINE_POINTS there).
+# A view reports at most this many defect regions, and an outline at most this many corners
+# (workers.differnet.regions finds them within these bounds).
 MAX_REGIONS = 8
 MAX_OUTLINE_POINTS = 32
 

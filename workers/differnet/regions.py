@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+# The messages' bounds: at most this many regions a view, the strongest first (a map that
+# lights up in dozens of places says "the whole view", which its score already says), and this
+# many corners an outline (enough to follow a crack's bends, small in every message).
+from schemas.messages import MAX_OUTLINE_POINTS, MAX_REGIONS
+
 # Share of good validation pixels allowed above the region threshold.
 GOOD_PIXEL_SHARE = 0.001
-# A view reports at most this many regions, the strongest first: a map that lights up in dozens
-# of places says "the whole view", which its score already says.
-MAX_REGIONS = 8
-# Corners an outline keeps at most: enough to follow a crack's bends, small in every message.
-MAX_OUTLINE_POINTS = 32
 # Pixels drawn from each good map to choose the threshold: bounds the memory a large
 # validation set takes, and is plenty for a 0.1 % quantile.
 SAMPLE_PER_MAP = 20_000
