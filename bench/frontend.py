@@ -1,15 +1,17 @@
 """Front-end benchmark on simulated lines, per scene and detector (prints JSON).
 
     python -m bench.frontend --data ../shared/data/mtd --json bench-out/frontend.json \
-        --scene easy hard --detector contour yolo
+        --scene easy hard --detector contour yolo --trigger motion tracking
 
-For every scene and detector, one row: how often each product triggers exactly once per camera,
-products missed, views of things that are not products (distractors, merged or stray boxes),
-the chosen box's IoU against the simulator's, how much conveyor survives matting, and
-milliseconds per frame per stage (decode and gate on every ``--frame-stride``-th frame; the
-detector and matting once per gated frame that fired). Without ``--yolo-weights``, a YOLOv8n
-is trained first on the truth of a separate line of each scene (another seed; every fourth
-frame of two cameras): its training time is in the result.
+For every scene, detector and trigger (``tracking``: YOLO on every frame with motion, each
+product tracked across the centre line; YOLO only), one row: how often each product triggers
+exactly once per camera, products missed, views of things that are not products (distractors,
+merged or stray boxes), the chosen box's IoU against the simulator's, how much conveyor
+survives matting, and milliseconds per frame per stage (decode and gate on every
+``--frame-stride``-th frame, a tracking gate's detector included; the detector and matting
+once per gated frame that fired). Without ``--yolo-weights``, a YOLOv8n is trained first on
+the truth of a separate line of each scene (another seed; every fourth frame of two cameras):
+its training time is in the result.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from bench.report import emit
@@ -35,6 +36,7 @@ from workers.frontend.detect import (
 from workers.frontend.matte import matte
 from workers.frontend.motion import MotionGate
 from workers.frontend.sources import open_source
+from workers.frontend.tracking import TrackingGate, gate_frame
 from workers.simulation.labels import truth_labels
 from workers.simulation.simulate import camera_videos, parse_frame_size, scene_spec, simulate_line
 from workers.weights import sha256_of
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", default="480x270", help="cameras' frame size WxH")
     p.add_argument("--scene", nargs="+", default=["easy"], choices=["easy", "hard"])
     p.add_argument("--detector", nargs="+", default=["contour"], choices=["contour", "yolo"])
+    p.add_argument("--trigger", nargs="+", default=["motion"], choices=["motion", "tracking"])
     p.add_argument("--yolo-weights", type=Path, help="default: train one on the scenes' truth")
     p.add_argument("--yolo-epochs", type=int, default=30)
     p.add_argument("--yolo-image-size", type=int, default=256)
@@ -103,15 +106,25 @@ def main(argv: list[str] | None = None) -> dict:
         weights = args.yolo_weights or _train_yolo(args, (width, height), result)
         detectors["yolo"] = YoloDetector(weights, sha256_of(weights))
     result["rows"] = []
-    for scene, (line_dir, manifest) in lines.items():
-        for name in args.detector:
-            tally = Tally()
-            for cam, video in camera_videos(line_dir).items():
-                counts = dict.fromkeys(range(args.products), 0)
-                _camera(video, cam, manifest, args.frame_stride, detectors[name], counts, tally)
-                tally.exactly_once += [c == 1 for c in counts.values()]
-                tally.missed += sum(c == 0 for c in counts.values())
-            result["rows"].append(_row(scene, name, manifest, tally))
+    runs = [
+        (scene, name, trigger)
+        for scene in lines
+        for name in args.detector
+        for trigger in args.trigger
+        if name == "yolo" or trigger == "motion"
+    ]
+    for scene, name, trigger in runs:
+        line_dir, manifest = lines[scene]
+        tally = Tally()
+        for cam, video in camera_videos(line_dir).items():
+            counts = dict.fromkeys(range(args.products), 0)
+            gate = MotionGate()
+            if trigger == "tracking":
+                gate = TrackingGate(detectors[name], gate)
+            _camera(video, cam, manifest, args.frame_stride, gate, detectors[name], counts, tally)
+            tally.exactly_once += [c == 1 for c in counts.values()]
+            tally.missed += sum(c == 0 for c in counts.values())
+        result["rows"].append(_row(scene, name, trigger, manifest, tally))
     return emit(result, args.json)
 
 
@@ -148,29 +161,29 @@ def _camera(
     cam: str,
     manifest: dict,
     stride: int,
+    gate: MotionGate | TrackingGate,
     detector: Detector,
     counts: dict,
     tally: Tally,
 ):
     """One camera's recording as the camera ingest reads it: MJPEG decoded at the gate's size,
-    the JPEG kept; each gated frame that fired goes to the detector and is matted."""
-    gate = MotionGate()
+    the JPEG kept; each gated frame that fired goes to the detector and is matted. A tracking
+    gate's detector time (and its decoding of whole frames) counts as the gate's."""
     t = time.perf_counter()
     for source_frame in open_source(str(video), stride, gate.work_width):
-        index, frame = source_frame.index, source_frame.image
+        index = source_frame.index
         tally.seconds["decode"] += time.perf_counter() - t
         tally.frames += 1
         t = time.perf_counter()
-        trigger = gate.update(index, frame, source_frame.shape[:2])
+        triggers = gate_frame(gate, source_frame)
         tally.seconds["gate"] += time.perf_counter() - t
-        if trigger is not None:
+        for trigger in triggers:
             tally.triggers += 1
             t = time.perf_counter()
             # Detect + matte decode the gated frame in full, once per product.
-            if source_frame.jpeg is not None:
-                frame = cv2.imdecode(np.frombuffer(source_frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
+            whole = source_frame.whole()
             tally.seconds["decode"] += time.perf_counter() - t
-            _view(frame, index, cam, trigger, manifest, detector, counts, tally)
+            _view(whole, index, cam, trigger, manifest, detector, counts, tally)
         t = time.perf_counter()
 
 
@@ -212,12 +225,13 @@ def _view(frame, index, cam, trigger, manifest, detector, counts: dict, tally: T
     tally.belt_left.append(float((kept & ~inside).sum() / max(1, kept.sum())))
 
 
-def _row(scene: str, detector: str, manifest: dict, tally: Tally) -> dict:
+def _row(scene: str, detector: str, trigger: str, manifest: dict, tally: Tally) -> dict:
     s, frames, triggers = tally.seconds, tally.frames, max(1, tally.triggers)
     cameras = len(manifest["cameras"])
     return {
         "scene": scene,
         "detector": detector,
+        "trigger": trigger,
         "frames_gated": frames,
         "trigger_exactly_once_rate": float(np.mean(tally.exactly_once)),
         "missed_product_views": tally.missed,

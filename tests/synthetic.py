@@ -155,6 +155,16 @@ TOUCHING_SCENE = {
 }
 
 
+def touching_scene_line(root: Path) -> tuple[Path, dict]:
+    """The scene's videos and manifest: (line folder, manifest)."""
+    from workers.datasets import list_train_samples
+    from workers.simulation.simulate import LineSpec, render_line
+
+    data = make_dataset(root / "tiles", n_train=8, n_good=2, n_defect=2)
+    manifest = render_line(list_train_samples(data), [], root / "line", LineSpec(**TOUCHING_SCENE))
+    return root / "line", manifest
+
+
 def touching_scene(root: Path) -> tuple[Path, dict, dict]:
     """The scene's videos and manifest, and a tiny YOLO trained on its truth (YOLOv8 at an
     eighth of the width: 0.35 M parameters, under a minute on 2 cores). Returns (line folder,
@@ -162,13 +172,10 @@ def touching_scene(root: Path) -> tuple[Path, dict, dict]:
     import yaml
     from ultralytics.nn.tasks import yaml_model_load
 
-    from workers.datasets import list_train_samples
     from workers.frontend.detect import bootstrap_yolo
     from workers.simulation.labels import truth_labels
-    from workers.simulation.simulate import LineSpec, render_line
 
-    data = make_dataset(root / "tiles", n_train=8, n_good=2, n_defect=2)
-    manifest = render_line(list_train_samples(data), [], root / "line", LineSpec(**TOUCHING_SCENE))
+    _, manifest = touching_scene_line(root)
     truth_labels(root / "line", root / "labels", every=1)
     tiny = {k: v for k, v in yaml_model_load("yolov8n.yaml").items() if k != "yaml_file"}
     tiny |= {"nc": 1, "scales": {"t": [0.33, 0.125, 256]}, "scale": "t"}
@@ -183,3 +190,25 @@ def touching_scene(root: Path) -> tuple[Path, dict, dict]:
         batch=8,
     )
     return root / "line", manifest, report
+
+
+class TruthDetector:
+    """A detector that makes no mistakes: the simulator's true product boxes of a frame of one
+    camera's recording (the frame known by its pixels), to test what uses a detector apart
+    from any detector's errors."""
+
+    def __init__(self, line_dir: Path, manifest: dict, camera: str):
+        import hashlib
+
+        from workers.frontend.sources import open_source
+
+        self._hash = lambda frame: hashlib.sha1(np.ascontiguousarray(frame).tobytes()).digest()
+        video = line_dir / f"{camera}.avi"
+        self._index = {self._hash(f.whole()): f.index for f in open_source(str(video), 1, 160)}
+        self._boxes = [p["views"][camera]["bboxes"] for p in manifest["products"]]
+
+    def detect(self, frame: np.ndarray, foreground: np.ndarray | None = None) -> list:
+        from workers.frontend.detect import Detection
+
+        key = str(self._index[self._hash(frame)])
+        return [Detection(tuple(boxes[key]), 0.9) for boxes in self._boxes if key in boxes]

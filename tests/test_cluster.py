@@ -416,7 +416,7 @@ def test_chaos_every_product_one_verdict_under_every_fault(line_model, local_ray
     assert report["actors"]["aggregate"]["images_trimmed"] > 0
 
 
-def test_a_yolo_line_inspects_its_products_and_gives_gloves_and_tools_no_view(
+def test_a_yolo_line_tracks_its_products_and_gives_gloves_and_tools_no_view(
     touching_scene, local_ray, tmp_path
 ):
     from workers.contract import CropSpec
@@ -436,30 +436,35 @@ def test_a_yolo_line_inspects_its_products_and_gives_gloves_and_tools_no_view(
     train_from_folder(
         tmp_path / "crops", tmp_path / "model", tiny, TrainingOptions(epochs=2), crops=crops
     )
-    with EmbeddedRedis(tmp_path / "redis") as server:
-        client = redis.Redis.from_url(server.url)
-        line = line_config(line_dir, manifest["cameras"], ReplicaConfig()).model_copy(
-            update={
-                "detector": "yolo",
-                "yolo_weights": weights,
-                "yolo_weights_sha256": report["sha256"],
-            }
-        )
-        running = start_line(line, server.access, tmp_path / "model", resources=SMALL)
-        stats = drain_and_stop([running], timeout_s=300)
-        views = [ProductView.from_entry(f) for _, f in client.xrange(Streams("demo").views)]
-        got = verdicts(client, "demo")
-    # The gate fired on gloves and tools too: the detectors said so, and the aggregator decided
-    # those numbers without a verdict.
-    not_products = sum(s.get("not_products", 0) for s in stats["demo"]["detect"])
-    assert not_products >= 2 and stats["demo"]["aggregate"]["not_products"] == not_products
-    assert views and sorted(v.product_seq for v in got) == sorted(v.product_seq for v in views)
-    assert all(v.status == "complete" for v in got)
+    line = line_config(line_dir, manifest["cameras"], ReplicaConfig()).model_copy(
+        update={"yolo_weights": weights, "yolo_weights_sha256": report["sha256"]}
+    )
+
+    def run(line: LineConfig, name: str) -> tuple[dict, list[ProductView], list[Verdict]]:
+        with EmbeddedRedis(tmp_path / name) as server:
+            client = redis.Redis.from_url(server.url)
+            running = start_line(line, server.access, tmp_path / "model", resources=SMALL)
+            stats = drain_and_stop([running], timeout_s=300)
+            views = [ProductView.from_entry(f) for _, f in client.xrange(Streams("demo").views)]
+            return stats["demo"], views, verdicts(client, "demo")
 
     def best(kind: str, box: tuple) -> float:
         boxes = [b for t in manifest[kind] for b in t["views"]["cam0"]["bboxes"].values()]
         return max((iou(box, tuple(b)) for b in boxes), default=0.0)
 
-    for view in views:  # each view is a product's, none a glove's or a tool's
-        box = (view.bbox.x, view.bbox.y, view.bbox.w, view.bbox.h)
-        assert best("products", box) > 0.6 and best("distractors", box) < 0.4, box
+    # YOLO tracks the products across the view (a YOLO line's default): it counts products,
+    # not the blobs the gate sees, so gloves and tools are never even sent on.
+    tracked, tracked_views, tracked_verdicts = run(line, "tracking")
+    assert line.triggered_by == "tracking" and tracked["ingest"][0]["published"] >= 3
+    assert sum(s.get("not_products", 0) for s in tracked["detect"]) == 0
+    # The motion gate's count: it fires on gloves and tools too; the detectors said so, and the
+    # aggregator decided those numbers without a verdict.
+    blobs, blob_views, blob_verdicts = run(line.model_copy(update={"trigger": "motion"}), "motion")
+    not_products = sum(s.get("not_products", 0) for s in blobs["detect"])
+    assert not_products >= 2 and blobs["aggregate"]["not_products"] == not_products
+    for views, got in ((tracked_views, tracked_verdicts), (blob_views, blob_verdicts)):
+        assert views and sorted(v.product_seq for v in got) == sorted(v.product_seq for v in views)
+        assert all(v.status == "complete" for v in got)
+        for view in views:  # each view is a product's, none a glove's or a tool's
+            box = (view.bbox.x, view.bbox.y, view.bbox.w, view.bbox.h)
+            assert best("products", box) > 0.6 and best("distractors", box) < 0.4, box

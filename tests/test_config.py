@@ -72,6 +72,11 @@ def test_the_environment_overrides_the_file(tmp_path, monkeypatch):
             "lines.0",
         ),
         (
+            # Tracking needs a detector that boxes each product.
+            LINE_YAML.replace("target_tpr: 0.9", "target_tpr: 0.9\n    trigger: tracking"),
+            "lines.0",
+        ),
+        (
             LINE_YAML.replace("/videos/cam1.mp4", "rtsp://cam1.line/stream"),
             "lines.0.cameras.1",
         ),
@@ -130,7 +135,10 @@ def test_line_resources_take_gpus_where_the_cluster_has_them_and_obey_the_line()
         resources={"score_gpus": 1},
     )
     res = line_resources(yolo, cluster_gpus=4)
-    assert (res.score_gpus, res.detect_gpus, res.ingest_gpus) == (1, 0.25, 0)
+    # Its cameras track the products with the YOLO too; counting blobs, they run no network.
+    assert (res.score_gpus, res.detect_gpus, res.ingest_gpus) == (1, 0.25, 0.25)
+    blobs = yolo.model_copy(update={"trigger": "motion"})
+    assert line_resources(blobs, cluster_gpus=4).ingest_gpus == 0
     matted = [{"id": "c0", "source": "sim", "matting_model": "bgm.pt", "matting_model_sha256": SHA}]
     assert line_resources(LineConfig(id="m", cameras=matted), cluster_gpus=4).ingest_gpus == 0.25
     tuned = LineConfig(id="c", cameras=cams, resources={"score_cpus": 2, "ingest_cpus": 0.5})

@@ -43,6 +43,7 @@ from schemas import (
     ViewScore,
 )
 from workers.contract import ContractConflict, InputContract, resolve_crops
+from workers.frontend.detect import YoloDetector
 from workers.frontend.matte import DeepMatter
 from workers.frontend.sources import is_live
 from workers.frontend.stages import CameraIngest, DetectMatte
@@ -123,6 +124,11 @@ class _Loop:
         return os.getpid()
 
 
+def yolo_detector(line: LineConfig) -> YoloDetector:
+    """The line's YOLO, on the device Ray granted this actor."""
+    return YoloDetector(line.yolo_weights, line.yolo_weights_sha256, device=granted_device())
+
+
 @ray.remote
 class CameraIngestActor(_Loop):
     """One camera: read the source, gate on motion, publish one frame per product."""
@@ -153,6 +159,7 @@ class CameraIngestActor(_Loop):
             background=camera.background,
             first_product=first_product,
             frame_stride=camera.frame_stride,
+            tracker=yolo_detector(line) if line.triggered_by == "tracking" else None,
         )
         self.streams = Streams(line.id)
         self.stream = self.streams.frames(camera.id)
@@ -228,13 +235,7 @@ class DetectMatteActor(_Loop):
         super().__init__(access, run, line.id, "detect")
         self.streams = Streams(line.id)
         self.metrics, self.tags = LineMetrics(line.id), {"line": line.id}
-        detector = None
-        if line.box_source == "yolo":
-            from workers.frontend.detect import YoloDetector
-
-            detector = YoloDetector(
-                line.yolo_weights, line.yolo_weights_sha256, device=granted_device()
-            )
+        detector = yolo_detector(line) if line.box_source == "yolo" else None
         self.stage = DetectMatte(detector, line.crops, run.max_image_pixels)
         source = StageInput(
             [self.streams.frames(c.id) for c in line.cameras],

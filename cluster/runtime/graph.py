@@ -44,7 +44,7 @@ class LineResources:
     """Ray resources per actor (see :func:`line_resources` for where they come from)."""
 
     ingest_cpus: float = 0.25
-    ingest_gpus: float = 0.0  # asked by the cameras that run a matting network only
+    ingest_gpus: float = 0.0  # asked by the cameras that run a network only (gpu_camera)
     detect_cpus: float = 0.5
     detect_gpus: float = 0.0
     score_cpus: float = 1.0
@@ -95,14 +95,19 @@ def line_resources(line: LineConfig, cluster_gpus: float) -> LineResources:
 
 def _gpu_shares(line: LineConfig) -> dict[str, float]:
     """Where the cluster has GPUs: a scorer half of one, the trainer a whole one; a YOLO
-    detector and a camera's matting network a quarter (contours and the motion gate alone
-    have nothing to run on a GPU)."""
+    detector and a camera that runs a network (matting, tracking) a quarter (contours and the
+    motion gate alone have nothing to run on a GPU)."""
     return {
         "score_gpus": 0.5,
         "train_gpus": 1.0,
         "detect_gpus": 0.25 if line.box_source == "yolo" else 0.0,
-        "ingest_gpus": 0.25 if any(c.matting_model for c in line.cameras) else 0.0,
+        "ingest_gpus": 0.25 if any(gpu_camera(line, c) for c in line.cameras) else 0.0,
     }
+
+
+def gpu_camera(line: LineConfig, camera: CameraConfig) -> bool:
+    """Whether the camera's actor runs a network: a matting model, or YOLO to track products."""
+    return camera.matting_model is not None or line.triggered_by == "tracking"
 
 
 def _gpus(line: LineConfig, per_actor: dict[str, float]) -> float:
@@ -111,7 +116,7 @@ def _gpus(line: LineConfig, per_actor: dict[str, float]) -> float:
         "score_gpus": line.replicas.score,
         "train_gpus": 1 if line.retrain.enabled else 0,
         "detect_gpus": line.replicas.detect,
-        "ingest_gpus": sum(1 for c in line.cameras if c.matting_model),
+        "ingest_gpus": sum(1 for c in line.cameras if gpu_camera(line, c)),
     }
     return sum(counts[name] * share for name, share in per_actor.items())
 
@@ -299,7 +304,7 @@ def start_ingest(running: RunningLine, cameras: list[CameraConfig]) -> None:
     first = next_product_seq(running.client, line, [c.id for c in cameras])
     started = []
     for cam in cameras:
-        gpus = res.ingest_gpus if cam.matting_model else 0.0
+        gpus = res.ingest_gpus if gpu_camera(running.config, cam) else 0.0
         actor = CameraIngestActor.options(
             num_cpus=res.ingest_cpus, num_gpus=gpus, **ACTOR_OPTIONS
         ).remote(running.access, running.run, running.config, cam, first)

@@ -46,6 +46,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# How a camera counts its products (``workers.frontend.tracking``).
+Trigger = Literal["motion", "tracking"]
+
 # Weights files run code as they load: a line uses one only with the sha256 recorded for it.
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
@@ -232,6 +235,14 @@ class LineConfig(_Strict):
         default=None,
         description="Ultralytics weights (`defectflow detector bootstrap` trains them)",
     )
+    trigger: Trigger | None = Field(
+        default=None,
+        description="what counts the products: `motion` (one per foreground blob crossing the "
+        "view's centre: cheap, but products that touch count as one) or `tracking` (the YOLO "
+        "detector on every frame with motion, each product tracked across the centre: products "
+        "that touch count apart; about 13 ms per such frame and camera on a CPU, a GPU share "
+        "per camera where the cluster has GPUs) [tracking where the detector is yolo]",
+    )
     yolo_weights_sha256: Sha256 | None = Field(
         default=None,
         description="the YOLO weights file's sha256 (`defectflow detector bootstrap` prints it): "
@@ -266,6 +277,11 @@ class LineConfig(_Strict):
             )
         if self.detector == "contour" and self.yolo_weights is not None:
             raise ValueError("yolo_weights are given but detector is contour: leave one out")
+        if self.trigger == "tracking" and self.box_source != "yolo":
+            raise ValueError(
+                "trigger: tracking needs the yolo detector (yolo_weights): contours do not "
+                "tell touching products apart"
+            )
         return self
 
     @model_validator(mode="after")
@@ -282,6 +298,10 @@ class LineConfig(_Strict):
     @property
     def box_source(self) -> BoxSource:
         return self.detector or ("yolo" if self.yolo_weights else "contour")
+
+    @property
+    def triggered_by(self) -> Trigger:
+        return self.trigger or ("tracking" if self.box_source == "yolo" else "motion")
 
     def following(self, contract: InputContract | None, model: str) -> LineConfig:
         """This line with its crop settings resolved against its model's input contract: the

@@ -21,7 +21,6 @@ that drifts or flickers then does not turn the whole belt into foreground.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import cv2
@@ -59,6 +58,9 @@ class _Blob:
     centroid: tuple[float, float]
     bbox: tuple[int, int, int, int]
     mask: np.ndarray  # (h, w) bool, this blob only, at the gate's working size
+    # (centroid, mask) of this blob in its last few frames, this one last (matched frame to
+    # frame by centroid): plain pairs, so that a blob does not keep its predecessors alive.
+    history: tuple[tuple[tuple[float, float], np.ndarray], ...] = ()
 
 
 class MotionGate:
@@ -101,7 +103,7 @@ class MotionGate:
         self._work_plate: np.ndarray | None = None
         self._belt: np.ndarray | None = None  # where the last frame showed belt
         self._previous: list[_Blob] = []
-        self._recent: deque[_Blob] = deque(maxlen=composite_frames)
+        self.composite_frames = composite_frames
         self._open = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
         self._close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
 
@@ -188,23 +190,43 @@ class MotionGate:
         max_jump = fg.shape[1] / 3.0
         for blob in blobs:
             prev = self._nearest(blob, max_jump)
+            before_now = prev.history if prev else ()
+            blob.history = (*before_now, (blob.centroid, blob.mask))[-self.composite_frames :]
             if prev is None:
                 continue
             before = (prev.centroid[0] - centre) * self.direction
             after = (blob.centroid[0] - centre) * self.direction
             if before < 0 <= after and trigger is None:
-                self._recent.append(blob)
                 trigger = Trigger(
                     frame_index, self.products, self._to_frame(blob.bbox), self._composite(blob)
                 )
                 self.products += 1
-        # Remember the largest blob's masks for the next composite.
-        if blobs and trigger is None:
-            self._recent.append(max(blobs, key=lambda b: b.mask.sum()))
-        elif not blobs:
-            self._recent.clear()
         self._previous = blobs
         return trigger
+
+    def mask_for(self, bbox: tuple[int, int, int, int], margin: float = 0.15) -> np.ndarray:
+        """The composite mask (frame pixels) of the last frame's blob that overlaps ``bbox`` (a
+        product's box in frame pixels, found by a detector) most, kept to the box grown by
+        ``margin`` per side: where products touch, their blob holds both, and the mask then
+        names the one in the box. The box itself where no blob overlaps it."""
+        h, w = self.frame_shape
+        x, y, bw, bh = bbox
+        dx, dy = int(round(margin * bw)), int(round(margin * bh))
+        box = np.zeros((h, w), np.uint8)
+        box[max(0, y - dy) : y + bh + dy, max(0, x - dx) : x + bw + dx] = 255
+        best, best_overlap = None, 0
+        for blob in self._previous:
+            bx, by, bw_, bh_ = self._to_frame(blob.bbox)
+            overlap = max(0, min(x + bw, bx + bw_) - max(x, bx)) * max(
+                0, min(y + bh, by + bh_) - max(y, by)
+            )
+            if overlap > best_overlap:
+                best, best_overlap = blob, overlap
+        if best is None:
+            box[:] = 0
+            box[y : y + bh, x : x + bw] = 255
+            return box
+        return cv2.bitwise_and(self._composite(best), box)
 
     def _relit(self, work: np.ndarray) -> np.ndarray:
         """The frame brought to the belt model's brightness. Light that drifts or flickers
@@ -262,11 +284,10 @@ class MotionGate:
     def _composite(self, current: _Blob) -> np.ndarray:
         union = np.zeros(current.mask.shape, dtype=bool)
         cx, cy = current.centroid
-        for blob in self._recent:
-            dx, dy = cx - blob.centroid[0], cy - blob.centroid[1]
-            shift = np.float32([[1, 0, dx], [0, 1, dy]])
+        for (x, y), mask in current.history:
+            shift = np.float32([[1, 0, cx - x], [0, 1, cy - y]])
             moved = cv2.warpAffine(
-                blob.mask.astype(np.uint8), shift, current.mask.shape[::-1], flags=cv2.INTER_NEAREST
+                mask.astype(np.uint8), shift, current.mask.shape[::-1], flags=cv2.INTER_NEAREST
             )
             union |= moved > 0
         # Only where the current blob's box is: older masks of a partly visible product would

@@ -26,6 +26,13 @@ class SourceFrame:
         """The camera's frame size, whatever size ``image`` was decoded at."""
         return self.full_shape or self.image.shape
 
+    def whole(self) -> np.ndarray:
+        """The camera's frame (BGR) at its own size: ``image``, or ``jpeg`` decoded in full
+        where ``image`` is a scaled-down decoding of it."""
+        if self.jpeg is None or self.image is None or self.image.shape == self.shape:
+            return self.image
+        return cv2.imdecode(np.frombuffer(self.jpeg, np.uint8), cv2.IMREAD_COLOR)
+
 
 # Waits before reopening a live stream that dropped, then the last one for as long as it is down.
 RECONNECT_WAITS_S = (0.5, 1.0, 2.0, 5.0)

@@ -19,8 +19,9 @@ from schemas import BBox, CameraFrame, ProductView, make_product_id
 from workers.contract import CropSpec
 from workers.frontend.detect import ContourDetector, Detector, triggering_product
 from workers.frontend.matte import DeepMatter, matte
-from workers.frontend.motion import MotionGate
+from workers.frontend.motion import MotionGate, Trigger
 from workers.frontend.sources import RECONNECT_WAITS_S, SourceFrame, is_live, open_source
+from workers.frontend.tracking import TrackingGate, gate_frame
 from workers.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -59,12 +60,16 @@ class CameraIngest:
         background: Path | None = None,
         first_product: int = 0,
         frame_stride: int = 1,
+        tracker: Detector | None = None,
     ):
         """``matter``: a matting network that gives the gate its masks (default: the motion
         mask). ``background``: an image of the empty belt, used instead of a learned one.
         ``first_product``: the number of the first product seen (a restarted line goes on
         counting where it stopped). ``frame_stride``: the gate sees every n-th frame (a camera
-        faster than the products need; each product must still cross the view in several)."""
+        faster than the products need; each product must still cross the view in several).
+        ``tracker``: a detector that boxes each product (YOLO) run on every frame with motion,
+        products counted by tracking them (:class:`TrackingGate`: products that touch count
+        apart); default: one product per foreground blob."""
         if frame_stride < 1:
             raise ValueError(f"frame_stride must be at least 1, got {frame_stride}")
         self.line, self.camera, self.source = line, camera, source
@@ -75,8 +80,13 @@ class CameraIngest:
         self.plate = None
         if background is not None:
             self.plate = np.ascontiguousarray(load_image(background)[:, :, ::-1])
-        self.gate = MotionGate(start_count=first_product, matter=self.matter, plate=self.plate)
+        self.tracker = tracker
+        self.gate = self._new_gate(first_product, self.plate)
         self.stats = IngestStats()
+
+    def _new_gate(self, first_product: int, plate: np.ndarray | None) -> MotionGate | TrackingGate:
+        gate = MotionGate(start_count=first_product, matter=self.matter, plate=plate)
+        return gate if self.tracker is None else TrackingGate(self.tracker, gate)
 
     def _source_frames(self, should_stop: Callable[[], bool]) -> Iterator[SourceFrame]:
         # The gate works at a fraction of the frame: MJPEG frames are decoded at that size.
@@ -143,34 +153,39 @@ class CameraIngest:
                 # new one, keeping the product count so that product numbers stay in step.
                 self.stats.resolution_changes += 1
                 # A given plate no longer fits either: the new model learns the belt instead.
-                self.gate = MotionGate(start_count=self.gate.products, matter=self.matter)
-            trigger = self.gate.update(index, frame, shape[:2])
-            if trigger is None:
-                continue
-            self.stats.triggers += 1
-            # A JPEG source's frame goes on as the camera encoded it: a second lossy encoding
-            # smears the fine texture the scorer reads (docs/benchmarks.md, "Tried").
-            ok, jpeg = True, source_frame.jpeg
-            if jpeg is None:
-                ok, encoded = cv2.imencode(
-                    ".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality]
-                )
-                jpeg = encoded.tobytes()
-            ok_mask, mask_png = cv2.imencode(".png", trigger.composite_mask)
-            if not (ok and ok_mask):
-                self.stats.corrupt_frames += 1
-                continue
-            yield CameraFrame(
-                line=self.line,
-                camera=self.camera,
-                sequence=index,
-                product_seq=trigger.product_seq,
-                timestamp=epoch + index * period if period else time.time(),
-                codec="jpeg",
-                shape=shape,
-                image=jpeg,
-                mask=mask_png.tobytes(),
-            )
+                self.gate = self._new_gate(self.gate.products, None)
+            for trigger in gate_frame(self.gate, source_frame):
+                message = self._message(source_frame, trigger, epoch, period)
+                if message is not None:
+                    yield message
+
+    def _message(
+        self, source_frame: SourceFrame, trigger: Trigger, epoch: float, period: float
+    ) -> CameraFrame | None:
+        """The gated frame as a message (None where it does not encode: counted corrupt)."""
+        index, frame = source_frame.index, source_frame.image
+        self.stats.triggers += 1
+        # A JPEG source's frame goes on as the camera encoded it: a second lossy encoding
+        # smears the fine texture the scorer reads (docs/benchmarks.md, "Tried").
+        ok, jpeg = True, source_frame.jpeg
+        if jpeg is None:
+            ok, encoded = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+            jpeg = encoded.tobytes()
+        ok_mask, mask_png = cv2.imencode(".png", trigger.composite_mask)
+        if not (ok and ok_mask):
+            self.stats.corrupt_frames += 1
+            return None
+        return CameraFrame(
+            line=self.line,
+            camera=self.camera,
+            sequence=index,
+            product_seq=trigger.product_seq,
+            timestamp=epoch + index * period if period else time.time(),
+            codec="jpeg",
+            shape=source_frame.shape,
+            image=jpeg,
+            mask=mask_png.tobytes(),
+        )
 
 
 # -- detect + matte ------------------------------------------------------------------------------
