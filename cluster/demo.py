@@ -56,7 +56,10 @@ DEMO_CROPS = CropSpec(mask_shape="box", mask_shrink=0.1)
 # triggered exactly once at stride 2 and 3 in bench.frontend), and the front end then costs half.
 DEMO_FRAME_STRIDE = 2
 # Products follow each other every 1.7 s (26 frames at 15 fps): a view captured 0.5 s from its
-# product's others is a neighbour's, its camera counting out of step.
+# product's others is a neighbour's, its camera counting out of step. On a hard scene products
+# close up to a third of a second apart: the tolerance is then under half the shortest gap, as
+# an operator sets it from the line's pitch (a view within it of two products would be joined
+# to either; views were, to the neighbour's, before it was).
 DEMO_MAX_CAMERA_SPREAD_S = 0.5
 # The training line shows every training image this many times, each time at another scale,
 # place and exposure: the simulator is the augmentation, and random draws leave images out
@@ -302,9 +305,18 @@ def line_config(
         view_timeout_s=15.0,
         # Replayed at the cameras' rate, the views of a product are captured together (within
         # a frame); unpaced, each camera stamps when it read, which says nothing of the product.
-        max_camera_spread_s=DEMO_MAX_CAMERA_SPREAD_S if fps else None,
+        max_camera_spread_s=camera_spread_s(line_dir) if fps else None,
         **yolo,
     )
+
+
+def camera_spread_s(line_dir: Path) -> float:
+    """The join's tolerance for the simulated line in ``line_dir``: under half the shortest
+    time between two products' crossings, and at most ``DEMO_MAX_CAMERA_SPREAD_S``."""
+    manifest = json.loads((line_dir / "manifest.json").read_text())
+    times = sorted(TruthMatch(manifest).crossing.values())
+    shortest = float(np.min(np.diff(times))) if len(times) > 1 else np.inf
+    return min(DEMO_MAX_CAMERA_SPREAD_S, 0.45 * shortest)
 
 
 def demo_settings(

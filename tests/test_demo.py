@@ -151,3 +151,22 @@ def test_verdicts_meet_their_products_by_capture_time_where_the_numbers_slip():
     assert summary.product_auroc == 1.0
     # By number (no epoch), the slip would judge every product by another's verdict.
     assert summarize(manifest, verdicts, 10.0, 0).defects_found == 0
+
+
+def test_the_joins_tolerance_stays_under_half_the_shortest_gap_between_products(tmp_path):
+    import json
+
+    from cluster.demo import DEMO_MAX_CAMERA_SPREAD_S, camera_spread_s
+
+    # Products crossing the centre (x 40 of an 80 px frame) at 10 fps at these frames.
+    def manifest(crossings: list[int]) -> dict:
+        products = [
+            {"seq": i, "views": {"cam0": {"bboxes": {str(c): [35, 0, 10, 10]}}}, "defective": False}
+            for i, c in enumerate(crossings)
+        ]
+        return {"spec": {"fps": 10.0, "width": 80}, "products": products}
+
+    for crossings, expected in (([10, 30, 50], DEMO_MAX_CAMERA_SPREAD_S), ([10, 30, 34], 0.18)):
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest(crossings)))
+        # 0.4 s between the last two: a view 0.2 s from either would be joined to either.
+        assert camera_spread_s(tmp_path) == pytest.approx(expected)
