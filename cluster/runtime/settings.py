@@ -133,12 +133,13 @@ class RetrainConfig(_Strict):
 
 class ResourceConfig(_Strict):
     """Ray resources per actor of the line. Unset GPU shares follow the cluster: where it has
-    GPUs, a scorer takes half of one, a YOLO detect+matte a quarter, a camera with a matting
-    network a quarter, the trainer a whole one, all shrunk alike where the lines would not fit."""
+    GPUs, a scorer takes half of one, a YOLO detect+matte a quarter, a camera that runs a network
+    (matting, or YOLO to track products) a quarter, the trainer a whole one, all shrunk alike
+    where the lines would not fit."""
 
     ingest_cpus: float | None = Field(default=None, gt=0, le=64, description="per camera [0.25]")
     ingest_gpus: float | None = Field(
-        default=None, ge=0, le=8, description="per camera with a matting network"
+        default=None, ge=0, le=8, description="per camera with a matting network or tracking"
     )
     detect_cpus: float | None = Field(default=None, gt=0, le=64, description="per detector [0.5]")
     detect_gpus: float | None = Field(default=None, ge=0, le=8, description="per YOLO detector")
