@@ -178,6 +178,8 @@ def test_retrain_learns_new_goods_from_the_parents_cached_features(tmp_path):
         retrain(parent, tmp_path / "x", brighter, validation[:3])
     with pytest.raises(RetrainError, match="no new good views"):
         retrain(parent, tmp_path / "x", [], validation)
+    with pytest.raises(RetrainError, match="two readable views of good products"):
+        retrain(parent, tmp_path / "x", brighter, validation[2:4])
     scratch = retrain(
         parent,
         tmp_path / "c3",

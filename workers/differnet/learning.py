@@ -21,7 +21,14 @@ from workers.contract import InputContract
 from workers.datasets import Sample, list_train_samples
 from workers.devices import choose_device
 from workers.differnet.model import DifferNet
-from workers.differnet.recipes import OnSkip, _ignore, load_samples, region_rule
+from workers.differnet.recipes import (
+    Loaded,
+    OnSkip,
+    _ignore,
+    held_out_rules,
+    load_samples,
+    score_images,
+)
 from workers.differnet.store import (
     ModelBundle,
     load_feature_cache,
@@ -126,17 +133,27 @@ def gather_labelled(
     return LabelledPool(train, validation)
 
 
-def product_scores(bundle: ModelBundle, products: list[LabelledProduct]) -> np.ndarray:
+def validation_views(
+    products: list[LabelledProduct], on_skip: OnSkip = _ignore
+) -> tuple[Loaded, list[int]]:
+    """The held-out products' views that read, and the product (its index) of each; a product
+    none of whose views reads is an error."""
+    loaded = load_samples(
+        [Sample(v, "defect" if p.label else "good") for p in products for v in p.views], on_skip
+    )
+    product_of = {v: i for i, p in enumerate(products) for v in p.views}
+    owners = [product_of[s.path] for s in loaded.samples]
+    unread = sorted(set(range(len(products))) - set(owners))
+    if unread:
+        raise RetrainError(f"{products[unread[0]].product_id}: none of its views could be read")
+    return loaded, owners
+
+
+def product_scores(view_scores: list[float], owners: list[int]) -> np.ndarray:
     """Each product's worst (highest) view score."""
-    model = bundle.model
-    out = []
-    for p in products:
-        loaded = load_samples([Sample(v, "defect" if p.label else "good") for v in p.views])
-        if not loaded.rgb:
-            raise RetrainError(f"{p.product_id}: none of its views could be read")
-        scored = model.score_batch(loaded.prepared(model))
-        out.append(max(r.score for r in scored))
-    return np.array(out)
+    out = np.full(max(owners) + 1, -np.inf)
+    np.maximum.at(out, owners, view_scores)
+    return out
 
 
 def operating_point(scores: np.ndarray, labels: list[int], target_tpr: float) -> dict:
@@ -212,6 +229,10 @@ def retrain(
     t0 = time.perf_counter()
     options = options or TrainingOptions(epochs=10 if mode == "finetune" else 40)
     labels = _check_pool(new_good, validation)
+    views, owners = validation_views(validation, on_skip)
+    if [s.is_defect for s in views.samples].count(False) < 2:
+        # The scores are standardised on the held-out good views: one has no spread.
+        raise RetrainError("validation needs at least two readable views of good products")
     device = choose_device(options.device)
     parent = load_model(parent_dir, device=device)
     if parent.model.config.head != "differnet":
@@ -230,18 +251,15 @@ def retrain(
     report = train_flow(model, cache, options, None, progress, fine_tune=mode == "finetune")
     n_parent = int(parent.metadata.get("training", {}).get("n_images") or 0)
     n_images = n_parent + len(loaded.rgb)
-    good_views = [v for p in validation if p.label == 0 for v in p.views]
-    held_out = load_samples([Sample(v, "good") for v in good_views], on_skip).prepared(model)
-    calibration = None
     if model.uses_memory:
         share = len(loaded.rgb) / max(1, n_images)
-        calibration = _extend_memory(model, parent, new_images, share, held_out, options, progress)
+        _extend_memory(model, parent, new_images, share, options, progress)
     model.eval()
-    regions = region_rule(model, held_out, "held-out good products") if held_out else None
-
-    parent_point = operating_point(product_scores(parent, validation), labels, target_tpr)
-    candidate = ModelBundle(model, 0.0, {"sha256": "0" * 64})
-    candidate_point = operating_point(product_scores(candidate, validation), labels, target_tpr)
+    calibration, regions, candidate_point = _held_out_rules_and_point(
+        model, views, owners, labels, target_tpr
+    )
+    parent_scores = [r.score for r in score_images(parent.model, views.prepared(parent.model))]
+    parent_point = operating_point(product_scores(parent_scores, owners), labels, target_tpr)
     judgement = judge(candidate_point, parent_point)
     metadata = save_model(
         model,
@@ -277,6 +295,24 @@ def retrain(
     return RetrainResult(metadata, judgement, time.perf_counter() - t0, report.history)
 
 
+def _held_out_rules_and_point(
+    model: DifferNet, views: Loaded, owners: list[int], labels: list[int], target_tpr: float
+) -> tuple[dict | None, dict, dict]:
+    """The candidate's calibration and region rule from the held-out good views, and its
+    operating point on the held-out products; each view's evidence drawn once where it can
+    serve all three (``held_out_rules``)."""
+    images = views.prepared(model)
+    view_labels = [int(s.is_defect) for s in views.samples]
+    calibration, regions, view_scores = held_out_rules(model, images, view_labels, [])
+    if view_scores is None:
+        view_scores = [r.score for r in score_images(model, images)]
+    return (
+        calibration,
+        regions,
+        operating_point(product_scores(view_scores, owners), labels, target_tpr),
+    )
+
+
 def _check_pool(new_good: list[Path], validation: list[LabelledProduct]) -> list[int]:
     """The validation products' labels, once there is something to learn and to judge by."""
     if not new_good:
@@ -290,14 +326,12 @@ def _check_pool(new_good: list[Path], validation: list[LabelledProduct]) -> list
     return labels
 
 
-def _extend_memory(model, parent, new_images, share, held_out, options, progress):
-    """The parent's memory, standing for its training images, with the new views' share added;
-    both scores standardised again on the ``held_out`` good views. Their calibration."""
+def _extend_memory(model, parent, new_images, share, options, progress) -> None:
+    """The parent's memory, standing for its training images, with the new views' share added
+    (both scores are then standardised again on the held-out good views)."""
     model.memory.adopt(parent.model.memory)
     pool, _ = memory_pool(model, new_images, options, progress)
     model.memory.extend(pool, share, model.config.memory_size, options.seed)
-    calibration = model.calibrate(held_out)
-    return calibration | {"source": "held-out good products", "n": len(held_out)}
 
 
 def _backbone_weights(bundle: ModelBundle) -> Path | None:

@@ -107,7 +107,7 @@ def train_from_folder(
     report = train_flow(model, cache, options, validated, progress, started=t0)
     if config.memory_size:
         build_memory(model, train_images, options, progress)
-    calibration, regions, val_scores = _held_out_rules(model, val_images, val_labels, train_images)
+    calibration, regions, val_scores = held_out_rules(model, val_images, val_labels, train_images)
     checked = (val.samples, val_images, val_scores) if val_images else None
     chosen, metrics, on = _threshold(model, checked, train_images, target_tpr, product_of)
     metadata = save_model(
@@ -246,7 +246,7 @@ def _held_out_goods(good_val: list, train_images: list):
     return train_images, list(range(len(units(train_images)))), "training goods"
 
 
-def _held_out_rules(model: DifferNet, val_images: list, val_labels: list, train_images: list):
+def held_out_rules(model: DifferNet, val_images: list, val_labels: list, train_images: list):
     """The calibration (memory models) and the region rule, from held-out good images; and
     the validation images' scores where they come with them: a memory model with validation
     goods draws every validation tile's evidence once, for all three."""
