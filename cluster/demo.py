@@ -46,7 +46,9 @@ LINE = "demo"
 # With the patch memory, as the tile scorer: it ranks the line's views better than the flow
 # alone, at one test-time transform; two training transforms learn as well as four on the
 # line's crops, in two thirds of the time (docs/benchmarks.md).
-DEMO_MODEL = DifferNetConfig(image_size=224, train_transforms=2, tta=1)
+# Exposure brought to the training crops' median product luminance (117): the simulated views
+# vary in gain and offset as cameras and lamps do (docs/benchmarks.md, "The whole line").
+DEMO_MODEL = DifferNetConfig(image_size=224, train_transforms=2, tta=1, exposure_target=117.0)
 # How the demo line cuts its crops, written into its model's input contract (the line then
 # follows the model). ZeroBox's 10 % shrink per side. Whole-box masks: MTD tiles are rectangles,
 # and the box gives every crop the same clean border where the silhouette's corners and notches
@@ -232,9 +234,9 @@ def harvest_record(boxes: Boxes = "detected", scene: str = "easy") -> dict:
 def reusable_line_model(
     model_dir: Path, boxes: Boxes = "detected", scene: str = "easy", detector: str = "contour"
 ) -> ModelBundle | None:
-    """The model in ``model_dir`` if it learned from crops cut and harvested as the demo cuts
-    and harvests them now, and has a region threshold (one from before defect regions would
-    give the line none), else None."""
+    """The model in ``model_dir`` if it is the demo's network (``DEMO_MODEL``), learned from
+    crops cut and harvested as the demo cuts and harvests them now, and has a region threshold
+    (one from before defect regions would give the line none), else None."""
     try:
         bundle = load_model(model_dir)
     except ModelError:
@@ -243,6 +245,7 @@ def reusable_line_model(
     same = contract is not None and contract.crops == demo_crops(detector)
     harvest = bundle.metadata.get("harvest")
     current = same and harvest == harvest_record(boxes, scene)
+    current = current and bundle.model.config == DEMO_MODEL
     return bundle if current and bundle.region_threshold is not None else None
 
 

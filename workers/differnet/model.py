@@ -43,6 +43,7 @@ from workers.differnet.views import (
     apply_d4,
     crop_to_source,
     letterbox,
+    normalised_exposure,
     tile_boxes,
     undo_d4,
 )
@@ -85,6 +86,11 @@ class DifferNetConfig(BaseModel):
     # part shrinks several times and a thin crack on it vanishes. None: always letterboxed.
     tile_above: float | None = Field(default=2.0, ge=1.0)
     tile_overlap: float = Field(default=0.25, ge=0.0, le=0.75)
+    # Each image is first brought, by one gain, to this median luminance of its product (0 to
+    # 255): a line's light drifts and its cameras and products differ in exposure, and the
+    # model then learns the product's texture rather than its brightness. None: as captured
+    # (brightness itself is then part of what a good product looks like).
+    exposure_target: float | None = Field(default=None, gt=0.0, lt=255.0)
 
     @field_validator("image_size")
     @classmethod
@@ -323,6 +329,8 @@ class DifferNet(nn.Module):
         counts, and a tile without product is left out."""
         if product_mask is not None and product_mask.shape != rgb.shape[:2]:
             raise ValueError(f"mask shape {product_mask.shape} is not the image's {rgb.shape[:2]}")
+        if self.config.exposure_target is not None:
+            rgb = normalised_exposure(rgb, product_mask, self.config.exposure_target)
         size, above = self.config.image_size, self.config.tile_above
         if above is None or max(rgb.shape[:2]) <= above * size:
             return self._letterboxed(rgb, product_mask)

@@ -31,6 +31,21 @@ class Letterbox:
     source_shape: tuple[int, int]
 
 
+# A crop this many times darker or brighter than the exposure target is a camera's fault (a
+# lamp out, a shutter stuck), not the light's drift: it is brought only this far.
+MAX_EXPOSURE_GAIN = 4.0
+
+
+def normalised_exposure(rgb: np.ndarray, product: np.ndarray | None, target: float) -> np.ndarray:
+    """``rgb`` (uint8) scaled by one gain so that the median luminance of its product pixels
+    (``product`` > 0; all where None or empty) is ``target`` (0 to 255)."""
+    luma = rgb.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
+    inside = luma[product > 0] if product is not None and product.any() else luma
+    gain = target / max(1.0, float(np.median(inside)))
+    gain = min(MAX_EXPOSURE_GAIN, max(1 / MAX_EXPOSURE_GAIN, gain))
+    return np.clip(rgb.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
+
+
 def letterbox(rgb: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor, Letterbox]:
     """``(H, W, 3)`` uint8 -> ``(3, S, S)`` float in [0, 1], ``(1, S, S)`` mask, placement."""
     h, w = rgb.shape[:2]

@@ -50,6 +50,11 @@ def train(
     memory_size: int = typer.Option(
         262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
     ),
+    exposure_target: float | None = typer.Option(
+        None,
+        help="bring each image to this median product luminance (0-255) first: for lines "
+        "whose light or exposure varies [as captured]",
+    ),
     target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
     seed: int = typer.Option(0),
     device: str = DEVICE,
@@ -81,6 +86,7 @@ def train(
         image_size=image_size,
         tta=tta,
         jitter=jitter,
+        exposure_target=exposure_target,
     )
     crops = _validated(
         CropSpec,
