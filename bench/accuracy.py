@@ -97,6 +97,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default=DifferNetConfig().memory_size,
         help="patch memory positions (0: the flow alone)",
     )
+    p.add_argument(
+        "--exposure-target",
+        type=float,
+        default=None,
+        help="bring each image to this median product luminance first [as captured]",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="evaluate the model a previous run trained")
     p.add_argument(
@@ -163,8 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
         image_size=args.image_size,
         train_transforms=args.train_transforms,
         memory_size=args.memory_size,
+        exposure_target=args.exposure_target,
     )
     name = f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
+    if args.exposure_target is not None:
+        name += f"-e{args.exposure_target:g}"
     data = args.data
     if args.layout == "strips":
         from bench.strips import build_strips, training_set
