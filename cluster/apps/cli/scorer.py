@@ -51,9 +51,7 @@ def train(
         262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
     ),
     exposure_target: float | None = typer.Option(
-        None,
-        help="bring each image to this median product luminance (0-255) first: for lines "
-        "whose light or exposure varies [as captured]",
+        None, help="bring each image to this median product luminance (0-255) first"
     ),
     target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
     seed: int = typer.Option(0),
@@ -71,16 +69,12 @@ def train(
     The crops' settings are the model's input contract: a line that runs it cuts its crops so."""
     from workers.contract import CropSpec
     from workers.datasets import DatasetError
-    from workers.differnet.backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, BackboneError
-    from workers.differnet.model import DifferNetConfig
+    from workers.differnet.backbone import BackboneError
     from workers.differnet.recipes import train_from_folder
     from workers.differnet.training import TrainingOptions
 
-    config = _validated(
-        DifferNetConfig,
-        backbone=backbone,
-        taps=DEFAULT_TAPS.get(backbone, ()),
-        memory_taps=DEFAULT_MEMORY_TAPS.get(backbone, ()),
+    config = _network(
+        backbone,
         memory_size=memory_size,
         head=head,
         image_size=image_size,
@@ -115,6 +109,18 @@ def train(
     version, seconds = meta["sha256"][:16], meta["training"]["train_seconds"]
     summary = {"model_dir": str(out), "version": version, "threshold": meta["threshold"]}
     typer.echo(json.dumps(summary | meta["metrics"] | {"train_seconds": seconds}))
+
+
+def _network(backbone: str, **options):
+    """The network's config: the backbone's own taps, and the options given (validated)."""
+    from workers.differnet.backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS
+    from workers.differnet.model import DifferNetConfig
+
+    taps = DEFAULT_TAPS.get(backbone, ())
+    memory_taps = DEFAULT_MEMORY_TAPS.get(backbone, ())
+    return _validated(
+        DifferNetConfig, backbone=backbone, taps=taps, memory_taps=memory_taps, **options
+    )
 
 
 def _validated(model, **options):
