@@ -440,29 +440,36 @@ def test_a_yolo_line_tracks_its_products_and_gives_gloves_and_tools_no_view(
         update={"yolo_weights": weights, "yolo_weights_sha256": report["sha256"]}
     )
 
-    def run(line: LineConfig, name: str) -> tuple[dict, list[ProductView], list[Verdict]]:
-        with EmbeddedRedis(tmp_path / name) as server:
-            client = redis.Redis.from_url(server.url)
-            running = start_line(line, server.access, tmp_path / "model", resources=SMALL)
-            stats = drain_and_stop([running], timeout_s=300)
-            views = [ProductView.from_entry(f) for _, f in client.xrange(Streams("demo").views)]
-            return stats["demo"], views, verdicts(client, "demo")
+    # The line as it runs by default, tracking its products with the YOLO, and beside it the
+    # same line counting the motion gate's blobs.
+    blobs = line.model_copy(update={"id": "blobs", "trigger": "motion"})
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        running = [
+            start_line(x, server.access, tmp_path / "model", resources=SMALL) for x in (line, blobs)
+        ]
+        stats = drain_and_stop(running, timeout_s=300)
+        out = {
+            x.id: (
+                [ProductView.from_entry(f) for _, f in client.xrange(Streams(x.id).views)],
+                verdicts(client, x.id),
+            )
+            for x in (line, blobs)
+        }
 
     def best(kind: str, box: tuple) -> float:
         boxes = [b for t in manifest[kind] for b in t["views"]["cam0"]["bboxes"].values()]
         return max((iou(box, tuple(b)) for b in boxes), default=0.0)
 
-    # YOLO tracks the products across the view (a YOLO line's default): it counts products,
-    # not the blobs the gate sees, so gloves and tools are never even sent on.
-    tracked, tracked_views, tracked_verdicts = run(line, "tracking")
+    # Tracking counts products, not the blobs the gate sees: gloves and tools are never sent on.
+    tracked = stats["demo"]
     assert line.triggered_by == "tracking" and tracked["ingest"][0]["published"] >= 3
     assert sum(s.get("not_products", 0) for s in tracked["detect"]) == 0
-    # The motion gate's count: it fires on gloves and tools too; the detectors said so, and the
-    # aggregator decided those numbers without a verdict.
-    blobs, blob_views, blob_verdicts = run(line.model_copy(update={"trigger": "motion"}), "motion")
-    not_products = sum(s.get("not_products", 0) for s in blobs["detect"])
-    assert not_products >= 2 and blobs["aggregate"]["not_products"] == not_products
-    for views, got in ((tracked_views, tracked_verdicts), (blob_views, blob_verdicts)):
+    # The motion gate fires on gloves and tools too; the detectors said so, and the aggregator
+    # decided those numbers without a verdict.
+    not_products = sum(s.get("not_products", 0) for s in stats["blobs"]["detect"])
+    assert not_products >= 2 and stats["blobs"]["aggregate"]["not_products"] == not_products
+    for views, got in out.values():
         assert views and sorted(v.product_seq for v in got) == sorted(v.product_seq for v in views)
         assert all(v.status == "complete" for v in got)
         for view in views:  # each view is a product's, none a glove's or a tool's
