@@ -255,11 +255,9 @@ def retrain(
         share = len(loaded.rgb) / max(1, n_images)
         _extend_memory(model, parent, new_images, share, options, progress)
     model.eval()
-    calibration, regions, candidate_point = _held_out_rules_and_point(
-        model, views, owners, labels, target_tpr
+    calibration, regions, candidate_point, parent_point = _held_out_rules_and_points(
+        model, parent.model, views, owners, labels, target_tpr
     )
-    parent_scores = [r.score for r in score_images(parent.model, views.prepared(parent.model))]
-    parent_point = operating_point(product_scores(parent_scores, owners), labels, target_tpr)
     judgement = judge(candidate_point, parent_point)
     metadata = save_model(
         model,
@@ -295,21 +293,29 @@ def retrain(
     return RetrainResult(metadata, judgement, time.perf_counter() - t0, report.history)
 
 
-def _held_out_rules_and_point(
-    model: DifferNet, views: Loaded, owners: list[int], labels: list[int], target_tpr: float
-) -> tuple[dict | None, dict, dict]:
-    """The candidate's calibration and region rule from the held-out good views, and its
-    operating point on the held-out products; each view's evidence drawn once where it can
-    serve all three (``held_out_rules``)."""
+def _held_out_rules_and_points(
+    model: DifferNet,
+    parent: DifferNet,
+    views: Loaded,
+    owners: list[int],
+    labels: list[int],
+    target_tpr: float,
+) -> tuple[dict | None, dict, dict, dict]:
+    """The candidate's calibration and region rule from the held-out good views, and the
+    candidate's and the parent's operating points on the held-out products. The candidate has
+    the parent's config, so the views are prepared once for both; the candidate draws each
+    view's evidence once where it can serve all three (``held_out_rules``)."""
     images = views.prepared(model)
     view_labels = [int(s.is_defect) for s in views.samples]
     calibration, regions, view_scores = held_out_rules(model, images, view_labels, [])
     if view_scores is None:
         view_scores = [r.score for r in score_images(model, images)]
+    parent_scores = [r.score for r in score_images(parent, images)]
     return (
         calibration,
         regions,
         operating_point(product_scores(view_scores, owners), labels, target_tpr),
+        operating_point(product_scores(parent_scores, owners), labels, target_tpr),
     )
 
 

@@ -172,13 +172,18 @@ class YoloDetector(Detector):
         return sorted(out, key=lambda d: -d.confidence)
 
 
-def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+def intersection(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    """The area two boxes (x, y, w, h) share."""
     ax0, ay0, aw, ah = a
     bx0, by0, bw, bh = b
     ix = max(0, min(ax0 + aw, bx0 + bw) - max(ax0, bx0))
     iy = max(0, min(ay0 + ah, by0 + bh) - max(ay0, by0))
-    inter = ix * iy
-    union = aw * ah + bw * bh - inter
+    return ix * iy
+
+
+def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    inter = intersection(a, b)
+    union = a[2] * a[3] + b[2] * b[3] - inter
     return inter / union if union else 0.0
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.frontend.detect import Detection, Detector
+from workers.frontend.detect import Detection, Detector, intersection
 from workers.frontend.motion import MotionGate, Trigger
 from workers.frontend.sources import SourceFrame
 
@@ -146,15 +146,8 @@ def distinct(found: list[Detection]) -> list[Detection]:
     """The detections (best first) less those lying mostly inside a more confident one."""
     kept: list[Detection] = []
     for d in found:
-        x, y, w, h = d.bbox
-        inside = False
-        for k in kept:
-            kx, ky, kw, kh = k.bbox
-            overlap = max(0, min(x + w, kx + kw) - max(x, kx)) * max(
-                0, min(y + h, ky + kh) - max(y, ky)
-            )
-            inside |= overlap >= MAX_CONTAINED * w * h
-        if not inside:
+        area = d.bbox[2] * d.bbox[3]
+        if all(intersection(d.bbox, k.bbox) < MAX_CONTAINED * area for k in kept):
             kept.append(d)
     return kept
 
