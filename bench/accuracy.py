@@ -21,7 +21,8 @@ import torch
 
 from bench.report import emit
 from workers.datasets import Sample, list_test_samples, list_train_samples, split_stratified
-from workers.differnet.model import DifferNetConfig, ScoredImage, TiledImage, gathered, units
+from workers.differnet.config import DifferNetConfig
+from workers.differnet.model import ScoredImage, TiledImage, gathered, units
 from workers.differnet.recipes import evaluate_folder, load_samples, train_from_folder
 from workers.differnet.store import load_model
 from workers.differnet.training import TrainingOptions

@@ -24,7 +24,7 @@ from cluster.transport.qa import read_verdicts
 from schemas import Verdict
 from workers.contract import CropSpec, InputContract
 from workers.datasets import Sample, list_test_samples, list_train_samples, split_stratified
-from workers.differnet.model import DifferNetConfig
+from workers.differnet.config import DifferNetConfig
 from workers.differnet.recipes import load_samples, score_images, train_from_folder
 from workers.differnet.store import (
     ModelBundle,

@@ -77,7 +77,7 @@ def train_line_models(
     line of good products. Returns the tiles."""
     from workers.contract import CropSpec
     from workers.datasets import list_train_samples
-    from workers.differnet.model import DifferNetConfig
+    from workers.differnet.config import DifferNetConfig
     from workers.differnet.recipes import train_from_folder
     from workers.differnet.training import TrainingOptions
     from workers.simulation.harvest import harvest_crops
@@ -99,7 +99,7 @@ def make_line(root: Path, products: int, seed: int = 4, crops=None) -> tuple[Pat
     """A tiny line model (trained on crops cut as ``crops`` says) and the videos of a simulated
     4-camera line (half the products defective). Returns (model dir, videos)."""
     from workers.datasets import list_test_samples
-    from workers.differnet.model import DifferNetConfig
+    from workers.differnet.config import DifferNetConfig
     from workers.simulation.simulate import LineSpec, camera_videos, render_line
 
     tiny = DifferNetConfig(image_size=96, train_transforms=2, tta=1)

@@ -36,3 +36,16 @@ def test_no_function_is_longer_than_the_rule():
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {lines}")
     assert not long, long
+
+
+def test_the_actors_that_never_score_start_without_torch():
+    """Every actor is a process that imports the actors' module: torch (and the flow's SciPy)
+    only in those that score or train, else each camera pays for it at every start."""
+    code = (
+        "import sys, cluster.runtime.actors, cluster.transport.registry;"
+        "print(sorted({'torch', 'FrEIA', 'ultralytics'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout

@@ -420,7 +420,7 @@ def test_a_yolo_line_tracks_its_products_and_gives_gloves_and_tools_no_view(
     touching_scene, local_ray, tmp_path
 ):
     from workers.contract import CropSpec
-    from workers.differnet.model import DifferNetConfig
+    from workers.differnet.config import DifferNetConfig
     from workers.differnet.recipes import train_from_folder
     from workers.differnet.training import TrainingOptions
     from workers.frontend.detect import YoloDetector, iou

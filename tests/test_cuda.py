@@ -14,8 +14,8 @@ import torch
 
 from tests.synthetic import add_defect, difference_matting_model, make_dataset, textured_tile
 from workers.datasets import list_test_samples
+from workers.differnet.config import DifferNetConfig
 from workers.differnet.learning import LabelledProduct, retrain
-from workers.differnet.model import DifferNetConfig
 from workers.differnet.recipes import load_samples, score_images, train_from_folder
 from workers.differnet.store import FEATURE_CACHE, load_model
 from workers.differnet.training import TrainingOptions

@@ -6,7 +6,8 @@ from typer.testing import CliRunner
 
 from cluster.apps.cli import app
 from tests.synthetic import make_dataset, textured_tile
-from workers.differnet.model import DifferNet, DifferNetConfig
+from workers.differnet.config import DifferNetConfig
+from workers.differnet.model import DifferNet
 from workers.differnet.views import MAX_EXPOSURE_GAIN, normalised_exposure
 
 CONFIG = DifferNetConfig(image_size=64, train_transforms=2, tta=1, memory_size=0)

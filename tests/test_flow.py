@@ -1,7 +1,8 @@
 import torch
 
+from workers.differnet.config import D4
 from workers.differnet.flow import build_flow, negative_log_likelihood
-from workers.differnet.views import D4, apply_d4, letterbox, undo_d4
+from workers.differnet.views import apply_d4, letterbox, undo_d4
 
 
 def _trained_looking(flow):

@@ -26,6 +26,7 @@ from schemas import Label, RetrainOutcome, RetrainRequest, Verdict, ViewScore
 from tests.synthetic import LINE_FRAME as FRAME
 from tests.synthetic import make_dataset, textured_tile, train_line_models
 from workers.datasets import list_test_samples
+from workers.differnet.config import DifferNetConfig
 from workers.differnet.learning import (
     LabelledProduct,
     RetrainError,
@@ -34,7 +35,6 @@ from workers.differnet.learning import (
     judge,
     retrain,
 )
-from workers.differnet.model import DifferNetConfig
 from workers.differnet.recipes import train_from_folder
 from workers.differnet.store import FEATURE_CACHE, load_model
 from workers.differnet.training import TrainingOptions

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tests.synthetic import add_defect, textured_tile
-from workers.differnet.model import DifferNet, DifferNetConfig
+from workers.differnet.config import DifferNetConfig
+from workers.differnet.model import DifferNet
 from workers.differnet.neighbours import memory_image
 from workers.differnet.training import TrainingOptions, build_memory, memory_pool
 

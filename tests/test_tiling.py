@@ -6,7 +6,8 @@ import torch
 
 from tests.synthetic import textured_tile
 from workers.contract import InputContract
-from workers.differnet.model import DifferNet, DifferNetConfig, PreparedImage, TiledImage
+from workers.differnet.config import DifferNetConfig
+from workers.differnet.model import DifferNet, PreparedImage, TiledImage
 from workers.differnet.training import TrainingOptions, build_memory
 from workers.differnet.views import tile_boxes
 

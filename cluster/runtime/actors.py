@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
@@ -49,8 +50,10 @@ from workers.frontend.sources import is_live
 from workers.frontend.stages import CameraIngest, DetectMatte
 from workers.line.admission import Backlog, shed_reason, unjudged_verdict
 from workers.line.join import Settled, VerdictJoin, line_number
-from workers.line.scoring import ViewScorer
 from workers.qa.samples import SampleError, SampleStore
+
+if TYPE_CHECKING:  # torch: loaded only by the actors that score or train
+    from workers.line.scoring import ViewScorer
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +349,7 @@ class ScorerActor(_Loop):
 
     def _load(self, version_id: str) -> ViewScorer | None:
         from workers.differnet.store import ModelError, load_model
+        from workers.line.scoring import ViewScorer
 
         try:
             version = self.registry.get(version_id)

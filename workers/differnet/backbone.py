@@ -7,25 +7,12 @@ AlexNet (the paper's backbone) from a file the user gives. Nothing is downloaded
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BackboneName = Literal["efficientnet-lite0", "alexnet"]
-
-# Taps index the backbone's stages: EfficientNet-Lite's MBConv blocks (``_blocks[i]``), AlexNet's
-# ``features[i]``. Lite0's later-middle blocks beat its head on MTD (docs/scorer.md).
-DEFAULT_TAPS: dict[str, tuple[int, ...]] = {
-    "efficientnet-lite0": (10, 14),
-    "alexnet": (12,),
-}
-# The patch memory's taps: a fine (stride 8) and a coarser stage, as PatchCore takes.
-DEFAULT_MEMORY_TAPS: dict[str, tuple[int, ...]] = {
-    "efficientnet-lite0": (4, 10),
-    "alexnet": (4, 7),
-}
+from workers.differnet.config import DEFAULT_TAPS
 
 
 class BackboneError(ValueError):

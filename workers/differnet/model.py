@@ -19,26 +19,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from workers.differnet.backbone import (
-    DEFAULT_MEMORY_TAPS,
-    DEFAULT_TAPS,
-    Backbone,
-    BackboneName,
-    build_backbone,
-)
+from workers.differnet.backbone import Backbone, build_backbone
+from workers.differnet.config import DifferNetConfig
 from workers.differnet.flow import build_flow, negative_log_likelihood
 from workers.differnet.neighbours import MemoryImage, PatchMemory, memory_image
 from workers.differnet.views import (
-    D4,
     Letterbox,
     apply_d4,
     crop_to_source,
@@ -49,62 +41,6 @@ from workers.differnet.views import (
 )
 
 EMBED_CHUNK = 8  # images per backbone pass when scoring
-
-
-class DifferNetConfig(BaseModel):
-    """Everything needed to rebuild the network (stored in the model's metadata)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    backbone: BackboneName = "efficientnet-lite0"
-    taps: tuple[int, ...] = DEFAULT_TAPS["efficientnet-lite0"]
-    head: Literal["differnet", "local"] = "differnet"
-    image_size: int = Field(default=320, ge=64, le=1024)
-    scales: tuple[float, ...] = (1.0, 0.5, 0.25)
-    pooling: Literal["mean", "mean+max"] = "mean+max"
-    flow_blocks: int = Field(default=8, ge=1, le=32)
-    subnet_width: int = Field(default=256, ge=16, le=4096)
-    clamp: float = Field(default=3.0, gt=0)
-    train_transforms: int = Field(default=8, ge=1, le=len(D4))
-    jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
-    tta: int = Field(default=1, ge=1, le=len(D4))
-    map_sigma: float = Field(default=3.0, ge=0.0, description="Gaussian sigma, input pixels")
-    # What a defect map shows: each position's distance to the patch memory's nearest good one,
-    # or the gradient of the score (the paper's); None: the memory's where there is one.
-    map_source: Literal["memory", "gradient"] | None = None
-    # The patch memory (0 positions: the flow alone), its subspace and the positions queried.
-    memory_size: int = Field(default=262144, ge=0, le=4_000_000)
-    memory_taps: tuple[int, ...] = DEFAULT_MEMORY_TAPS["efficientnet-lite0"]
-    memory_components: int = Field(default=64, ge=1, le=4096)
-    memory_probes: int = Field(default=4, ge=1, le=4096)
-    memory_queries: int = Field(default=256, ge=1, le=65536)
-    # Products are compared at an area of memory_side squared pixels: a position then covers
-    # the same share of any product, and sees more of its surroundings (docs/benchmarks.md).
-    memory_side: int = Field(default=160, ge=32, le=4096)
-    # An image whose longer side exceeds tile_above input sizes is scored as overlapping tiles of
-    # image_size pixels at its own scale, and scores its worst tile: letterboxed whole, a long
-    # part shrinks several times and a thin crack on it vanishes. None: always letterboxed.
-    tile_above: float | None = Field(default=2.0, ge=1.0)
-    tile_overlap: float = Field(default=0.25, ge=0.0, le=0.75)
-    # Each image is first brought, by one gain, to this median luminance of its product (0 to
-    # 255): a line's light drifts and its cameras and products differ in exposure, and the
-    # model then learns the product's texture rather than its brightness. None: as captured
-    # (brightness itself is then part of what a good product looks like).
-    exposure_target: float | None = Field(default=None, gt=0.0, lt=255.0)
-
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_32(cls, v: int) -> int:
-        if v % 32:
-            raise ValueError(f"must be a multiple of 32, got {v}")
-        return v
-
-    @field_validator("scales")
-    @classmethod
-    def _scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not v or any(not 0 < s <= 1 for s in v):
-            raise ValueError("scales must be in (0, 1]")
-        return v
 
 
 @dataclass

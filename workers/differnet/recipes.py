@@ -13,10 +13,10 @@ import torch
 from workers.contract import CropSpec
 from workers.datasets import Sample, fingerprint, list_test_samples, list_train_samples
 from workers.devices import choose_device
+from workers.differnet.config import DifferNetConfig
 from workers.differnet.model import (
     EMBED_CHUNK,
     DifferNet,
-    DifferNetConfig,
     Prepared,
     ScoredImage,
     gathered,

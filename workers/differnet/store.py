@@ -9,6 +9,9 @@
 
 The frozen backbone is not copied: the metadata names it, and its weights come from their package
 (or from the file given at training time).
+
+Torch is imported only where weights are read or written: the registry, and the line's actors
+that never score, check model folders without loading it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import ValidationError
 
 from workers.contract import CropSpec, InputContract
-from workers.devices import choose_device
-from workers.differnet.model import DifferNet, DifferNetConfig
+from workers.differnet.config import DifferNetConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from workers.differnet.model import DifferNet
 
 # 2: patch memory and score calibration in the weights; 3: the memory compares products at one
 # size (memory_side), not at their own
@@ -65,6 +72,8 @@ def save_model(
 ) -> dict:
     """Write the weights and the metadata; ``crops``: how the images the model learned from
     were cut (its input contract; None where that is unknown)."""
+    import torch
+
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -142,6 +151,11 @@ def load_model(
 ) -> ModelBundle:
     """Load and check a model folder onto ``device`` (see :func:`choose_device`); with
     ``runtime`` onnx or openvino, its networks run as its export's graphs, on the CPU."""
+    import torch
+
+    from workers.devices import choose_device
+    from workers.differnet.model import DifferNet
+
     metadata, config, data = check_model(model_dir)
     if runtime != "torch":
         device = "cpu"  # the views are prepared where the graphs run
@@ -172,6 +186,8 @@ FEATURE_CACHE = "features.pt"
 
 def save_feature_cache(model_dir: Path, cache: torch.Tensor) -> None:
     """Keep the training set's raw features beside the model (float16 halves the file)."""
+    import torch
+
     tmp = Path(model_dir) / (FEATURE_CACHE + ".tmp")
     torch.save(cache.half().contiguous(), tmp)
     tmp.replace(Path(model_dir) / FEATURE_CACHE)
@@ -179,6 +195,8 @@ def save_feature_cache(model_dir: Path, cache: torch.Tensor) -> None:
 
 def load_feature_cache(model_dir: Path, feature_dim: int) -> torch.Tensor | None:
     """The training features saved with a model, or None when there are none (or unusable)."""
+    import torch
+
     path = Path(model_dir) / FEATURE_CACHE
     if not path.exists():
         return None

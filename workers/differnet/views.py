@@ -14,10 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# (quarter turns, mirrored). The first 4 are the rotations, the default test-time set.
-D4: tuple[tuple[int, bool], ...] = tuple((k, False) for k in range(4)) + tuple(
-    (k, True) for k in range(4)
-)
+from workers.differnet.config import D4
 
 
 @dataclass(frozen=True)

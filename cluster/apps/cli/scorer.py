@@ -113,8 +113,7 @@ def train(
 
 def _network(backbone: str, **options):
     """The network's config: the backbone's own taps, and the options given (validated)."""
-    from workers.differnet.backbone import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS
-    from workers.differnet.model import DifferNetConfig
+    from workers.differnet.config import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, DifferNetConfig
 
     taps = DEFAULT_TAPS.get(backbone, ())
     memory_taps = DEFAULT_MEMORY_TAPS.get(backbone, ())
