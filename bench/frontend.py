@@ -10,8 +10,8 @@ merged or stray boxes), the chosen box's IoU against the simulator's, how much c
 survives matting, and milliseconds per frame per stage (decode and gate on every
 ``--frame-stride``-th frame, a tracking gate's detector included; the detector and matting
 once per gated frame that fired). Without ``--yolo-weights``, a YOLOv8n is trained first on
-the truth of a separate line of each scene (another seed; every fourth frame of two cameras):
-its training time is in the result.
+the truth of a separate line of each scene (another seed; every ``--train-every``-th frame of
+``--train-cameras`` cameras): its training time is in the result.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--yolo-image-size", type=int, default=256)
     p.add_argument("--train-products", type=int, default=16, help="per scene, for YOLO")
     p.add_argument("--train-cameras", type=int, default=2, help="per scene, for YOLO")
+    p.add_argument("--train-every", type=int, default=4, help="YOLO learns every n-th frame")
     args = p.parse_args(argv)
 
     width, height = parse_frame_size(args.size)
@@ -142,7 +143,7 @@ def _train_yolo(args, size: tuple[int, int], result: dict) -> Path:
             height=size[1],
         )
         simulate_line(args.data, work / f"line-{scene}", spec)
-        truth_labels(work / f"line-{scene}", work / f"labels-{scene}", every=4)
+        truth_labels(work / f"line-{scene}", work / f"labels-{scene}", every=args.train_every)
         folders.append(work / f"labels-{scene}")
     t = time.perf_counter()
     report = bootstrap_yolo(
