@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--detector", nargs="+", default=["contour"], choices=["contour", "yolo"])
     p.add_argument("--trigger", nargs="+", default=["motion"], choices=["motion", "tracking"])
     p.add_argument("--yolo-weights", type=Path, help="default: train one on the scenes' truth")
-    p.add_argument("--yolo-epochs", type=int, default=30)
+    p.add_argument("--yolo-epochs", type=int, default=40)
     p.add_argument("--yolo-image-size", type=int, default=256)
     p.add_argument("--train-products", type=int, default=16, help="per scene, for YOLO")
     p.add_argument("--train-cameras", type=int, default=2, help="per scene, for YOLO")

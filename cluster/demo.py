@@ -75,7 +75,7 @@ TRAIN_BOX_JITTER = 0.006
 # products on two cameras (the simulator's truth stands for a plant's corrected labels; every
 # fourth frame), for this many epochs at this input size: under 10 minutes on 2 CPU cores.
 YOLO_TRAIN_PRODUCTS = 20
-YOLO_EPOCHS = 30
+YOLO_EPOCHS = 40
 YOLO_IMAGE_SIZE = 256
 
 

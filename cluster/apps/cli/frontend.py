@@ -106,7 +106,7 @@ def detector_bootstrap(
     labels: list[Path] = typer.Option(
         [], "--labels", help="a labelled folder, YOLO format (CVAT's YOLO 1.1 export); repeatable"
     ),
-    epochs: int = typer.Option(30, min=1),
+    epochs: int = typer.Option(40, min=1),
     image_size: int = typer.Option(256, min=64),
     architecture: str = typer.Option(
         "yolov8n.yaml", help="yolov8n.yaml (nano), yolov8s.yaml (small) or a model YAML file"
