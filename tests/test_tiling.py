@@ -9,7 +9,7 @@ from workers.contract import InputContract
 from workers.differnet.config import DifferNetConfig
 from workers.differnet.model import DifferNet, PreparedImage, TiledImage
 from workers.differnet.training import TrainingOptions, build_memory
-from workers.differnet.views import tile_boxes
+from workers.differnet.views import tile_boxes, tile_cores
 
 CONFIG = DifferNetConfig(image_size=64, train_transforms=2, tta=1, memory_size=100_000)
 
@@ -27,6 +27,20 @@ def test_tiles_cover_the_image_from_border_to_border_inside_it(shape):
     # Neighbours overlap by at least the asked share; no more tiles than that needs.
     assert all(0 < b - a <= 48 for a, b in zip(lefts, lefts[1:], strict=False))
     assert len(lefts) == (1 if shape[1] <= 64 else -(-(shape[1] - 64) // 48) + 1)
+
+
+@pytest.mark.parametrize("shape", [(64, 500), (200, 130), (64, 129), (300, 300)])
+def test_tile_cores_split_the_image_so_each_pixel_is_judged_once_away_from_cuts(shape):
+    boxes = tile_boxes(shape, 64, 0.25)
+    judged = np.zeros(shape, int)
+    for (top, left, h, w), (ct, cl, ch, cw) in zip(boxes, tile_cores(shape, boxes), strict=True):
+        judged[top + ct : top + ct + ch, left + cl : left + cl + cw] += 1
+        # Where a tile was cut out of the image (not at the image's border), its core keeps
+        # half the overlap (at least 16 px here) away from the cut.
+        assert ct >= (8 if top > 0 else 0) and cl >= (8 if left > 0 else 0)
+        assert h - ct - ch >= (8 if top + h < shape[0] else 0)
+        assert w - cl - cw >= (8 if left + w < shape[1] else 0)
+    assert (judged == 1).all()
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,14 @@ from workers.differnet.config import DifferNetConfig
 from workers.differnet.flow import build_flow, negative_log_likelihood
 from workers.differnet.neighbours import MemoryImage, PatchMemory, memory_image
 from workers.differnet.views import (
+    Box,
     Letterbox,
     apply_d4,
     crop_to_source,
     letterbox,
     normalised_exposure,
     tile_boxes,
+    tile_cores,
     undo_d4,
 )
 
@@ -57,6 +59,7 @@ class PreparedImage:
 class Tile:
     top: int
     left: int
+    core: Box  # the part of the tile it judges, in its own pixels (views.tile_cores)
     image: PreparedImage
 
 
@@ -98,8 +101,7 @@ class Evidence:
 
 def gathered(images: list[Prepared], results: list[ScoredImage]) -> list[ScoredImage]:
     """Each image's result from its :func:`units`' results: a tiled image scores its worst
-    tile, and its map is its tiles' maps placed where they were cut (the larger where they
-    overlap)."""
+    tile, and its map is made of its tiles' cores, each where it was cut."""
     out, at = [], 0
     for im in images:
         if not isinstance(im, TiledImage):
@@ -112,9 +114,9 @@ def gathered(images: list[Prepared], results: list[ScoredImage]) -> list[ScoredI
         if all(r.defect_map is not None for r in mine):
             defect_map = np.full(im.source_shape, np.nan, dtype=np.float32)
             for tile, r in zip(im.tiles, mine, strict=True):
-                h, w = r.defect_map.shape
-                region = defect_map[tile.top : tile.top + h, tile.left : tile.left + w]
-                np.fmax(region, r.defect_map, out=region)
+                top, left, h, w = tile.core
+                y, x = tile.top + top, tile.left + left
+                defect_map[y : y + h, x : x + w] = r.defect_map[top : top + h, left : left + w]
             # Tiles with no product in them were not scored: nothing was found there.
             defect_map = np.nan_to_num(defect_map, nan=float(np.nanmin(defect_map)))
         out.append(ScoredImage(max(r.score for r in mine), defect_map))
@@ -271,24 +273,33 @@ class DifferNet(nn.Module):
         if above is None or max(rgb.shape[:2]) <= above * size:
             return self._letterboxed(rgb, product_mask)
         tiles = []
-        for top, left, h, w in tile_boxes(rgb.shape[:2], size, self.config.tile_overlap):
+        boxes = tile_boxes(rgb.shape[:2], size, self.config.tile_overlap)
+        for (top, left, h, w), core in zip(boxes, tile_cores(rgb.shape[:2], boxes), strict=True):
             cut = (slice(top, top + h), slice(left, left + w))
             mask = None if product_mask is None else product_mask[cut]
-            if mask is None or mask.any():
-                image = self._letterboxed(np.ascontiguousarray(rgb[cut]), mask)
-                tiles.append(Tile(top, left, image))
+            judged = np.zeros((h, w), np.uint8)
+            judged[core[0] : core[0] + core[2], core[1] : core[1] + core[3]] = 1
+            if mask is not None:
+                judged &= mask > 0
+            if judged.any():
+                image = self._letterboxed(np.ascontiguousarray(rgb[cut]), mask, judged)
+                tiles.append(Tile(top, left, core, image))
         if not tiles:  # no product anywhere: judged whole, as a sliver of product is
             return self._letterboxed(rgb, product_mask)
         return TiledImage(rgb.shape[:2], tiles)
 
-    def _letterboxed(self, rgb: np.ndarray, product_mask: np.ndarray | None) -> PreparedImage:
+    def _letterboxed(
+        self, rgb: np.ndarray, product_mask: np.ndarray | None, judged: np.ndarray | None = None
+    ) -> PreparedImage:
+        """``judged``: the positions the memory scores and maps (a tile's core of product; the
+        product where None). The flow pools the whole product in view, as it learnt to."""
         pixels, mask, box = letterbox(rgb, self.config.image_size)
         if product_mask is not None:
             m = np.repeat((product_mask > 0).astype(np.uint8)[:, :, None], 3, axis=2) * 255
             mask = mask * letterbox(m, self.config.image_size)[0][:1].round()
-        for_memory = (
-            memory_image(rgb, product_mask, self.config.memory_side) if self.uses_memory else None
-        )
+        judged = product_mask if judged is None else judged
+        side = self.config.memory_side
+        for_memory = memory_image(rgb, judged, side) if self.uses_memory else None
         return PreparedImage(pixels, mask, box, for_memory)
 
     def pooled_nll(self, *scaled: torch.Tensor) -> torch.Tensor:

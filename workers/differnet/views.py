@@ -112,3 +112,19 @@ def tile_boxes(shape: tuple[int, int], side: int, overlap: float) -> list[Box]:
     h, w = shape
     th, tw = min(h, side), min(w, side)
     return [(top, left, th, tw) for top in starts(h) for left in starts(w)]
+
+
+def tile_cores(shape: tuple[int, int], boxes: list[Box]) -> list[Box]:
+    """Each of :func:`tile_boxes`' tiles' core, ``(top, left, height, width)`` in the tile's own
+    pixels: neighbours split their overlap in the middle, so every pixel of the image lies in
+    one core, judged by the tile that sees it farthest from where it was cut. Near a cut, a
+    tile's features see the cut as an edge of the product, which good products have elsewhere."""
+
+    def split(starts: list[int], length: int, total: int) -> dict[int, tuple[int, int]]:
+        middles = [(a + length + b) // 2 for a, b in zip(starts, starts[1:], strict=False)]
+        cuts = [0, *middles, total]
+        return {s: (cuts[i] - s, cuts[i + 1] - cuts[i]) for i, s in enumerate(starts)}
+
+    rows = split(sorted({b[0] for b in boxes}), boxes[0][2], shape[0])
+    cols = split(sorted({b[1] for b in boxes}), boxes[0][3], shape[1])
+    return [(rows[t][0], cols[x][0], rows[t][1], cols[x][1]) for t, x, _, _ in boxes]
