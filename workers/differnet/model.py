@@ -117,7 +117,7 @@ def gathered(images: list[Prepared], results: list[ScoredImage]) -> list[ScoredI
                 top, left, h, w = tile.core
                 y, x = tile.top + top, tile.left + left
                 defect_map[y : y + h, x : x + w] = r.defect_map[top : top + h, left : left + w]
-            # Tiles with no product in them were not scored: nothing was found there.
+            # Tiles with no product in their core were not scored: nothing was found there.
             defect_map = np.nan_to_num(defect_map, nan=float(np.nanmin(defect_map)))
         out.append(ScoredImage(max(r.score for r in mine), defect_map))
     return out
