@@ -98,3 +98,49 @@ def test_without_validation_data_calibration_leaves_each_training_image_out(tmp_
     assert calibration["source"] == "training goods" and calibration["n"] == 8
     # Compared with their own positions the training images would all sit at distance 0.
     assert calibration["memory_mean"] > 0.1 and calibration["memory_std"] > 0
+
+
+def test_validation_chooses_the_flow_share_that_ranks_its_images_best():
+    from workers.differnet.recipes import best_flow_share
+
+    rng = np.random.default_rng(5)
+    labels = [0] * 12 + [1] * 12
+    units = list(range(24))
+    loud = rng.normal(scale=100, size=24)  # no evidence, and far larger than the evidence
+    separates = np.array(labels) * 4.0 + rng.normal(scale=0.1, size=24)
+    share, rule = best_flow_share(loud, separates, units, labels)
+    assert share == 0.0 and rule.startswith("best validation image AUROC: 1.0000")
+    assert best_flow_share(separates, loud, units, labels)[0] == 1.0
+    # Both separate: every share ties, and equal shares stay.
+    assert best_flow_share(separates, separates, units, labels)[0] == 0.5
+    # An image scores its worst unit: a defect seen by the memory in one of its two tiles.
+    tiled = [i // 2 for i in range(48)]
+    memory = np.zeros(48)
+    memory[[2 * i + 1 for i in range(12, 24)]] = 5.0
+    assert best_flow_share(np.repeat(loud, 2), memory, tiled, labels)[0] == 0.0
+    # Too few labelled images of a class: the choice would be noise.
+    share, rule = best_flow_share(separates[:17], separates[:17], units[:17], labels[:17])
+    assert share == 0.5 and rule.startswith("equal: 12 good and 5 defective")
+
+
+def test_training_records_the_chosen_flow_share_and_old_models_keep_equal_shares(tmp_path):
+    from tests.synthetic import make_dataset
+    from workers.differnet.recipes import FLOW_SHARES, train_from_folder
+    from workers.differnet.store import load_model
+
+    data = make_dataset(tmp_path / "tiles", n_train=8, n_good=10, n_defect=5)
+    meta = train_from_folder(data, tmp_path / "model", CONFIG, TrainingOptions(epochs=2))
+    calibration = meta["calibration"]
+    assert calibration["flow_share"] in FLOW_SHARES
+    assert calibration["flow_share_rule"].startswith("best validation image AUROC")
+    model = load_model(tmp_path / "model").model
+    assert float(model.flow_share) == pytest.approx(calibration["flow_share"])
+    # The fused score weighs the standardised scores by the share.
+    model.flow_share.fill_(0.0)
+    flow_mean, flow_std, memory_mean, memory_std = model.calibration.tolist()
+    assert model.fuse(flow_mean + 7 * flow_std, memory_mean + memory_std) == pytest.approx(2.0)
+    # Weights saved before the share existed load with equal shares.
+    state = model.trainable_state()
+    del state["flow_share"]
+    model.load_trainable_state(state)
+    assert float(model.flow_share) == 0.5

@@ -43,6 +43,12 @@ from workers.differnet.views import (
 )
 
 EMBED_CHUNK = 8  # images per backbone pass when scoring
+EQUAL_SHARES = 0.5  # the flow's share in the fused score where validation does not choose it
+
+
+def fused(flow_z, memory_z, flow_share: float):
+    """The fused score of standardised flow and memory scores (floats or arrays)."""
+    return 2 * (flow_share * flow_z + (1 - flow_share) * memory_z)
 
 
 @dataclass
@@ -216,6 +222,8 @@ class DifferNet(nn.Module):
         )
         # Mean and spread of the flow's score and of the memory's on held-out good images.
         self.register_buffer("calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        # The flow's weight in the fused score (recipes.choose_flow_share); 0.5: equal weights.
+        self.register_buffer("flow_share", torch.tensor(EQUAL_SHARES))
         # Exported graphs standing in for the networks (workers.differnet.export): None, PyTorch.
         self.exported = None
 
@@ -243,6 +251,8 @@ class DifferNet(nn.Module):
         }
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        # Models saved before the flow's share was chosen fused the two scores with equal weights.
+        state = {"flow_share": torch.tensor(EQUAL_SHARES)} | state
         missing = set(self.trainable_state()) - set(state)
         unexpected = set(state) - set(self.trainable_state())
         if missing or unexpected:
@@ -357,9 +367,14 @@ class DifferNet(nn.Module):
         return gathered(images, scored)
 
     def fuse(self, flow_score: float, memory_score: float) -> float:
-        """Sum of the two scores, each standardised on held-out good images."""
+        """The two scores, each standardised on held-out good images, weighted by the flow's
+        share, twice over: at equal shares, their sum."""
         flow_mean, flow_std, memory_mean, memory_std = self.calibration.tolist()
-        return (flow_score - flow_mean) / flow_std + (memory_score - memory_mean) / memory_std
+        return fused(
+            (flow_score - flow_mean) / flow_std,
+            (memory_score - memory_mean) / memory_std,
+            float(self.flow_share),
+        )
 
     @torch.no_grad()
     def calibrate(self, good: list[Prepared], owners: list[int] | None = None) -> dict:

@@ -16,9 +16,12 @@ from workers.devices import choose_device
 from workers.differnet.config import DifferNetConfig
 from workers.differnet.model import (
     EMBED_CHUNK,
+    EQUAL_SHARES,
     DifferNet,
+    Evidence,
     Prepared,
     ScoredImage,
+    fused,
     gathered,
     units,
 )
@@ -34,6 +37,12 @@ from workers.differnet.training import (
 )
 from workers.images import ImageError, load_with_alpha
 from workers.threshold import auroc, target_tpr_threshold
+
+# The flow's shares of the fused score validation chooses among, and the labelled validation
+# images of each class it needs to choose: with fewer, one image moves the AUROC by more than
+# the shares differ.
+FLOW_SHARES = tuple(i / 10 for i in range(11))
+SHARE_MIN_PER_CLASS = 10
 
 # on_skip(path, reason): one unreadable file is reported and skipped, never fatal.
 OnSkip = Callable[[Path, str], None]
@@ -255,14 +264,20 @@ def held_out_rules(model: DifferNet, val_images: list, val_labels: list, train_i
         held, owners, source = _held_out_goods(good, train_images)
         calibration = None
         if model.uses_memory:
-            calibration = model.calibrate(held, owners=owners) | {"source": source, "n": len(held)}
+            model.flow_share.fill_(EQUAL_SHARES)
+            calibration = model.calibrate(held, owners=owners) | {
+                "source": source,
+                "n": len(held),
+                "flow_share": EQUAL_SHARES,
+                "flow_share_rule": "equal: no validation evidence drawn",
+            }
         return calibration, region_rule(model, held, source, owners), None
     tiles = units(val_images)
-    is_good = [
-        label == 0 for im, label in zip(val_images, val_labels, strict=True) for _ in units([im])
-    ]
+    image_of_unit = [i for i, im in enumerate(val_images) for _ in units([im])]
+    is_good = [val_labels[i] == 0 for i in image_of_unit]
     evidence = model.evidence(tiles)
     calibration = model.calibrate_on([e for e, g in zip(evidence, is_good, strict=True) if g])
+    calibration |= choose_flow_share(model, evidence, image_of_unit, val_labels)
     scored = [model.scored(e) for e in evidence]
     maps = [r.defect_map for r, g in zip(scored, is_good, strict=True) if g]
     source = "validation goods"
@@ -271,6 +286,48 @@ def held_out_rules(model: DifferNet, val_images: list, val_labels: list, train_i
         _region_record(model, maps, source, len(good)),
         [r.score for r in gathered(val_images, scored)],
     )
+
+
+def choose_flow_share(
+    model: DifferNet, evidence: list[Evidence], image_of_unit: list[int], labels: list[int]
+) -> dict:
+    """The flow's share of the fused score (:func:`best_flow_share` on the validation units'
+    evidence, standardised by the model's calibration); set on the model, and how it was
+    chosen, for the metadata."""
+    flow_mean, flow_std, memory_mean, memory_std = model.calibration.tolist()
+    flow_z = (np.array([e.flow for e in evidence]) - flow_mean) / flow_std
+    memory = np.array([model.memory.score_of_map(e.cells) for e in evidence])
+    memory_z = (memory - memory_mean) / memory_std
+    share, rule = best_flow_share(flow_z, memory_z, image_of_unit, labels)
+    model.flow_share.fill_(share)
+    return {"flow_share": share, "flow_share_rule": rule}
+
+
+def best_flow_share(
+    flow_z: np.ndarray, memory_z: np.ndarray, image_of_unit: list[int], labels: list[int]
+) -> tuple[float, str]:
+    """The share in :data:`FLOW_SHARES` whose fused score ranks the labelled images best (image
+    AUROC, each image its worst unit), the one nearest equal shares among ties; equal shares
+    where fewer than :data:`SHARE_MIN_PER_CLASS` images of either class would make the choice
+    noise. Returns it with the rule that gave it."""
+    labels_arr = np.asarray(labels)
+    n_defective = int(labels_arr.sum())
+    n_good = len(labels_arr) - n_defective
+    if min(n_good, n_defective) < SHARE_MIN_PER_CLASS:
+        return EQUAL_SHARES, (
+            f"equal: {n_good} good and {n_defective} defective validation images, "
+            f"{SHARE_MIN_PER_CLASS} of each needed to choose"
+        )
+    owner = np.asarray(image_of_unit)
+    aurocs = {}
+    for share in FLOW_SHARES:
+        per_image = np.full(len(labels_arr), -np.inf)
+        np.maximum.at(per_image, owner, fused(flow_z, memory_z, share))
+        aurocs[share] = auroc(per_image, labels_arr)
+    best = max(aurocs.values())
+    share = min((s for s, a in aurocs.items() if a == best), key=lambda s: abs(s - EQUAL_SHARES))
+    equal = aurocs[EQUAL_SHARES]
+    return share, f"best validation image AUROC: {best:.4f} (equal shares: {equal:.4f})"
 
 
 def region_rule(model: DifferNet, good: list, source: str, owners: list[int] | None = None):
