@@ -112,6 +112,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default="tiles",
         help="strips: also score long images of 3 to 5 measured tiles side by side",
     )
+    p.add_argument(
+        "--strip-light",
+        choices=["captured", "matched"],
+        default="captured",
+        help="matched: each tile of a strip brought to the strip's median luminance",
+    )
     return p.parse_args(argv)
 
 
@@ -181,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         train = list_train_samples(args.data)
         folder = args.out / f"strips-train-{args.seed}"
-        data = training_set(train, folder, len(train) // 4, args.seed)
-        val = val + build_strips(val, args.out / f"strips-val-{args.seed}", args.seed)
+        data = training_set(train, folder, len(train) // 4, args.seed, args.strip_light)
+        val_strips = args.out / f"strips-val-{args.seed}"
+        val = val + build_strips(val, val_strips, args.seed, args.strip_light)
         name += "-strips"
     model_dir = args.out / name
     meta, train_seconds = _trained(args, config, val, model_dir, data)
@@ -237,7 +244,7 @@ def _strips(bundle, args, measured: list[Sample]) -> dict:
     from bench.strips import build_strips
 
     out = args.out / f"strips-{args.seed}"
-    strips = build_strips(measured, out, args.seed)
+    strips = build_strips(measured, out, args.seed, args.strip_light)
     # The model's own maps only: a gradient map of every tile of every strip takes an hour here.
     r = evaluate_folder(bundle, out, samples=strips, out_dir=None)
     keys = ("image_auroc", "per_defect_auroc", "pixel_auroc", "pixel_aupro", "score_ms_per_image")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -23,6 +24,10 @@ from workers.datasets import Sample
 from workers.images import load_image
 
 TILES_PER_STRIP = (3, 4, 5)
+# "matched": each tile scaled to the strip's median luminance first. MTD's tiles of one group
+# differ in light by up to 1.5x, and a strip of them as captured has a step of light at every
+# seam, which no long part off a line has.
+Light = Literal["captured", "matched"]
 
 
 def group_of(sample: Sample) -> str:
@@ -30,7 +35,9 @@ def group_of(sample: Sample) -> str:
     return sample.path.stem.split("_")[0]
 
 
-def build_strips(samples: list[Sample], out: Path, seed: int) -> list[Sample]:
+def build_strips(
+    samples: list[Sample], out: Path, seed: int, light: Light = "captured"
+) -> list[Sample]:
     """One defective strip per defective sample and as many good strips, from ``samples`` only;
     returns them as samples of ``out`` (MVTec AD layout)."""
     rng = random.Random(seed)
@@ -44,11 +51,14 @@ def build_strips(samples: list[Sample], out: Path, seed: int) -> list[Sample]:
         )
         tiles = others[:]
         tiles.insert(rng.randrange(len(tiles) + 1), defect)
-        strips.append(_write(tiles, out / "test", defect.category, f"strip{i:03d}", defect, out))
-    return strips + _good_strips(goods, len(defects), out / "test", rng)
+        folder = out / "test"
+        strips.append(_write(tiles, folder, defect.category, f"strip{i:03d}", defect, out, light))
+    return strips + _good_strips(goods, len(defects), out / "test", rng, light)
 
 
-def training_set(train: list[Sample], out: Path, strips: int, seed: int) -> Path:
+def training_set(
+    train: list[Sample], out: Path, strips: int, seed: int, light: Light = "captured"
+) -> Path:
     """A training folder (``out/train/good``) of the good ``train`` tiles (linked) and
     ``strips`` good strips made from them."""
     folder = out / "train" / "good"
@@ -57,7 +67,7 @@ def training_set(train: list[Sample], out: Path, strips: int, seed: int) -> Path
         link = folder / s.path.name
         if not link.exists():
             link.symlink_to(s.path.resolve())
-    _good_strips(_by_group(train), strips, out / "train", random.Random(seed))
+    _good_strips(_by_group(train), strips, out / "train", random.Random(seed), light)
     return out
 
 
@@ -69,12 +79,14 @@ def _by_group(samples: list[Sample]) -> dict[str, list[Sample]]:
     return goods
 
 
-def _good_strips(goods: dict[str, list[Sample]], n: int, folder: Path, rng) -> list[Sample]:
+def _good_strips(
+    goods: dict[str, list[Sample]], n: int, folder: Path, rng, light: Light
+) -> list[Sample]:
     groups = sorted(g for g, members in goods.items() if members)
     strips = []
     for i in range(n):
         tiles = _goods(goods[rng.choice(groups)], rng.choice(TILES_PER_STRIP), rng)
-        strips.append(_write(tiles, folder, "good", f"strip{i:03d}", None, folder.parent))
+        strips.append(_write(tiles, folder, "good", f"strip{i:03d}", None, folder.parent, light))
     return strips
 
 
@@ -82,11 +94,13 @@ def _goods(pool: list[Sample], n: int, rng: random.Random) -> list[Sample]:
     return rng.sample(pool, n) if len(pool) >= n else [rng.choice(pool) for _ in range(n)]
 
 
-def _write(tiles: list[Sample], folder: Path, category: str, name: str, defect, out: Path):
+def _write(tiles: list[Sample], folder: Path, category: str, name: str, defect, out, light):
     """The strip in ``folder/category``; the defect's mask in ``out/ground_truth``."""
     images = [load_image(t.path) for t in tiles]
     height = min(im.shape[0] for im in images)
     resized = [_to_height(im, height) for im in images]
+    if light == "matched":
+        resized = _light_matched(resized)
     strip = np.concatenate(resized, axis=1)
     path = folder / category / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +118,16 @@ def _write(tiles: list[Sample], folder: Path, category: str, name: str, defect, 
     mask_path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(mask_path), mask)
     return Sample(path, category, mask_path)
+
+
+def _light_matched(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Each image scaled to the median of their median luminances."""
+    medians = [float(np.median(im.mean(axis=2))) for im in images]
+    reference = float(np.median(medians))
+    return [
+        np.clip(im.astype(np.float32) * reference / max(m, 1.0), 0, 255).round().astype(np.uint8)
+        for im, m in zip(images, medians, strict=True)
+    ]
 
 
 def _to_height(image: np.ndarray, height: int) -> np.ndarray:
