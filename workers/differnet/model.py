@@ -11,8 +11,9 @@ Two heads share the backbone and the flow:
 With ``memory_size > 0`` (the default) the flow's score is fused with a second one, the mean
 distance of the image's positions, at its own scale, to their nearest good neighbours
 (:mod:`.neighbours`): each score is standardised by its mean and spread on held-out good images,
-and the two are added. This departs from the paper, on purpose: see docs/scorer.md and
-docs/benchmarks.md.
+and the two are weighted by the flow's share, which labelled validation images choose
+(:func:`recipes.choose_flow_share`). This departs from the paper, on purpose: see docs/scorer.md
+and docs/benchmarks.md.
 """
 
 from __future__ import annotations
