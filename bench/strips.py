@@ -51,8 +51,8 @@ def build_strips(
         )
         tiles = others[:]
         tiles.insert(rng.randrange(len(tiles) + 1), defect)
-        folder = out / "test"
-        strips.append(_write(tiles, folder, defect.category, f"strip{i:03d}", defect, out, light))
+        name = f"strip{i:03d}"
+        strips.append(_write(tiles, out / "test", defect.category, name, defect, out, light))
     return strips + _good_strips(goods, len(defects), out / "test", rng, light)
 
 

@@ -367,15 +367,15 @@ class DifferNet(nn.Module):
             ]
         return gathered(images, scored)
 
-    def fuse(self, flow_score: float, memory_score: float) -> float:
-        """The two scores, each standardised on held-out good images, weighted by the flow's
-        share, twice over: at equal shares, their sum."""
+    def standardised(self, flow_score, memory_score):
+        """Both scores (floats or arrays) standardised on held-out good images."""
         flow_mean, flow_std, memory_mean, memory_std = self.calibration.tolist()
-        return fused(
-            (flow_score - flow_mean) / flow_std,
-            (memory_score - memory_mean) / memory_std,
-            float(self.flow_share),
-        )
+        return (flow_score - flow_mean) / flow_std, (memory_score - memory_mean) / memory_std
+
+    def fuse(self, flow_score: float, memory_score: float) -> float:
+        """The two scores, standardised, weighted by the flow's share, twice over: at equal
+        shares, their sum."""
+        return fused(*self.standardised(flow_score, memory_score), float(self.flow_share))
 
     @torch.no_grad()
     def calibrate(self, good: list[Prepared], owners: list[int] | None = None) -> dict:

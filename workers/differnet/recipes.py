@@ -294,10 +294,10 @@ def choose_flow_share(
     """The flow's share of the fused score (:func:`best_flow_share` on the validation units'
     evidence, standardised by the model's calibration); set on the model, and how it was
     chosen, for the metadata."""
-    flow_mean, flow_std, memory_mean, memory_std = model.calibration.tolist()
-    flow_z = (np.array([e.flow for e in evidence]) - flow_mean) / flow_std
-    memory = np.array([model.memory.score_of_map(e.cells) for e in evidence])
-    memory_z = (memory - memory_mean) / memory_std
+    flow_z, memory_z = model.standardised(
+        np.array([e.flow for e in evidence]),
+        np.array([model.memory.score_of_map(e.cells) for e in evidence]),
+    )
     share, rule = best_flow_share(flow_z, memory_z, image_of_unit, labels)
     model.flow_share.fill_(share)
     return {"flow_share": share, "flow_share_rule": rule}
