@@ -6,6 +6,7 @@ the other measures. Nothing chosen is chosen on the measured half.
     python -m bench.accuracy --data ../shared/data/mtd --json bench-out/accuracy.json
         [--layout strips]    # also long images of 3 to 5 tiles (bench/strips.py); the model
                              # then learns from good strips of training tiles too
+        [--good-strips 1]    # how many, per training tile
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default="captured",
         help="matched: each tile of a strip brought to the strip's median luminance",
     )
+    p.add_argument(
+        "--good-strips",
+        type=float,
+        default=1.0,
+        help="good strips the strips model learns from, per training tile",
+    )
     return p.parse_args(argv)
 
 
@@ -187,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         train = list_train_samples(args.data)
         folder = args.out / f"strips-train-{args.seed}"
-        data = training_set(train, folder, len(train) // 4, args.seed, args.strip_light)
+        n_good = round(len(train) * args.good_strips)
+        data = training_set(train, folder, n_good, args.seed, args.strip_light)
         val_strips = args.out / f"strips-val-{args.seed}"
         val = val + build_strips(val, val_strips, args.seed, args.strip_light)
         name += "-strips"

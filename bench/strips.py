@@ -7,7 +7,8 @@ them as it reads the tiles: how a defect of a few percent of a long image fares.
 A strip's seams, where one tile meets the next, are part of a long part's good look here: a model
 that never saw one takes every seam for a defect. So the model that scores strips learns from
 good strips too (``training_set``), made from the training tiles only, as a plant's model learns
-from its own long parts.
+from its own long parts. Each seam pairs two tiles' textures and lights anew, so the memory
+needs many of them: ``bench.accuracy`` builds one good strip per training tile by default.
 """
 
 from __future__ import annotations
