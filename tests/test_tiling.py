@@ -7,8 +7,14 @@ import torch
 from tests.synthetic import textured_tile
 from workers.contract import InputContract
 from workers.differnet.config import DifferNetConfig
-from workers.differnet.model import DifferNet, PreparedImage, TiledImage
-from workers.differnet.training import TrainingOptions, build_memory
+from workers.differnet.model import DifferNet, PreparedImage, TiledImage, units
+from workers.differnet.recipes import Loaded
+from workers.differnet.training import (
+    TrainingOptions,
+    build_memory,
+    embed_training_set,
+    memory_pool,
+)
 from workers.differnet.views import tile_boxes, tile_cores
 
 CONFIG = DifferNetConfig(image_size=64, train_transforms=2, tta=1, memory_size=100_000)
@@ -101,3 +107,25 @@ def test_tiles_without_product_are_left_out_and_the_contract_records_the_rule(mo
     assert isinstance(model.prepare(rgb, np.zeros_like(mask)), PreparedImage)
     contract = InputContract(crops={}, image_size=64)
     assert (contract.tile_above, contract.tile_overlap) == (2.0, 0.25)
+
+
+def test_training_learns_the_same_from_images_prepared_as_it_reads_them():
+    """Training reads its images prepared on use, one at a time (thousands of prepared views
+    would not fit in memory), and learns exactly what it learns from them prepared at once."""
+    torch.manual_seed(0)
+    net = DifferNet(CONFIG)
+    rgb = [long_part(6), textured_tile(np.random.default_rng(7), 64, 80), long_part(8)]
+    masks = [None, None, np.pad(np.full((64, 200), 255, np.uint8), ((0, 0), (0, 280)))]
+    loaded = Loaded([], rgb, masks)
+    at_once, on_use = loaded.prepared(net), loaded.prepared_on_use(net)
+    assert len(on_use) == 3 and isinstance(on_use[0], TiledImage)
+    assert [type(im) for im in on_use[1:]] == [type(im) for im in at_once[1:]]
+    options, quiet = TrainingOptions(), lambda *a: None
+    assert torch.equal(
+        embed_training_set(net, at_once, options, quiet),
+        embed_training_set(net, on_use, options, quiet),
+    )
+    pools = [memory_pool(net, images, options, quiet) for images in (at_once, on_use)]
+    assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
+    # Each tile is its own owner, and tiles without product are left out.
+    assert int(pools[1][1].max()) + 1 == len(units(at_once)) < 10 + 1 + 10

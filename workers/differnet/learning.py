@@ -210,7 +210,7 @@ def parent_features(parent_dir: Path, parent: ModelBundle, options: TrainingOpti
             f"{parent_dir}: no feature cache and its training data ({data_dir}) is gone"
         )
     loaded = load_samples(list_train_samples(data_dir))
-    return embed_training_set(parent.model, loaded.prepared(parent.model), options, progress)
+    return embed_training_set(parent.model, loaded.prepared_on_use(parent.model), options, progress)
 
 
 def retrain(
@@ -245,7 +245,7 @@ def retrain(
     loaded = load_samples([Sample(p, "good") for p in new_good], on_skip)
     if not loaded.rgb:
         raise RetrainError("none of the new good views could be read")
-    new_images = loaded.prepared(model)
+    new_images = loaded.prepared_on_use(model)
     new = embed_training_set(model, new_images, options, progress)
     cache = torch.cat([old.float(), new])
     report = train_flow(model, cache, options, None, progress, fine_tune=mode == "finetune")

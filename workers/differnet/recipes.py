@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +61,31 @@ class Loaded:
     def prepared(self, model: DifferNet) -> list[Prepared]:
         return [model.prepare(rgb, alpha) for rgb, alpha in zip(self.rgb, self.alpha, strict=True)]
 
+    def prepared_on_use(self, model: DifferNet) -> PreparedOnUse:
+        return PreparedOnUse(model, self)
+
+
+class PreparedOnUse(Sequence[Prepared]):
+    """The loaded images, each prepared when it is read and dropped after: what training reads.
+
+    A prepared view holds about 2 MB of float tensors (the input square, its mask, the memory's
+    image), its source image a tenth of that; a training set of thousands of views, or long
+    parts cut into many tiles each, would not fit in memory prepared all at once. Training reads
+    the set twice (embedding, the memory's draw), and preparing is cheap beside embedding.
+    """
+
+    def __init__(self, model: DifferNet, loaded: Loaded):
+        self._model = model
+        self._loaded = loaded
+
+    def __len__(self) -> int:
+        return len(self._loaded.rgb)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._model.prepare(self._loaded.rgb[index], self._loaded.alpha[index])
+
 
 def load_samples(samples: list[Sample], on_skip: OnSkip = _ignore) -> Loaded:
     loaded = Loaded([], [], [])
@@ -109,7 +134,7 @@ def train_from_folder(
     val = load_samples(validation, on_skip)
     val_images = val.prepared(model)
     val_labels = [int(s.is_defect) for s in val.samples]
-    train_images = train.prepared(model)
+    train_images = train.prepared_on_use(model)
     t0 = time.perf_counter()
     cache = embed_training_set(model, train_images, options, progress)
     validated = (val_images, val_labels) if val_images else None
@@ -157,7 +182,9 @@ class _ChosenOn:
     labels: list[int]
 
 
-def _threshold(model: DifferNet, checked, train_images: list, target_tpr: float, product_of):
+def _threshold(
+    model: DifferNet, checked, train_images: Sequence[Prepared], target_tpr: float, product_of
+):
     """The threshold by the ZeroBox rule on the validation (samples, images, their scores if
     drawn already), per product with ``product_of``; the validation metrics, and what the
     threshold was chosen on."""
@@ -245,17 +272,20 @@ def _run_record(options: TrainingOptions, report, seconds: float) -> dict:
     }
 
 
-def _held_out_goods(good_val: list, train_images: list):
+def _held_out_goods(good_val: list, train_images: Sequence[Prepared]):
     """Good images the model is standardised and thresholded on: the validation goods, else the
     training images, each against the others' positions (held out in effect, and optimistic for
     the flow, which learned them: said in the metadata). Their units' memory owners (None for
     validation goods), and which they are."""
     if len(good_val) >= 2:
         return good_val, None, "validation goods"
-    return train_images, list(range(len(units(train_images)))), "training goods"
+    held = list(train_images)  # read three times here: prepared once
+    return held, list(range(len(units(held)))), "training goods"
 
 
-def held_out_rules(model: DifferNet, val_images: list, val_labels: list, train_images: list):
+def held_out_rules(
+    model: DifferNet, val_images: list, val_labels: list, train_images: Sequence[Prepared]
+):
     """The calibration (memory models) and the region rule, from held-out good images; and
     the validation images' scores where they come with them: a memory model with validation
     goods draws every validation tile's evidence once, for all three."""
@@ -363,7 +393,7 @@ def defect_map_overlay(bundle: ModelBundle, image_path: Path) -> bytes:
     return overlay_png(rgb, result.defect_map)
 
 
-def score_images(model: DifferNet, images: list[Prepared], batch: int = 8) -> list[ScoredImage]:
+def score_images(model: DifferNet, images: Sequence[Prepared], batch: int = 8) -> list[ScoredImage]:
     out: list[ScoredImage] = []
     for i in range(0, len(images), batch):
         out += model.score_batch(images[i : i + batch])

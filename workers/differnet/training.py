@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import torch
@@ -57,25 +58,29 @@ class TrainingReport:
 
 
 def embed_training_set(
-    model: DifferNet, images: list[Prepared], options: TrainingOptions, progress: Progress
+    model: DifferNet, images: Sequence[Prepared], options: TrainingOptions, progress: Progress
 ) -> torch.Tensor:
     """Raw features of every image (every tile of a tiled one) under every training transform.
 
     Pooled head: ``(N * K, D)``. Local head: the valid positions of every map, ``(M, D)``, as
-    float16 to keep the cache small.
+    float16 to keep the cache small. ``images`` are read once, in order, one at a time: they
+    may be prepared as they are read (:class:`~workers.differnet.recipes.PreparedOnUse`).
     """
     config = model.config
-    images = units(images)
     generator = torch.Generator().manual_seed(options.seed)
-    jobs = [(im, t) for im in images for t in range(config.train_transforms)]
+    jobs = (
+        (i, unit, t)
+        for i, im in enumerate(images)
+        for unit in units([im])
+        for t in range(config.train_transforms)
+    )
     chunks = []
     with torch.no_grad():
-        for start in range(0, len(jobs), options.embed_batch):
-            batch = jobs[start : start + options.embed_batch]
+        while batch := list(islice(jobs, options.embed_batch)):
             pix = torch.stack(
-                [color_jitter(apply_d4(im.pixels, t), config.jitter, generator) for im, t in batch]
+                [color_jitter(apply_d4(u.pixels, t), config.jitter, generator) for _, u, t in batch]
             ).to(model.device)
-            mask = torch.stack([apply_d4(im.mask, t) for im, t in batch]).to(model.device)
+            mask = torch.stack([apply_d4(u.mask, t) for _, u, t in batch]).to(model.device)
             if config.head == "local":
                 feats, valid = model.embedder.dense(pix, mask)
                 d = feats.shape[1]
@@ -83,7 +88,7 @@ def embed_training_set(
                 chunks.append(feats.permute(0, 2, 3, 1).reshape(-1, d)[keep].half().cpu())
             else:
                 chunks.append(model.embedder.pooled(pix, mask).cpu())
-            progress("embed", min(start + len(batch), len(jobs)), len(jobs))
+            progress("embed", batch[-1][0] + 1, len(images))
     return torch.cat(chunks)
 
 
@@ -98,25 +103,28 @@ def build_memory(
 
 @torch.no_grad()
 def memory_pool(
-    model: DifferNet, images: list[Prepared], options: TrainingOptions, progress: Progress
+    model: DifferNet, images: Sequence[Prepared], options: TrainingOptions, progress: Progress
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw features of about ``memory_size`` positions drawn evenly from the images' views
     (a tiled image's tiles count as images), and the index of the tile or image each came
-    from."""
+    from. ``images`` are read twice, one at a time: once to count the tiles, once to draw."""
     config = model.config
-    images = units(images)
-    per_image = config.memory_size / (len(images) * options.memory_positions_per_view)
+    n_units = sum(len(units([im])) for im in images)
+    per_image = config.memory_size / (n_units * options.memory_positions_per_view)
     views = max(1, min(config.train_transforms, math.ceil(per_image)))
-    per_view = math.ceil(config.memory_size / (len(images) * views))
+    per_view = math.ceil(config.memory_size / (n_units * views))
     generator = torch.Generator().manual_seed(options.seed)
     parts, owners = [], []
-    for i, im in enumerate(images):
-        for t in range(views):
-            positions = model.memory.positions(im.for_memory, t)
-            keep = torch.randperm(len(positions), generator=generator)[:per_view]
-            parts.append(positions[keep.to(positions.device)])
-            owners.append(torch.full((len(keep),), i))
-        progress("memory", i + 1, len(images))
+    unit_index = 0
+    for done, im in enumerate(images, 1):
+        for unit in units([im]):
+            for t in range(views):
+                positions = model.memory.positions(unit.for_memory, t)
+                keep = torch.randperm(len(positions), generator=generator)[:per_view]
+                parts.append(positions[keep.to(positions.device)])
+                owners.append(torch.full((len(keep),), unit_index))
+            unit_index += 1
+        progress("memory", done, len(images))
     return torch.cat(parts), torch.cat(owners)
 
 
