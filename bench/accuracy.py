@@ -100,6 +100,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="patch memory positions (0: the flow alone)",
     )
     p.add_argument(
+        "--memory-draw",
+        choices=["random", "coverage"],
+        default=DifferNetConfig().memory_draw,
+        help="how training draws the memory's positions",
+    )
+    p.add_argument(
         "--exposure-target",
         type=float,
         default=None,
@@ -183,9 +189,12 @@ def main(argv: list[str] | None = None) -> dict:
         image_size=args.image_size,
         train_transforms=args.train_transforms,
         memory_size=args.memory_size,
+        memory_draw=args.memory_draw,
         exposure_target=args.exposure_target,
     )
     name = f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
+    if args.memory_draw != "random":
+        name += f"-{args.memory_draw}"
     if args.exposure_target is not None:
         name += f"-e{args.exposure_target:g}"
     data = args.data
@@ -216,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "data": str(args.data),
         "memory_size": args.memory_size,
+        "memory_draw": args.memory_draw,
         "head": args.head,
         "shots": args.shots,
         "n_train": meta["training"]["n_images"],

@@ -144,3 +144,19 @@ def test_training_records_the_chosen_flow_share_and_old_models_keep_equal_shares
     del state["flow_share"]
     model.load_trainable_state(state)
     assert float(model.flow_share) == 0.5
+
+
+@pytest.mark.parametrize("draw", ["random", "coverage"])
+def test_a_coverage_draw_keeps_more_of_a_rare_good_pattern_than_a_random_one(tiles, draw):
+    """Two good images in eight carry stripes (a rare good pattern, as a long part's seams
+    are): a random memory keeps their share of positions, one drawn for coverage more."""
+    torch.manual_seed(0)
+    net = DifferNet(CONFIG.model_copy(update={"memory_size": 600, "memory_draw": draw}))
+    rare = [t.copy() for t in tiles[0][:2]]
+    for image, x in zip(rare, (30, 50), strict=True):
+        image[:, x : x + 3], image[:, x + 20 : x + 23] = 240, 20
+    images = [net.prepare(t) for t in [*rare, *tiles[0][2:]]]
+    build_memory(net, images, TrainingOptions(), lambda *a: None)
+    assert net.memory.size == 600
+    rare_share = float((net.memory.owner < 2).float().mean())
+    assert (rare_share < 0.27) if draw == "random" else (rare_share > 0.3), rare_share

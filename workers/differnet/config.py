@@ -53,6 +53,11 @@ class DifferNetConfig(BaseModel):
     map_source: Literal["memory", "gradient"] | None = None
     # The patch memory (0 positions: the flow alone), its subspace and the positions queried.
     memory_size: int = Field(default=262144, ge=0, le=4_000_000)
+    # How training draws the memory's positions: "random", uniformly, so the memory follows the
+    # density of good surfaces; "coverage", from a pool 2.5 times larger, drawing a position the
+    # more often the farther it lies from a random quarter of the memory (PatchCore's coreset
+    # aims the same way), so rare good patterns (a long part's seams) are kept at the same size.
+    memory_draw: Literal["random", "coverage"] = "random"
     memory_taps: tuple[int, ...] = DEFAULT_MEMORY_TAPS["efficientnet-lite0"]
     memory_components: int = Field(default=64, ge=1, le=4096)
     memory_probes: int = Field(default=4, ge=1, le=4096)

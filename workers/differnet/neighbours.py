@@ -9,8 +9,10 @@ than either (docs/benchmarks.md, "The scorer").
 
 Image score = mean over the product's positions of the distance to the nearest remembered good
 position. A mean wants the memory to follow the density of good surfaces, so the memory is a
-uniform random sample of good positions, and a large one (on MTD tiles at their own size: 0.97
-from 114,150 random positions, 0.90 from PatchCore's greedy k-centre coreset of 16,384). What
+uniform random sample of good positions by default, and a large one (on MTD tiles at their own
+size: 0.97 from 114,150 random positions, 0.90 from PatchCore's greedy k-centre coreset of
+16,384); a draw weighted towards rare positions (``covering``) keeps more of what a uniform one
+loses, where good parts vary more than a memory holds (long parts' seams). What
 keeps scoring cheap instead: positions are compared in a principal-component subspace of their
 features, through an inverted-file index, at a fixed number of evenly spread positions of the
 image whatever its size.
@@ -35,6 +37,11 @@ KMEANS_ITERATIONS = 10
 # computes better than many small ones.
 LIST_SIZE = 2048
 CHUNK = 16384  # rows per distance block: bounds the memory a (rows x lists) block takes
+# The coverage draw (DifferNetConfig.memory_draw): its pool against the memory's size, the
+# random share it measures distances to, and the power of the distance a position is drawn by.
+COVERAGE_POOL = 2.5
+COVERAGE_SEED_SHARE = 0.25
+COVERAGE_POWER = 4
 
 
 @dataclass
@@ -143,6 +150,27 @@ class PatchMemory(nn.Module):
         rows = self.project(pool)
         self.centroids = kmeans(rows, -(-len(rows) // LIST_SIZE), generator)
         self._index(rows, owner)
+
+    @torch.no_grad()
+    def covering(
+        self, pool: torch.Tensor, owner: torch.Tensor, size: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` positions of ``pool`` (raw) and their owners, each drawn the more likely the
+        farther it lies from a random share of the pool (its distance to the power
+        ``COVERAGE_POWER``): common surfaces stay, rare ones are kept more often than a uniform
+        draw keeps them. Leaves this memory filled with that random share: ``fill`` follows."""
+        if len(pool) <= size:
+            return pool, owner
+        self.fill(pool, owner, max(1, round(size * COVERAGE_SEED_SHARE)), seed)
+        distance = torch.cat(
+            [self.distances(self.project(pool[i : i + CHUNK])) for i in range(0, len(pool), CHUNK)]
+        ).cpu()
+        # A weighted draw without replacement (Efraimidis and Spirakis): the largest
+        # log(u) / weight. The random share itself lies at distance 0: drawn last.
+        generator = torch.Generator().manual_seed(seed)
+        keys = torch.rand(len(pool), generator=generator).log() / distance.pow(COVERAGE_POWER)
+        keep = keys.topk(size).indices.to(pool.device)
+        return pool[keep], owner[keep.to(owner.device)]
 
     def adopt(self, other: PatchMemory) -> None:
         """Take ``other``'s subspace, lists and positions (a retrained model starts from them)."""

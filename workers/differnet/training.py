@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from workers.differnet.model import DifferNet, Prepared, ScoredImage, gathered, units
+from workers.differnet.neighbours import COVERAGE_POOL
 from workers.differnet.views import apply_d4, color_jitter
 from workers.threshold import auroc
 
@@ -94,25 +95,31 @@ def embed_training_set(
 
 @torch.no_grad()
 def build_memory(
-    model: DifferNet, images: list[Prepared], options: TrainingOptions, progress: Progress
+    model: DifferNet, images: Sequence[Prepared], options: TrainingOptions, progress: Progress
 ) -> None:
-    """Fill the model's patch memory with positions of the good ``images``, evenly per image."""
+    """Fill the model's patch memory with positions of the good ``images``, evenly per image,
+    drawn as the config's ``memory_draw`` says."""
     pool, owner = memory_pool(model, images, options, progress)
-    model.memory.fill(pool, owner, model.config.memory_size, options.seed)
+    size = model.config.memory_size
+    if model.config.memory_draw == "coverage":
+        pool, owner = model.memory.covering(pool, owner, size, options.seed)
+    model.memory.fill(pool, owner, size, options.seed)
 
 
 @torch.no_grad()
 def memory_pool(
     model: DifferNet, images: Sequence[Prepared], options: TrainingOptions, progress: Progress
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw features of about ``memory_size`` positions drawn evenly from the images' views
-    (a tiled image's tiles count as images), and the index of the tile or image each came
-    from. ``images`` are read twice, one at a time: once to count the tiles, once to draw."""
+    """Raw features of about ``memory_size`` positions (``COVERAGE_POOL`` times that for a
+    coverage draw) drawn evenly from the images' views (a tiled image's tiles count as images),
+    and the index of the tile or image each came from. ``images`` are read twice, one at a
+    time: once to count the tiles, once to draw."""
     config = model.config
+    wanted = config.memory_size * (COVERAGE_POOL if config.memory_draw == "coverage" else 1)
     n_units = sum(len(units([im])) for im in images)
-    per_image = config.memory_size / (n_units * options.memory_positions_per_view)
+    per_image = wanted / (n_units * options.memory_positions_per_view)
     views = max(1, min(config.train_transforms, math.ceil(per_image)))
-    per_view = math.ceil(config.memory_size / (n_units * views))
+    per_view = math.ceil(wanted / (n_units * views))
     generator = torch.Generator().manual_seed(options.seed)
     parts, owners = [], []
     unit_index = 0

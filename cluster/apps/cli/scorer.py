@@ -50,6 +50,10 @@ def train(
     memory_size: int = typer.Option(
         262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
     ),
+    memory_draw: str = typer.Option(
+        "random",
+        help="random (follows good surfaces' density) | coverage (keeps rare good patterns more)",
+    ),
     exposure_target: float | None = typer.Option(
         None, help="bring each image to this median product luminance (0-255) first"
     ),
@@ -76,6 +80,7 @@ def train(
     config = _network(
         backbone,
         memory_size=memory_size,
+        memory_draw=memory_draw,
         head=head,
         image_size=image_size,
         tta=tta,
