@@ -177,6 +177,10 @@ def test_a_bad_option_value_is_a_clear_error(data, tmp_path):
     assert result.exit_code == 1 and "--image-size" in result.output and "32" in result.output
     result = invoke("train", data, "--out", tmp_path / "m", "--mask-shape", "oval")
     assert result.exit_code == 1 and "--mask-shape" in result.output and "box" in result.output
+    result = invoke("train", data, "--out", tmp_path / "m", "--memory-draw", "greedy")
+    assert (
+        result.exit_code == 1 and "--memory-draw" in result.output and "coverage" in result.output
+    )
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error(data, tmp_path):

@@ -37,23 +37,16 @@ def train(
     backbone_weights: Path | None = typer.Option(
         None, help="local weights file (alexnet needs one)"
     ),
-    head: str = typer.Option(
-        "differnet", help="differnet (pooled, the paper's) | local (per position)"
-    ),
+    head: str = typer.Option("differnet", help="differnet (pooled) | local (per position)"),
     image_size: int = typer.Option(320, help="side of the square input (multiple of 32)"),
     epochs: int = typer.Option(40, min=1),
     shots: int | None = typer.Option(None, min=1, help="train on K random good images only"),
     tta: int = typer.Option(1, min=1, max=8, help="test-time transforms"),
-    jitter: float = typer.Option(
-        0.0, min=0.0, max=0.99, help="colour jitter strength (ZeroBox: 0.5)"
-    ),
+    jitter: float = typer.Option(0.0, min=0.0, max=0.99, help="colour jitter (ZeroBox: 0.5)"),
     memory_size: int = typer.Option(
         262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
     ),
-    memory_draw: str = typer.Option(
-        "random",
-        help="random (follows good surfaces' density) | coverage (keeps rare good patterns more)",
-    ),
+    memory_draw: str = typer.Option("random", help="random | coverage (keeps rare good patterns)"),
     exposure_target: float | None = typer.Option(
         None, help="bring each image to this median product luminance (0-255) first"
     ),
