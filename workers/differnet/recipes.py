@@ -69,7 +69,7 @@ class PreparedOnUse(Sequence[Prepared]):
     """The loaded images, each prepared when it is read and dropped after: what training reads.
 
     A prepared view holds about 2 MB of float tensors (the input square, its mask, the memory's
-    image), its source image a tenth of that; a training set of thousands of views, or long
+    image), its source image a few tenths of a MB; a training set of thousands of views, or long
     parts cut into many tiles each, would not fit in memory prepared all at once. Training reads
     the set twice (embedding, the memory's draw), and preparing is cheap beside embedding.
     """
