@@ -51,6 +51,28 @@ def test_each_training_image_is_found_in_memory_unless_its_own_positions_are_lef
         assert model.memory.score(im.for_memory, leave_out=i) > 0.2
 
 
+def test_the_memory_takes_images_as_they_are_unless_one_view_is_too_few_positions(tiles):
+    torch.manual_seed(0)
+    net = DifferNet(CONFIG)
+    images = [net.prepare(t) for t in tiles[0]]
+    as_they_are = torch.cat([net.memory.positions(im.for_memory, 0) for im in images])
+    turned = torch.cat([net.memory.positions(im.for_memory, 1) for im in images])
+
+    def drawn_from(pool: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        exact = torch.cdist(pool, views, compute_mode="donot_use_mm_for_euclid_dist")
+        return (exact.min(1).values < 1e-4).float().mean()
+
+    # Three quarters of a view's positions per image: every one from the image as it is.
+    size = net.memory.view_positions(CONFIG.memory_side) * len(images) * 3 // 4
+    net.config = CONFIG.model_copy(update={"memory_size": size})
+    pool, _ = memory_pool(net, images, TrainingOptions(), lambda *a: None)
+    assert len(pool) == size and drawn_from(pool, as_they_are) == 1.0
+    # More than a view holds (a few shots): the turned view too.
+    net.config = CONFIG
+    pool, _ = memory_pool(net, images, TrainingOptions(), lambda *a: None)
+    assert len(pool) == len(as_they_are) + len(turned) and drawn_from(pool, turned) == 0.5
+
+
 def test_a_defect_is_farther_from_good_positions_than_a_new_good_tile(model, tiles):
     rng = np.random.default_rng(7)
     good = model.memory.score(model.prepare(textured_tile(rng, 64, 80)).for_memory)

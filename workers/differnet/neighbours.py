@@ -101,6 +101,11 @@ class PatchMemory(nn.Module):
         return len(self.bank)
 
     @torch.no_grad()
+    def view_positions(self, side: int) -> int:
+        """Positions of one view of a product that fills its memory image (``side`` squared)."""
+        return self.features(torch.zeros(1, 3, side, side, device=self.center.device))[0, 0].numel()
+
+    @torch.no_grad()
     def positions(self, image: MemoryImage, transform: int = 0) -> torch.Tensor:
         """``(n, dim)`` raw features of the product's positions under a D4 ``transform``."""
         feats, valid = self.grid(image, transform)

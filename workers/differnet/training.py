@@ -43,9 +43,6 @@ class TrainingOptions:
     embed_batch: int = 16
     # Positions drawn per epoch for the local head (every position of every image is too many).
     positions_per_epoch: int = 200_000
-    # The patch memory takes an image under one more training transform for every this many
-    # positions it needs from each image: 761 MTD tiles are seen as they are, 16 shots under all 8.
-    memory_positions_per_view: int = 256
     # Where the backbones and the flow run: None picks CUDA when this process sees a GPU.
     device: str | None = None
 
@@ -113,11 +110,18 @@ def memory_pool(
     """Raw features of about ``memory_size`` positions (``COVERAGE_POOL`` times that for a
     coverage draw) drawn evenly from the images' views (a tiled image's tiles count as images),
     and the index of the tile or image each came from. ``images`` are read twice, one at a
-    time: once to count the tiles, once to draw."""
+    time: once to count the tiles, once to draw.
+
+    Each image is taken as it is, and under more of the training transforms only where one
+    view has fewer positions than the memory keeps of each image (a few shots): a turned view
+    shows the memory surfaces the line never does (a long part's seams turned across it, its
+    grain turned), which a defect then finds itself near. A coverage draw's larger pool comes
+    from the same views."""
     config = model.config
-    wanted = config.memory_size * (COVERAGE_POOL if config.memory_draw == "coverage" else 1)
+    size = config.memory_size
+    wanted = size * (COVERAGE_POOL if config.memory_draw == "coverage" else 1)
     n_units = sum(len(units([im])) for im in images)
-    per_image = wanted / (n_units * options.memory_positions_per_view)
+    per_image = size / (n_units * model.memory.view_positions(config.memory_side))
     views = max(1, min(config.train_transforms, math.ceil(per_image)))
     per_view = math.ceil(wanted / (n_units * views))
     generator = torch.Generator().manual_seed(options.seed)
