@@ -121,8 +121,8 @@ def memory_pool(
     size = config.memory_size
     wanted = size * (COVERAGE_POOL if config.memory_draw == "coverage" else 1)
     n_units = sum(len(units([im])) for im in images)
-    per_image = size / (n_units * model.memory.view_positions(config.memory_side))
-    views = max(1, min(config.train_transforms, math.ceil(per_image)))
+    views_wanted = size / (n_units * model.memory.view_positions(config.memory_side))
+    views = max(1, min(config.train_transforms, math.ceil(views_wanted)))
     per_view = math.ceil(wanted / (n_units * views))
     generator = torch.Generator().manual_seed(options.seed)
     parts, owners = [], []
