@@ -7,6 +7,7 @@ the other measures. Nothing chosen is chosen on the measured half.
         [--layout strips]    # also long images of 3 to 5 tiles (bench/strips.py); the model
                              # then learns from good strips of training tiles too
         [--good-strips 1]    # how many, per training tile
+        [--flow-images N]    # the flow learns from a draw of N training images, the memory all
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="bring each image to this median product luminance first [as captured]",
     )
+    p.add_argument(
+        "--flow-images",
+        type=int,
+        default=None,
+        help="the flow learns from a seeded draw of this many training images [all]",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="evaluate the model a previous run trained")
     p.add_argument(
@@ -149,7 +156,7 @@ def _trained(args, config: DifferNetConfig, val: list[Sample], model_dir: Path, 
         data,
         model_dir,
         config,
-        TrainingOptions(epochs=args.epochs, seed=args.seed),
+        TrainingOptions(epochs=args.epochs, seed=args.seed, flow_images=args.flow_images),
         shots=args.shots,
         validation=val,
         progress=_log,
@@ -197,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         name += f"-{args.memory_draw}"
     if args.exposure_target is not None:
         name += f"-e{args.exposure_target:g}"
+    if args.flow_images is not None:
+        name += f"-f{args.flow_images}"
     data = args.data
     if args.layout == "strips":
         from bench.strips import build_strips, training_set
@@ -229,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "head": args.head,
         "shots": args.shots,
         "n_train": meta["training"]["n_images"],
+        "flow_images": meta["training"].get("flow_images"),
         "n_val": len(val),
         "n_measured": len(measured),
         "epochs": args.epochs,

@@ -122,6 +122,24 @@ def test_without_validation_data_calibration_leaves_each_training_image_out(tmp_
     assert calibration["memory_mean"] > 0.1 and calibration["memory_std"] > 0
 
 
+def test_the_flow_can_learn_from_a_draw_of_the_images_and_the_memory_from_all(tmp_path):
+    from tests.synthetic import make_dataset
+    from workers.differnet.recipes import train_from_folder
+    from workers.differnet.store import load_feature_cache, load_model
+
+    data = make_dataset(tmp_path / "tiles", n_train=8, n_good=2, n_defect=2)
+    options = TrainingOptions(epochs=2, flow_images=3)
+    meta = train_from_folder(data, tmp_path / "model", CONFIG, options)
+    assert meta["training"]["n_images"] == 8 and meta["training"]["flow_images"] == 3
+    model = load_model(tmp_path / "model").model
+    cache = load_feature_cache(tmp_path / "model", model.feature_mean.numel())
+    assert len(cache) == 3 * CONFIG.train_transforms
+    # The memory holds a view of each of the eight images (three, turned too, hold fewer).
+    assert model.memory.size >= 8 * model.memory.view_positions(CONFIG.memory_side)
+    with pytest.raises(ValueError, match="flow_images"):
+        TrainingOptions(flow_images=0)
+
+
 def test_validation_chooses_the_flow_share_that_ranks_its_images_best():
     from workers.differnet.recipes import best_flow_share
 

@@ -64,6 +64,15 @@ class Loaded:
     def prepared_on_use(self, model: DifferNet) -> PreparedOnUse:
         return PreparedOnUse(model, self)
 
+    def drawn(self, n: int | None, seed: int) -> Loaded:
+        """A seeded draw of ``n`` of these images in their order (all of them where ``n`` is None
+        or not fewer); the arrays are shared, not copied."""
+        if n is None or n >= len(self.rgb):
+            return self
+        keep = sorted(np.random.default_rng(seed).choice(len(self.rgb), n, replace=False))
+        columns = (self.samples, self.rgb, self.alpha)
+        return Loaded(*([column[i] for i in keep] for column in columns))
+
 
 class PreparedOnUse(Sequence[Prepared]):
     """The loaded images, each prepared when it is read and dropped after: what training reads.
@@ -136,7 +145,8 @@ def train_from_folder(
     val_labels = [int(s.is_defect) for s in val.samples]
     train_images = train.prepared_on_use(model)
     t0 = time.perf_counter()
-    cache = embed_training_set(model, train_images, options, progress)
+    flow_images = train.drawn(options.flow_images, options.seed)
+    cache = embed_training_set(model, flow_images.prepared_on_use(model), options, progress)
     validated = (val_images, val_labels) if val_images else None
     report = train_flow(model, cache, options, validated, progress, started=t0)
     if config.memory_size:
@@ -159,6 +169,7 @@ def train_from_folder(
                 "data_dir": str(data_dir),
                 "fingerprint": fingerprint(train.samples),
                 "n_images": len(train.samples),
+                "flow_images": len(flow_images.samples),
                 "shots": shots,
                 **_run_record(options, report, time.perf_counter() - t0),
             },

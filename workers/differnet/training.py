@@ -43,8 +43,17 @@ class TrainingOptions:
     embed_batch: int = 16
     # Positions drawn per epoch for the local head (every position of every image is too many).
     positions_per_epoch: int = 200_000
+    # The flow learns from a seeded draw of at most this many training images (None: all); the
+    # patch memory from every one. Embedding each image under every training transform is most
+    # of training's time, and the flow's density is learnt as well from a sample, while the
+    # memory's nearest-neighbour evidence gains from each good image it keeps.
+    flow_images: int | None = None
     # Where the backbones and the flow run: None picks CUDA when this process sees a GPU.
     device: str | None = None
+
+    def __post_init__(self):
+        if self.flow_images is not None and self.flow_images < 1:
+            raise ValueError(f"flow_images must be at least 1 (got {self.flow_images})")
 
 
 @dataclass

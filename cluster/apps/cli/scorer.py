@@ -41,6 +41,9 @@ def train(
     image_size: int = typer.Option(320, help="side of the square input (multiple of 32)"),
     epochs: int = typer.Option(40, min=1),
     shots: int | None = typer.Option(None, min=1, help="train on K random good images only"),
+    flow_images: int | None = typer.Option(
+        None, min=1, help="the flow learns from a draw of this many (the memory from all)"
+    ),
     tta: int = typer.Option(1, min=1, max=8, help="test-time transforms"),
     jitter: float = typer.Option(0.0, min=0.0, max=0.99, help="colour jitter (ZeroBox: 0.5)"),
     memory_size: int = typer.Option(
@@ -94,7 +97,7 @@ def train(
                 data_dir,
                 out,
                 config,
-                TrainingOptions(epochs=epochs, seed=seed, device=device),
+                TrainingOptions(epochs=epochs, seed=seed, device=device, flow_images=flow_images),
                 crops=crops,
                 backbone_weights=backbone_weights,
                 shots=shots,
