@@ -153,6 +153,27 @@ def contract_line(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`defectflow demo` run once on small made-up data, from a folder as the README runs it
+    (``demo-out/`` beside where ``deploy/`` is read): (that folder, the demo's arguments, its
+    output). Tests that change what it wrote change a copy."""
+    from typer.testing import CliRunner
+
+    from cluster.apps.cli import app
+    from tests.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    data = make_dataset(root / "data", n_train=10, n_good=6, n_defect=4)
+    args = ["demo", "--data", str(data), "--out", "demo-out", "--products", "5"]
+    args += ["--train-products", "6", "--epochs", "4"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return root, args, result.output
+
+
+@pytest.fixture(scope="session")
 def touching_scene(tmp_path_factory):
     """A short hard scene (touching products, gloves and tools) and a tiny YOLO trained on its
     truth: ``tests.synthetic.touching_scene``."""

@@ -18,10 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import redis
 
 from schemas import Label
-from tests.synthetic import make_dataset
+from tests.conftest import PASSWORD
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # What a headless Chromium needs on a machine with no network and no display.
@@ -66,15 +65,18 @@ def _terminal_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
+def test_dashboard_shows_live_verdicts_and_labels_a_product(demo_run, protected_redis, tmp_path):
+    """A second demo run, reusing the first's model, against a password-protected Redis named on
+    the command line (its password in the settings' environment)."""
     from playwright.sync_api import expect, sync_playwright
 
-    data = make_dataset(tmp_path / "data", n_train=10, n_good=6, n_defect=4)
+    root, args, _ = demo_run
     out = tmp_path / "out"
+    shutil.copytree(root / "demo-out" / "model", out / "model")
+    server = protected_redis("redis")
     port = free_port()
-    demo = [sys.executable, "-m", "cluster", "demo", "--data", str(data), "--out", str(out)]
-    demo += ["--products", "6", "--train-products", "6", "--epochs", "2"]
-    demo += ["--dashboard-port", str(port)]
+    demo = [sys.executable, "-m", "cluster", *args[:3], "--out", str(out), "--products", "6"]
+    demo += ["--redis", server.url, "--dashboard-port", str(port)]
     tokens = tmp_path / "qa-tokens.yaml"
     made = subprocess.run(
         [sys.executable, "-m", "cluster", "qa-token", "qa-browser", "--tokens", str(tokens)],
@@ -86,7 +88,8 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
     log = (tmp_path / "demo.log").open("w")
     process = subprocess.Popen(
         demo,
-        env=os.environ | {"DEFECTFLOW_DASHBOARD_TOKENS": str(tokens)},
+        env=os.environ
+        | {"DEFECTFLOW_DASHBOARD_TOKENS": str(tokens), "DEFECTFLOW_REDIS_PASSWORD": PASSWORD},
         stdout=log,
         stderr=subprocess.STDOUT,
         # As from a terminal: after the suite's earlier tests (their local Ray clusters), the
@@ -131,8 +134,7 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
             page.screenshot(path=str(tmp_path / "product.png"), full_page=True)
             browser.close()
 
-        client = redis.Redis(unix_socket_path=str(out / "redis" / "redis.sock"))
-        [(_, fields)] = client.xrange("labels:{demo}")
+        [(_, fields)] = server.admin.xrange("labels:{demo}")
         label = Label.from_entry(fields)
         assert (label.product_id, label.label) == (product_id, "good")
         assert label.note == "checked by the browser test" and label.by == "qa-browser"
@@ -144,6 +146,8 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
             f"{base}/api/lines", headers={"Authorization": f"Bearer {token}"}
         )
         urllib.request.urlopen(read, timeout=5).read()
+        # The line started afresh on that Redis.
+        assert server.admin.xlen("verdicts:{demo}") == 6
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -158,7 +162,9 @@ def test_dashboard_shows_live_verdicts_and_labels_a_product(tmp_path):
                 f"the demo did not stop within 60 s of Ctrl-C:\n{stacks}"
             ) from None
         log.close()
-    assert code == 0, (tmp_path / "demo.log").read_text()[-3000:]
+    written = (tmp_path / "demo.log").read_text()
+    assert code == 0, written[-3000:]
+    assert "reusing model" in written and PASSWORD not in written
 
 
 def test_a_views_defect_outline_is_drawn_over_its_crop(tmp_path, redis_client):
