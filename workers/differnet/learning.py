@@ -200,16 +200,19 @@ def judge(candidate: dict, parent: dict) -> Judgement:
 
 
 def parent_features(parent_dir: Path, parent: ModelBundle, options: TrainingOptions, progress):
-    """The parent's training features: its cache, else its training folder embedded again."""
+    """The parent's training features: its cache, else its training folder embedded again (the
+    images its flow learnt from: all, or the same draw)."""
     cache = load_feature_cache(parent_dir, parent.model.feature_dim)
     if cache is not None:
         return cache
-    data_dir = Path(parent.metadata.get("training", {}).get("data_dir", ""))
+    training = parent.metadata.get("training", {})
+    data_dir = Path(training.get("data_dir", ""))
     if not (data_dir / "train" / "good").is_dir():
         raise RetrainError(
             f"{parent_dir}: no feature cache and its training data ({data_dir}) is gone"
         )
     loaded = load_samples(list_train_samples(data_dir))
+    loaded = loaded.drawn(training.get("flow_images"), training.get("seed", 0))
     return embed_training_set(parent.model, loaded.prepared_on_use(parent.model), options, progress)
 
 
