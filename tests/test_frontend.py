@@ -19,6 +19,7 @@ from workers.frontend.detect import (
     YoloDetector,
     bootstrap_yolo,
     iou,
+    pixel_box,
     read_frames,
 )
 from workers.frontend.matte import matte, shrink_mask
@@ -365,6 +366,12 @@ class _RunsCode:
 
     def __reduce__(self):
         return (print, ("this ran while loading",))
+
+
+def test_a_networks_sub_pixel_box_takes_the_nearest_pixel_borders():
+    # A product covering pixels 11..49 across and 20..60 down, as a network predicts it.
+    assert pixel_box((10.6, 20.4, 50.3, 60.7)) == (11, 20, 39, 41)
+    assert pixel_box((5.2, 5.2, 5.4, 5.4)) == (5, 5, 1, 1)  # never an empty box
 
 
 def test_yolo_weights_load_only_as_recorded_and_only_as_plain_weights(tmp_path):

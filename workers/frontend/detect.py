@@ -161,15 +161,24 @@ class YoloDetector(Detector):
     @staticmethod
     def _detections(result) -> list[Detection]:
         out = []
-        for (x0, y0, x1, y1), conf, cls in zip(
+        for corners, conf, cls in zip(
             result.boxes.xyxy.tolist(),
             result.boxes.conf.tolist(),
             result.boxes.cls.tolist(),
             strict=True,
         ):
-            box = (int(x0), int(y0), max(1, int(x1 - x0)), max(1, int(y1 - y0)))
+            box = pixel_box(corners)
             out.append(Detection(box, float(conf), result.names.get(int(cls), str(int(cls)))))
         return sorted(out, key=lambda d: -d.confidence)
+
+
+def pixel_box(corners: Iterable[float]) -> tuple[int, int, int, int]:
+    """A box given by its corners in sub-pixel coordinates (x0, y0, x1, y1, as a network
+    predicts it) as whole pixels (x, y, w, h), each edge to the nearest pixel border. Truncating
+    the corner and the size instead would move every box up and left and shrink it by a pixel,
+    on average, and every crop with it."""
+    x0, y0, x1, y1 = (round(v) for v in corners)
+    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
 
 
 def intersection(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
