@@ -245,6 +245,36 @@ def test_yolo_bootstrap_takes_auto_labels_and_corrected_ones_and_refuses_bad_lin
     assert nothing.exit_code == 1 and "give videos, --labels folders, or both" in nothing.output
 
 
+def test_yolo_leaves_the_process_its_torch_threads_in_training_and_prediction(
+    touching_scene, tmp_path
+):
+    import torch
+    from ultralytics.utils import NUM_THREADS
+
+    line_dir, _, trained = touching_scene
+    frame = next(f for i, f in read_frames(camera_videos(line_dir)["cam0"]) if i == 40)
+    # A count of Ray's or the operator's choosing, not the one Ultralytics would set.
+    wanted, threads = NUM_THREADS + 1, torch.get_num_threads()
+    torch.set_num_threads(wanted)
+    during = []
+    try:
+        report = bootstrap_yolo(
+            [],
+            tmp_path / "yolo.pt",
+            labelled=[Path(trained["weights"]).parent / "labels"],
+            epochs=1,
+            image_size=96,
+            architecture=trained["architecture"],
+            on_epoch=lambda *_: during.append(torch.get_num_threads()),
+        )
+        after_training = torch.get_num_threads()
+        YoloDetector(Path(report["weights"]), report["sha256"]).detect(frame)
+        after_prediction = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert (during, after_training, after_prediction) == ([wanted], wanted, wanted)
+
+
 def test_a_simulated_lines_truth_becomes_a_labelled_set(line, tmp_path):
     _, out, manifest = line
     result = CliRunner().invoke(

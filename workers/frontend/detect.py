@@ -135,6 +135,7 @@ class YoloDetector(Detector):
         except Exception as exc:  # torch's UnpicklingError, or anything a broken file raises
             raise WeightsError(f"{weights}: not loadable as plain YOLO weights ({exc})") from None
         self.model = YOLO(str(weights))
+        keep_threads(self.model)
         self.classes = classes
         self.confidence = confidence
         self.image_size = image_size
@@ -170,6 +171,26 @@ class YoloDetector(Detector):
             box = pixel_box(corners)
             out.append(Detection(box, float(conf), result.names.get(int(cls), str(int(cls)))))
         return sorted(out, key=lambda d: -d.confidence)
+
+
+def keep_threads(model) -> None:
+    """Keep the process's torch thread count through ``model``'s training and prediction.
+
+    Ultralytics sets torch's threads to one less than the machine's cores (at most 8) whenever it
+    picks the CPU, for the whole process and past what Ray gave the actor: on 2 cores that is
+    one, half the machine, for YOLO and for whatever runs after it in the process. Its
+    callbacks at the start of training and of each prediction, and at the end of training (after
+    its last check chose the CPU again), run after that choice: there the count the process had
+    is put back."""
+    import torch
+
+    threads = torch.get_num_threads()
+
+    def put_back(_) -> None:
+        torch.set_num_threads(threads)
+
+    for event in ("on_train_start", "on_train_end", "on_predict_start"):
+        model.add_callback(event, put_back)
 
 
 def pixel_box(corners: Iterable[float]) -> tuple[int, int, int, int]:
@@ -379,6 +400,7 @@ def bootstrap_yolo(
     work = Path(work_dir or Path(out).with_suffix(".bootstrap"))
     auto, given, negatives = _training_set(work, videos, labelled)
     model = YOLO(architecture)
+    keep_threads(model)
     if on_epoch is not None:
         model.add_callback("on_train_epoch_end", lambda t: on_epoch(t.epoch + 1, t.epochs))
     # Ultralytics' own log and progress bars only at WARNING: the caller shows the progress.
