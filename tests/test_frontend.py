@@ -1,6 +1,9 @@
 """Simulator, motion gate, detectors and matting on a small simulated line."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -273,6 +276,29 @@ def test_yolo_leaves_the_process_its_torch_threads_in_training_and_prediction(
     finally:
         torch.set_num_threads(threads)
     assert (during, after_training, after_prediction) == ([wanted], wanted, wanted)
+
+
+def test_a_process_that_imports_yolo_first_keeps_torchs_own_thread_count(touching_scene):
+    # Ultralytics sets OMP_NUM_THREADS=1 on import; a torch imported after it would take it.
+    _, _, trained = touching_scene
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    uses_yolo = (
+        "import os, numpy as np\n"
+        "from pathlib import Path\n"
+        "from workers.frontend.detect import YoloDetector\n"
+        f"yolo = YoloDetector(Path({trained['weights']!r}), {trained['sha256']!r})\n"
+        "yolo.detect(np.zeros((64, 96, 3), np.uint8))\n"
+        "import torch\n"
+        "print(torch.get_num_threads(), 'OMP_NUM_THREADS' in os.environ)\n"
+    )
+    plain = "import torch\nprint(torch.get_num_threads(), False)\n"
+    said = [
+        subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()[-2:]
+        for code in (uses_yolo, plain)
+    ]
+    assert said[0] == said[1]
 
 
 def test_a_simulated_lines_truth_becomes_a_labelled_set(line, tmp_path):

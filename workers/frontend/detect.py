@@ -10,6 +10,7 @@ nothing downloaded) trains on both.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ class YoloDetector(Detector):
         device: str | None = None,
     ):
         """``image_size``: the network's input size [the size the weights were trained at]."""
-        from ultralytics import YOLO
+        YOLO = ultralytics_yolo()
         from ultralytics.nn.tasks import torch_safe_load
 
         from workers.devices import choose_device
@@ -171,6 +172,21 @@ class YoloDetector(Detector):
             box = pixel_box(corners)
             out.append(Detection(box, float(conf), result.names.get(int(cls), str(int(cls)))))
         return sorted(out, key=lambda d: -d.confidence)
+
+
+def ultralytics_yolo():
+    """Ultralytics' ``YOLO`` class, imported without its thread setting: on import, Ultralytics
+    sets ``OMP_NUM_THREADS=1`` where the environment has none, and a torch imported after that
+    runs on one thread for the whole process (YOLO and the scorer alike). Torch is imported
+    first, as the process's environment has it, and the variable is dropped again."""
+    import torch  # noqa: F401  (takes its thread count from the environment on import)
+
+    given = "OMP_NUM_THREADS" in os.environ
+    from ultralytics import YOLO
+
+    if not given:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    return YOLO
 
 
 def keep_threads(model) -> None:
@@ -393,10 +409,9 @@ def bootstrap_yolo(
     ``videos``, labelled automatically where the scene is easy, and on the ``labelled`` folders
     (YOLO format: a plant's corrected labels for the rest). ``on_epoch`` hears (epochs done,
     epochs). Returns counts, where the weights went and their sha256."""
-    from ultralytics import YOLO
-
     from workers.devices import choose_device
 
+    YOLO = ultralytics_yolo()
     work = Path(work_dir or Path(out).with_suffix(".bootstrap"))
     auto, given, negatives = _training_set(work, videos, labelled)
     model = YOLO(architecture)
