@@ -179,11 +179,18 @@ def test_training_records_the_chosen_flow_share_and_old_models_keep_equal_shares
     model.flow_share.fill_(0.0)
     flow_mean, flow_std, memory_mean, memory_std = model.calibration.tolist()
     assert model.fuse(flow_mean + 7 * flow_std, memory_mean + memory_std) == pytest.approx(2.0)
-    # Weights saved before the share existed load with equal shares.
+    # Weights saved before the share existed load with equal shares, and those saved before
+    # the memory's spacing was measured with none: they score plain distances, as they did.
+    image = model.prepare(textured_tile(np.random.default_rng(5), 64, 80)).for_memory
+    plain = model.memory.nearest_good(model.memory.project(model.memory.positions(image)))[0]
     state = model.trainable_state()
-    del state["flow_share"]
+    del state["flow_share"], state["memory.spacing"]
     model.load_trainable_state(state)
     assert float(model.flow_share) == 0.5
+    assert model.memory.spacing.shape == (model.memory.size,) and model.memory.spacing.max() == 0
+    assert model.memory.score(image) == pytest.approx(
+        float(plain[model.memory._spread(len(plain))].mean()), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("draw", ["random", "coverage"])
@@ -200,3 +207,44 @@ def test_a_coverage_draw_keeps_more_of_a_rare_good_pattern_than_a_random_one(til
     assert net.memory.size == 600
     rare_share = float((net.memory.owner < 2).float().mean())
     assert (rare_share < 0.27) if draw == "random" else (rare_share > 0.3), rare_share
+
+
+def test_each_remembered_position_knows_its_distance_to_its_nearest_other_one(model):
+    bank = model.memory.bank.float()
+    assert len(model.memory.centroids) <= model.memory.probes  # every list searched: exact
+    brute = torch.cdist(bank, bank).fill_diagonal_(float("inf")).min(1).values
+    assert torch.allclose(model.memory.spacing.float(), brute, rtol=2e-3, atol=2e-3)
+
+
+def test_a_good_pattern_rare_among_good_images_counts_less_against_a_product():
+    """One good image in four carries stripes (as a long part's seams): a new good image with
+    stripes elsewhere is scored nearer the plain good ones when the remembered stripes' sparse
+    spacing is taken off, while defects stay as far above them."""
+    rng = np.random.default_rng(0)
+
+    def striped(tile, x):
+        tile = tile.copy()
+        tile[:, x : x + 3], tile[:, x + 20 : x + 23] = 240, 20
+        return tile
+
+    train = [textured_tile(rng, 64, 80) for _ in range(8)]
+    train = [striped(t, 30) if i < 2 else t for i, t in enumerate(train)]
+    torch.manual_seed(0)
+    net = DifferNet(CONFIG.model_copy(update={"memory_size": 1500}))
+    build_memory(net, [net.prepare(t) for t in train], TrainingOptions(), lambda *a: None)
+    goods = [textured_tile(rng, 64, 80) for _ in range(6)]
+    rare = [striped(textured_tile(rng, 64, 80), 45) for _ in range(3)]
+    defects = [add_defect(rng, textured_tile(rng, 64, 80), k)[0] for k in ("scratch", "spot")]
+
+    def standardised(share):
+        net.memory.spacing_share = share
+        good, *others = (
+            np.array([net.memory.score(net.prepare(t).for_memory) for t in group])
+            for group in (goods, rare, defects)
+        )
+        return [(o - good.mean()) / good.std() for o in others]
+
+    rare_plain, defect_plain = standardised(0.0)
+    rare_spaced, defect_spaced = standardised(0.5)
+    assert rare_spaced.mean() < rare_plain.mean() - 1, (rare_plain, rare_spaced)
+    assert defect_spaced.min() > max(defect_plain.min() * 0.9, rare_spaced.max() + 5)

@@ -62,6 +62,10 @@ class DifferNetConfig(BaseModel):
     memory_components: int = Field(default=64, ge=1, le=4096)
     memory_probes: int = Field(default=4, ge=1, le=4096)
     memory_queries: int = Field(default=256, ge=1, le=65536)
+    # The share of the nearest remembered position's spacing (its distance to its own nearest
+    # remembered neighbour) taken off a position's distance: good surfaces rare among good
+    # products (a long part's seams) then count less against a product. 0: PatchCore's distance.
+    memory_spacing: float = Field(default=0.5, ge=0.0, le=1.0)
     # Products are compared at an area of memory_side squared pixels: a position then covers
     # the same share of any product, and sees more of its surroundings (docs/benchmarks.md).
     memory_side: int = Field(default=160, ge=32, le=4096)

@@ -220,6 +220,7 @@ class DifferNet(nn.Module):
             config.memory_components,
             config.memory_probes,
             config.memory_queries,
+            config.memory_spacing,
         )
         # Mean and spread of the flow's score and of the memory's on held-out good images.
         self.register_buffer("calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
@@ -252,8 +253,13 @@ class DifferNet(nn.Module):
         }
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        # Models saved before the flow's share was chosen fused the two scores with equal weights.
-        state = {"flow_share": torch.tensor(EQUAL_SHARES)} | state
+        # Models saved before the flow's share was chosen fused the two scores with equal weights;
+        # those saved before the memory's spacing was measured score plain distances.
+        bank_size = len(state.get("memory.bank", ()))
+        state = {
+            "flow_share": torch.tensor(EQUAL_SHARES),
+            "memory.spacing": torch.zeros(bank_size, dtype=torch.float16),
+        } | state
         missing = set(self.trainable_state()) - set(state)
         unexpected = set(state) - set(self.trainable_state())
         if missing or unexpected:

@@ -8,14 +8,18 @@ product. The two err on different images, so the sum of their calibrated scores 
 than either (docs/benchmarks.md, "The scorer").
 
 Image score = mean over the product's positions of the distance to the nearest remembered good
-position. A mean wants the memory to follow the density of good surfaces, so the memory is a
-uniform random sample of good positions by default, and a large one (on MTD tiles at their own
-size: 0.97 from 114,150 random positions, 0.90 from PatchCore's greedy k-centre coreset of
-16,384); a draw weighted towards rare positions (``covering``) keeps more of what a uniform one
-loses, where good parts vary more than a memory holds (long parts' seams). What
-keeps scoring cheap instead: positions are compared in a principal-component subspace of their
-features, through an inverted-file index, at a fixed number of evenly spread positions of the
-image whatever its size.
+position, less a share of that position's own spacing (its distance to the nearest other
+remembered position): a good surface that is rare on good products (a long part's seam, a
+fixture's edge) lies in a sparse part of the memory, and a product near it differs from it no
+more than good products differ from each other there; on a common surface a small distance
+already counts (local outlier factors rest on the same idea). A mean wants the memory to follow
+the density of good surfaces, so the memory is a uniform random sample of good positions by
+default, and a large one (on MTD tiles at their own size: 0.97 from 114,150 random positions,
+0.90 from PatchCore's greedy k-centre coreset of 16,384); a draw weighted towards rare positions
+(``covering``) keeps more of what a uniform one loses, where good parts vary more than a memory
+holds (long parts' seams). What keeps scoring cheap instead: positions are compared in a
+principal-component subspace of their features, through an inverted-file index, at a fixed
+number of evenly spread positions of the image whatever its size.
 """
 
 from __future__ import annotations
@@ -75,26 +79,31 @@ class PatchMemory(nn.Module):
     hundred thousand positions is searched in milliseconds. Positions are kept in float16.
     """
 
-    def __init__(self, backbone: Backbone, components: int, probes: int, queries: int):
+    def __init__(
+        self, backbone: Backbone, components: int, probes: int, queries: int, spacing_share: float
+    ):
         super().__init__()
         self.backbone = backbone
         self.probes = probes
         self.queries = queries
+        self.spacing_share = spacing_share
         self.dim = sum(backbone.channels)
         components = min(components, self.dim)
         self.register_buffer("center", torch.zeros(self.dim))
         self.register_buffer("basis", torch.eye(self.dim, components))
-        # Sized by training: positions sorted by list, list centroids, where each list starts.
+        # Sized by training: positions sorted by list, list centroids, where each list starts,
+        # and each position's distance to its nearest other position.
         self.register_buffer("bank", torch.zeros(0, components, dtype=torch.float16))
         self.register_buffer("centroids", torch.zeros(0, components))
         self.register_buffer("offsets", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("spacing", torch.zeros(0, dtype=torch.float16))
         # Which training image each remembered position came from (not saved: only used to
         # leave an image's own positions out when calibrating on the training images).
         self.owner: torch.Tensor | None = None
         # An exported graph standing in for :meth:`features` (workers.differnet.export).
         self.exported = None
 
-    SIZED_BY_TRAINING = ("bank", "centroids", "offsets")
+    SIZED_BY_TRAINING = ("bank", "centroids", "offsets", "spacing")
 
     @property
     def size(self) -> int:
@@ -167,9 +176,9 @@ class PatchMemory(nn.Module):
         if len(pool) <= size:
             return pool, owner
         self.fill(pool, owner, max(1, round(size * COVERAGE_SEED_SHARE)), seed)
-        distance = torch.cat(
-            [self.distances(self.project(pool[i : i + CHUNK])) for i in range(0, len(pool), CHUNK)]
-        ).cpu()
+        # The plain distance: the share's spacing is not measured yet.
+        chunks = [pool[i : i + CHUNK] for i in range(0, len(pool), CHUNK)]
+        distance = torch.cat([self.nearest_good(self.project(c))[0] for c in chunks]).cpu()
         # A weighted draw without replacement (Efraimidis and Spirakis): the largest
         # log(u) / weight. The random share itself lies at distance 0: drawn last.
         generator = torch.Generator().manual_seed(seed)
@@ -203,35 +212,74 @@ class PatchMemory(nn.Module):
         self.bank = rows[order].half()
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.owner = None if owner is None else owner.to(order.device)[order]
+        self.spacing = self.measure_spacing()
+
+    @torch.no_grad()
+    def measure_spacing(self) -> torch.Tensor:
+        """``(size,)`` each remembered position's distance to its nearest other one."""
+        if self.size < 2:
+            return torch.zeros(self.size, dtype=torch.float16, device=self.bank.device)
+        everyone = torch.arange(self.size, device=self.bank.device)
+        return torch.cat(
+            [
+                self.nearest_good(self.bank[i : i + CHUNK].float(), but=everyone[i : i + CHUNK])[0]
+                for i in range(0, self.size, CHUNK)
+            ]
+        ).half()
 
     def distances(self, queries: torch.Tensor, leave_out: int | None = None) -> torch.Tensor:
+        """``(n,)`` each projected query's distance to its nearest remembered position, less
+        ``spacing_share`` of that position's spacing. ``leave_out``: as for
+        :meth:`nearest_good`."""
+        distance, index = self.nearest_good(queries, leave_out)
+        return distance - self.spacing_share * self.spacing[index].float()
+
+    def nearest_good(
+        self,
+        queries: torch.Tensor,
+        leave_out: int | None = None,
+        but: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(n,)`` distance of each projected query to its nearest remembered position, among
-        the ``probes`` lists nearest to it (or all, for a query none of them serves).
+        the ``probes`` lists nearest to it (or all, for a query none of them serves), and that
+        position's index.
 
         ``leave_out``: ignore the positions that training image number ``leave_out`` gave.
+        ``but``: for each query, a remembered position to ignore (the query itself).
         """
         if self.size == 0:
             raise ValueError("the patch memory is empty: build it from good images first")
         probes = min(self.probes, len(self.centroids))
         probed = squared_distances(queries, self.centroids).topk(probes, largest=False).indices
         best = torch.full((len(queries),), float("inf"), device=queries.device)
+        index = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
         for i in probed.unique().tolist():
             lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
             if lo < hi:
                 which = (probed == i).any(1).nonzero()[:, 0]
-                nearest_in_list = self._nearest(queries[which], lo, hi, leave_out)
-                best[which] = torch.minimum(best[which], nearest_in_list)
+                skip = None if but is None else but[which]
+                d, j = self._nearest(queries[which], lo, hi, leave_out, skip)
+                closer = d < best[which]
+                best[which[closer]], index[which[closer]] = d[closer], j[closer]
         unserved = ~torch.isfinite(best)
         if unserved.any():
-            best[unserved] = self._nearest(queries[unserved], 0, self.size, leave_out)
-        return best.clamp_min(0.0).sqrt()
+            skip = None if but is None else but[unserved]
+            best[unserved], index[unserved] = self._nearest(
+                queries[unserved], 0, self.size, leave_out, skip
+            )
+        return best.clamp_min(0.0).sqrt(), index
 
-    def _nearest(self, queries: torch.Tensor, lo: int, hi: int, leave_out: int | None):
-        """Squared distance of each query to its nearest among remembered positions lo..hi."""
+    def _nearest(self, queries, lo: int, hi: int, leave_out: int | None, skip):
+        """Squared distance of each query to its nearest among remembered positions lo..hi,
+        and that position's index."""
         d = squared_distances(queries, self.bank[lo:hi].float())
         if leave_out is not None and self.owner is not None:
             d[:, self.owner[lo:hi] == leave_out] = float("inf")
-        return d.min(1).values
+        if skip is not None:
+            inside = ((skip >= lo) & (skip < hi)).nonzero()[:, 0]
+            d[inside, skip[inside] - lo] = float("inf")
+        best = d.min(1)
+        return best.values, best.indices + lo
 
     @torch.no_grad()
     def distance_map(self, image: MemoryImage, leave_out: int | None = None) -> torch.Tensor:
