@@ -251,16 +251,22 @@ class PatchMemory(nn.Module):
             raise ValueError("the patch memory is empty: build it from good images first")
         probes = min(self.probes, len(self.centroids))
         probed = squared_distances(queries, self.centroids).topk(probes, largest=False).indices
-        best = torch.full((len(queries),), float("inf"), device=queries.device)
-        index = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
+        # Each list's candidates first, then one reduction: per-list updates of the best so far
+        # cost more in PyTorch's per-call overhead than the lists' own distances.
+        found = []
         for i in probed.unique().tolist():
             lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
             if lo < hi:
                 which = (probed == i).any(1).nonzero()[:, 0]
                 skip = None if but is None else but[which]
-                d, j = self._nearest(queries[which], lo, hi, leave_out, skip)
-                closer = d < best[which]
-                best[which[closer]], index[which[closer]] = d[closer], j[closer]
+                found.append((which, *self._nearest(queries[which], lo, hi, leave_out, skip)))
+        best = torch.full((len(queries),), float("inf"), device=queries.device)
+        index = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
+        if found:
+            whom, candidates, where = (torch.cat(parts) for parts in zip(*found, strict=True))
+            best.scatter_reduce_(0, whom, candidates, "amin")
+            won = candidates == best[whom]
+            index[whom[won]] = where[won]
         unserved = ~torch.isfinite(best)
         if unserved.any():
             skip = None if but is None else but[unserved]
