@@ -275,7 +275,14 @@ class PatchMemory(nn.Module):
             )
         return best.clamp_min(0.0).sqrt(), index
 
-    def _nearest(self, queries, lo: int, hi: int, leave_out: int | None, skip):
+    def _nearest(
+        self,
+        queries: torch.Tensor,
+        lo: int,
+        hi: int,
+        leave_out: int | None,
+        skip: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distance of each query to its nearest among remembered positions lo..hi,
         and that position's index."""
         d = squared_distances(queries, self.bank[lo:hi].float())
