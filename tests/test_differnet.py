@@ -181,6 +181,8 @@ def test_a_bad_option_value_is_a_clear_error(data, tmp_path):
     assert (
         result.exit_code == 1 and "--memory-draw" in result.output and "coverage" in result.output
     )
+    result = invoke("train", data, "--out", tmp_path / "m", "--memory-spacing", 2)
+    assert result.exit_code == 1 and "--memory-spacing" in result.output and "1" in result.output
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error(data, tmp_path):

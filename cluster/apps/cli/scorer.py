@@ -50,6 +50,9 @@ def train(
         262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
     ),
     memory_draw: str = typer.Option("random", help="random | coverage (keeps rare good patterns)"),
+    memory_spacing: float = typer.Option(
+        0.5, help="share of the nearest good position's spacing taken off a distance (0 to 1)"
+    ),
     exposure_target: float | None = typer.Option(
         None, help="bring each image to this median product luminance (0-255) first"
     ),
@@ -77,6 +80,7 @@ def train(
         backbone,
         memory_size=memory_size,
         memory_draw=memory_draw,
+        memory_spacing=memory_spacing,
         head=head,
         image_size=image_size,
         tta=tta,
