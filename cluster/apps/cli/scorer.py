@@ -34,9 +34,7 @@ def train(
     data_dir: Path = typer.Argument(..., help="folder in MVTec AD layout (train/good/*)"),
     out: Path = typer.Option(..., "--out", help="model folder to write"),
     backbone: str = typer.Option("efficientnet-lite0", help="efficientnet-lite0 | alexnet"),
-    backbone_weights: Path | None = typer.Option(
-        None, help="local weights file (alexnet needs one)"
-    ),
+    backbone_weights: Path | None = typer.Option(None, help="local weights (alexnet needs them)"),
     head: str = typer.Option("differnet", help="differnet (pooled) | local (per position)"),
     image_size: int = typer.Option(320, help="side of the square input (multiple of 32)"),
     epochs: int = typer.Option(40, min=1),
@@ -50,9 +48,7 @@ def train(
         262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
     ),
     memory_draw: str = typer.Option("random", help="random | coverage (keeps rare good patterns)"),
-    memory_spacing: float = typer.Option(
-        0.5, help="share of the nearest good position's spacing taken off a distance (0 to 1)"
-    ),
+    memory_spacing: float = typer.Option(0.5, help="share of a good position's spacing taken off"),
     exposure_target: float | None = typer.Option(
         None, help="bring each image to this median product luminance (0-255) first"
     ),
