@@ -125,6 +125,11 @@ def test_training_learns_the_same_from_images_prepared_as_it_reads_them():
         embed_training_set(net, at_once, options, quiet),
         embed_training_set(net, on_use, options, quiet),
     )
+    # The memory's draw counts the views of a set prepared on use from the images' sizes, as
+    # preparing them would; so too for a long part without product, judged whole.
+    assert on_use.unit_count() == len(units(at_once)) == sum(len(units([im])) for im in on_use)
+    empty = np.zeros(rgb[0].shape[:2], np.uint8)
+    assert net.unit_count(empty.shape, empty) == len(units([net.prepare(rgb[0], empty)])) == 1
     pools = [memory_pool(net, images, options, quiet) for images in (at_once, on_use)]
     assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
     # Each tile is its own owner, and tiles without product are left out.

@@ -282,28 +282,45 @@ class DifferNet(nn.Module):
         """Letterbox ``rgb``, or cut it into tiles at its own scale when it is more than
         ``tile_above`` input sizes long; ``product_mask`` (``(H, W)``, >0 = product) limits what
         counts, and a tile without product is left out."""
-        if product_mask is not None and product_mask.shape != rgb.shape[:2]:
-            raise ValueError(f"mask shape {product_mask.shape} is not the image's {rgb.shape[:2]}")
+        cuts = self._tile_cuts(rgb.shape[:2], product_mask)
         if self.config.exposure_target is not None:
             rgb = normalised_exposure(rgb, product_mask, self.config.exposure_target)
-        size, above = self.config.image_size, self.config.tile_above
-        if above is None or max(rgb.shape[:2]) <= above * size:
+        if not cuts:
             return self._letterboxed(rgb, product_mask)
         tiles = []
-        boxes = tile_boxes(rgb.shape[:2], size, self.config.tile_overlap)
-        for (top, left, h, w), core in zip(boxes, tile_cores(rgb.shape[:2], boxes), strict=True):
+        for (top, left, h, w), core, judged in cuts:
             cut = (slice(top, top + h), slice(left, left + w))
             mask = None if product_mask is None else product_mask[cut]
+            image = self._letterboxed(np.ascontiguousarray(rgb[cut]), mask, judged)
+            tiles.append(Tile(top, left, core, image))
+        return TiledImage(rgb.shape[:2], tiles)
+
+    def unit_count(self, shape: tuple[int, int], product_mask: np.ndarray | None = None) -> int:
+        """How many views :meth:`prepare` makes of an image of ``shape`` (its tiles, or one),
+        without preparing it."""
+        return len(self._tile_cuts(shape, product_mask)) or 1
+
+    def _tile_cuts(
+        self, shape: tuple[int, int], product_mask: np.ndarray | None
+    ) -> list[tuple[Box, Box, np.ndarray]]:
+        """The tiles of an image of ``shape`` that hold product: each one's box, core and the
+        positions it judges (its core of product); none where the image is letterboxed whole
+        (short enough, or no product anywhere: judged whole, as a sliver of product is)."""
+        if product_mask is not None and product_mask.shape != shape:
+            raise ValueError(f"mask shape {product_mask.shape} is not the image's {shape}")
+        size, above = self.config.image_size, self.config.tile_above
+        if above is None or max(shape) <= above * size:
+            return []
+        cuts = []
+        boxes = tile_boxes(shape, size, self.config.tile_overlap)
+        for (top, left, h, w), core in zip(boxes, tile_cores(shape, boxes), strict=True):
             judged = np.zeros((h, w), np.uint8)
             judged[core[0] : core[0] + core[2], core[1] : core[1] + core[3]] = 1
-            if mask is not None:
-                judged &= mask > 0
+            if product_mask is not None:
+                judged &= product_mask[top : top + h, left : left + w] > 0
             if judged.any():
-                image = self._letterboxed(np.ascontiguousarray(rgb[cut]), mask, judged)
-                tiles.append(Tile(top, left, core, image))
-        if not tiles:  # no product anywhere: judged whole, as a sliver of product is
-            return self._letterboxed(rgb, product_mask)
-        return TiledImage(rgb.shape[:2], tiles)
+                cuts.append(((top, left, h, w), core, judged))
+        return cuts
 
     def _letterboxed(
         self, rgb: np.ndarray, product_mask: np.ndarray | None, judged: np.ndarray | None = None

@@ -95,6 +95,12 @@ class PreparedOnUse(Sequence[Prepared]):
             return [self[i] for i in range(*index.indices(len(self)))]
         return self._model.prepare(self._loaded.rgb[index], self._loaded.alpha[index])
 
+    def unit_count(self) -> int:
+        """How many views the images make (their tiles, or themselves), counted from their
+        sizes: the memory's even draw needs it before it reads them."""
+        pairs = zip(self._loaded.rgb, self._loaded.alpha, strict=True)
+        return sum(self._model.unit_count(rgb.shape[:2], alpha) for rgb, alpha in pairs)
+
 
 def load_samples(samples: list[Sample], on_skip: OnSkip = _ignore) -> Loaded:
     loaded = Loaded([], [], [])

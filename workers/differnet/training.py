@@ -118,8 +118,8 @@ def memory_pool(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw features of about ``memory_size`` positions (``COVERAGE_POOL`` times that for a
     coverage draw) drawn evenly from the images' views (a tiled image's tiles count as images),
-    and the index of the tile or image each came from. ``images`` are read twice, one at a
-    time: once to count the tiles, once to draw.
+    and the index of the tile or image each came from. ``images`` are read once, one at a
+    time; a set prepared on use counts its tiles beforehand from the images' sizes.
 
     Each image is taken as it is, and under more of the training transforms only where one
     view has fewer positions than the memory keeps of each image (a few shots): a turned view
@@ -129,7 +129,7 @@ def memory_pool(
     config = model.config
     size = config.memory_size
     wanted = size * (COVERAGE_POOL if config.memory_draw == "coverage" else 1)
-    n_units = sum(len(units([im])) for im in images)
+    n_units = images.unit_count() if hasattr(images, "unit_count") else len(units(images))
     views_wanted = size / (n_units * model.memory.view_positions(config.memory_side))
     views = max(1, min(config.train_transforms, math.ceil(views_wanted)))
     per_view = math.ceil(wanted / (n_units * views))
