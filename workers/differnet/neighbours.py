@@ -151,6 +151,12 @@ class PatchMemory(nn.Module):
     @torch.no_grad()
     def fill(self, pool: torch.Tensor, owner: torch.Tensor, size: int, seed: int) -> None:
         """Fit the subspace and the lists on ``pool`` (raw features); keep ``size`` positions."""
+        self._fit(pool, owner, size, seed)
+        self.spacing = self.measure_spacing()
+
+    @torch.no_grad()
+    def _fit(self, pool: torch.Tensor, owner: torch.Tensor, size: int, seed: int) -> None:
+        """:meth:`fill` but the spacing, which only scoring reads."""
         generator = torch.Generator().manual_seed(seed)
         keep = torch.randperm(len(pool), generator=generator)[:size].to(pool.device)
         pool, owner = pool[keep], owner[keep.to(owner.device)]
@@ -172,11 +178,11 @@ class PatchMemory(nn.Module):
         """``size`` positions of ``pool`` (raw) and their owners, each drawn the more likely the
         farther it lies from a random share of the pool (its distance to the power
         ``COVERAGE_POWER``): common surfaces stay, rare ones are kept more often than a uniform
-        draw keeps them. Leaves this memory filled with that random share: ``fill`` follows."""
+        draw keeps them. Leaves this memory holding that random share, unspaced: ``fill`` follows."""
         if len(pool) <= size:
             return pool, owner
-        self.fill(pool, owner, max(1, round(size * COVERAGE_SEED_SHARE)), seed)
-        # The plain distance: the share's spacing is not measured yet.
+        # The plain distance, so the random share's spacing is never measured.
+        self._fit(pool, owner, max(1, round(size * COVERAGE_SEED_SHARE)), seed)
         chunks = [pool[i : i + CHUNK] for i in range(0, len(pool), CHUNK)]
         distance = torch.cat([self.nearest_good(self.project(c))[0] for c in chunks]).cpu()
         # A weighted draw without replacement (Efraimidis and Spirakis): the largest
@@ -204,6 +210,7 @@ class PatchMemory(nn.Module):
         kept = self.bank[torch.randperm(self.size, generator=generator)[:n_kept]].float()
         new = self.project(pool[torch.randperm(len(pool), generator=generator)[:n_new]])
         self._index(torch.cat([kept, new]), None)
+        self.spacing = self.measure_spacing()
 
     def _index(self, rows: torch.Tensor, owner: torch.Tensor | None) -> None:
         assign = nearest(rows, self.centroids)
@@ -212,7 +219,6 @@ class PatchMemory(nn.Module):
         self.bank = rows[order].half()
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.owner = None if owner is None else owner.to(order.device)[order]
-        self.spacing = self.measure_spacing()
 
     @torch.no_grad()
     def measure_spacing(self) -> torch.Tensor:
