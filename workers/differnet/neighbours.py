@@ -178,7 +178,8 @@ class PatchMemory(nn.Module):
         """``size`` positions of ``pool`` (raw) and their owners, each drawn the more likely the
         farther it lies from a random share of the pool (its distance to the power
         ``COVERAGE_POWER``): common surfaces stay, rare ones are kept more often than a uniform
-        draw keeps them. Leaves this memory holding that random share, unspaced: ``fill`` follows."""
+        draw keeps them. Leaves this memory holding that random share, its spacing unmeasured:
+        ``fill`` follows."""
         if len(pool) <= size:
             return pool, owner
         # The plain distance, so the random share's spacing is never measured.
