@@ -8,6 +8,7 @@ the other measures. Nothing chosen is chosen on the measured half.
                              # then learns from good strips of training tiles too
         [--good-strips 1]    # how many, per training tile
         [--flow-images N]    # the flow learns from a draw of N training images, the memory all
+        [--unseen-good]      # train without the other shots of the test's good tiles
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="the flow learns from a seeded draw of this many training images [all]",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--unseen-good",
+        action="store_true",
+        help="train without the other shots of the test's good tiles (MTD; bench/unseen.py)",
+    )
     p.add_argument("--reuse", action="store_true", help="evaluate the model a previous run trained")
     p.add_argument(
         "--layout",
@@ -164,6 +170,19 @@ def _trained(args, config: DifferNetConfig, val: list[Sample], model_dir: Path, 
     return meta, time.perf_counter() - t0
 
 
+def _training_folder(args, test: list[Sample], folder: Path) -> Path:
+    """A training folder of the tiles (less the shots of the test's good tiles with
+    ``--unseen-good``) and, with ``--layout strips``, good strips made of them."""
+    from bench.strips import training_set
+    from bench.unseen import without_test_tiles
+
+    train = list_train_samples(args.data)
+    if args.unseen_good:
+        train = without_test_tiles(train, test)
+    strips = round(len(train) * args.good_strips) if args.layout == "strips" else 0
+    return training_set(train, folder, strips, args.seed, args.strip_light)
+
+
 def _tta_curve(bundle, config, args, val: list[Sample], measured: list[Sample]):
     """Image AUROC and time per image at each ``--tta``; leaves the model at the default T
     (or the largest asked), which it returns with the curve."""
@@ -207,16 +226,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.flow_images is not None:
         name += f"-f{args.flow_images}"
     data = args.data
+    if args.unseen_good:
+        name += "-unseen"
     if args.layout == "strips":
-        from bench.strips import build_strips, training_set
+        name += "-strips"
+    if args.layout == "strips" or args.unseen_good:
+        data = _training_folder(args, val + measured, args.out / f"train-{name}-{args.seed}")
+    if args.layout == "strips":
+        from bench.strips import build_strips
 
-        train = list_train_samples(args.data)
-        folder = args.out / f"strips-train-{args.seed}"
-        n_good = round(len(train) * args.good_strips)
-        data = training_set(train, folder, n_good, args.seed, args.strip_light)
         val_strips = args.out / f"strips-val-{args.seed}"
         val = val + build_strips(val, val_strips, args.seed, args.strip_light)
-        name += "-strips"
     model_dir = args.out / name
     meta, train_seconds = _trained(args, config, val, model_dir, data)
     print(f"[{time.strftime('%H:%M:%S')}] trained: {meta['metrics']}", file=sys.stderr, flush=True)
@@ -238,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         "head": args.head,
         "shots": args.shots,
         "n_train": meta["training"]["n_images"],
+        "unseen_good": args.unseen_good,
         "flow_images": meta["training"].get("flow_images"),
         "n_val": len(val),
         "n_measured": len(measured),
