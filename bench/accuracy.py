@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 
 from bench.report import emit
-from workers.datasets import Sample, list_test_samples, list_train_samples, split_stratified
+from workers.datasets import (
+    Sample,
+    list_test_samples,
+    list_train_samples,
+    split_stratified,
+    without_shots_of,
+)
 from workers.differnet.config import DifferNetConfig
 from workers.differnet.model import ScoredImage, TiledImage, gathered, units
 from workers.differnet.recipes import evaluate_folder, load_samples, train_from_folder
@@ -123,7 +129,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--unseen-good",
         action="store_true",
-        help="train without the other shots of the test's good tiles (MTD; bench/unseen.py)",
+        help="train without the other shots of the test's good tiles (workers/datasets.py)",
     )
     p.add_argument("--reuse", action="store_true", help="evaluate the model a previous run trained")
     p.add_argument(
@@ -174,11 +180,10 @@ def _training_folder(args, test: list[Sample], folder: Path) -> Path:
     """A training folder of the tiles (less the shots of the test's good tiles with
     ``--unseen-good``) and, with ``--layout strips``, good strips made of them."""
     from bench.strips import training_set
-    from bench.unseen import without_test_tiles
 
     train = list_train_samples(args.data)
     if args.unseen_good:
-        train = without_test_tiles(train, test)
+        train = without_shots_of(train, test)
     strips = round(len(train) * args.good_strips) if args.layout == "strips" else 0
     return training_set(train, folder, strips, args.seed, args.strip_light)
 

@@ -3,7 +3,8 @@
 1. The line learns from its own cameras: a simulated run of good products goes through the front
    end (gate, detector, matting); DifferNet trains on those crops. A second simulated run, with
    defects, validates it (epoch choice, threshold). Both are built from images the test line
-   never shows.
+   never shows, and the training run from no other shot of a part the other two show
+   (``without_shots_of``): the line's model meets new parts, as a plant's does.
 2. A 4-camera test line is simulated, and the whole cluster (ingest, detect+matte, scorer,
    aggregator actors over Redis streams) inspects it.
 3. The verdicts are compared with the simulator's truth.
@@ -23,7 +24,13 @@ from cluster.runtime.settings import CameraConfig, LineConfig, ReplicaConfig, Sa
 from cluster.transport.qa import read_verdicts
 from schemas import Verdict
 from workers.contract import CropSpec, InputContract
-from workers.datasets import Sample, list_test_samples, list_train_samples, split_stratified
+from workers.datasets import (
+    Sample,
+    list_test_samples,
+    list_train_samples,
+    split_stratified,
+    without_shots_of,
+)
 from workers.differnet.config import DifferNetConfig
 from workers.differnet.recipes import load_samples, score_images, train_from_folder
 from workers.differnet.store import (
@@ -183,10 +190,11 @@ def train_line_model(
     many as show every training image ``TRAIN_PASSES`` times. ``boxes="true"`` harvests at the
     simulator's boxes instead of the front end's: the reference model a front end is measured
     against. ``yolo_weights``: the line's detector is YOLO (else contours)."""
-    (val_good, val_bad), _ = split_halves(data_dir, seed)
+    (val_good, val_bad), (test_good, _) = split_halves(data_dir, seed)
     crops = work / "crops"
     train_line = work / "line-train"
-    train = list_train_samples(data_dir)
+    # The line's model never saw the tiles its validation and test lines show.
+    train = without_shots_of(list_train_samples(data_dir), val_good + test_good)
     train_products = train_products or TRAIN_PASSES * -(-len(train) // LineSpec.cameras)
     spec = demo_line_spec(train_products, 0.0, seed + 1, frame_size, scene)
     render_line(train, [], train_line, spec)
@@ -228,7 +236,7 @@ def harvest_record(boxes: Boxes = "detected", scene: str = "easy") -> dict:
     jitter = TRAIN_BOX_JITTER if boxes == "detected" else 0.0
     # An easy scene is not named: models harvested before scenes existed stay reusable.
     named = {"scene": scene} if scene != "easy" else {}
-    return {"boxes": boxes, "train_box_jitter": jitter} | named
+    return {"boxes": boxes, "train_box_jitter": jitter, "test_parts_unseen": True} | named
 
 
 def reusable_line_model(

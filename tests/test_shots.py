@@ -1,10 +1,9 @@
-"""bench.unseen: the test's good tiles' other shots are taken out of training, nothing else."""
+"""workers.datasets.without_shots_of: a good test part's other shots leave training, nothing else."""
 
 import numpy as np
 from PIL import Image
 
-from bench.unseen import without_test_tiles
-from workers.datasets import Sample
+from workers.datasets import Sample, without_shots_of
 
 
 def _shot(folder, name: str, size: tuple[int, int], category: str = "good") -> Sample:
@@ -25,5 +24,5 @@ def test_only_the_shots_of_a_good_test_tile_leave_training(tmp_path):
         _shot(test, "exp1_num_11276", (473, 360)),
         _shot(test, "exp2_num_20000", (300, 300), category="crack"),
     ]
-    kept = without_test_tiles([same_tile, later_tile, other_size, under_defect, not_mtd], tests)
+    kept = without_shots_of([same_tile, later_tile, other_size, under_defect, not_mtd], tests)
     assert kept == [later_tile, other_size, under_defect, not_mtd]
