@@ -113,7 +113,7 @@ def without_shots_of(train: list[Sample], test: list[Sample]) -> list[Sample]:
     """``train`` less every other shot of a good part of ``test``. Shots are known by MTD's
     names (frame number) and sizes; images named otherwise are kept."""
     goods = [shot for s in test if not s.is_defect and (shot := _shot(s))]
-    return [s for s in train if not any(_same_part(_shot(s), g) for g in goods)]
+    return [s for s in train if not _shot_of_any(_shot(s), goods)]
 
 
 _Shot = tuple[int, int, int]  # frame number, width, height
@@ -127,9 +127,10 @@ def _shot(sample: Sample) -> _Shot | None:
         return (int(found.group(1)), *image.size)
 
 
-def _same_part(a: _Shot | None, b: _Shot) -> bool:
-    return (
-        a is not None
-        and abs(a[0] - b[0]) <= SHOT_FRAME_GAP
-        and all(abs(x - y) <= SHOT_SIZE_GAP for x, y in zip(a[1:], b[1:], strict=True))
+def _shot_of_any(shot: _Shot | None, parts: list[_Shot]) -> bool:
+    """Whether ``shot`` (read once) is another shot of one of ``parts``."""
+    return shot is not None and any(
+        abs(shot[0] - part[0]) <= SHOT_FRAME_GAP
+        and all(abs(x - y) <= SHOT_SIZE_GAP for x, y in zip(shot[1:], part[1:], strict=True))
+        for part in parts
     )
