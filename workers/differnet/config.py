@@ -10,17 +10,23 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-BackboneName = Literal["efficientnet-lite0", "alexnet"]
+BackboneName = Literal["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "alexnet"]
 
 # Taps index the backbone's stages: EfficientNet-Lite's MBConv blocks (``_blocks[i]``), AlexNet's
-# ``features[i]``. Lite0's later-middle blocks beat its head on MTD (docs/scorer.md).
+# ``features[i]``. Lite0's later-middle blocks beat its head on MTD (docs/scorer.md): the last
+# block at stride 16 and the last but one at stride 32. Lite1 and 2 are deeper (21 blocks against
+# 16); their taps end the same stages.
 DEFAULT_TAPS: dict[str, tuple[int, ...]] = {
     "efficientnet-lite0": (10, 14),
+    "efficientnet-lite1": (14, 19),
+    "efficientnet-lite2": (14, 19),
     "alexnet": (12,),
 }
-# The patch memory's taps: a fine (stride 8) and a coarser stage, as PatchCore takes.
+# The patch memory's taps: a fine (stride 8) and a coarser (stride 16) stage, as PatchCore takes.
 DEFAULT_MEMORY_TAPS: dict[str, tuple[int, ...]] = {
     "efficientnet-lite0": (4, 10),
+    "efficientnet-lite1": (6, 14),
+    "efficientnet-lite2": (6, 14),
     "alexnet": (4, 7),
 }
 
@@ -93,3 +99,10 @@ class DifferNetConfig(BaseModel):
         if not v or any(not 0 < s <= 1 for s in v):
             raise ValueError("scales must be in (0, 1]")
         return v
+
+    @classmethod
+    def for_backbone(cls, backbone: str, **options) -> DifferNetConfig:
+        """A config with ``backbone``'s own taps and ``options`` (validated)."""
+        taps = DEFAULT_TAPS.get(backbone, ())
+        memory_taps = DEFAULT_MEMORY_TAPS.get(backbone, ())
+        return cls(backbone=backbone, taps=taps, memory_taps=memory_taps, **options)

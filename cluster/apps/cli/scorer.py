@@ -18,6 +18,8 @@ from cluster.apps.cli.common import (
 )
 from schemas import STREAM_MESSAGES
 
+BACKBONE = typer.Option("efficientnet-lite0", help="efficientnet-lite0 | -lite1 | -lite2 | alexnet")
+
 
 @app.command()
 def schemas(out: Path = typer.Option(..., "--out", help="folder for the JSON Schema files")):
@@ -33,7 +35,7 @@ def schemas(out: Path = typer.Option(..., "--out", help="folder for the JSON Sch
 def train(
     data_dir: Path = typer.Argument(..., help="folder in MVTec AD layout (train/good/*)"),
     out: Path = typer.Option(..., "--out", help="model folder to write"),
-    backbone: str = typer.Option("efficientnet-lite0", help="efficientnet-lite0 | alexnet"),
+    backbone: str = BACKBONE,
     backbone_weights: Path | None = typer.Option(None, help="local weights (alexnet needs them)"),
     head: str = typer.Option("differnet", help="differnet (pooled) | local (per position)"),
     image_size: int = typer.Option(320, help="side of the square input (multiple of 32)"),
@@ -114,13 +116,9 @@ def train(
 
 def _network(backbone: str, **options):
     """The network's config: the backbone's own taps, and the options given (validated)."""
-    from workers.differnet.config import DEFAULT_MEMORY_TAPS, DEFAULT_TAPS, DifferNetConfig
+    from workers.differnet.config import DifferNetConfig
 
-    taps = DEFAULT_TAPS.get(backbone, ())
-    memory_taps = DEFAULT_MEMORY_TAPS.get(backbone, ())
-    return _validated(
-        DifferNetConfig, backbone=backbone, taps=taps, memory_taps=memory_taps, **options
-    )
+    return _validated(DifferNetConfig.for_backbone, backbone=backbone, **options)
 
 
 def _validated(model, **options):
