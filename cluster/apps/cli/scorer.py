@@ -51,6 +51,7 @@ def train(
     ),
     memory_draw: str = typer.Option("random", help="random | coverage (keeps rare good patterns)"),
     memory_spacing: float = typer.Option(0.5, help="share of a good position's spacing taken off"),
+    memory_side: int = typer.Option(160, help="the memory compares products at this area, px^2"),
     exposure_target: float | None = typer.Option(
         None, help="bring each image to this median product luminance (0-255) first"
     ),
@@ -79,6 +80,7 @@ def train(
         memory_size=memory_size,
         memory_draw=memory_draw,
         memory_spacing=memory_spacing,
+        memory_side=memory_side,
         head=head,
         image_size=image_size,
         tta=tta,
@@ -109,9 +111,14 @@ def train(
             )
     except (DatasetError, BackboneError, ValueError) as exc:
         raise fail(str(exc)) from None
+    typer.echo(json.dumps(_trained_summary(out, meta)))
+
+
+def _trained_summary(out: Path, meta: dict) -> dict:
+    """The line `defectflow train` prints: where the model is, its version, how it scored."""
     version, seconds = meta["sha256"][:16], meta["training"]["train_seconds"]
     summary = {"model_dir": str(out), "version": version, "threshold": meta["threshold"]}
-    typer.echo(json.dumps(summary | meta["metrics"] | {"train_seconds": seconds}))
+    return summary | meta["metrics"] | {"train_seconds": seconds}
 
 
 def _network(backbone: str, **options):
