@@ -51,7 +51,7 @@ def train(
     ),
     memory_draw: str = typer.Option("random", help="random | coverage (keeps rare good patterns)"),
     memory_spacing: float = typer.Option(0.5, help="share of a good position's spacing taken off"),
-    memory_side: int = typer.Option(160, help="the memory compares products at this area, px^2"),
+    memory_side: int = typer.Option(160, help="memory compares products at this side squared, px"),
     exposure_target: float | None = typer.Option(
         None, help="bring each image to this median product luminance (0-255) first"
     ),
