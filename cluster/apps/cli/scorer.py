@@ -122,10 +122,10 @@ def _trained_summary(out: Path, meta: dict) -> dict:
 
 
 def _network(backbone: str, **options):
-    """The network's config: the backbone's own taps, and the options given (validated)."""
+    """The network's config: the backbone (with its own taps) and the options given (validated)."""
     from workers.differnet.config import DifferNetConfig
 
-    return _validated(DifferNetConfig.for_backbone, backbone=backbone, **options)
+    return _validated(DifferNetConfig, backbone=backbone, **options)
 
 
 def _validated(model, **options):
