@@ -80,10 +80,17 @@ class PatchMemory(nn.Module):
     """
 
     def __init__(
-        self, backbone: Backbone, components: int, probes: int, queries: int, spacing_share: float
+        self,
+        backbone: Backbone,
+        components: int,
+        probes: int,
+        queries: int,
+        spacing_share: float,
+        border: str,
     ):
         super().__init__()
         self.backbone = backbone
+        self.border = border
         self.probes = probes
         self.queries = queries
         self.spacing_share = spacing_share
@@ -142,8 +149,7 @@ class PatchMemory(nn.Module):
         grid = maps[0].shape[-2:]
         feats = torch.cat([F.interpolate(m, size=grid, mode="bilinear") for m in maps], dim=1)
         # 3 x 3 neighbourhood average: a position describes its patch, not one cell (PatchCore).
-        # The zero padding counts: it marks the image's border, where breaks and frays sit.
-        return F.avg_pool2d(feats, 3, 1, 1)
+        return F.avg_pool2d(feats, 3, 1, 1, count_include_pad=self.border == "zeros")
 
     def project(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.center) @ self.basis
