@@ -125,6 +125,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="the patch memory compares each image at this side's area in pixels",
     )
     p.add_argument(
+        "--memory-border",
+        choices=["zeros", "valid"],
+        default=DifferNetConfig().memory_border,
+        help="how the memory averages a position at the image's edge",
+    )
+    p.add_argument(
         "--exposure-target",
         type=float,
         default=None,
@@ -229,6 +235,8 @@ def _model_name(args) -> str:
         name += f"-{args.memory_draw}"
     if args.memory_side != DifferNetConfig().memory_side:
         name += f"-s{args.memory_side}"
+    if args.memory_border != DifferNetConfig().memory_border:
+        name += f"-b{args.memory_border}"
     if args.backbone != DifferNetConfig().backbone:
         name += "-" + args.backbone.removeprefix("efficientnet-")
     if args.exposure_target is not None:
@@ -254,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         memory_size=args.memory_size,
         memory_draw=args.memory_draw,
         memory_side=args.memory_side,
+        memory_border=args.memory_border,
         exposure_target=args.exposure_target,
     )
     name = _model_name(args)
@@ -284,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_size": args.memory_size,
         "memory_draw": args.memory_draw,
         "memory_side": args.memory_side,
+        "memory_border": args.memory_border,
         "head": args.head,
         "backbone": args.backbone,
         "shots": args.shots,

@@ -166,45 +166,6 @@ def test_another_format_version_and_missing_files_are_refused(trained, tmp_path)
         load_model(tmp_path)
 
 
-def test_a_model_saved_before_memory_border_keeps_the_zero_padding_it_learnt_with(
-    trained, data, tmp_path
-):
-    bundle = load_model(trained)
-    if not bundle.model.uses_memory:
-        pytest.skip("no patch memory")
-    assert bundle.model.config.memory_border == "valid"
-    copy = tmp_path / "model"
-    shutil.copytree(trained, copy)
-    meta = json.loads((copy / "model.json").read_text())
-    del meta["config"]["memory_border"]
-    (copy / "model.json").write_text(json.dumps(meta))
-    old = load_model(copy).model
-    assert old.config.memory_border == "zeros"
-    rgb = load_image(next((data / "test" / "good").glob("*.png")))
-    [now], [before] = (m.defect_maps([m.prepare(rgb)], "memory") for m in (bundle.model, old))
-    assert not np.allclose(now.defect_map, before.defect_map)
-
-
-def test_a_defect_at_the_parts_edge_marks_the_map_no_less_than_in_its_middle(trained):
-    from tests.synthetic import textured_tile
-
-    model = load_model(trained).model
-    if model.map_source != "memory":
-        pytest.skip("the patch memory's maps")
-    rng = np.random.default_rng(7)
-    for _ in range(4):
-        tile = textured_tile(rng, 72, 96)
-        strength = []
-        for rows in (slice(0, 5), slice(34, 39)):  # at the edge, in the middle
-            img, mask = tile.copy(), np.zeros(tile.shape[:2], bool)
-            mask[rows, 30:60] = True
-            img[mask] = 230
-            [result] = model.defect_maps([model.prepare(img)], "memory")
-            strength.append(result.defect_map[mask].mean() / np.median(result.defect_map[~mask]))
-        # Zero padding averaged into the edge's positions shrank their distances.
-        assert strength[0] >= strength[1], strength
-
-
 def test_a_data_dir_without_train_good_is_a_clear_error(tmp_path):
     result = invoke("train", tmp_path, "--out", tmp_path / "m")
     assert result.exit_code == 1
@@ -315,6 +276,7 @@ def test_a_model_learns_on_a_larger_lite_backbone_and_memory_area_and_loads_with
     data, tmp_path
 ):
     options = ["--image-size", 96, "--epochs", 1, "--tta", 1, "--memory-side", 96]
+    options += ["--memory-border", "valid"]
     result = invoke(
         "train", data, "--out", tmp_path / "m", "--backbone", "efficientnet-lite2", *options
     )
@@ -322,10 +284,13 @@ def test_a_model_learns_on_a_larger_lite_backbone_and_memory_area_and_loads_with
     model = load_model(tmp_path / "m").model
     assert model.config.backbone == "efficientnet-lite2" and model.config.taps == (14, 19)
     assert model.embedder.backbone.channels == [120, 208] and model.config.memory_side == 96
+    assert model.memory.border == "valid"
     unknown = invoke("train", data, "--out", tmp_path / "x", "--backbone", "efficientnet-lite9")
     assert unknown.exit_code == 1 and "--backbone" in unknown.output
     tiny = invoke("train", data, "--out", tmp_path / "x", "--memory-side", 8)
     assert tiny.exit_code == 1 and "--memory-side" in tiny.output
+    edge = invoke("train", data, "--out", tmp_path / "x", "--memory-border", "reflect")
+    assert edge.exit_code == 1 and "--memory-border" in edge.output
 
 
 def report_source(model_dir) -> str:

@@ -249,3 +249,26 @@ def test_a_good_pattern_rare_among_good_images_counts_less_against_a_product():
     rare_spaced, defect_spaced = standardised(0.5)
     assert rare_spaced.mean() < rare_plain.mean() - 1, (rare_plain, rare_spaced)
     assert defect_spaced.min() > max(defect_plain.min() * 0.9, rare_spaced.max() + 5)
+
+
+def test_averaged_over_the_image_the_edge_marks_a_defect_there_no_less_than_in_the_middle(tiles):
+    """With the zero padding counted in, the edge's features shrink and its distances with them."""
+    strength = {}
+    for border in ("zeros", "valid"):
+        torch.manual_seed(0)
+        net = DifferNet(CONFIG.model_copy(update={"memory_border": border}))
+        build_memory(net, [net.prepare(t) for t in tiles[0]], TrainingOptions(), lambda *a: None)
+        rng = np.random.default_rng(7)
+        for i in range(4):
+            tile = textured_tile(rng, 64, 80)
+            for where, rows in (("edge", slice(0, 5)), ("middle", slice(30, 35))):
+                img, mask = tile.copy(), np.zeros(tile.shape[:2], bool)
+                mask[rows, 25:55] = True
+                img[mask] = 230
+                [result] = net.defect_maps([net.prepare(img)], "memory")
+                m = result.defect_map
+                strength[border, where, i] = m[mask].mean() / np.median(m[~mask])
+    for i in range(4):
+        assert strength["valid", "edge", i] >= strength["valid", "middle", i]
+        ratio = {b: strength[b, "edge", i] / strength[b, "middle", i] for b in ("zeros", "valid")}
+        assert ratio["valid"] > ratio["zeros"]

@@ -75,11 +75,13 @@ class DifferNetConfig(BaseModel):
     # Products are compared at an area of memory_side squared pixels: a position then covers
     # the same share of any product, and sees more of its surroundings (docs/benchmarks.md).
     memory_side: int = Field(default=160, ge=32, le=4096)
-    # How a position at the image's edge averages its 3 x 3 neighbourhood: over its cells inside
-    # the image ("valid"), or with the zero padding counted in ("zeros", models saved before
-    # 2026-12-07). Zeros shrink the features of a part's edge, and their distances with them:
-    # defects at the edge (breaks, frays, uneven bands) then score low in the map.
-    memory_border: Literal["valid", "zeros"] = "valid"
+    # How a position at the image's edge averages its 3 x 3 neighbourhood: with the zero padding
+    # counted in ("zeros"), which shrinks the edge's features and their distances, so defects at
+    # a part's edge score low in the map; or over its cells inside the image ("valid"): the maps
+    # find edge defects (docs/benchmarks.md, "The edge"), but an edge or corner position averages
+    # fewer cells, so its distance is noisier: with few training images a good corner can
+    # outscore a small defect, and products never seen score a little worse.
+    memory_border: Literal["zeros", "valid"] = "zeros"
     # An image whose longer side exceeds tile_above input sizes is scored as overlapping tiles of
     # image_size pixels at its own scale, and scores its worst tile: letterboxed whole, a long
     # part shrinks several times and a thin crack on it vanishes. None: always letterboxed.

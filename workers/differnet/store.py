@@ -127,8 +127,7 @@ def check_model(model_dir: Path) -> tuple[dict, DifferNetConfig, bytes]:
             f"{model_dir}: model format version {version!r}, this defectflow reads {FORMAT_VERSION}"
         )
     try:
-        # A model saved before memory_border existed counted the zero padding in.
-        config = DifferNetConfig.model_validate({"memory_border": "zeros"} | metadata["config"])
+        config = DifferNetConfig.model_validate(metadata["config"])
         weights_path = model_dir / metadata["weights_file"]
         expected = metadata["sha256"]
         float(metadata["threshold"])

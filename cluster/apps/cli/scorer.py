@@ -19,6 +19,15 @@ from cluster.apps.cli.common import (
 from schemas import STREAM_MESSAGES
 
 BACKBONE = typer.Option("efficientnet-lite0", help="efficientnet-lite0 | -lite1 | -lite2 | alexnet")
+MEMORY_SIZE = typer.Option(
+    262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
+)
+MEMORY_BORDER = typer.Option(
+    "zeros", help="zeros | valid (edge positions averaged over the image: finds edge defects)"
+)
+EXPOSURE_TARGET = typer.Option(
+    None, help="bring each image to this median product luminance (0-255) first"
+)
 
 
 @app.command()
@@ -46,15 +55,12 @@ def train(
     ),
     tta: int = typer.Option(1, min=1, max=8, help="test-time transforms"),
     jitter: float = typer.Option(0.0, min=0.0, max=0.99, help="colour jitter (ZeroBox: 0.5)"),
-    memory_size: int = typer.Option(
-        262144, min=0, help="good positions the patch memory keeps (0: the flow alone)"
-    ),
+    memory_size: int = MEMORY_SIZE,
     memory_draw: str = typer.Option("random", help="random | coverage (keeps rare good patterns)"),
     memory_spacing: float = typer.Option(0.5, help="share of a good position's spacing taken off"),
     memory_side: int = typer.Option(160, help="memory compares products at this side squared, px"),
-    exposure_target: float | None = typer.Option(
-        None, help="bring each image to this median product luminance (0-255) first"
-    ),
+    memory_border: str = MEMORY_BORDER,
+    exposure_target: float | None = EXPOSURE_TARGET,
     target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
     seed: int = typer.Option(0),
     device: str = DEVICE,
@@ -81,6 +87,7 @@ def train(
         memory_draw=memory_draw,
         memory_spacing=memory_spacing,
         memory_side=memory_side,
+        memory_border=memory_border,
         head=head,
         image_size=image_size,
         tta=tta,
