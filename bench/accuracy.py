@@ -38,6 +38,8 @@ from workers.differnet.training import TrainingOptions
 from workers.images import load_image
 from workers.threshold import auroc
 
+DEFAULT = DifferNetConfig()  # the flags' defaults, and what a model's folder name leaves out
+
 
 def products_auroc(
     images: list[dict], *, views: int = 4, defect_rate: float = 0.25, n: int = 4000, seed: int = 0
@@ -99,35 +101,35 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--backbone",
         choices=[b for b in DEFAULT_TAPS if b.startswith("efficientnet")],
-        default=DifferNetConfig().backbone,
+        default=DEFAULT.backbone,
     )
     p.add_argument("--shots", type=int, default=None)
     p.add_argument("--tta", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--image-size", type=int, default=320)
-    p.add_argument("--train-transforms", type=int, default=DifferNetConfig().train_transforms)
+    p.add_argument("--train-transforms", type=int, default=DEFAULT.train_transforms)
     p.add_argument(
         "--memory-size",
         type=int,
-        default=DifferNetConfig().memory_size,
+        default=DEFAULT.memory_size,
         help="patch memory positions (0: the flow alone)",
     )
     p.add_argument(
         "--memory-draw",
         choices=["random", "coverage"],
-        default=DifferNetConfig().memory_draw,
+        default=DEFAULT.memory_draw,
         help="how training draws the memory's positions",
     )
     p.add_argument(
         "--memory-side",
         type=int,
-        default=DifferNetConfig().memory_side,
+        default=DEFAULT.memory_side,
         help="the patch memory compares each image at this side's area in pixels",
     )
     p.add_argument(
         "--memory-border",
         choices=["zeros", "valid"],
-        default=DifferNetConfig().memory_border,
+        default=DEFAULT.memory_border,
         help="how the memory averages a position at the image's edge",
     )
     p.add_argument(
@@ -223,7 +225,7 @@ def _tta_curve(bundle, config, args, val: list[Sample], measured: list[Sample]):
         point = {k: r[k] for k in ("image_auroc", "score_ms_per_image")}
         curve.append({"tta": t} | point)
         print(f"tta {t}: {curve[-1]}", file=sys.stderr, flush=True)
-    best_t = DifferNetConfig().tta if DifferNetConfig().tta in args.tta else max(args.tta)
+    best_t = DEFAULT.tta if DEFAULT.tta in args.tta else max(args.tta)
     use_tta(best_t)
     return curve, best_t
 
@@ -233,11 +235,11 @@ def _model_name(args) -> str:
     name = f"model-{args.head}-{args.shots or 'all'}-k{args.train_transforms}-m{args.memory_size}"
     if args.memory_draw != "random":
         name += f"-{args.memory_draw}"
-    if args.memory_side != DifferNetConfig().memory_side:
+    if args.memory_side != DEFAULT.memory_side:
         name += f"-s{args.memory_side}"
-    if args.memory_border != DifferNetConfig().memory_border:
+    if args.memory_border != DEFAULT.memory_border:
         name += f"-b{args.memory_border}"
-    if args.backbone != DifferNetConfig().backbone:
+    if args.backbone != DEFAULT.backbone:
         name += "-" + args.backbone.removeprefix("efficientnet-")
     if args.exposure_target is not None:
         name += f"-e{args.exposure_target:g}"
