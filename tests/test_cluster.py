@@ -236,7 +236,7 @@ def test_a_stage_that_fails_ends_the_drain_with_its_error_and_frees_the_line(
         line = line_config(tmp_path / "line", manifest["cameras"], ReplicaConfig())
         running = start_line(line, server.access, root / "model", resources=SMALL)
         # Someone overwrites the score stream: the scorer cannot publish, nor the aggregator read.
-        client.delete(Streams("demo").scores)
+        # One SET replaces the stream at once (DEL then SET lets the aggregator see no key).
         client.set(Streams("demo").scores, "not a stream")
         with pytest.raises(
             StageFailed, match=r"line demo: the (scorer 0|aggregator) failed: .*WRONGTYPE"
