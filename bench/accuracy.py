@@ -14,7 +14,6 @@ the other measures. Nothing chosen is chosen on the measured half.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -33,7 +32,7 @@ from workers.datasets import (
 from workers.differnet.config import DEFAULT_TAPS, DifferNetConfig
 from workers.differnet.model import ScoredImage, TiledImage, gathered, units
 from workers.differnet.recipes import evaluate_folder, load_samples, train_from_folder
-from workers.differnet.store import load_model
+from workers.differnet.store import check_model, load_model
 from workers.differnet.training import TrainingOptions
 from workers.images import load_image
 from workers.threshold import auroc
@@ -92,22 +91,8 @@ def score_parts_auroc(bundle, images: list[dict]) -> dict:
     return result
 
 
-def _arguments(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--json", type=Path, required=True)
-    p.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
-    p.add_argument("--head", choices=["differnet", "local"], default="differnet")
-    p.add_argument(
-        "--backbone",
-        choices=[b for b in DEFAULT_TAPS if b.startswith("efficientnet")],
-        default=DEFAULT.backbone,
-    )
-    p.add_argument("--shots", type=int, default=None)
-    p.add_argument("--tta", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--image-size", type=int, default=320)
-    p.add_argument("--train-transforms", type=int, default=DEFAULT.train_transforms)
+def _memory_arguments(p: argparse.ArgumentParser) -> None:
+    """The patch memory's settings."""
     p.add_argument(
         "--memory-size",
         type=int,
@@ -132,6 +117,31 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT.memory_border,
         help="how the memory averages a position at the image's edge",
     )
+    p.add_argument(
+        "--memory-peak-share",
+        type=float,
+        default=DEFAULT.memory_peak_share,
+        help="share of an image's memory score from its farthest positions (0: their mean)",
+    )
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
+    p.add_argument("--head", choices=["differnet", "local"], default="differnet")
+    p.add_argument(
+        "--backbone",
+        choices=[b for b in DEFAULT_TAPS if b.startswith("efficientnet")],
+        default=DEFAULT.backbone,
+    )
+    p.add_argument("--shots", type=int, default=None)
+    p.add_argument("--tta", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--image-size", type=int, default=320)
+    p.add_argument("--train-transforms", type=int, default=DEFAULT.train_transforms)
+    _memory_arguments(p)
     p.add_argument(
         "--exposure-target",
         type=float,
@@ -180,7 +190,10 @@ def _log(task: str, done: int, total: int) -> None:
 def _trained(args, config: DifferNetConfig, val: list[Sample], model_dir: Path, data: Path):
     """The model's metadata and its training seconds: trained now, or reused with ``--reuse``."""
     if args.reuse and (model_dir / "model.json").exists():
-        meta = json.loads((model_dir / "model.json").read_text())
+        meta, saved, _ = check_model(model_dir)
+        if saved != config:
+            differ = sorted(k for k, v in config if getattr(saved, k) != v)
+            sys.exit(f"--reuse: {model_dir} was trained with other {', '.join(differ)}")
         return meta, meta["training"]["train_seconds"]
     t0 = time.perf_counter()
     meta = train_from_folder(
@@ -239,6 +252,8 @@ def _model_name(args) -> str:
         name += f"-s{args.memory_side}"
     if args.memory_border != DEFAULT.memory_border:
         name += f"-b{args.memory_border}"
+    if args.memory_peak_share != DEFAULT.memory_peak_share:
+        name += f"-p{args.memory_peak_share:g}"
     if args.backbone != DEFAULT.backbone:
         name += "-" + args.backbone.removeprefix("efficientnet-")
     if args.exposure_target is not None:
@@ -265,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         memory_draw=args.memory_draw,
         memory_side=args.memory_side,
         memory_border=args.memory_border,
+        memory_peak_share=args.memory_peak_share,
         exposure_target=args.exposure_target,
     )
     name = _model_name(args)
@@ -296,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_draw": args.memory_draw,
         "memory_side": args.memory_side,
         "memory_border": args.memory_border,
+        "memory_peak_share": args.memory_peak_share,
         "head": args.head,
         "backbone": args.backbone,
         "shots": args.shots,

@@ -276,7 +276,7 @@ def test_a_model_learns_on_a_larger_lite_backbone_and_memory_area_and_loads_with
     data, tmp_path
 ):
     options = ["--image-size", 96, "--epochs", 1, "--tta", 1, "--memory-side", 96]
-    options += ["--memory-border", "valid"]
+    options += ["--memory-border", "valid", "--memory-peak-share", 0.25]
     result = invoke(
         "train", data, "--out", tmp_path / "m", "--backbone", "efficientnet-lite2", *options
     )
@@ -284,13 +284,15 @@ def test_a_model_learns_on_a_larger_lite_backbone_and_memory_area_and_loads_with
     model = load_model(tmp_path / "m").model
     assert model.config.backbone == "efficientnet-lite2" and model.config.taps == (14, 19)
     assert model.embedder.backbone.channels == [120, 208] and model.config.memory_side == 96
-    assert model.memory.border == "valid"
+    assert model.memory.border == "valid" and model.memory.peak_share == 0.25
     unknown = invoke("train", data, "--out", tmp_path / "x", "--backbone", "efficientnet-lite9")
     assert unknown.exit_code == 1 and "--backbone" in unknown.output
     tiny = invoke("train", data, "--out", tmp_path / "x", "--memory-side", 8)
     assert tiny.exit_code == 1 and "--memory-side" in tiny.output
     edge = invoke("train", data, "--out", tmp_path / "x", "--memory-border", "reflect")
     assert edge.exit_code == 1 and "--memory-border" in edge.output
+    peak = invoke("train", data, "--out", tmp_path / "x", "--memory-peak-share", 2)
+    assert peak.exit_code != 0 and "--memory-peak-share" in peak.output
 
 
 def report_source(model_dir) -> str:

@@ -1,5 +1,7 @@
 """The patch memory beside the flow: one size for all products, leave-one-out, calibration."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,23 @@ def test_a_defect_is_farther_from_good_positions_than_a_new_good_tile(model, til
     good = model.memory.score(model.prepare(textured_tile(rng, 64, 80)).for_memory)
     spotted, _ = add_defect(rng, textured_tile(rng, 64, 80), "spot")
     assert model.memory.score(model.prepare(spotted).for_memory) > 1.2 * good
+
+
+def test_a_small_defect_stands_out_among_new_good_tiles_by_the_memorys_peak(model, monkeypatch):
+    """A spot on about 1 % of a tile barely moves the mean of its distances; half the score
+    from the farthest positions sets it apart from new good tiles."""
+    rng = np.random.default_rng(11)
+    good = [textured_tile(rng, 64, 80) for _ in range(12)]
+    spotted = textured_tile(rng, 64, 80)
+    spotted[30:38, 40:48] = 240
+    cells = [model.memory.distance_map(model.prepare(t).for_memory) for t in [*good, spotted]]
+
+    def standing(share: float) -> float:
+        monkeypatch.setattr(model.memory, "peak_share", share)
+        *of_good, of_spotted = [model.memory.score_of_map(c) for c in cells]
+        return (of_spotted - np.mean(of_good)) / np.std(of_good)
+
+    assert standing(0.5) > 4 > 3 > standing(0.0)
 
 
 def test_calibration_centres_the_fused_score_of_its_good_images(model):
@@ -163,17 +182,25 @@ def test_validation_chooses_the_flow_share_that_ranks_its_images_best():
     assert share == 0.5 and rule.startswith("equal: 12 good and 5 defective")
 
 
-def test_training_records_the_chosen_flow_share_and_old_models_keep_equal_shares(tmp_path):
+def test_training_records_the_chosen_flow_share_and_old_models_keep_equal_shares_and_the_mean(
+    tmp_path,
+):
     from tests.synthetic import make_dataset
     from workers.differnet.recipes import FLOW_SHARES, train_from_folder
-    from workers.differnet.store import load_model
+    from workers.differnet.store import METADATA_FILE, load_model
 
     data = make_dataset(tmp_path / "tiles", n_train=8, n_good=10, n_defect=5)
     meta = train_from_folder(data, tmp_path / "model", CONFIG, TrainingOptions(epochs=2))
     calibration = meta["calibration"]
     assert calibration["flow_share"] in FLOW_SHARES
     assert calibration["flow_share_rule"].startswith("best validation image AUROC")
+    assert load_model(tmp_path / "model").model.memory.peak_share == CONFIG.memory_peak_share > 0
+    # A model saved before the memory's peak existed scores by the mean of its distances.
+    saved = json.loads((tmp_path / "model" / METADATA_FILE).read_text())
+    del saved["config"]["memory_peak_share"]
+    (tmp_path / "model" / METADATA_FILE).write_text(json.dumps(saved))
     model = load_model(tmp_path / "model").model
+    assert model.memory.peak_share == 0
     assert float(model.flow_share) == pytest.approx(calibration["flow_share"])
     # The fused score weighs the standardised scores by the share.
     model.flow_share.fill_(0.0)

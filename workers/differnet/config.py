@@ -82,6 +82,11 @@ class DifferNetConfig(BaseModel):
     # fewer cells, so its distance is noisier: with few training images a good corner can
     # outscore a small defect, and products never seen score a little worse.
     memory_border: Literal["zeros", "valid"] = "zeros"
+    # An image's memory score: the mean of its positions' distances, this share of it given to
+    # the mean of its farthest 5 % instead: a small defect then counts beside the overall
+    # distance, which on products never seen is high everywhere. 0: the mean alone, as models
+    # saved before this setting (workers.differnet.store loads them so).
+    memory_peak_share: float = Field(default=0.5, ge=0.0, le=1.0)
     # An image whose longer side exceeds tile_above input sizes is scored as overlapping tiles of
     # image_size pixels at its own scale, and scores its worst tile: letterboxed whole, a long
     # part shrinks several times and a thin crack on it vanishes. None: always letterboxed.

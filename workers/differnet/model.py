@@ -222,6 +222,7 @@ class DifferNet(nn.Module):
             config.memory_queries,
             config.memory_spacing,
             config.memory_border,
+            config.memory_peak_share,
         )
         # Mean and spread of the flow's score and of the memory's on held-out good images.
         self.register_buffer("calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))

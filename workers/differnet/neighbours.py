@@ -46,6 +46,10 @@ CHUNK = 16384  # rows per distance block: bounds the memory a (rows x lists) blo
 COVERAGE_POOL = 2.5
 COVERAGE_SEED_SHARE = 0.25
 COVERAGE_POWER = 4
+# The farthest positions an image's peak averages (DifferNetConfig.memory_peak_share): of a
+# 20 x 20 grid, 13 of the 256 queried, which a defect of 1 % of the image (4 cells, each
+# spreading into its 3 x 3 neighbours' patches) fills.
+PEAK_FRACTION = 0.05
 
 
 @dataclass
@@ -87,10 +91,12 @@ class PatchMemory(nn.Module):
         queries: int,
         spacing_share: float,
         border: str,
+        peak_share: float,
     ):
         super().__init__()
         self.backbone = backbone
         self.border = border
+        self.peak_share = peak_share
         self.probes = probes
         self.queries = queries
         self.spacing_share = spacing_share
@@ -319,15 +325,26 @@ class PatchMemory(nn.Module):
 
     @torch.no_grad()
     def score(self, image: MemoryImage, leave_out: int | None = None) -> float:
-        """Mean nearest-good distance over at most ``queries`` evenly spread product positions."""
+        """:meth:`pooled` nearest-good distances of at most ``queries`` evenly spread product
+        positions."""
         raw = self.positions(image)
-        return float(self.distances(self.project(raw[self._spread(len(raw))]), leave_out).mean())
+        return self.pooled(self.distances(self.project(raw[self._spread(len(raw))]), leave_out))
 
     def score_of_map(self, cells: torch.Tensor) -> float:
         """:meth:`score` from a :meth:`distance_map` already drawn (the same positions, in the
         same order): no second pass of the backbone."""
         distances = cells[~torch.isnan(cells)]
-        return float(distances[self._spread(len(distances))].mean())
+        return self.pooled(distances[self._spread(len(distances))])
+
+    def pooled(self, distances: torch.Tensor) -> float:
+        """One image's memory score from its positions' distances: their mean, ``peak_share`` of
+        it given to the mean of the farthest ``PEAK_FRACTION`` instead, so that a defect on a
+        small share of the image counts as well as the image's overall distance."""
+        mean = distances.mean()
+        if not self.peak_share:
+            return float(mean)
+        peak = distances.topk(max(1, round(PEAK_FRACTION * len(distances)))).values.mean()
+        return float((1 - self.peak_share) * mean + self.peak_share * peak)
 
     def _spread(self, n: int) -> torch.Tensor:
         """At most ``queries`` evenly spread indices of ``n`` positions."""

@@ -127,7 +127,8 @@ def check_model(model_dir: Path) -> tuple[dict, DifferNetConfig, bytes]:
             f"{model_dir}: model format version {version!r}, this defectflow reads {FORMAT_VERSION}"
         )
     try:
-        config = DifferNetConfig.model_validate(metadata["config"])
+        # A model saved before the memory's peak (memory_peak_share) scored by the mean alone.
+        config = DifferNetConfig.model_validate({"memory_peak_share": 0.0} | metadata["config"])
         weights_path = model_dir / metadata["weights_file"]
         expected = metadata["sha256"]
         float(metadata["threshold"])

@@ -25,6 +25,9 @@ MEMORY_SIZE = typer.Option(
 MEMORY_BORDER = typer.Option(
     "zeros", help="zeros | valid (edge positions averaged over the image: finds edge defects)"
 )
+MEMORY_PEAK_SHARE = typer.Option(
+    0.5, min=0.0, max=1.0, help="share of an image's memory score from its farthest 5 % (0: mean)"
+)
 EXPOSURE_TARGET = typer.Option(
     None, help="bring each image to this median product luminance (0-255) first"
 )
@@ -60,6 +63,7 @@ def train(
     memory_spacing: float = typer.Option(0.5, help="share of a good position's spacing taken off"),
     memory_side: int = typer.Option(160, help="memory compares products at this side squared, px"),
     memory_border: str = MEMORY_BORDER,
+    memory_peak_share: float = MEMORY_PEAK_SHARE,
     exposure_target: float | None = EXPOSURE_TARGET,
     target_tpr: float = typer.Option(0.85, min=0.01, max=1.0),
     seed: int = typer.Option(0),
@@ -88,6 +92,7 @@ def train(
         memory_spacing=memory_spacing,
         memory_side=memory_side,
         memory_border=memory_border,
+        memory_peak_share=memory_peak_share,
         head=head,
         image_size=image_size,
         tta=tta,
