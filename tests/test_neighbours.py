@@ -244,10 +244,12 @@ def test_each_remembered_position_knows_its_distance_to_its_nearest_other_one(mo
     assert torch.allclose(model.memory.spacing.float(), brute, rtol=2e-3, atol=2e-3)
 
 
-def test_a_good_pattern_rare_among_good_images_counts_less_against_a_product():
+@pytest.mark.parametrize("peak_share", [0.0, CONFIG.memory_peak_share])
+def test_a_good_pattern_rare_among_good_images_counts_less_against_a_product(peak_share):
     """One good image in four carries stripes (as a long part's seams): a new good image with
     stripes elsewhere is scored nearer the plain good ones when the remembered stripes' sparse
-    spacing is taken off, while defects stay as far above them."""
+    spacing is taken off, while defects stay as far above them; by the mean of the distances
+    and with the memory's peak (where the stripes are the farthest positions either way)."""
     rng = np.random.default_rng(0)
 
     def striped(tile, x):
@@ -258,7 +260,9 @@ def test_a_good_pattern_rare_among_good_images_counts_less_against_a_product():
     train = [textured_tile(rng, 64, 80) for _ in range(8)]
     train = [striped(t, 30) if i < 2 else t for i, t in enumerate(train)]
     torch.manual_seed(0)
-    net = DifferNet(CONFIG.model_copy(update={"memory_size": 1500}))
+    net = DifferNet(
+        CONFIG.model_copy(update={"memory_size": 1500, "memory_peak_share": peak_share})
+    )
     build_memory(net, [net.prepare(t) for t in train], TrainingOptions(), lambda *a: None)
     goods = [textured_tile(rng, 64, 80) for _ in range(6)]
     rare = [striped(textured_tile(rng, 64, 80), 45) for _ in range(3)]
@@ -274,7 +278,7 @@ def test_a_good_pattern_rare_among_good_images_counts_less_against_a_product():
 
     rare_plain, defect_plain = standardised(0.0)
     rare_spaced, defect_spaced = standardised(0.5)
-    assert rare_spaced.mean() < rare_plain.mean() - 1, (rare_plain, rare_spaced)
+    assert rare_spaced.mean() < rare_plain.mean() - 0.75, (rare_plain, rare_spaced)
     assert defect_spaced.min() > max(defect_plain.min() * 0.9, rare_spaced.max() + 5)
 
 
