@@ -340,11 +340,8 @@ class PatchMemory(nn.Module):
         """One image's memory score from its positions' distances: their mean, ``peak_share`` of
         it given to the mean of the farthest ``PEAK_FRACTION`` instead, so that a defect on a
         small share of the image counts as well as the image's overall distance."""
-        mean = distances.mean()
-        if not self.peak_share:
-            return float(mean)
         peak = distances.topk(max(1, round(PEAK_FRACTION * len(distances)))).values.mean()
-        return float((1 - self.peak_share) * mean + self.peak_share * peak)
+        return float((1 - self.peak_share) * distances.mean() + self.peak_share * peak)
 
     def _spread(self, n: int) -> torch.Tensor:
         """At most ``queries`` evenly spread indices of ``n`` positions."""
